@@ -1,0 +1,711 @@
+//! The authoritative state of one session and its two functions:
+//!
+//! * [`SessionState::decide`]: command → events, or a [`RuleError`]; reads only.
+//! * [`SessionState::apply`]: event → new state; cannot fail, makes no choices.
+//!
+//! The node's actor calls `decide`, commits the events, then `apply`s them; recovery
+//! and replay call only `apply`. Maps are `BTreeMap`s so that serialisation (snapshots,
+//! views) is deterministic.
+
+use crate::command::{ChangeOp, Command, Ctx, JoinRequest, StateUpdate, MAX_CHANGES};
+use crate::error::{codes, Result, RuleError};
+use crate::event::{AppliedChange, Event};
+use crate::game::Game;
+use crate::pointer;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// Lifecycle: created → active ⇄ paused → ended (ended is final).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    #[default]
+    Created,
+    Active,
+    Paused,
+    Ended,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Active => "active",
+            Status::Paused => "paused",
+            Status::Ended => "ended",
+        }
+    }
+}
+
+/// A member's role inside one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionRole {
+    Dm,
+    Player,
+    Observer,
+}
+
+impl SessionRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionRole::Dm => "dm",
+            SessionRole::Player => "player",
+            SessionRole::Observer => "observer",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub role: SessionRole,
+    /// Characters this member controls.
+    #[serde(default)]
+    pub characters: Vec<Uuid>,
+    pub joined_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SessionState {
+    pub id: Uuid,
+    pub campaign_id: Uuid,
+    pub name: String,
+    pub status: Status,
+    pub created_by: Uuid,
+    pub settings: Value,
+    pub members: BTreeMap<Uuid, Member>,
+    /// The state document, edited by `state_update` (JSON Pointer changes).
+    pub doc: Value,
+    /// Metadata saved with `POST /state`.
+    pub metadata: Value,
+    /// Rules-managed play state: characters, combat, dice.
+    pub game: Game,
+    /// Number of events applied = the session version.
+    pub version: u64,
+    /// Timestamp of the last event.
+    pub updated_at: String,
+}
+
+impl SessionState {
+    /// The state before its first event.
+    pub fn empty(id: Uuid) -> Self {
+        SessionState {
+            id,
+            doc: Value::Object(Map::new()),
+            metadata: Value::Object(Map::new()),
+            settings: Value::Object(Map::new()),
+            ..Default::default()
+        }
+    }
+
+    /// The first event of a session.
+    pub fn creation(
+        id: Uuid,
+        campaign_id: Uuid,
+        name: String,
+        settings: Value,
+        created_by: Uuid,
+        timestamp: String,
+    ) -> Event {
+        Event::SessionCreated {
+            session_id: id,
+            campaign_id,
+            name,
+            settings,
+            created_by,
+            timestamp,
+        }
+    }
+
+    /// The session role of `user`, if a member.
+    pub fn role_of(&self, user: &Uuid) -> Option<SessionRole> {
+        self.members.get(user).map(|m| m.role)
+    }
+
+    /// The DM's powers: the session's DM, or an admin.
+    pub fn is_dm(&self, ctx: &Ctx) -> bool {
+        ctx.admin || self.role_of(&ctx.user_id) == Some(SessionRole::Dm)
+    }
+
+    /// Refuses non-members (admins pass).
+    pub fn require_member(&self, ctx: &Ctx) -> Result<Option<SessionRole>> {
+        match self.role_of(&ctx.user_id) {
+            Some(r) => Ok(Some(r)),
+            None if ctx.admin => Ok(None),
+            None => Err(RuleError::new(
+                codes::NOT_MEMBER,
+                "join the session before acting in it",
+            )),
+        }
+    }
+
+    /// Decides a command. Reads only; the events returned are applied after commit.
+    pub fn decide(&self, ctx: &Ctx, cmd: &Command) -> Result<Vec<Event>> {
+        match cmd {
+            Command::StateUpdate(u) => self.decide_state_update(ctx, u),
+            Command::SaveState { state, metadata } => self.decide_save(ctx, state, metadata),
+            Command::Join(j) => self.decide_join(ctx, j),
+            Command::Leave {} => {
+                self.require_member(ctx)?;
+                if self.role_of(&ctx.user_id).is_none() {
+                    return Err(RuleError::new(codes::NOT_MEMBER, "not a member"));
+                }
+                Ok(vec![Event::PlayerLeft {
+                    user_id: ctx.user_id,
+                    timestamp: ctx.timestamp.clone(),
+                }])
+            }
+            Command::SessionStart {} => self.transition(ctx, &[Status::Created], Status::Active),
+            Command::SessionPause {} => self.transition(ctx, &[Status::Active], Status::Paused),
+            Command::SessionResume {} => self.transition(ctx, &[Status::Paused], Status::Active),
+            Command::SessionEnd {} => self.transition(
+                ctx,
+                &[Status::Created, Status::Active, Status::Paused],
+                Status::Ended,
+            ),
+        }
+    }
+
+    /// Applies one event. Never fails: events were validated when decided.
+    pub fn apply(&mut self, event: &Event) {
+        match event {
+            Event::SessionCreated {
+                session_id,
+                campaign_id,
+                name,
+                settings,
+                created_by,
+                timestamp,
+            } => {
+                self.id = *session_id;
+                self.campaign_id = *campaign_id;
+                self.name = name.clone();
+                self.settings = settings.clone();
+                self.created_by = *created_by;
+                self.status = Status::Created;
+                self.members.insert(
+                    *created_by,
+                    Member {
+                        role: SessionRole::Dm,
+                        characters: vec![],
+                        joined_at: timestamp.clone(),
+                    },
+                );
+                self.game = Game::new(*session_id, settings);
+            }
+            Event::StateUpdate {
+                changes, metadata, ..
+            } => {
+                for c in changes {
+                    let r = match (c.op, &c.value) {
+                        (ChangeOp::Remove, _) => pointer::remove(&mut self.doc, &c.path).map(|_| ()),
+                        (ChangeOp::Set, Some(v)) => {
+                            pointer::set(&mut self.doc, &c.path, v.clone()).map(|_| ())
+                        }
+                        (ChangeOp::Set, None) => Ok(()),
+                    };
+                    debug_assert!(r.is_ok(), "a decided change failed to apply: {r:?}");
+                }
+                if let Some(m) = metadata {
+                    self.metadata = m.clone();
+                }
+            }
+            Event::PlayerJoined {
+                user_id,
+                role,
+                character_id,
+                timestamp,
+                ..
+            } => {
+                let m = self.members.entry(*user_id).or_insert_with(|| Member {
+                    role: *role,
+                    characters: vec![],
+                    joined_at: timestamp.clone(),
+                });
+                if let Some(c) = character_id {
+                    if !m.characters.contains(c) {
+                        m.characters.push(*c);
+                    }
+                }
+            }
+            Event::PlayerLeft { user_id, .. } => {
+                self.members.remove(user_id);
+            }
+            Event::SessionStatusChanged { status, .. } => {
+                self.status = *status;
+            }
+        }
+        self.game.apply(event);
+        self.version += 1;
+        self.updated_at = event_timestamp(event).to_string();
+    }
+
+    fn decide_state_update(&self, ctx: &Ctx, u: &StateUpdate) -> Result<Vec<Event>> {
+        let role = self.require_member(ctx)?;
+        if role == Some(SessionRole::Observer) {
+            return Err(RuleError::new(
+                codes::FORBIDDEN_FOR_ROLE,
+                "observers cannot change the session state",
+            ));
+        }
+        self.require_not_ended()?;
+        if u.changes.is_empty() {
+            return Err(RuleError::new(codes::INVALID_PAYLOAD, "`changes` is empty"));
+        }
+        if u.changes.len() > MAX_CHANGES {
+            return Err(RuleError::new(
+                codes::TOO_MANY_CHANGES,
+                format!("at most {MAX_CHANGES} changes per update"),
+            ));
+        }
+        // Validate against a scratch copy only when changes can see each other's effect.
+        let mut scratch: Option<Value> = (u.changes.len() > 1).then(|| self.doc.clone());
+        let mut applied = Vec::with_capacity(u.changes.len());
+        for (i, c) in u.changes.iter().enumerate() {
+            let doc = scratch.as_ref().unwrap_or(&self.doc);
+            let previous = pointer::get(doc, &c.path)
+                .map_err(|e| path_error(i, e))?
+                .cloned();
+            if let Some(expected) = &c.previous {
+                let actual = previous.clone().unwrap_or(Value::Null);
+                if &actual != expected {
+                    return Err(RuleError::new(
+                        codes::CONFLICT,
+                        format!("{} is not the expected `previous` value", c.path),
+                    )
+                    .with_details(json!({
+                        "index": i, "path": c.path, "expected": expected, "actual": actual
+                    })));
+                }
+            }
+            match c.op {
+                ChangeOp::Set => {
+                    let Some(v) = &c.value else {
+                        return Err(RuleError::new(
+                            codes::INVALID_PAYLOAD,
+                            format!("change {i}: `value` is required (use op \"remove\" to delete)"),
+                        ));
+                    };
+                    match scratch.as_mut() {
+                        Some(doc) => {
+                            pointer::set(doc, &c.path, v.clone()).map_err(|e| path_error(i, e))?;
+                        }
+                        None => {
+                            pointer::check_set(&self.doc, &c.path, v)
+                                .map_err(|e| path_error(i, e))?
+                        }
+                    }
+                    applied.push(AppliedChange {
+                        path: c.path.clone(),
+                        value: Some(v.clone()),
+                        previous,
+                        op: ChangeOp::Set,
+                    });
+                }
+                ChangeOp::Remove => {
+                    if c.value.is_some() {
+                        return Err(RuleError::new(
+                            codes::INVALID_PAYLOAD,
+                            format!("change {i}: a removal takes no `value`"),
+                        ));
+                    }
+                    let reason = if c.path.is_empty() {
+                        Some("the document root cannot be removed")
+                    } else if previous.is_none() {
+                        Some("nothing to remove")
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = reason {
+                        return Err(path_error(
+                            i,
+                            pointer::PathError {
+                                path: c.path.clone(),
+                                reason: reason.into(),
+                            },
+                        ));
+                    }
+                    if let Some(doc) = scratch.as_mut() {
+                        pointer::remove(doc, &c.path).map_err(|e| path_error(i, e))?;
+                    }
+                    applied.push(AppliedChange {
+                        path: c.path.clone(),
+                        value: None,
+                        previous,
+                        op: ChangeOp::Remove,
+                    });
+                }
+            }
+        }
+        Ok(vec![Event::StateUpdate {
+            update_id: ctx.command_id,
+            user_id: ctx.user_id,
+            changes: applied,
+            metadata: None,
+            timestamp: ctx.timestamp.clone(),
+        }])
+    }
+
+    fn decide_save(&self, ctx: &Ctx, state: &Value, metadata: &Value) -> Result<Vec<Event>> {
+        self.require_member(ctx)?;
+        if !self.is_dm(ctx) {
+            return Err(RuleError::new(
+                codes::FORBIDDEN_FOR_ROLE,
+                "only the DM can replace the session state",
+            ));
+        }
+        self.require_not_ended()?;
+        if !state.is_object() {
+            return Err(RuleError::new(codes::INVALID_PAYLOAD, "`state` must be an object"));
+        }
+        Ok(vec![Event::StateUpdate {
+            update_id: ctx.command_id,
+            user_id: ctx.user_id,
+            changes: vec![AppliedChange {
+                path: String::new(),
+                value: Some(state.clone()),
+                previous: None,
+                op: ChangeOp::Set,
+            }],
+            metadata: Some(if metadata.is_null() {
+                json!({})
+            } else {
+                metadata.clone()
+            }),
+            timestamp: ctx.timestamp.clone(),
+        }])
+    }
+
+    fn decide_join(&self, ctx: &Ctx, j: &JoinRequest) -> Result<Vec<Event>> {
+        self.require_not_ended()?;
+        let existing = self.role_of(&ctx.user_id);
+        let role = match (existing, j.role) {
+            (Some(r), _) => r,
+            (None, Some(SessionRole::Dm)) => {
+                return Err(RuleError::new(
+                    codes::FORBIDDEN_FOR_ROLE,
+                    "the DM role belongs to the session's creator",
+                ))
+            }
+            (None, Some(r)) => r,
+            (None, None) => SessionRole::Player,
+        };
+        if let Some(c) = j.character_id {
+            if role == SessionRole::Observer {
+                return Err(RuleError::new(
+                    codes::FORBIDDEN_FOR_ROLE,
+                    "observers do not control characters",
+                ));
+            }
+            if let Some((owner, _)) = self
+                .members
+                .iter()
+                .find(|(u, m)| **u != ctx.user_id && m.characters.contains(&c))
+            {
+                return Err(RuleError::new(
+                    codes::CHARACTER_TAKEN,
+                    "that character is controlled by another member",
+                )
+                .with_details(json!({ "character_id": c, "controlled_by": owner })));
+            }
+        }
+        let already = existing.is_some()
+            && j.character_id.is_none_or(|c| {
+                self.members[&ctx.user_id].characters.contains(&c)
+            })
+            && j.character.is_none();
+        if already {
+            return Ok(vec![]); // joining again changes nothing
+        }
+        self.game.check_join(ctx, j)?;
+        Ok(vec![Event::PlayerJoined {
+            user_id: ctx.user_id,
+            role,
+            character_id: j.character_id,
+            character: j.character.clone(),
+            timestamp: ctx.timestamp.clone(),
+        }])
+    }
+
+    fn transition(&self, ctx: &Ctx, from: &[Status], to: Status) -> Result<Vec<Event>> {
+        self.require_member(ctx)?;
+        if !self.is_dm(ctx) {
+            return Err(RuleError::new(
+                codes::FORBIDDEN_FOR_ROLE,
+                "only the DM changes the session's status",
+            ));
+        }
+        if !from.contains(&self.status) {
+            let code = if self.status == Status::Ended {
+                codes::SESSION_ENDED
+            } else {
+                codes::INVALID_TRANSITION
+            };
+            return Err(RuleError::new(
+                code,
+                format!("cannot go from {} to {}", self.status.as_str(), to.as_str()),
+            )
+            .with_details(json!({"status": self.status, "requested": to})));
+        }
+        Ok(vec![Event::SessionStatusChanged {
+            status: to,
+            previous: self.status,
+            by: ctx.user_id,
+            timestamp: ctx.timestamp.clone(),
+        }])
+    }
+
+    fn require_not_ended(&self) -> Result<()> {
+        if self.status == Status::Ended {
+            return Err(RuleError::new(codes::SESSION_ENDED, "the session has ended"));
+        }
+        Ok(())
+    }
+
+    /// The rules-managed part clients see (`game` in views).
+    pub fn game_view(&self) -> Value {
+        json!({
+            "session_id": self.id,
+            "campaign_id": self.campaign_id,
+            "name": self.name,
+            "status": self.status,
+            "created_by": self.created_by,
+            "settings": self.settings,
+            "members": self.members,
+            "play": self.game.view(),
+        })
+    }
+}
+
+fn path_error(index: usize, e: pointer::PathError) -> RuleError {
+    RuleError::new(
+        codes::INVALID_PATH,
+        format!("change {index}: invalid path {:?}: {}", e.path, e.reason),
+    )
+    .with_details(json!({"index": index, "path": e.path, "reason": e.reason}))
+}
+
+fn event_timestamp(e: &Event) -> &str {
+    match e {
+        Event::SessionCreated { timestamp, .. }
+        | Event::StateUpdate { timestamp, .. }
+        | Event::PlayerJoined { timestamp, .. }
+        | Event::PlayerLeft { timestamp, .. }
+        | Event::SessionStatusChanged { timestamp, .. } => timestamp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(user: Uuid) -> Ctx {
+        Ctx {
+            user_id: user,
+            admin: false,
+            command_id: Uuid::new_v4(),
+            timestamp: "2026-01-01T00:00:00.000Z".into(),
+        }
+    }
+
+    /// A session created by `dm`, with `player` joined.
+    fn session() -> (SessionState, Uuid, Uuid) {
+        let (id, dm, player) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let mut s = SessionState::empty(id);
+        s.apply(&SessionState::creation(
+            id,
+            Uuid::new_v4(),
+            "t".into(),
+            json!({}),
+            dm,
+            "t0".into(),
+        ));
+        for e in s.decide(&ctx(player), &Command::Join(JoinRequest::default())).unwrap() {
+            s.apply(&e);
+        }
+        (s, dm, player)
+    }
+
+    fn update(changes: Value) -> Command {
+        Command::from_client("state_update", json!({ "changes": changes })).unwrap()
+    }
+
+    fn run(s: &mut SessionState, c: &Ctx, cmd: &Command) -> Result<()> {
+        for e in s.decide(c, cmd)? {
+            s.apply(&e);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn state_update_table() {
+        let (mut s, _dm, p) = session();
+        run(&mut s, &ctx(p), &update(json!([{"path": "/hp", "value": 10}]))).unwrap();
+        let cases: Vec<(Value, Option<&str>)> = vec![
+            (json!([{"path": "/hp", "value": 9, "previous": 10}]), None),
+            (json!([{"path": "/hp", "value": 1, "previous": 10}]), Some(codes::CONFLICT)),
+            (json!([{"path": "hp", "value": 1}]), Some(codes::INVALID_PATH)),
+            (json!([{"path": "/hp/deeper", "value": 1}]), Some(codes::INVALID_PATH)),
+            (json!([{"path": "/a~2", "value": 1}]), Some(codes::INVALID_PATH)),
+            (json!([{"path": "/x"}]), Some(codes::INVALID_PAYLOAD)),
+            (json!([]), Some(codes::INVALID_PAYLOAD)),
+            (json!([{"path": "/nope", "op": "remove"}]), Some(codes::INVALID_PATH)),
+            (json!([{"path": "", "value": 3}]), Some(codes::INVALID_PATH)),
+            // All or nothing: the second change fails, so the first is not applied.
+            (
+                json!([{"path": "/mp", "value": 1}, {"path": "/hp", "value": 0, "previous": 99}]),
+                Some(codes::CONFLICT),
+            ),
+            // Later changes see earlier ones.
+            (
+                json!([{"path": "/list", "value": []}, {"path": "/list/-", "value": "a"}]),
+                None,
+            ),
+            (json!([{"path": "/null_guard", "value": 1, "previous": null}]), None),
+        ];
+        for (changes, want) in cases {
+            let before = s.clone();
+            let got = run(&mut s, &ctx(p), &update(changes.clone()));
+            match want {
+                None => assert!(got.is_ok(), "{changes}: {got:?}"),
+                Some(code) => {
+                    assert_eq!(got.unwrap_err().code, code, "{changes}");
+                    assert_eq!(s, before, "a refused command changed the state");
+                }
+            }
+        }
+        assert_eq!(s.doc, json!({"hp": 9, "list": ["a"], "null_guard": 1}));
+    }
+
+    #[test]
+    fn roles_and_membership() {
+        let (mut s, dm, p) = session();
+        let stranger = Uuid::new_v4();
+        let up = update(json!([{"path": "/x", "value": 1}]));
+        assert_eq!(
+            run(&mut s, &ctx(stranger), &up).unwrap_err().code,
+            codes::NOT_MEMBER
+        );
+        let obs = Uuid::new_v4();
+        run(
+            &mut s,
+            &ctx(obs),
+            &Command::Join(JoinRequest {
+                role: Some(SessionRole::Observer),
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            run(&mut s, &ctx(obs), &up).unwrap_err().code,
+            codes::FORBIDDEN_FOR_ROLE
+        );
+        // Only the DM saves the whole state or changes the lifecycle.
+        let save = Command::SaveState {
+            state: json!({"fresh": 1}),
+            metadata: json!({"note": "x"}),
+        };
+        assert_eq!(
+            run(&mut s, &ctx(p), &save).unwrap_err().code,
+            codes::FORBIDDEN_FOR_ROLE
+        );
+        run(&mut s, &ctx(dm), &save).unwrap();
+        assert_eq!(s.doc, json!({"fresh": 1}));
+        assert_eq!(s.metadata, json!({"note": "x"}));
+        assert_eq!(
+            run(&mut s, &ctx(p), &Command::SessionStart {})
+                .unwrap_err()
+                .code,
+            codes::FORBIDDEN_FOR_ROLE
+        );
+    }
+
+    #[test]
+    fn lifecycle_transitions() {
+        let (mut s, dm, p) = session();
+        let d = ctx(dm);
+        assert_eq!(
+            run(&mut s, &d, &Command::SessionPause {}).unwrap_err().code,
+            codes::INVALID_TRANSITION
+        );
+        run(&mut s, &d, &Command::SessionStart {}).unwrap();
+        run(&mut s, &d, &Command::SessionPause {}).unwrap();
+        run(&mut s, &d, &Command::SessionResume {}).unwrap();
+        run(&mut s, &d, &Command::SessionEnd {}).unwrap();
+        assert_eq!(s.status, Status::Ended);
+        for cmd in [
+            Command::SessionStart {},
+            Command::SessionResume {},
+            Command::SessionEnd {},
+        ] {
+            assert_eq!(
+                run(&mut s, &d, &cmd).unwrap_err().code,
+                codes::SESSION_ENDED
+            );
+        }
+        assert_eq!(
+            run(&mut s, &ctx(p), &update(json!([{"path": "/x", "value": 1}])))
+                .unwrap_err()
+                .code,
+            codes::SESSION_ENDED
+        );
+    }
+
+    #[test]
+    fn joins_are_idempotent_and_characters_exclusive() {
+        let (mut s, _dm, p) = session();
+        let v = s.version;
+        run(&mut s, &ctx(p), &Command::Join(JoinRequest::default())).unwrap();
+        assert_eq!(s.version, v, "joining again is a no-op");
+        let c = Uuid::new_v4();
+        let with_char = Command::Join(JoinRequest {
+            character_id: Some(c),
+            ..Default::default()
+        });
+        run(&mut s, &ctx(p), &with_char).unwrap();
+        assert_eq!(s.members[&p].characters, vec![c]);
+        let other = Uuid::new_v4();
+        assert_eq!(
+            run(&mut s, &ctx(other), &with_char).unwrap_err().code,
+            codes::CHARACTER_TAKEN
+        );
+        let dm_grab = Command::Join(JoinRequest {
+            role: Some(SessionRole::Dm),
+            ..Default::default()
+        });
+        assert_eq!(
+            run(&mut s, &ctx(other), &dm_grab).unwrap_err().code,
+            codes::FORBIDDEN_FOR_ROLE
+        );
+    }
+
+    #[test]
+    fn replay_reproduces_state_and_snapshot_round_trips() {
+        let (mut s, dm, p) = session();
+        let mut log = vec![];
+        let cmds = [
+            (dm, Command::SessionStart {}),
+            (p, update(json!([{"path": "/a", "value": {"b": [1]}}]))),
+            (p, update(json!([{"path": "/a/b/-", "value": 2}]))),
+            (p, update(json!([{"path": "/a/b/0", "op": "remove"}]))),
+        ];
+        let start = s.clone();
+        for (u, c) in &cmds {
+            for e in s.decide(&ctx(*u), c).unwrap() {
+                s.apply(&e);
+                log.push(e);
+            }
+        }
+        let mut replay = start;
+        for e in &log {
+            let (k, d) = e.to_parts();
+            replay.apply(&Event::from_parts(&k, d).unwrap());
+        }
+        assert_eq!(replay, s);
+        let snap = serde_json::to_value(&s).unwrap();
+        assert_eq!(serde_json::from_value::<SessionState>(snap).unwrap(), s);
+        assert_eq!(s.doc, json!({"a": {"b": [2]}}));
+    }
+}

@@ -1,0 +1,237 @@
+//! The membership runtime: publishes this process's heartbeat, feeds every heartbeat
+//! and leave it hears into the sans-IO [`Membership`] table, expires silent members, and
+//! tells subscribers when the ring changes. Nodes and routers run the same code, so
+//! they keep the same member table.
+
+use crate::config::MembershipConfig;
+use crate::membership::{Heartbeat, Leave, MemberKind, MemberState, MemberView, Membership};
+use crate::ring::Ring;
+use crate::rpc::Subjects;
+use futures::StreamExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+/// A shared, live view of the cluster.
+#[derive(Clone)]
+pub struct ClusterView {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    me: String,
+    kind: MemberKind,
+    incarnation: u64,
+    http: Option<String>,
+    table: RwLock<Membership>,
+    state: RwLock<MemberState>,
+    load: AtomicU64,
+    ring_tx: watch::Sender<u64>,
+    nats: async_nats::Client,
+    subjects: Subjects,
+    heartbeat_every: Duration,
+}
+
+/// Milliseconds since the epoch: the incarnation of this process.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl ClusterView {
+    /// Starts heartbeating as `me` and listening to the others. The returned tasks run
+    /// until the NATS client is closed or they are aborted.
+    pub async fn start(
+        nats: async_nats::Client,
+        subjects: Subjects,
+        cfg: &MembershipConfig,
+        me: String,
+        kind: MemberKind,
+        http: Option<String>,
+    ) -> Result<(ClusterView, Vec<JoinHandle<()>>), async_nats::SubscribeError> {
+        let (ring_tx, _) = watch::channel(0);
+        let view = ClusterView {
+            inner: Arc::new(Inner {
+                me,
+                kind,
+                incarnation: now_ms(),
+                http,
+                table: RwLock::new(Membership::new(
+                    Duration::from_millis(cfg.failure_timeout_ms),
+                    cfg.vnodes,
+                )),
+                state: RwLock::new(MemberState::Alive),
+                load: AtomicU64::new(0),
+                ring_tx,
+                nats: nats.clone(),
+                subjects: subjects.clone(),
+                heartbeat_every: Duration::from_millis(cfg.heartbeat_ms),
+            }),
+        };
+        // A node is on its own ring from the start; it does not wait for its echo.
+        view.observe(view.heartbeat());
+
+        let mut hb_sub = nats.subscribe(subjects.heartbeat()).await?;
+        let mut leave_sub = nats.subscribe(subjects.leave()).await?;
+        let mut tasks = Vec::new();
+
+        let v = view.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(msg) = hb_sub.next().await {
+                match serde_json::from_slice::<Heartbeat>(&msg.payload) {
+                    Ok(hb) => v.observe(hb),
+                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed heartbeat"),
+                }
+            }
+        }));
+        let v = view.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(msg) = leave_sub.next().await {
+                if let Ok(leave) = serde_json::from_slice::<Leave>(&msg.payload) {
+                    if leave.id != v.inner.me {
+                        let changed = v.inner.table.write().unwrap().leave(&leave);
+                        tracing::info!(member = %leave.id, "member left");
+                        if changed {
+                            v.notify();
+                        }
+                    }
+                }
+            }
+        }));
+        let v = view.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(v.inner.heartbeat_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                v.publish_heartbeat().await;
+                let dead = v.inner.table.write().unwrap().tick(Instant::now());
+                if !dead.is_empty() {
+                    tracing::warn!(?dead, "members timed out");
+                    v.notify();
+                }
+            }
+        }));
+        Ok((view, tasks))
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            id: self.inner.me.clone(),
+            kind: self.inner.kind,
+            state: *self.inner.state.read().unwrap(),
+            incarnation: self.inner.incarnation,
+            load: self.inner.load.load(Ordering::Relaxed),
+            http: self.inner.http.clone(),
+        }
+    }
+
+    fn observe(&self, hb: Heartbeat) {
+        let id = hb.id.clone();
+        let changed = self
+            .inner
+            .table
+            .write()
+            .unwrap()
+            .observe(hb, Instant::now());
+        if changed {
+            tracing::info!(member = %id, "ring changed");
+            self.notify();
+        }
+    }
+
+    fn notify(&self) {
+        let version = self.inner.table.read().unwrap().ring_version();
+        self.inner.ring_tx.send_replace(version);
+    }
+
+    async fn publish_heartbeat(&self) {
+        let hb = self.heartbeat();
+        // Our own heartbeat is applied directly too: losing NATS must not make a member
+        // think itself dead.
+        self.observe(hb.clone());
+        let payload = serde_json::to_vec(&hb).expect("heartbeat serialises");
+        if let Err(e) = self
+            .inner
+            .nats
+            .publish(self.inner.subjects.heartbeat(), payload.into())
+            .await
+        {
+            tracing::debug!(error = %e, "heartbeat not published");
+        }
+    }
+
+    pub fn me(&self) -> &str {
+        &self.inner.me
+    }
+
+    /// The node the ring places `session` on.
+    pub fn owner(&self, session: &Uuid) -> Option<String> {
+        self.inner
+            .table
+            .read()
+            .unwrap()
+            .ring()
+            .owner(session)
+            .map(str::to_string)
+    }
+
+    /// A copy of the current ring (for bulk placement, e.g. handoff after a change).
+    pub fn ring(&self) -> Ring {
+        self.inner.table.read().unwrap().ring().clone()
+    }
+
+    pub fn ring_version(&self) -> u64 {
+        self.inner.table.read().unwrap().ring_version()
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.inner.table.read().unwrap().node_count()
+    }
+
+    pub fn is_alive(&self, id: &str) -> bool {
+        self.inner.table.read().unwrap().is_alive(id)
+    }
+
+    pub fn members(&self) -> Vec<MemberView> {
+        self.inner.table.read().unwrap().members(Instant::now())
+    }
+
+    /// Fires whenever the ring changes (the value is the ring version).
+    pub fn ring_changes(&self) -> watch::Receiver<u64> {
+        self.inner.ring_tx.subscribe()
+    }
+
+    /// Sets the load figure carried by the next heartbeats.
+    pub fn set_load(&self, load: u64) {
+        self.inner.load.store(load, Ordering::Relaxed);
+    }
+
+    /// Announces draining: off the ring at once, on this process and (with the next
+    /// heartbeat, published immediately) on every other.
+    pub async fn set_draining(&self) {
+        *self.inner.state.write().unwrap() = MemberState::Draining;
+        self.publish_heartbeat().await;
+        let _ = self.inner.nats.flush().await;
+    }
+
+    /// Announces a graceful leave.
+    pub async fn leave(&self) {
+        let leave = Leave {
+            id: self.inner.me.clone(),
+            incarnation: self.inner.incarnation,
+        };
+        let payload = serde_json::to_vec(&leave).expect("leave serialises");
+        let _ = self
+            .inner
+            .nats
+            .publish(self.inner.subjects.leave(), payload.into())
+            .await;
+        let _ = self.inner.nats.flush().await;
+    }
+}

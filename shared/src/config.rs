@@ -1,0 +1,468 @@
+//! Configuration of every process: defaults < file < environment.
+//!
+//! One [`Config`] struct serves nodes, routers and the `cluster` CLI; each reads the
+//! sections it needs. Layering (lowest first):
+//!
+//! 1. the defaults in this file (every field has one, except the JWT secret),
+//! 2. an optional TOML file (`--config path`, or `GS_CONFIG`),
+//! 3. environment variables `GS_<SECTION>__<FIELD>`, e.g. `GS_POSTGRES__HOST`,
+//!    `GS_ROUTER__LISTEN`, `GS_AUTH__JWT_SECRET`.
+//!
+//! `config/example.toml` is a commented sample with every field and its default.
+//! Every limit, interval and timeout of the service is a field here, not a literal
+//! buried in the code.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Duration;
+
+/// Errors loading or validating configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be read: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration. See `config/example.toml` for documentation of each field.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub redis: RedisConfig,
+    pub postgres: PostgresConfig,
+    pub rabbitmq: RabbitConfig,
+    pub auth: AuthConfig,
+    pub router: RouterConfig,
+    pub node: NodeConfig,
+    pub membership: MembershipConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NatsConfig {
+    pub url: String,
+    /// First token of every subject, so several clusters can share one NATS server.
+    pub subject_prefix: String,
+    /// Timeout of one router→node request attempt; the router retries until
+    /// `router.request_deadline_ms`.
+    pub request_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            subject_prefix: "gs".into(),
+            request_timeout_ms: 1000,
+            connect_timeout_ms: 2000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Prefix of every key (the ICD keys become `{prefix}session:{id}:meta`, ...).
+    pub key_prefix: String,
+    /// Bound on every Redis round trip; past it the operation fails fast.
+    pub op_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: String::new(),
+            op_timeout_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PostgresConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    /// The session_db of the ICD. Created if missing (see `db::ensure_database`).
+    pub dbname: String,
+    pub pool_size: usize,
+    pub connect_timeout_ms: u64,
+    /// Server-side bound on any statement of a node.
+    pub statement_timeout_ms: u64,
+    /// A node stopped (SIGSTOP) inside a transaction must not hold row locks that a
+    /// takeover waits on: PostgreSQL ends such a transaction after this long.
+    pub idle_in_transaction_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "postgres".into(),
+            password: String::new(),
+            dbname: "session_db".into(),
+            pool_size: 16,
+            connect_timeout_ms: 2000,
+            statement_timeout_ms: 5000,
+            idle_in_transaction_timeout_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RabbitConfig {
+    pub url: String,
+    /// Durable topic exchange the node publishes session events to.
+    pub exchange: String,
+    /// Durable queue shared by all nodes for inbound character/campaign events.
+    pub inbound_queue: String,
+    /// Exchange the hub's other services publish character/campaign events to.
+    pub inbound_exchange: String,
+    /// Dead-letter exchange and queue for inbound messages that cannot be applied.
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub prefetch: u16,
+    /// Deliveries of one inbound message before it is dead-lettered.
+    pub max_redeliveries: u32,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Outbox rows published per relay round.
+    pub outbox_batch: i64,
+    /// Whether the node runs the hub relay at all.
+    pub enabled: bool,
+}
+
+impl Default for RabbitConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "gs.sessions".into(),
+            inbound_queue: "gs.session-service.inbound".into(),
+            inbound_exchange: "gs.hub".into(),
+            dead_letter_exchange: "gs.dead-letter".into(),
+            dead_letter_queue: "gs.session-service.dead-letter".into(),
+            prefetch: 32,
+            max_redeliveries: 5,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5000,
+            outbox_batch: 256,
+            enabled: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuthConfig {
+    /// HS256 secret of access tokens and of session (connection) tokens. No default:
+    /// a process refuses to start without one.
+    pub jwt_secret: String,
+    /// Lifetime of the connection tokens handed out by create and join.
+    pub session_token_ttl_secs: u64,
+    /// Clock skew tolerated when checking `exp`.
+    pub leeway_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            session_token_ttl_secs: 24 * 3600,
+            leeway_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouterConfig {
+    /// Member id; empty = generated at start-up.
+    pub id: String,
+    pub listen: String,
+    /// URL clients are told to use (`websocket_url`); empty = derived from `listen`.
+    pub public_url: String,
+    /// PEM certificate chain and key; when both are set the router serves https/wss only.
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// Largest client message accepted; larger ones get `message_too_large`.
+    pub max_message_bytes: usize,
+    /// Frames above this close the connection (protects memory before parsing).
+    pub max_frame_bytes: usize,
+    /// Interval of the server→client `heartbeat` event.
+    pub heartbeat_interval_ms: u64,
+    /// How long the router keeps retrying a command (same id) across failovers.
+    pub request_deadline_ms: u64,
+    /// Largest REST request body.
+    pub max_body_bytes: u64,
+    pub max_connections: usize,
+    /// Commands of one connection waiting for their ack at once.
+    pub max_inflight_per_connection: usize,
+    /// A resuming client missing more events than this gets a full sync instead.
+    pub replay_limit: u64,
+    /// Events of one session kept by the router for gap filling.
+    pub recent_events: usize,
+    /// Outbound frames buffered per connection before it counts as too slow.
+    pub outbound_buffer: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            listen: "127.0.0.1:8080".into(),
+            public_url: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            max_message_bytes: 64 * 1024,
+            max_frame_bytes: 1024 * 1024,
+            heartbeat_interval_ms: 30_000,
+            request_deadline_ms: 5_000,
+            max_body_bytes: 1024 * 1024,
+            max_connections: 10_000,
+            max_inflight_per_connection: 64,
+            replay_limit: 1000,
+            recent_events: 1024,
+            outbound_buffer: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeConfig {
+    /// Member id; empty = generated at start-up.
+    pub id: String,
+    /// Address of the node's health and metrics endpoint.
+    pub http_listen: String,
+    /// Requests queued for one session actor; beyond it requests get `overloaded`.
+    pub inbox_capacity: usize,
+    /// Requests one actor takes into one commit.
+    pub actor_batch_max: usize,
+    /// Events one group commit writes at most (across sessions).
+    pub commit_batch_max: usize,
+    /// Group commits in flight at once (each on its own connection, disjoint sessions).
+    pub committers: usize,
+    /// A snapshot is written every this many events, so recovery reads a bounded tail.
+    pub snapshot_every: u64,
+    /// Events of each session kept in memory for gap fills.
+    pub recent_events: usize,
+    /// Command ids of each session kept in memory for exact-once answers.
+    pub dedupe_window: usize,
+    pub lock_ttl_ms: u64,
+    pub lock_renew_ms: u64,
+    /// How long activation may take (lock wait + recovery) before requests are refused.
+    pub activation_timeout_ms: u64,
+    /// An actor idle this long hands its session back (snapshot, unlock).
+    pub idle_passivate_ms: u64,
+    /// Interval at which an owner refreshes the ICD's Redis TTLs of its sessions.
+    pub redis_refresh_ms: u64,
+    /// Drain deadline on SIGTERM.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            http_listen: "127.0.0.1:0".into(),
+            inbox_capacity: 1024,
+            actor_batch_max: 256,
+            commit_batch_max: 2048,
+            committers: 2,
+            snapshot_every: 100,
+            recent_events: 1024,
+            dedupe_window: 10_000,
+            lock_ttl_ms: 2000,
+            lock_renew_ms: 500,
+            activation_timeout_ms: 4000,
+            idle_passivate_ms: 15 * 60 * 1000,
+            redis_refresh_ms: 60_000,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MembershipConfig {
+    pub heartbeat_ms: u64,
+    /// A member not heard from for this long is dead.
+    pub failure_timeout_ms: u64,
+    /// Virtual nodes per node on the ring.
+    pub vnodes: u32,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 250,
+            failure_timeout_ms: 1500,
+            vnodes: 256,
+        }
+    }
+}
+
+/// Rate limits of the ICD; 0 disables a limit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    pub ws_connects_per_min_per_ip: u32,
+    pub ws_messages_per_min_per_conn: u32,
+    pub combat_actions_per_min_per_player: u32,
+    pub sessions_created_per_hour_per_user: u32,
+    pub state_updates_per_min_per_session: u32,
+    pub joins_per_min_per_session: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            ws_connects_per_min_per_ip: 10,
+            ws_messages_per_min_per_conn: 100,
+            combat_actions_per_min_per_player: 20,
+            sessions_created_per_hour_per_user: 10,
+            state_updates_per_min_per_session: 60,
+            joins_per_min_per_session: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info,gs_node=debug`. `RUST_LOG` wins when set.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// Prefix of environment variables.
+pub const ENV_PREFIX: &str = "GS";
+
+impl Config {
+    /// Loads defaults, then the file (if any), then `GS_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let defaults = config::Config::try_from(&Config::default())?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let cfg: Config = builder.build()?.try_deserialize()?;
+        Ok(cfg)
+    }
+
+    /// Checks what a process cannot run without.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.auth.jwt_secret.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "auth.jwt_secret must be set (GS_AUTH__JWT_SECRET), at least 16 bytes".into(),
+            ));
+        }
+        if self.node.lock_renew_ms * 2 > self.node.lock_ttl_ms {
+            return Err(ConfigError::Invalid(
+                "node.lock_renew_ms must be at most half of node.lock_ttl_ms".into(),
+            ));
+        }
+        if self.membership.heartbeat_ms * 2 > self.membership.failure_timeout_ms {
+            return Err(ConfigError::Invalid(
+                "membership.heartbeat_ms must be at most half of membership.failure_timeout_ms"
+                    .into(),
+            ));
+        }
+        if self.router.tls_cert.is_empty() != self.router.tls_key.is_empty() {
+            return Err(ConfigError::Invalid(
+                "router.tls_cert and router.tls_key must be set together".into(),
+            ));
+        }
+        if self.router.max_message_bytes > self.router.max_frame_bytes {
+            return Err(ConfigError::Invalid(
+                "router.max_message_bytes must not exceed router.max_frame_bytes".into(),
+            ));
+        }
+        if self.nats.subject_prefix.is_empty()
+            || self
+                .nats
+                .subject_prefix
+                .contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
+        {
+            return Err(ConfigError::Invalid(
+                "nats.subject_prefix must be a non-empty NATS token".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds to a `Duration`: the config keeps plain integers for readability.
+pub fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_then_file_then_env() {
+        let dir = std::env::temp_dir().join(format!("gs-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[postgres]\nport = 6543\ndbname = \"from_file\"\n[auth]\njwt_secret = \"file-secret-0123456789\"\n",
+        )
+        .unwrap();
+        // Environment overrides the file; a var unique to this test avoids races.
+        std::env::set_var("GS_POSTGRES__DBNAME", "from_env");
+        let cfg = Config::load(Some(&file)).unwrap();
+        std::env::remove_var("GS_POSTGRES__DBNAME");
+        assert_eq!(cfg.postgres.port, 6543);
+        assert_eq!(cfg.postgres.dbname, "from_env");
+        assert_eq!(cfg.postgres.host, "127.0.0.1");
+        assert_eq!(cfg.router.max_message_bytes, 65536);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn missing_secret_is_refused() {
+        let cfg = Config::default();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("jwt_secret"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        assert!(Config::load(Some(Path::new("/nonexistent/gs.toml"))).is_err());
+    }
+}

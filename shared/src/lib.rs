@@ -1,0 +1,27 @@
+//! Shared library of the Game Session Service.
+//!
+//! # Layout
+//!
+//! * [`config`]: layered configuration (defaults < file < `GS_*` environment).
+//! * [`auth`]: access tokens and session (connection) tokens.
+//! * [`protocol`]: the client wire protocol: envelopes, error codes, rendering.
+//! * [`rpc`]: the router ↔ node contract over NATS, and subject names.
+//! * [`ring`]: placement of sessions on nodes (consistent hashing, sans-IO).
+//! * [`membership`]: the live-member table fed by heartbeats (sans-IO).
+//! * [`cluster_view`]: the membership runtime (heartbeats over NATS, ring changes).
+//! * [`keys`]: Redis key names and the ICD's TTLs.
+//! * [`db`]: creating the database, migrations, the connection pool.
+//! * [`telemetry`]: logging set-up.
+
+pub mod auth;
+pub mod cluster_view;
+pub mod config;
+pub mod db;
+pub mod keys;
+pub mod membership;
+pub mod protocol;
+pub mod ring;
+pub mod rpc;
+pub mod telemetry;
+
+pub use config::Config;

@@ -1,0 +1,302 @@
+//! The client wire protocol (WebSocket text frames, JSON), as documented in
+//! `docs/protocol.md`.
+//!
+//! Client → server: `{"id": uuid, "type": string, "data": object}`. Every such message
+//! is answered with `ack` (`{"type":"ack","id":…,"data":{"version":N}}`) or `error`
+//! (`{"type":"error","id":…,"error":{"code","message","details"}}`).
+//!
+//! Server → client session events: `{"type": T, "version": N, "data": {…}}`, where `N`
+//! is the session version the event produced (one more than the previous event's).
+//! Events are rendered once by the owning node ([`render_event`]) and forwarded to
+//! clients byte for byte.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// Wire error codes. Codes are part of the contract: clients branch on them.
+pub mod codes {
+    // --- framing and envelope
+    pub const MALFORMED_JSON: &str = "malformed_json";
+    pub const INVALID_MESSAGE: &str = "invalid_message";
+    pub const MESSAGE_TOO_LARGE: &str = "message_too_large";
+    pub const UNKNOWN_TYPE: &str = "unknown_type";
+    pub const INVALID_PAYLOAD: &str = "invalid_payload";
+    pub const DUPLICATE_COMMAND_ID: &str = "duplicate_command_id";
+    // --- auth
+    pub const MISSING_TOKEN: &str = "missing_token";
+    pub const INVALID_TOKEN: &str = "invalid_token";
+    pub const TOKEN_EXPIRED: &str = "token_expired";
+    pub const WRONG_SESSION: &str = "wrong_session";
+    pub const FORBIDDEN: &str = "forbidden";
+    pub const NOT_MEMBER: &str = "not_member";
+    // --- limits
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const TOO_MANY_IN_FLIGHT: &str = "too_many_in_flight";
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+    // --- state
+    pub const SESSION_NOT_FOUND: &str = "session_not_found";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const CONFLICT: &str = "conflict";
+    pub const INVALID_PATH: &str = "invalid_path";
+    pub const FORBIDDEN_PATH: &str = "forbidden_path";
+    pub const BAD_REQUEST: &str = "bad_request";
+    // --- cluster
+    pub const NOT_OWNER: &str = "not_owner";
+    pub const OVERLOADED: &str = "overloaded";
+    pub const SERVICE_UNAVAILABLE: &str = "service_unavailable";
+    pub const INTERNAL: &str = "internal_error";
+}
+
+/// An error as it appears on the wire (`error` events, REST error bodies, node replies).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireError {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub details: Value,
+}
+
+impl WireError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            details: Value::Null,
+        }
+    }
+
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = details;
+        self
+    }
+
+    /// Whether a router should retry the request (same command id) elsewhere or later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.code.as_str(),
+            codes::NOT_OWNER | codes::OVERLOADED | codes::SERVICE_UNAVAILABLE
+        )
+    }
+
+    /// The HTTP status a REST endpoint answers this error with.
+    pub fn http_status(&self) -> u16 {
+        match self.code.as_str() {
+            codes::MALFORMED_JSON
+            | codes::INVALID_MESSAGE
+            | codes::INVALID_PAYLOAD
+            | codes::INVALID_PATH
+            | codes::BAD_REQUEST
+            | codes::UNKNOWN_TYPE
+            | codes::DUPLICATE_COMMAND_ID => 400,
+            codes::MISSING_TOKEN | codes::INVALID_TOKEN | codes::TOKEN_EXPIRED => 401,
+            codes::FORBIDDEN | codes::WRONG_SESSION | codes::NOT_MEMBER | codes::FORBIDDEN_PATH => {
+                403
+            }
+            codes::SESSION_NOT_FOUND | codes::NOT_FOUND => 404,
+            codes::CONFLICT => 409,
+            codes::MESSAGE_TOO_LARGE => 413,
+            codes::RATE_LIMITED | codes::TOO_MANY_IN_FLIGHT | codes::TOO_MANY_CONNECTIONS => 429,
+            codes::NOT_OWNER | codes::OVERLOADED | codes::SERVICE_UNAVAILABLE => 503,
+            codes::INTERNAL => 500,
+            // Rule violations (not_your_turn, ...) are client mistakes about game state.
+            _ => 422,
+        }
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// A parsed client → server message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientMessage {
+    pub id: Uuid,
+    pub kind: String,
+    pub data: Value,
+}
+
+/// A client message that could not be accepted, with the id when it could be read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub id: Option<Uuid>,
+    pub error: WireError,
+}
+
+/// Longest accepted `type`.
+pub const MAX_TYPE_LEN: usize = 64;
+
+/// Parses and checks the envelope of a client message. The payload (`data`) is checked
+/// by whoever handles the type.
+pub fn parse_client_message(text: &str, max_bytes: usize) -> Result<ClientMessage, Rejected> {
+    if text.len() > max_bytes {
+        return Err(Rejected {
+            id: None,
+            error: WireError::new(
+                codes::MESSAGE_TOO_LARGE,
+                format!(
+                    "message of {} bytes exceeds the limit of {max_bytes} bytes",
+                    text.len()
+                ),
+            )
+            .with_details(json!({"limit": max_bytes, "size": text.len()})),
+        });
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| Rejected {
+        id: None,
+        error: WireError::new(codes::MALFORMED_JSON, format!("not valid JSON: {e}")),
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(Rejected {
+            id: None,
+            error: WireError::new(codes::INVALID_MESSAGE, "a message must be a JSON object"),
+        });
+    };
+    let id = match obj.get("id") {
+        Some(Value::String(s)) => Uuid::parse_str(s).map_err(|_| Rejected {
+            id: None,
+            error: WireError::new(codes::INVALID_MESSAGE, "`id` must be a UUID"),
+        })?,
+        _ => {
+            return Err(Rejected {
+                id: None,
+                error: WireError::new(
+                    codes::INVALID_MESSAGE,
+                    "every message needs an `id` (a UUID string)",
+                ),
+            })
+        }
+    };
+    let kind = match obj.get("type") {
+        Some(Value::String(s))
+            if !s.is_empty()
+                && s.len() <= MAX_TYPE_LEN
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.') =>
+        {
+            s.clone()
+        }
+        _ => {
+            return Err(Rejected {
+                id: Some(id),
+                error: WireError::new(
+                    codes::INVALID_MESSAGE,
+                    "`type` must be a lowercase identifier such as \"state_update\"",
+                ),
+            })
+        }
+    };
+    let data = match obj.remove("data") {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(v @ Value::Object(_)) => v,
+        Some(_) => {
+            return Err(Rejected {
+                id: Some(id),
+                error: WireError::new(codes::INVALID_MESSAGE, "`data` must be a JSON object"),
+            })
+        }
+    };
+    Ok(ClientMessage { id, kind, data })
+}
+
+/// Message types the router answers itself; everything else goes to the session owner.
+pub const TYPE_SYNC_REQUEST: &str = "sync_request";
+pub const TYPE_HEARTBEAT: &str = "heartbeat";
+
+/// ISO 8601 / RFC 3339 timestamp with milliseconds, UTC.
+pub fn timestamp_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// `{"type":"ack","id":…,"data":{"version":N}}`
+pub fn ack(id: Uuid, version: u64) -> String {
+    json!({"type": "ack", "id": id, "data": {"version": version}}).to_string()
+}
+
+/// `{"type":"error","id":…,"error":{…}}`; `id` is null when the message had none.
+pub fn error(id: Option<Uuid>, err: &WireError) -> String {
+    json!({"type": "error", "id": id, "error": err}).to_string()
+}
+
+/// `{"type":"connection_error","error":{…}}`, sent before closing a connection.
+pub fn connection_error(err: &WireError) -> String {
+    json!({"type": "connection_error", "error": err}).to_string()
+}
+
+/// `{"type":"heartbeat","data":{"timestamp":…}}`
+pub fn heartbeat() -> String {
+    json!({"type": "heartbeat", "data": {"timestamp": timestamp_now()}}).to_string()
+}
+
+/// A session event as clients receive it. Rendered once, by the owner, both when the
+/// event is new and when it is read back from the log, so the bytes are identical.
+pub fn render_event(kind: &str, version: u64, data: &Value) -> String {
+    json!({"type": kind, "version": version, "data": data}).to_string()
+}
+
+/// The part of an event a router needs to order it, without parsing the payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventHeader {
+    pub version: u64,
+}
+
+/// NATS header carrying an event's version, so routers can sequence without parsing.
+pub const VERSION_HEADER: &str = "Gs-Version";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_table() {
+        let id = Uuid::new_v4();
+        let ok = format!(r#"{{"id":"{id}","type":"state_update","data":{{"changes":[]}}}}"#);
+        let m = parse_client_message(&ok, 1024).unwrap();
+        assert_eq!(m.id, id);
+        assert_eq!(m.kind, "state_update");
+
+        let cases: Vec<(String, &str, bool)> = vec![
+            ("{nope".into(), codes::MALFORMED_JSON, false),
+            ("[1,2]".into(), codes::INVALID_MESSAGE, false),
+            (r#"{"type":"x"}"#.into(), codes::INVALID_MESSAGE, false),
+            (r#"{"id":"12","type":"x"}"#.into(), codes::INVALID_MESSAGE, false),
+            (format!(r#"{{"id":"{id}"}}"#), codes::INVALID_MESSAGE, true),
+            (
+                format!(r#"{{"id":"{id}","type":"Bad Type"}}"#),
+                codes::INVALID_MESSAGE,
+                true,
+            ),
+            (
+                format!(r#"{{"id":"{id}","type":"x","data":5}}"#),
+                codes::INVALID_MESSAGE,
+                true,
+            ),
+            ("x".repeat(2000), codes::MESSAGE_TOO_LARGE, false),
+        ];
+        for (text, code, has_id) in cases {
+            let r = parse_client_message(&text, 1024).unwrap_err();
+            assert_eq!(r.error.code, code, "{text}");
+            assert_eq!(r.id.is_some(), has_id, "{text}");
+        }
+    }
+
+    #[test]
+    fn missing_data_is_an_empty_object() {
+        let id = Uuid::new_v4();
+        let m = parse_client_message(&format!(r#"{{"id":"{id}","type":"heartbeat"}}"#), 100)
+            .unwrap();
+        assert_eq!(m.data, json!({}));
+    }
+
+    #[test]
+    fn retryable_codes() {
+        assert!(WireError::new(codes::NOT_OWNER, "").is_retryable());
+        assert!(!WireError::new(codes::CONFLICT, "").is_retryable());
+        assert_eq!(WireError::new(codes::CONFLICT, "").http_status(), 409);
+        assert_eq!(WireError::new("not_your_turn", "").http_status(), 422);
+    }
+}

@@ -1,0 +1,252 @@
+//! The internal contract between routers and nodes, over NATS.
+//!
+//! Subjects (all under `nats.subject_prefix`, `gs` by default):
+//!
+//! | subject                         | direction        | payload                 |
+//! |---------------------------------|------------------|-------------------------|
+//! | `gs.node.{node}.rpc`            | router → node    | [`NodeRequest`] → [`NodeReply`] (request/reply) |
+//! | `gs.session.{session}.events`   | owner → routers  | a rendered event, header `Gs-Version` |
+//! | `gs.cluster.heartbeat`          | every member     | [`crate::membership::Heartbeat`] |
+//! | `gs.cluster.leave`              | leaving member   | [`crate::membership::Leave`] |
+//! | `gs.node.{node}.hub`            | node → owner     | an inbound Message Hub event to apply |
+//!
+//! Requests name a session; the router sends them to the node its ring names. A node
+//! that does not own the session answers `not_owner` with its own view of the owner,
+//! and the router retries (same command id) until its deadline.
+
+use crate::auth::Role;
+use crate::protocol::WireError;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// NATS subject names of one cluster.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn node_rpc(&self, node: &str) -> String {
+        format!("{}.node.{node}.rpc", self.prefix)
+    }
+    pub fn node_hub(&self, node: &str) -> String {
+        format!("{}.node.{node}.hub", self.prefix)
+    }
+    pub fn session_events(&self, session: &Uuid) -> String {
+        format!("{}.session.{session}.events", self.prefix)
+    }
+    pub fn heartbeat(&self) -> String {
+        format!("{}.cluster.heartbeat", self.prefix)
+    }
+    pub fn leave(&self) -> String {
+        format!("{}.cluster.leave", self.prefix)
+    }
+}
+
+/// Who is asking, as established by the router from the access token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    pub user_id: Uuid,
+    pub role: Role,
+}
+
+/// A request to the owner of `session_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRequest {
+    pub session_id: Uuid,
+    pub caller: Caller,
+    pub body: RequestBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RequestBody {
+    /// `POST /sessions`: the router chose the id; a retry of the same create is a no-op.
+    Create {
+        campaign_id: Uuid,
+        name: String,
+        settings: Value,
+    },
+    /// `POST /sessions/{id}/join`; `data` is the request body.
+    Join { command_id: Uuid, data: Value },
+    /// A client command from a WebSocket (`state_update`, combat messages, ...).
+    Command {
+        command_id: Uuid,
+        kind: String,
+        data: Value,
+    },
+    /// `POST /sessions/{id}/state`: replaces the state document.
+    SaveState {
+        command_id: Uuid,
+        state: Value,
+        metadata: Value,
+    },
+    /// `GET /sessions/{id}/state`.
+    GetState,
+    /// `sync_request`; `paths` narrows the answer to those JSON Pointers.
+    Sync { paths: Option<Vec<String>> },
+    /// Events with version > `after`, at most `limit` (gap filling).
+    EventsSince { after: u64, limit: u64 },
+    /// A WebSocket connection opened; answers with what the client needs to start or
+    /// resume (events after `last_version`, or the full state).
+    Attach {
+        conn_id: Uuid,
+        router_id: String,
+        last_version: Option<u64>,
+        replay_limit: u64,
+    },
+    /// A WebSocket connection closed.
+    Detach { conn_id: Uuid },
+    /// `GET /sessions/{id}/history`: the audit log, newest first, before `before`.
+    History { before: Option<u64>, limit: u64 },
+}
+
+impl RequestBody {
+    /// Name for logs and metrics.
+    pub fn op(&self) -> &'static str {
+        match self {
+            RequestBody::Create { .. } => "create",
+            RequestBody::Join { .. } => "join",
+            RequestBody::Command { .. } => "command",
+            RequestBody::SaveState { .. } => "save_state",
+            RequestBody::GetState => "get_state",
+            RequestBody::Sync { .. } => "sync",
+            RequestBody::EventsSince { .. } => "events_since",
+            RequestBody::Attach { .. } => "attach",
+            RequestBody::Detach { .. } => "detach",
+            RequestBody::History { .. } => "history",
+        }
+    }
+}
+
+/// The node's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum NodeReply {
+    Ok {
+        body: ReplyBody,
+    },
+    Err {
+        error: WireError,
+        /// With `not_owner`: the node this node believes owns the session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+    },
+}
+
+impl NodeReply {
+    pub fn err(error: WireError) -> Self {
+        NodeReply::Err { error, owner: None }
+    }
+}
+
+/// What a session looks like to a client: the state document, its metadata, the
+/// rules-managed part (`game`: lifecycle, members, characters, combat) and the version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub state: Value,
+    pub metadata: Value,
+    pub game: Value,
+    pub version: u64,
+    pub timestamp: String,
+}
+
+/// An event as stored and as sent to clients (`json` is the rendered message).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawEvent {
+    pub version: u64,
+    pub json: String,
+}
+
+/// How a (re)connecting client catches up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Resume {
+    /// The events after the client's `last_version`, in order.
+    Events { events: Vec<RawEvent> },
+    /// The whole state at `view.version`.
+    Full { view: SessionView },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReplyBody {
+    /// A command was committed (or had been: `duplicate`) at `version`.
+    Ack { version: u64, duplicate: bool },
+    Created {
+        version: u64,
+        view: SessionView,
+    },
+    Joined {
+        version: u64,
+        session_role: String,
+        view: SessionView,
+    },
+    State {
+        view: SessionView,
+    },
+    Events {
+        events: Vec<RawEvent>,
+        /// The session's version when answering.
+        current: u64,
+    },
+    Attached {
+        session_role: String,
+        version: u64,
+        resume: Resume,
+    },
+    History {
+        entries: Vec<Value>,
+        next_before: Option<u64>,
+    },
+    Done,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn requests_round_trip_as_json() {
+        let req = NodeRequest {
+            session_id: Uuid::new_v4(),
+            caller: Caller {
+                user_id: Uuid::new_v4(),
+                role: Role::Player,
+            },
+            body: RequestBody::Command {
+                command_id: Uuid::new_v4(),
+                kind: "state_update".into(),
+                data: json!({"changes": []}),
+            },
+        };
+        let s = serde_json::to_string(&req).unwrap();
+        assert!(s.contains(r#""op":"command""#));
+        assert_eq!(serde_json::from_str::<NodeRequest>(&s).unwrap(), req);
+
+        let rep = NodeReply::Err {
+            error: WireError::new("not_owner", "x"),
+            owner: Some("node-2".into()),
+        };
+        let s = serde_json::to_string(&rep).unwrap();
+        assert_eq!(serde_json::from_str::<NodeReply>(&s).unwrap(), rep);
+    }
+
+    #[test]
+    fn subjects() {
+        let s = Subjects::new("gs");
+        let id = Uuid::nil();
+        assert_eq!(s.node_rpc("n1"), "gs.node.n1.rpc");
+        assert_eq!(
+            s.session_events(&id),
+            "gs.session.00000000-0000-0000-0000-000000000000.events"
+        );
+    }
+}

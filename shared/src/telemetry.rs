@@ -1,0 +1,24 @@
+//! Logging set-up shared by the binaries (`tracing`, text or JSON).
+
+use crate::config::LogConfig;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. `RUST_LOG` overrides `log.filter`. Safe to call
+/// twice (the second call is a no-op), which tests rely on.
+pub fn init(cfg: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if cfg.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Installs the ring crypto provider for rustls once per process. Two providers
+/// (ring via async-nats, aws-lc-rs via others) would make rustls panic at start-up.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,1 +1,15 @@
+//! Local cluster launcher, operator CLI and test harness of the Game Session Service.
+//!
+//! # Layout
+//!
+//! * [`harness`]: [`harness::LocalCluster`], real `gs-node`/`gs-router` processes with
+//!   generated configs in a private namespace; kill, pause, resume, add nodes.
+//! * [`client`]: REST and WebSocket clients that check what they receive.
+//! * [`tls`]: self-signed development certificates.
+//! * [`state`]: the state file of `cluster up` (`.cluster/state.json`), read by the
+//!   other commands.
 
+pub mod client;
+pub mod harness;
+pub mod state;
+pub mod tls;

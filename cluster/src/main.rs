@@ -1,1 +1,370 @@
-fn main() {}
+//! `cluster`: run a local cluster and operate it.
+//!
+//! ```text
+//! cluster up [--nodes N] [--routers R] [--tls]   start services' schema, N nodes, R routers
+//! cluster token --user UUID --role ROLE           mint an access token
+//! cluster status                                  members, owners, health
+//! cluster kill ID | pause ID | resume ID          SIGKILL / SIGSTOP / SIGCONT a member
+//! cluster add-node                                start one more node
+//! cluster migrate                                 create the database, apply migrations
+//! cluster bench [...]                             load generator (see --help)
+//! ```
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use cluster::client::{cluster_info, http_client, Api};
+use cluster::harness::{free_port, ClusterSpec, LocalCluster};
+use cluster::state::{pid_alive, ClusterState, MemberState};
+use cluster::tls::DevCert;
+use gs_shared::auth::{Authority, Role};
+use gs_shared::config::Config;
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(name = "cluster", about = "Local Game Session Service cluster: launcher and operator CLI")]
+struct Cli {
+    /// Base configuration file (defaults < file < GS_* environment).
+    #[arg(long, global = true, env = "GS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Working directory of `up` (configs, logs, state, certificate).
+    #[arg(long, global = true, default_value = ".cluster")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a local cluster and keep it running until Ctrl-C.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        routers: usize,
+        /// Serve https/wss with a generated self-signed certificate.
+        #[arg(long)]
+        tls: bool,
+    },
+    /// Mint an access token with the configured secret.
+    Token {
+        #[arg(long)]
+        user: Option<Uuid>,
+        #[arg(long, default_value = "player")]
+        role: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 24 * 3600)]
+        ttl: u64,
+    },
+    /// Show the running cluster: members, health, ring, sessions per node.
+    Status,
+    /// SIGKILL a member.
+    Kill { id: String },
+    /// SIGSTOP a member.
+    Pause { id: String },
+    /// SIGCONT a member.
+    Resume { id: String },
+    /// Start one more node in the running cluster.
+    AddNode,
+    /// Create the database if needed and apply migrations.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    gs_shared::telemetry::init(&gs_shared::config::LogConfig {
+        filter: "warn".into(),
+        format: "text".into(),
+    });
+    gs_shared::telemetry::install_crypto_provider();
+    match cli.cmd {
+        Cmd::Up { nodes, routers, tls } => up(&cli.dir, cli.config.as_deref(), nodes, routers, tls).await,
+        Cmd::Token { user, role, ttl } => {
+            let cfg = load_config(&cli.dir, cli.config.as_deref())?;
+            let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+            let auth = Authority::from_config(&cfg.auth);
+            println!("{}", auth.mint_access(user.unwrap_or_else(Uuid::new_v4), role, ttl));
+            Ok(())
+        }
+        Cmd::Status => status(&cli.dir).await,
+        Cmd::Kill { id } => signal(&cli.dir, &id, libc::SIGKILL, "killed"),
+        Cmd::Pause { id } => signal(&cli.dir, &id, libc::SIGSTOP, "paused"),
+        Cmd::Resume { id } => signal(&cli.dir, &id, libc::SIGCONT, "resumed"),
+        Cmd::AddNode => add_node(&cli.dir).await,
+        Cmd::Migrate => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            let applied = gs_shared::db::migrate(&cfg.postgres).await?;
+            println!(
+                "database {} at {}:{} is up to date (applied now: {:?})",
+                cfg.postgres.dbname, cfg.postgres.host, cfg.postgres.port, applied
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The configuration `up` runs with: the given file, else the one a previous `up`
+/// wrote, else defaults; a JWT secret is generated (and kept) when none is set.
+fn load_config(dir: &Path, file: Option<&Path>) -> Result<Config> {
+    let saved = dir.join("cluster.toml");
+    let file = file.map(Path::to_path_buf).or_else(|| saved.exists().then_some(saved));
+    let cfg = Config::load(file.as_deref())?;
+    if cfg.auth.jwt_secret.is_empty() {
+        bail!("no JWT secret configured: pass --config, set GS_AUTH__JWT_SECRET, or run `cluster up` once");
+    }
+    Ok(cfg)
+}
+
+async fn up(dir: &Path, file: Option<&Path>, nodes: usize, routers: usize, tls: bool) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    if let Ok(old) = ClusterState::load(&dir) {
+        if old.members.iter().any(|m| pid_alive(m.pid)) {
+            bail!("a cluster from {} is still running; stop it first (Ctrl-C in its terminal)", dir.display());
+        }
+    }
+    let saved = dir.join("cluster.toml");
+    let mut base = Config::load(file.or_else(|| saved.exists().then_some(saved.as_path())))?;
+    if base.auth.jwt_secret.is_empty() {
+        base.auth.jwt_secret = format!("dev-{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+    }
+    // Development limits: the ICD's per-IP connection limit (10/min) would stop a
+    // local demo with several clients on 127.0.0.1.
+    base.limits.ws_connects_per_min_per_ip = base.limits.ws_connects_per_min_per_ip.max(600);
+    std::fs::write(&saved, toml::to_string(&base)?)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&saved, std::fs::Permissions::from_mode(0o600))?;
+    }
+
+    println!("starting {nodes} nodes and {routers} routers (logs in {}) ...", dir.display());
+    let spec = ClusterSpec {
+        nodes,
+        routers,
+        tls,
+        name: Some("dev".into()),
+        dir: Some(dir.clone()),
+        base: base.clone(),
+        drop_database: false,
+    };
+    let cluster = LocalCluster::start(spec).await?;
+    let state = ClusterState {
+        name: cluster.name.clone(),
+        config: saved.clone(),
+        cert: cluster.cert.as_ref().map(|c| c.cert_path.clone()),
+        members: cluster
+            .members
+            .values()
+            .map(|m| MemberState {
+                id: m.id.clone(),
+                kind: m.kind.to_string(),
+                pid: m.pid.unwrap_or(0),
+                url: m.url.clone(),
+                log: m.log.clone(),
+                config: m.config.clone(),
+            })
+            .collect(),
+    };
+    state.save(&dir)?;
+
+    // A demo: a DM, a session, and what a client needs to connect.
+    let routers_http = cluster.router_urls();
+    let routers_ws = cluster.router_ws_urls();
+    let dm = Uuid::new_v4();
+    let dm_token = cluster.token(dm, Role::Dm);
+    let http = cluster.http();
+    let api = Api::new(http, &routers_http[0], &dm_token);
+    let demo = api.create_session("Demo session").await?;
+    println!();
+    println!("cluster is up:");
+    for m in cluster.members.values() {
+        println!("  {:<10} {:<7} pid {:<8} {}", m.id, m.kind, m.pid.unwrap_or(0), m.url);
+    }
+    if let Some(c) = &cluster.cert {
+        println!("\nTLS: self-signed certificate (trust it in clients): {}", c.cert_path.display());
+    }
+    println!("\nrouters:");
+    for (h, w) in routers_http.iter().zip(&routers_ws) {
+        println!("  {h}   (WebSocket: {w}/api/v2/sessions/{{id}}/ws)");
+    }
+    println!("\ndemo DM user:   {dm}");
+    println!("demo DM token:  {dm_token}");
+    println!("demo session:   {}", demo["session_id"].as_str().unwrap_or(""));
+    println!("session token:  {}", demo["connection_token"].as_str().unwrap_or(""));
+    println!("websocket url:  {}", demo["websocket_url"].as_str().unwrap_or(""));
+    println!(
+        "\ntry:  curl {}-H 'Authorization: Bearer {dm_token}' {}/api/v2/sessions/{}/state",
+        if tls { "--cacert .cluster/dev-cert.pem " } else { "" },
+        routers_http[0],
+        demo["session_id"].as_str().unwrap_or("")
+    );
+    println!("more tokens:  cargo run -q -p cluster -- token --role player");
+    println!("\nCtrl-C stops the cluster.");
+
+    wait_for_signal().await;
+    println!("stopping ...");
+    // Members started later by `add-node` are in the state file too.
+    let state = ClusterState::load(&dir).unwrap_or(state);
+    for m in &state.members {
+        if pid_alive(m.pid) {
+            // SAFETY: signals to processes this cluster started.
+            unsafe {
+                libc::kill(m.pid as i32, libc::SIGCONT);
+                libc::kill(m.pid as i32, libc::SIGTERM);
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while state.members.iter().any(|m| pid_alive(m.pid)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    cluster.shutdown().await;
+    let _ = std::fs::remove_file(ClusterState::path(&dir));
+    println!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn signal(dir: &Path, id: &str, sig: i32, what: &str) -> Result<()> {
+    let state = ClusterState::load(dir)?;
+    let m = state.member(id)?;
+    if !pid_alive(m.pid) {
+        bail!("{id} (pid {}) is not running", m.pid);
+    }
+    // SAFETY: a signal to a process the cluster started.
+    if unsafe { libc::kill(m.pid as i32, sig) } != 0 {
+        bail!("signal failed: {}", std::io::Error::last_os_error());
+    }
+    println!("{what} {id} (pid {})", m.pid);
+    Ok(())
+}
+
+async fn add_node(dir: &Path) -> Result<()> {
+    let mut state = ClusterState::load(dir)?;
+    let template = state
+        .members
+        .iter()
+        .find(|m| m.kind == "node")
+        .context("the cluster has no node to copy the configuration from")?
+        .clone();
+    let mut cfg = Config::load(Some(&template.config))?;
+    let n = (1..)
+        .find(|i| !state.members.iter().any(|m| m.id == format!("node-{i}")))
+        .unwrap_or(1);
+    let id = format!("node-{n}");
+    let port = free_port()?;
+    cfg.node.id = id.clone();
+    cfg.node.http_listen = format!("127.0.0.1:{port}");
+    let config = dir.join(format!("{id}.toml"));
+    std::fs::write(&config, toml::to_string(&cfg)?)?;
+    let log = dir.join(format!("{id}.log"));
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+    let bin = cluster::harness::bin_dir()?.join("gs-node");
+    let child = std::process::Command::new(&bin)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("GS_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let url = format!("http://127.0.0.1:{port}");
+    state.members.push(MemberState {
+        id: id.clone(),
+        kind: "node".into(),
+        pid: child.id(),
+        url: url.clone(),
+        log,
+        config,
+    });
+    state.save(dir)?;
+    let http = http_client(None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(format!("{url}/health/ready")).send().await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{id} did not become ready; see its log");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    println!("added {id} (pid {}) at {url}", child.id());
+    Ok(())
+}
+
+async fn status(dir: &Path) -> Result<()> {
+    let state = ClusterState::load(dir)?;
+    let cfg = Config::load(Some(&state.config))?;
+    let cert = match &state.cert {
+        Some(p) => Some(DevCert::load(p)?),
+        None => None,
+    };
+    let http = http_client(cert.as_ref());
+    let admin = Authority::from_config(&cfg.auth).mint_access(Uuid::new_v4(), Role::Admin, 300);
+    println!("cluster {:?} ({})", state.name, dir.display());
+    println!("{:<10} {:<7} {:<8} {:<8} {:<10} url", "member", "kind", "pid", "process", "ready");
+    for m in &state.members {
+        let alive = pid_alive(m.pid);
+        let ready = if alive {
+            match http.get(format!("{}/health/ready", m.url)).send().await {
+                Ok(r) if r.status().is_success() => "ready",
+                Ok(_) => "not ready",
+                Err(_) => "no answer",
+            }
+        } else {
+            "-"
+        };
+        println!(
+            "{:<10} {:<7} {:<8} {:<8} {:<10} {}",
+            m.id,
+            m.kind,
+            m.pid,
+            if alive { "running" } else { "gone" },
+            ready,
+            m.url
+        );
+    }
+    for r in state.members.iter().filter(|m| m.kind == "router" && pid_alive(m.pid)) {
+        match cluster_info(&http, &r.url, &admin).await {
+            Ok(v) => {
+                println!(
+                    "\nmembership as {} sees it: ring version {}, fingerprint {}",
+                    r.id, v["ring_version"], v["ring_fingerprint"]
+                );
+                println!("{:<10} {:<7} {:<9} {:<8} {:<10} owns", "member", "kind", "state", "on ring", "last seen");
+                for m in v["members"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<10} {:<7} {:<9} {:<8} {:<10} {}",
+                        m["id"].as_str().unwrap_or(""),
+                        m["kind"].as_str().unwrap_or(""),
+                        m["state"].as_str().unwrap_or(""),
+                        m["on_ring"],
+                        format!("{}ms", m["last_seen_ms"]),
+                        if m["kind"] == "node" {
+                            format!("{} sessions", m["load"])
+                        } else {
+                            format!("{} connections", m["load"])
+                        }
+                    );
+                }
+                break;
+            }
+            Err(e) => println!("\n{}: {e}", r.id),
+        }
+    }
+    Ok(())
+}

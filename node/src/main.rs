@@ -1,1 +1,34 @@
-fn main() {}
+//! `gs-node`: a worker node. Thin: parse the command line, load the config, start
+//! logging, run the library until SIGINT/SIGTERM.
+
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "gs-node", about = "Game Session Service worker node")]
+struct Args {
+    /// TOML configuration file (defaults < file < GS_* environment).
+    #[arg(long, env = "GS_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = gs_shared::Config::load(args.config.as_deref())?;
+    gs_shared::telemetry::init(&cfg.log);
+    if let Err(e) = gs_node::run(cfg, shutdown_signal()).await {
+        tracing::error!(error = %e, "node failed");
+        return Err(e);
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,1 +1,169 @@
+//! Router (edge) of the Game Session Service.
+//!
+//! Routers are stateless: they terminate clients' HTTPS and WebSocket (wss)
+//! connections, check tokens, place each session on a node with the ring, forward
+//! requests to the owner over NATS (retrying across failovers), and fan the owner's
+//! events out to their clients in version order. Any number can run; a client may use
+//! any of them, and may reconnect to another and resume where it left off.
+//!
+//! # Layout
+//!
+//! * [`run`]: start-up and shutdown; [`RouterCtx`]: shared state.
+//! * [`server`]: the accept loop (plain or TLS) around warp.
+//! * [`api`]: REST endpoints, health, metrics, OpenAPI.
+//! * [`ws`]: the WebSocket endpoint and the per-connection task.
+//! * [`hub`]: per-session NATS subscription, ordering and fan-out.
+//! * [`sequencer`]: ordering of an event stream (sans-IO).
+//! * [`forward`]: requests to owners with retry until a deadline.
+//! * [`limits`]: the ICD's rate limits.
 
+pub mod api;
+pub mod forward;
+pub mod hub;
+pub mod limits;
+pub mod sequencer;
+pub mod server;
+pub mod ws;
+
+use gs_shared::auth::Authority;
+use gs_shared::cluster_view::ClusterView;
+use gs_shared::config::{ms, Config};
+use gs_shared::keys::Keys;
+use gs_shared::membership::MemberKind;
+use gs_shared::rpc::Subjects;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::future::Future;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::watch;
+use warp::Filter;
+
+pub struct RouterCtx {
+    pub cfg: Config,
+    pub id: String,
+    pub auth: Authority,
+    pub cluster: ClusterView,
+    pub forwarder: forward::Forwarder,
+    pub hubs: hub::Hubs,
+    pub limiter: limits::Limiter,
+    /// `https://host:port` (or `http://`): the REST base.
+    pub http_base: String,
+    /// `wss://host:port` (or `ws://`): the WebSocket base.
+    pub ws_base: String,
+    pub nats: async_nats::Client,
+    pub redis: redis::aio::ConnectionManager,
+    pub connections: AtomicUsize,
+    pub shutdown: watch::Receiver<bool>,
+    pub metrics: PrometheusHandle,
+}
+
+fn install_metrics() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .expect("the metrics recorder is installed once")
+        })
+        .clone()
+}
+
+/// Runs a router until `shutdown` resolves; then closes client connections
+/// (code 1001, so clients reconnect to another router) and leaves.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    cfg.validate()?;
+    gs_shared::telemetry::install_crypto_provider();
+    let id = if cfg.router.id.is_empty() {
+        format!("router-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    } else {
+        cfg.router.id.clone()
+    };
+    let tls = if cfg.router.tls_cert.is_empty() {
+        None
+    } else {
+        Some(server::tls_acceptor(&cfg.router.tls_cert, &cfg.router.tls_key)?)
+    };
+    let listener = tokio::net::TcpListener::bind(&cfg.router.listen).await?;
+    let addr = listener.local_addr()?;
+    let (http_base, ws_base) = if cfg.router.public_url.is_empty() {
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        let (h, w) = if tls.is_some() { ("https", "wss") } else { ("http", "ws") };
+        (format!("{h}://{host}:{}", addr.port()), format!("{w}://{host}:{}", addr.port()))
+    } else {
+        let base = cfg.router.public_url.trim_end_matches('/').to_string();
+        let ws = base.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
+        (base, ws)
+    };
+
+    let redis = gs_shared::connect::redis(&cfg).await?;
+    let nats = gs_shared::connect::nats(&cfg, &id).await?;
+    let subjects = Subjects::new(&cfg.nats.subject_prefix);
+    let (cluster, _cluster_tasks) = ClusterView::start(
+        nats.clone(),
+        subjects.clone(),
+        &cfg.membership,
+        id.clone(),
+        MemberKind::Router,
+        Some(http_base.clone()),
+    )
+    .await?;
+    let forwarder = forward::Forwarder::new(
+        nats.clone(),
+        subjects.clone(),
+        cluster.clone(),
+        cfg.nats.request_timeout_ms,
+        cfg.router.request_deadline_ms,
+    );
+    let hubs = hub::Hubs::new(nats.clone(), subjects, forwarder.clone(), cfg.router.recent_events);
+    let limiter = limits::Limiter::new(
+        redis.clone(),
+        Keys::new(&cfg.redis.key_prefix),
+        ms(cfg.redis.op_timeout_ms),
+    );
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ctx = Arc::new(RouterCtx {
+        auth: Authority::from_config(&cfg.auth),
+        cfg: cfg.clone(),
+        id: id.clone(),
+        cluster: cluster.clone(),
+        forwarder,
+        hubs,
+        limiter,
+        http_base: http_base.clone(),
+        ws_base,
+        nats: nats.clone(),
+        redis,
+        connections: AtomicUsize::new(0),
+        shutdown: shutdown_rx.clone(),
+        metrics: install_metrics(),
+    });
+
+    let routes = ws::route(ctx.clone())
+        .or(api::routes(ctx.clone()))
+        .unify()
+        .recover(api::recover)
+        .unify()
+        .with(warp::trace::request());
+    let server = tokio::spawn(server::serve(
+        listener,
+        tls,
+        routes,
+        cfg.router.max_connections,
+        shutdown_rx,
+    ));
+    tracing::info!(router = %id, url = %http_base, "router ready");
+
+    shutdown.await;
+    tracing::info!(router = %id, "shutting down");
+    let _ = shutdown_tx.send(true);
+    cluster.leave().await;
+    // Give connection tasks a moment to send their close frames.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.abort();
+    Ok(())
+}

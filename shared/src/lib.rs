@@ -11,11 +11,13 @@
 //! * [`cluster_view`]: the membership runtime (heartbeats over NATS, ring changes).
 //! * [`keys`]: Redis key names and the ICD's TTLs.
 //! * [`db`]: creating the database, migrations, the connection pool.
+//! * [`connect`]: connecting to NATS and Redis at start-up.
 //! * [`telemetry`]: logging set-up.
 
 pub mod auth;
 pub mod cluster_view;
 pub mod config;
+pub mod connect;
 pub mod db;
 pub mod keys;
 pub mod membership;

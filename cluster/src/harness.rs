@@ -1,0 +1,454 @@
+//! A local cluster of real processes: `gs-node` and `gs-router` children with
+//! generated configs, used by `cluster up`, the integration and chaos tests, and
+//! `cluster bench`.
+//!
+//! Every cluster gets its own namespace, so clusters (and tests running in parallel)
+//! share the machine's PostgreSQL, Redis, NATS and RabbitMQ without seeing each other:
+//! a NATS subject prefix, a Redis key prefix, a PostgreSQL database and RabbitMQ
+//! exchange/queue names, all derived from the cluster's name.
+//!
+//! Children are killed when the [`LocalCluster`] is dropped; their output goes to
+//! log files in the cluster's directory (printed by [`LocalCluster::dump_logs`]).
+
+use crate::tls::DevCert;
+use anyhow::{bail, Context, Result};
+use gs_shared::auth::{Authority, Role};
+use gs_shared::config::Config;
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+/// How long a process may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a cluster is made of.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub routers: usize,
+    pub tls: bool,
+    /// Namespace; generated when `None`.
+    pub name: Option<String>,
+    /// Working directory (configs, logs, certificate); a temp dir when `None`.
+    pub dir: Option<PathBuf>,
+    /// The base configuration every process starts from (services, limits, timings).
+    pub base: Config,
+    /// Whether the PostgreSQL database is dropped with the cluster (tests).
+    pub drop_database: bool,
+}
+
+impl ClusterSpec {
+    /// A test cluster: private namespace and database, generous rate limits, fast
+    /// timings, the services at their standard local addresses (or `GS_*` env).
+    pub fn test(nodes: usize, routers: usize) -> ClusterSpec {
+        let mut base = Config::load(None).unwrap_or_default();
+        base.auth.jwt_secret = format!("test-secret-{}", Uuid::new_v4().simple());
+        base.limits.ws_connects_per_min_per_ip = 100_000;
+        base.limits.ws_messages_per_min_per_conn = 100_000;
+        base.limits.combat_actions_per_min_per_player = 100_000;
+        base.limits.sessions_created_per_hour_per_user = 100_000;
+        base.limits.state_updates_per_min_per_session = 100_000;
+        base.limits.joins_per_min_per_session = 100_000;
+        base.log.filter = "info".into();
+        ClusterSpec {
+            nodes,
+            routers,
+            tls: false,
+            name: None,
+            dir: None,
+            base,
+            drop_database: true,
+        }
+    }
+}
+
+/// One child process.
+pub struct Member {
+    pub id: String,
+    pub kind: &'static str,
+    pub child: Option<Child>,
+    pub pid: Option<u32>,
+    /// Router: REST base (`http(s)://…`); node: health base (`http://…`).
+    pub url: String,
+    pub log: PathBuf,
+    pub config: PathBuf,
+}
+
+pub struct LocalCluster {
+    pub name: String,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub base: Config,
+    pub cert: Option<DevCert>,
+    pub members: BTreeMap<String, Member>,
+    pub auth: Authority,
+    bin_dir: PathBuf,
+    next_node: usize,
+    drop_database: bool,
+}
+
+/// A free TCP port on loopback (bound and released; the OS does not hand it out again
+/// at once).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Where `gs-node` and `gs-router` are: `GS_BIN_DIR`, else beside the current
+/// executable, else its parent (test binaries live in `target/<profile>/deps`).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Ok(d) = std::env::var("GS_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        if d.join("gs-node").exists() && d.join("gs-router").exists() {
+            return Ok(d);
+        }
+        dir = d.parent().map(Path::to_path_buf);
+        if dir.as_ref().is_some_and(|d| d.ends_with("target")) {
+            break;
+        }
+    }
+    bail!(
+        "gs-node and gs-router binaries not found next to {} — build them first \
+         (`cargo build --bins`, which scripts/test.sh and scripts/up.sh do) or set GS_BIN_DIR",
+        exe.display()
+    )
+}
+
+impl LocalCluster {
+    /// Prepares the namespace (database, migrations, certificate) and starts the
+    /// processes, returning once every router is ready and sees every node.
+    pub async fn start(spec: ClusterSpec) -> Result<LocalCluster> {
+        gs_shared::telemetry::install_crypto_provider();
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("t{}", &Uuid::new_v4().simple().to_string()[..10]));
+        let (dir, tmp) = match &spec.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                (d.clone(), None)
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix(&format!("gs-{name}-")).tempdir()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let mut base = spec.base.clone();
+        if spec.name.is_none() || spec.drop_database {
+            // Private namespace for this cluster.
+            base.nats.subject_prefix = format!("gs_{name}");
+            base.redis.key_prefix = format!("{name}:");
+            base.postgres.dbname = format!("gs_{name}");
+            base.rabbitmq.exchange = format!("{name}.sessions");
+            base.rabbitmq.inbound_exchange = format!("{name}.hub");
+            base.rabbitmq.inbound_queue = format!("{name}.inbound");
+            base.rabbitmq.dead_letter_exchange = format!("{name}.dead-letter");
+            base.rabbitmq.dead_letter_queue = format!("{name}.dead-letter");
+        }
+        if base.auth.jwt_secret.is_empty() {
+            bail!("auth.jwt_secret is not set");
+        }
+        gs_shared::db::migrate(&base.postgres)
+            .await
+            .context("creating the database and applying migrations")?;
+        let cert = if spec.tls {
+            Some(DevCert::generate(&dir)?)
+        } else {
+            None
+        };
+        let auth = Authority::from_config(&base.auth);
+        let mut cluster = LocalCluster {
+            name,
+            dir,
+            _tmp: tmp,
+            base,
+            cert,
+            members: BTreeMap::new(),
+            auth,
+            bin_dir: bin_dir()?,
+            next_node: 1,
+            drop_database: spec.drop_database,
+        };
+        for _ in 0..spec.nodes {
+            cluster.spawn_node().await?;
+        }
+        for i in 1..=spec.routers {
+            cluster.spawn_router(&format!("router-{i}")).await?;
+        }
+        let nodes = cluster.node_ids();
+        cluster.wait_ready(&nodes).await?;
+        Ok(cluster)
+    }
+
+    fn write_config(&self, id: &str, cfg: &Config) -> Result<PathBuf> {
+        let path = self.dir.join(format!("{id}.toml"));
+        std::fs::write(&path, toml::to_string(cfg)?)?;
+        Ok(path)
+    }
+
+    async fn spawn(&mut self, id: &str, kind: &'static str, cfg: Config, url: String) -> Result<()> {
+        let config = self.write_config(id, &cfg)?;
+        let log = self.dir.join(format!("{id}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let bin = self.bin_dir.join(if kind == "node" { "gs-node" } else { "gs-router" });
+        let child = Command::new(&bin)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("GS_CONFIG")
+            .env("RUST_LOG", std::env::var("GS_CHILD_LOG").unwrap_or_else(|_| cfg.log.filter.clone()))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id();
+        self.members.insert(
+            id.to_string(),
+            Member {
+                id: id.to_string(),
+                kind,
+                child: Some(child),
+                pid,
+                url,
+                log,
+                config,
+            },
+        );
+        Ok(())
+    }
+
+    /// Starts one more node (`node-N`) and returns its id; it is not waited for.
+    pub async fn spawn_node(&mut self) -> Result<String> {
+        let id = format!("node-{}", self.next_node);
+        self.next_node += 1;
+        let port = free_port()?;
+        let mut cfg = self.base.clone();
+        cfg.node.id = id.clone();
+        cfg.node.http_listen = format!("127.0.0.1:{port}");
+        self.spawn(&id, "node", cfg, format!("http://127.0.0.1:{port}")).await?;
+        Ok(id)
+    }
+
+    async fn spawn_router(&mut self, id: &str) -> Result<()> {
+        let port = free_port()?;
+        let mut cfg = self.base.clone();
+        cfg.router.id = id.to_string();
+        cfg.router.listen = format!("127.0.0.1:{port}");
+        let scheme = if let Some(c) = &self.cert {
+            cfg.router.tls_cert = c.cert_path.display().to_string();
+            cfg.router.tls_key = c.key_path.display().to_string();
+            "https"
+        } else {
+            "http"
+        };
+        self.spawn(id, "router", cfg, format!("{scheme}://127.0.0.1:{port}")).await
+    }
+
+    /// Adds a node and waits until every router has it on its ring.
+    pub async fn add_node(&mut self) -> Result<String> {
+        let id = self.spawn_node().await?;
+        self.wait_ready(std::slice::from_ref(&id)).await?;
+        Ok(id)
+    }
+
+    pub fn node_ids(&self) -> Vec<String> {
+        self.members
+            .values()
+            .filter(|m| m.kind == "node" && m.child.is_some())
+            .map(|m| m.id.clone())
+            .collect()
+    }
+
+    pub fn router_urls(&self) -> Vec<String> {
+        self.members
+            .values()
+            .filter(|m| m.kind == "router" && m.child.is_some())
+            .map(|m| m.url.clone())
+            .collect()
+    }
+
+    /// `wss://…`/`ws://…` bases of the routers.
+    pub fn router_ws_urls(&self) -> Vec<String> {
+        self.router_urls()
+            .into_iter()
+            .map(|u| u.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1))
+            .collect()
+    }
+
+    pub fn admin_token(&self) -> String {
+        self.auth.mint_access(Uuid::new_v4(), Role::Admin, 24 * 3600)
+    }
+
+    pub fn token(&self, user: Uuid, role: Role) -> String {
+        self.auth.mint_access(user, role, 24 * 3600)
+    }
+
+    /// An HTTP client that trusts the cluster's development certificate.
+    pub fn http(&self) -> reqwest::Client {
+        crate::client::http_client(self.cert.as_ref())
+    }
+
+    /// Waits until every process answers `/health/ready` and every router's ring
+    /// holds `nodes`.
+    pub async fn wait_ready(&mut self, nodes: &[String]) -> Result<()> {
+        let http = self.http();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let admin = self.admin_token();
+        let ids: Vec<String> = self.members.keys().cloned().collect();
+        for id in ids {
+            loop {
+                self.check_alive(&id)?;
+                let m = &self.members[&id];
+                let ok = match http.get(format!("{}/health/ready", m.url)).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        if m.kind == "router" {
+                            let on_ring = crate::client::cluster_info(&http, &m.url, &admin)
+                                .await
+                                .map(|v| nodes_on_ring(&v))
+                                .unwrap_or_default();
+                            nodes.iter().all(|n| on_ring.contains(n))
+                        } else {
+                            true
+                        }
+                    }
+                    _ => false,
+                };
+                if ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    self.dump_logs(40);
+                    bail!("{id} did not become ready in {READY_TIMEOUT:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_alive(&mut self, id: &str) -> Result<()> {
+        let m = self.members.get_mut(id).context("no such member")?;
+        if let Some(child) = m.child.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+                bail!("{id} exited with {status} during start-up:\n{}", tail(&log, 40));
+            }
+        }
+        Ok(())
+    }
+
+    fn signal(&self, id: &str, sig: i32) -> Result<()> {
+        let m = self.members.get(id).with_context(|| format!("no member {id}"))?;
+        let pid = m.pid.with_context(|| format!("{id} has no pid"))?;
+        // SAFETY: kill(2) with a pid we spawned and a standard signal number.
+        let r = unsafe { libc::kill(pid as i32, sig) };
+        if r != 0 {
+            bail!("kill({pid}, {sig}) failed: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, and reap.
+    pub async fn kill(&mut self, id: &str) -> Result<()> {
+        self.signal(id, libc::SIGKILL)?;
+        if let Some(m) = self.members.get_mut(id) {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.wait().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM (graceful drain), and wait for the exit.
+    pub async fn stop(&mut self, id: &str) -> Result<()> {
+        self.signal(id, libc::SIGTERM)?;
+        if let Some(m) = self.members.get_mut(id) {
+            if let Some(mut c) = m.child.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(30), c.wait()).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pause(&self, id: &str) -> Result<()> {
+        self.signal(id, libc::SIGSTOP)
+    }
+
+    pub fn resume(&self, id: &str) -> Result<()> {
+        self.signal(id, libc::SIGCONT)
+    }
+
+    /// Prints the last `lines` lines of every member's log (for failing tests).
+    pub fn dump_logs(&self, lines: usize) {
+        for m in self.members.values() {
+            let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+            eprintln!("----- {} ({}) -----\n{}", m.id, m.log.display(), tail(&log, lines));
+        }
+    }
+
+    /// A PostgreSQL client on the cluster's database.
+    pub async fn pg(&self) -> Result<tokio_postgres::Client> {
+        let (client, conn) = gs_shared::db::pg_config(&self.base.postgres, &self.base.postgres.dbname, false)
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// Stops every process (SIGKILL) and drops the private database.
+    pub async fn shutdown(mut self) {
+        self.kill_all().await;
+        if self.drop_database {
+            let _ = gs_shared::db::drop_database(&self.base.postgres, &self.base.postgres.dbname).await;
+        }
+    }
+
+    async fn kill_all(&mut self) {
+        for m in self.members.values_mut() {
+            if let Some(mut c) = m.child.take() {
+                if let Some(pid) = m.pid {
+                    // A paused process must be resumed to die cleanly.
+                    // SAFETY: signals to a child we spawned.
+                    unsafe {
+                        libc::kill(pid as i32, libc::SIGCONT);
+                    }
+                }
+                let _ = c.kill().await;
+            }
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for m in self.members.values_mut() {
+            if let (Some(_), Some(pid)) = (m.child.as_ref(), m.pid) {
+                // SAFETY: signals to children we spawned; kill_on_drop reaps them.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGCONT);
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+fn nodes_on_ring(v: &serde_json::Value) -> Vec<String> {
+    v["nodes_on_ring"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+pub fn tail(s: &str, lines: usize) -> String {
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,59 @@
+//! The state file `cluster up` writes (`<dir>/state.json`): which processes it runs,
+//! so `status`, `kill`, `pause`, `resume` and `add-node` can act on them from another
+//! terminal.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberState {
+    pub id: String,
+    pub kind: String,
+    pub pid: u32,
+    pub url: String,
+    pub log: PathBuf,
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ClusterState {
+    pub name: String,
+    /// The base configuration file (holds the JWT secret `token` uses).
+    pub config: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub members: Vec<MemberState>,
+}
+
+impl ClusterState {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("state.json")
+    }
+
+    pub fn load(dir: &Path) -> Result<ClusterState> {
+        let p = Self::path(dir);
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("no running cluster found ({} missing; start one with `cluster up`)", p.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)?;
+        std::fs::rename(tmp, Self::path(dir))?;
+        Ok(())
+    }
+
+    pub fn member(&self, id: &str) -> Result<&MemberState> {
+        self.members.iter().find(|m| m.id == id).with_context(|| {
+            let ids: Vec<&str> = self.members.iter().map(|m| m.id.as_str()).collect();
+            format!("no member {id:?} (members: {})", ids.join(", "))
+        })
+    }
+}
+
+/// Whether a process is alive (signal 0).
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks for existence.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}

@@ -1,0 +1,1043 @@
+//! One actor per owned session: the only code that changes a session's state.
+//!
+//! ```text
+//!  inbox (bounded) ──▶ batch ──▶ decide (rules) ──▶ apply ──▶ commit (group) ──▶ publish ──▶ ack
+//! ```
+//!
+//! * **Activation**: take the ownership lock, bump the fencing epoch in PostgreSQL,
+//!   rebuild the state from the newest snapshot plus the events after it, load the
+//!   recent command ids, and republish the newest event (so routers notice any event
+//!   whose broadcast died with the previous owner).
+//! * **Batches**: the actor takes everything queued (up to `node.actor_batch_max`),
+//!   decides each command against the state, applies the events to its in-memory
+//!   state, and hands all rows to the group committer in one item. Only after the
+//!   commit does it publish the events (NATS, in version order) and answer the
+//!   commands. Reads (sync, state, events) are answered between batches, so they
+//!   never see an uncommitted change.
+//! * **Failure**: if a commit is refused as fenced, another node owns the session:
+//!   the actor answers `not_owner` and stops. If the outcome is unknown (database
+//!   error), the in-memory state may be ahead of the log, so the actor rebuilds it
+//!   from the log; the commands' retries then find their ids there (exactly once).
+//! * **Stop**: on lease loss, handoff (ring change), passivation or shutdown, the
+//!   actor writes a snapshot where useful, releases the lock and leaves the registry;
+//!   queued requests get `not_owner` with the new owner, and routers retry there.
+
+use crate::committer::{CommitError, CommitItem, EventRow, SnapshotRow};
+use crate::error::NodeError;
+use crate::ownership::Lease;
+use crate::store::{Created, NewSession, StoredEvent};
+use crate::NodeCtx;
+use gs_rules::command::JoinRequest;
+use gs_rules::{Command, Ctx, Event, SessionState};
+use gs_shared::auth::Role;
+use gs_shared::protocol::{self, codes, WireError};
+use gs_shared::rpc::{NodeReply, NodeRequest, RawEvent, ReplyBody, RequestBody, Resume, SessionView};
+use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+/// Where a request's answer goes.
+pub enum Reply {
+    /// A NATS reply subject (requests from routers).
+    Nats(async_nats::Subject),
+    /// An in-process caller (the hub relay).
+    Local(oneshot::Sender<NodeReply>),
+}
+
+impl Reply {
+    pub async fn send(self, ctx: &NodeCtx, reply: NodeReply) {
+        match self {
+            Reply::Nats(subject) => {
+                let payload = serde_json::to_vec(&reply).expect("replies serialise");
+                if let Err(e) = ctx.nats.publish(subject, payload.into()).await {
+                    tracing::debug!(error = %e, "reply not published");
+                }
+            }
+            Reply::Local(tx) => {
+                let _ = tx.send(reply);
+            }
+        }
+    }
+}
+
+/// A request waiting in an actor's inbox.
+pub struct Envelope {
+    pub req: NodeRequest,
+    pub reply: Reply,
+}
+
+/// Out-of-band instructions (not queued behind requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Run,
+    /// The ring moved the session to another node: hand it off.
+    Handoff,
+    /// The node is shutting down.
+    Shutdown,
+}
+
+/// Why an actor stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Fenced,
+    LeaseLost,
+    Handoff,
+    Shutdown,
+    Idle,
+    Failed,
+}
+
+/// Exactly-once memory: command id → the version its last event produced.
+struct Dedupe {
+    map: HashMap<Uuid, u64>,
+    order: VecDeque<Uuid>,
+    cap: usize,
+    /// Whether every command the session ever committed is in `map` (so a miss means
+    /// new); otherwise misses are checked against the log.
+    complete: bool,
+}
+
+impl Dedupe {
+    fn insert(&mut self, id: Uuid, version: u64) {
+        if self.map.insert(id, version).is_none() {
+            self.order.push_back(id);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                    self.complete = false;
+                }
+            }
+        }
+    }
+}
+
+/// Replies waiting for the batch's commit.
+enum Waiting {
+    Ack { reply: Reply, version: u64, duplicate: bool },
+    Joined { reply: Reply, user: Uuid },
+    /// Refused commands are answered in order with the rest of the batch.
+    Refused { reply: Reply, error: WireError },
+    /// Anything else answered in order with the batch.
+    Done { reply: Reply, answer: NodeReply },
+}
+
+#[derive(Default)]
+struct Batch {
+    rows: Vec<EventRow>,
+    rendered: Vec<RawEvent>,
+    waiting: Vec<Waiting>,
+    status: Option<(String, chrono::NaiveDateTime)>,
+    final_event: bool,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.waiting.is_empty()
+    }
+}
+
+pub struct Actor {
+    ctx: Arc<NodeCtx>,
+    id: Uuid,
+    gen: u64,
+    state: SessionState,
+    epoch: u64,
+    lease: Lease,
+    recent: VecDeque<RawEvent>,
+    dedupe: Dedupe,
+    last_snapshot: u64,
+    connections: HashMap<Uuid, Uuid>,
+    last_activity: Instant,
+}
+
+/// Entry point of an actor task: activate, serve, stop. Always leaves the registry.
+pub async fn run(
+    ctx: Arc<NodeCtx>,
+    id: Uuid,
+    gen: u64,
+    mut inbox: mpsc::Receiver<Envelope>,
+    mut control: watch::Receiver<Control>,
+) {
+    let started = Instant::now();
+    // Requests that arrived before activation are handled first, in order.
+    let mut held = Vec::new();
+    while let Ok(env) = inbox.try_recv() {
+        held.push(env);
+    }
+    match activate(&ctx, id, gen, &held).await {
+        Ok(mut actor) => {
+            metrics::histogram!("gs_node_activation_seconds").record(started.elapsed().as_secs_f64());
+            tracing::info!(session = %id, epoch = actor.epoch, version = actor.state.version,
+                ms = started.elapsed().as_millis() as u64, "session activated");
+            let stop = actor.serve(held, &mut inbox, &mut control).await;
+            actor.finish(stop, &mut inbox).await;
+        }
+        Err(e) => {
+            tracing::info!(session = %id, error = %e, "activation failed");
+            ctx.registry.remove(&id, gen);
+            inbox.close();
+            let err = e.to_wire();
+            while let Ok(env) = inbox.try_recv() {
+                held.push(env);
+            }
+            for env in held {
+                env.reply.send(&ctx, NodeReply::err(err.clone())).await;
+            }
+        }
+    }
+}
+
+async fn activate(
+    ctx: &Arc<NodeCtx>,
+    id: Uuid,
+    gen: u64,
+    held: &[Envelope],
+) -> Result<Actor, NodeError> {
+    let deadline = Instant::now() + Duration::from_millis(ctx.cfg.node.activation_timeout_ms);
+    let cluster = ctx.cluster.clone();
+    let lease = ctx
+        .ownership
+        .acquire(id, deadline, |holder| !cluster.is_alive(holder))
+        .await
+        .map_err(|e| NodeError::Other(format!("ownership lock: {e}")))?;
+
+    // A create is answered by inserting; anything else takes over an existing session.
+    let create = held.iter().find_map(|env| match &env.req.body {
+        RequestBody::Create {
+            campaign_id,
+            name,
+            settings,
+        } => Some((*campaign_id, name.clone(), settings.clone(), env.req.caller.user_id)),
+        _ => None,
+    });
+    if let Some((campaign_id, name, settings, creator)) = create {
+        let now = chrono::Utc::now();
+        let ev = SessionState::creation(
+            id,
+            campaign_id,
+            name.clone(),
+            settings.clone(),
+            creator,
+            protocol::timestamp_now(),
+        );
+        let (kind, data) = ev.to_parts();
+        let new = NewSession {
+            id,
+            campaign_id,
+            name,
+            settings,
+            created_by: creator,
+            created_at: now.naive_utc(),
+        };
+        match ctx.store.create_session(&new, &ctx.id, &kind, &data).await {
+            Ok(Created::New) => {
+                let mut state = SessionState::empty(id);
+                state.apply(&ev);
+                let rendered = RawEvent {
+                    version: 1,
+                    json: protocol::render_event(&kind, 1, &data),
+                };
+                let actor = Actor::new(ctx.clone(), id, gen, state, 1, lease, vec![rendered], Vec::new(), true);
+                actor.cache_meta();
+                return Ok(actor);
+            }
+            Ok(Created::Exists { .. }) => {} // a retried create: take over below
+            Err(e) => {
+                lease.release().await;
+                return Err(e);
+            }
+        }
+    }
+
+    let epoch = match ctx
+        .store
+        .take_ownership(id, &ctx.id, ctx.cfg.node.activation_timeout_ms / 2)
+        .await
+    {
+        Ok(e) => e,
+        Err(e) => {
+            lease.release().await;
+            return Err(e);
+        }
+    };
+    match load_state(ctx, id).await {
+        Ok((state, events)) => {
+            let window = ctx.cfg.node.dedupe_window as u64;
+            let commands = ctx.store.recent_commands(id, window).await?;
+            let complete = (commands.len() as u64) < window;
+            let rendered: Vec<RawEvent> = events
+                .iter()
+                .rev()
+                .take(ctx.cfg.node.recent_events)
+                .rev()
+                .map(render_stored)
+                .collect();
+            let actor = Actor::new(ctx.clone(), id, gen, state, epoch, lease, rendered, commands, complete);
+            // Routers fill gaps when they see a newer version; republishing the newest
+            // event makes them notice one whose broadcast died with the old owner.
+            if let Some(last) = actor.recent.back().cloned() {
+                actor.publish(&last).await;
+            }
+            actor.cache_meta();
+            Ok(actor)
+        }
+        Err(e) => {
+            lease.release().await;
+            Err(e)
+        }
+    }
+}
+
+/// Rebuilds a session from its newest snapshot and the events after it.
+pub async fn load_state(ctx: &NodeCtx, id: Uuid) -> Result<(SessionState, Vec<StoredEvent>), NodeError> {
+    let loaded = ctx.store.load(id).await?;
+    let mut state = match &loaded.snapshot {
+        Some((seq, snap)) => {
+            let s: SessionState = serde_json::from_value(snap.clone())
+                .map_err(|e| NodeError::Corrupt(format!("snapshot {seq} of {id}: {e}")))?;
+            if s.version != *seq {
+                return Err(NodeError::Corrupt(format!(
+                    "snapshot of {id} at seq {seq} holds version {}",
+                    s.version
+                )));
+            }
+            s
+        }
+        None => SessionState::empty(id),
+    };
+    for e in &loaded.events {
+        if e.seq != state.version + 1 {
+            return Err(NodeError::Corrupt(format!(
+                "event log of {id} jumps from {} to {}",
+                state.version, e.seq
+            )));
+        }
+        let ev = Event::from_parts(&e.kind, e.data.clone())
+            .map_err(|err| NodeError::Corrupt(format!("event {} of {id}: {err}", e.seq)))?;
+        state.apply(&ev);
+    }
+    if state.version == 0 {
+        return Err(NodeError::SessionNotFound(id));
+    }
+    Ok((state, loaded.events))
+}
+
+fn render_stored(e: &StoredEvent) -> RawEvent {
+    RawEvent {
+        version: e.seq,
+        json: protocol::render_event(&e.kind, e.seq, &e.data),
+    }
+}
+
+impl Actor {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ctx: Arc<NodeCtx>,
+        id: Uuid,
+        gen: u64,
+        state: SessionState,
+        epoch: u64,
+        lease: Lease,
+        recent: Vec<RawEvent>,
+        commands: Vec<(Uuid, u64)>,
+        complete: bool,
+    ) -> Actor {
+        let cap = ctx.cfg.node.dedupe_window.max(1);
+        let mut dedupe = Dedupe {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+            complete,
+        };
+        // Oldest first, so the newest stay when the window is full.
+        for (c, v) in commands.into_iter().rev() {
+            dedupe.insert(c, v);
+        }
+        dedupe.complete = complete;
+        let snapshot_every = ctx.cfg.node.snapshot_every.max(1);
+        let last_snapshot = state.version / snapshot_every * snapshot_every;
+        Actor {
+            ctx,
+            id,
+            gen,
+            epoch,
+            lease,
+            recent: recent.into_iter().collect(),
+            dedupe,
+            last_snapshot,
+            connections: HashMap::new(),
+            last_activity: Instant::now(),
+            state,
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        held: Vec<Envelope>,
+        inbox: &mut mpsc::Receiver<Envelope>,
+        control: &mut watch::Receiver<Control>,
+    ) -> Stop {
+        let mut lost = self.lease.lost();
+        let refresh = Duration::from_millis(self.ctx.cfg.node.redis_refresh_ms.max(1000));
+        let mut tick = tokio::time::interval(refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let idle = Duration::from_millis(self.ctx.cfg.node.idle_passivate_ms);
+
+        if !held.is_empty() {
+            if let Some(stop) = self.handle(held).await {
+                return stop;
+            }
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = control.changed() => {
+                    match *control.borrow_and_update() {
+                        Control::Run => {}
+                        Control::Handoff => return Stop::Handoff,
+                        Control::Shutdown => return Stop::Shutdown,
+                    }
+                }
+                _ = lost.changed() => return Stop::LeaseLost,
+                env = inbox.recv() => {
+                    let Some(env) = env else { return Stop::Shutdown };
+                    let mut batch = vec![env];
+                    while batch.len() < self.ctx.cfg.node.actor_batch_max {
+                        match inbox.try_recv() {
+                            Ok(e) => batch.push(e),
+                            Err(_) => break,
+                        }
+                    }
+                    self.last_activity = Instant::now();
+                    if let Some(stop) = self.handle(batch).await {
+                        return stop;
+                    }
+                }
+                _ = tick.tick() => {
+                    self.refresh_cache();
+                    if self.connections.is_empty() && self.last_activity.elapsed() >= idle {
+                        return Stop::Idle;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one batch; returns `Some` when the actor must stop.
+    async fn handle(&mut self, batch: Vec<Envelope>) -> Option<Stop> {
+        if !self.lease.is_valid() {
+            for env in batch {
+                env.reply.send(&self.ctx, self.not_owner()).await;
+            }
+            return Some(Stop::LeaseLost);
+        }
+        // Commands this actor has not seen, when its memory does not cover the whole
+        // log: ask the log once for the batch.
+        if !self.dedupe.complete {
+            let unknown: Vec<Uuid> = batch
+                .iter()
+                .filter_map(|e| command_id(&e.req.body))
+                .filter(|c| !self.dedupe.map.contains_key(c))
+                .collect();
+            if !unknown.is_empty() {
+                match self.ctx.store.find_commands(self.id, &unknown).await {
+                    Ok(found) => {
+                        for (c, v) in found {
+                            self.dedupe.insert(c, v);
+                        }
+                    }
+                    Err(e) => {
+                        let err = e.to_wire();
+                        for env in batch {
+                            env.reply.send(&self.ctx, NodeReply::err(err.clone())).await;
+                        }
+                        return None;
+                    }
+                }
+            }
+        }
+
+        let mut b = Batch::default();
+        for env in batch {
+            let Envelope { req, reply } = env;
+            let NodeRequest {
+                session_id,
+                caller,
+                body,
+            } = req;
+            let (user, role) = (caller.user_id, caller.role);
+            match body {
+                RequestBody::Command {
+                    command_id,
+                    kind,
+                    data,
+                } => {
+                    let cmd = Command::from_client(&kind, data);
+                    self.stage(&mut b, reply, user, role, command_id, cmd, false);
+                }
+                RequestBody::SaveState {
+                    command_id,
+                    state,
+                    metadata,
+                } => {
+                    let cmd = Ok(Command::SaveState { state, metadata });
+                    self.stage(&mut b, reply, user, role, command_id, cmd, false);
+                }
+                RequestBody::Join { command_id, data } => {
+                    let cmd = serde_json::from_value::<JoinRequest>(data)
+                        .map(Command::Join)
+                        .map_err(|e| {
+                            gs_rules::RuleError::new(
+                                codes::INVALID_PAYLOAD,
+                                format!("invalid join body: {e}"),
+                            )
+                        });
+                    self.stage(&mut b, reply, user, role, command_id, cmd, true);
+                }
+                RequestBody::Create { .. } => {
+                    // The session exists and is ours: a retried create.
+                    let answer = if self.state.created_by == user {
+                        NodeReply::Ok {
+                            body: ReplyBody::Created {
+                                version: self.state.version,
+                                view: self.view(),
+                            },
+                        }
+                    } else {
+                        NodeReply::err(WireError::new(codes::CONFLICT, "that session id is taken"))
+                    };
+                    b.waiting.push(Waiting::Done { reply, answer });
+                }
+                RequestBody::Detach { conn_id } => {
+                    if let Some(user) = self.connections.remove(&conn_id) {
+                        self.ctx.cache.detach(self.id, conn_id, user);
+                    }
+                    b.waiting.push(Waiting::Done {
+                        reply,
+                        answer: NodeReply::Ok { body: ReplyBody::Done },
+                    });
+                }
+                body => {
+                    // Reads see committed state only.
+                    if let Some(stop) = self.flush(&mut b).await {
+                        reply.send(&self.ctx, self.stopped_reply(stop)).await;
+                        return Some(stop);
+                    }
+                    let req = NodeRequest {
+                        session_id,
+                        caller,
+                        body,
+                    };
+                    let answer = self.read(&req).await;
+                    reply.send(&self.ctx, answer).await;
+                }
+            }
+        }
+        self.flush(&mut b).await
+    }
+
+    /// Decides one command and stages its events (applied in memory, not yet durable).
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &mut self,
+        b: &mut Batch,
+        reply: Reply,
+        user: Uuid,
+        role: Role,
+        command_id: Uuid,
+        cmd: Result<Command, gs_rules::RuleError>,
+        join: bool,
+    ) {
+        // A retry of a command already committed (or staged in this batch).
+        if let Some(&version) = self.dedupe.map.get(&command_id) {
+            b.waiting.push(if join {
+                Waiting::Joined { reply, user }
+            } else {
+                Waiting::Ack {
+                    reply,
+                    version,
+                    duplicate: true,
+                }
+            });
+            return;
+        }
+        let cmd = match cmd {
+            Ok(c) => c,
+            Err(e) => {
+                b.waiting.push(Waiting::Refused {
+                    reply,
+                    error: e.into_wire(),
+                });
+                return;
+            }
+        };
+        let ctx = Ctx {
+            user_id: user,
+            admin: role == Role::Admin,
+            command_id,
+            timestamp: protocol::timestamp_now(),
+        };
+        let events = match self.state.decide(&ctx, &cmd) {
+            Ok(ev) => ev,
+            Err(e) => {
+                metrics::counter!("gs_node_commands_refused_total", "code" => e.code.clone()).increment(1);
+                b.waiting.push(Waiting::Refused {
+                    reply,
+                    error: e.into_wire(),
+                });
+                return;
+            }
+        };
+        let now = chrono::Utc::now().naive_utc();
+        let n = events.len();
+        for (i, ev) in events.iter().enumerate() {
+            self.state.apply(ev);
+            let version = self.state.version;
+            let (kind, data) = ev.to_parts();
+            let json = protocol::render_event(&kind, version, &data);
+            if let Event::SessionStatusChanged { status, .. } = ev {
+                b.status = Some((status.as_str().to_string(), now));
+            }
+            b.final_event |= ev.is_final();
+            b.rows.push(EventRow {
+                id: Uuid::new_v4(),
+                seq: version,
+                kind,
+                data,
+                // The id goes on the command's last event: its version is the ack's.
+                command_id: (i + 1 == n).then_some(command_id),
+                user_id: Some(user),
+                created_at: now,
+            });
+            b.rendered.push(RawEvent { version, json });
+        }
+        if n > 0 {
+            self.dedupe.insert(command_id, self.state.version);
+        }
+        b.waiting.push(if join {
+            Waiting::Joined { reply, user }
+        } else {
+            Waiting::Ack {
+                reply,
+                version: self.state.version,
+                duplicate: false,
+            }
+        });
+    }
+
+    /// Commits the staged events, then publishes them and answers the waiting
+    /// commands. Returns `Some` when the actor must stop.
+    async fn flush(&mut self, b: &mut Batch) -> Option<Stop> {
+        if b.is_empty() {
+            return None;
+        }
+        let batch = std::mem::take(b);
+        if batch.rows.is_empty() {
+            self.answer(batch.waiting).await;
+            return None;
+        }
+        let every = self.ctx.cfg.node.snapshot_every.max(1);
+        let snapshot = (self.state.version / every > self.last_snapshot / every).then(|| SnapshotRow {
+            seq: self.state.version,
+            state: serde_json::to_value(&self.state).expect("state serialises"),
+        });
+        let snap_seq = snapshot.as_ref().map(|s| s.seq);
+        let outbox = crate::outbox::rows(&self.state, &batch.rows);
+        let item = CommitItem {
+            session: self.id,
+            epoch: self.epoch,
+            events: batch.rows,
+            snapshot,
+            outbox,
+            status: batch.status.clone(),
+        };
+        let started = Instant::now();
+        let result = self.ctx.committer.commit(item).await;
+        metrics::histogram!("gs_node_commit_wait_seconds").record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                if let Some(s) = snap_seq {
+                    self.last_snapshot = s;
+                }
+                for ev in &batch.rendered {
+                    self.publish(ev).await;
+                    self.recent.push_back(ev.clone());
+                }
+                while self.recent.len() > self.ctx.cfg.node.recent_events {
+                    self.recent.pop_front();
+                }
+                metrics::counter!("gs_node_events_committed_total").increment(batch.rendered.len() as u64);
+                if batch.status.is_some() {
+                    self.cache_meta();
+                } else {
+                    self.ctx.cache.touch_meta(self.id, &self.state.updated_at);
+                }
+                self.cache_combat();
+                self.answer(batch.waiting).await;
+                if batch.final_event {
+                    return Some(Stop::Idle);
+                }
+                None
+            }
+            Err(CommitError::Fenced) => {
+                tracing::warn!(session = %self.id, epoch = self.epoch, "fenced: another node owns the session");
+                let reply = self.not_owner();
+                for w in batch.waiting {
+                    waiting_reply(w).send(&self.ctx, reply.clone()).await;
+                }
+                Some(Stop::Fenced)
+            }
+            Err(CommitError::Failed(msg)) => {
+                tracing::warn!(session = %self.id, error = %msg, "commit failed; reloading from the log");
+                let err = WireError::new(codes::SERVICE_UNAVAILABLE, "the session store is unavailable");
+                for w in batch.waiting {
+                    waiting_reply(w).send(&self.ctx, NodeReply::err(err.clone())).await;
+                }
+                // The in-memory state may be ahead of the log, or the commit may have
+                // landed with its reply lost: rebuild from the log either way.
+                match self.reload().await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::warn!(session = %self.id, error = %e, "reload failed; stopping");
+                        Some(Stop::Failed)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reload(&mut self) -> Result<(), NodeError> {
+        let (state, events) = load_state(&self.ctx, self.id).await?;
+        let window = self.ctx.cfg.node.dedupe_window as u64;
+        let commands = self.ctx.store.recent_commands(self.id, window).await?;
+        self.state = state;
+        self.recent = events
+            .iter()
+            .rev()
+            .take(self.ctx.cfg.node.recent_events)
+            .rev()
+            .map(render_stored)
+            .collect();
+        self.dedupe.map.clear();
+        self.dedupe.order.clear();
+        let complete = (commands.len() as u64) < window;
+        for (c, v) in commands.into_iter().rev() {
+            self.dedupe.insert(c, v);
+        }
+        self.dedupe.complete = complete;
+        if let Some(last) = self.recent.back().cloned() {
+            self.publish(&last).await;
+        }
+        Ok(())
+    }
+
+    async fn answer(&self, waiting: Vec<Waiting>) {
+        for w in waiting {
+            let (reply, answer) = match w {
+                Waiting::Ack {
+                    reply,
+                    version,
+                    duplicate,
+                } => (
+                    reply,
+                    NodeReply::Ok {
+                        body: ReplyBody::Ack { version, duplicate },
+                    },
+                ),
+                Waiting::Refused { reply, error } => (reply, NodeReply::err(error)),
+                Waiting::Done { reply, answer } => (reply, answer),
+                Waiting::Joined { reply, user } => {
+                    let answer = match self.state.role_of(&user) {
+                        Some(role) => NodeReply::Ok {
+                            body: ReplyBody::Joined {
+                                version: self.state.version,
+                                session_role: role.as_str().to_string(),
+                                view: self.view(),
+                            },
+                        },
+                        None => NodeReply::err(WireError::new(codes::NOT_MEMBER, "not a member")),
+                    };
+                    (reply, answer)
+                }
+            };
+            reply.send(&self.ctx, answer).await;
+        }
+    }
+
+    async fn read(&mut self, req: &NodeRequest) -> NodeReply {
+        let user = req.caller.user_id;
+        let admin = req.caller.role == Role::Admin;
+        let member = admin || self.state.role_of(&user).is_some();
+        let not_member = || NodeReply::err(WireError::new(codes::NOT_MEMBER, "join the session first"));
+        match &req.body {
+            RequestBody::GetState => {
+                if !member {
+                    return not_member();
+                }
+                NodeReply::Ok {
+                    body: ReplyBody::State { view: self.view() },
+                }
+            }
+            RequestBody::Sync { paths } => {
+                if !member {
+                    return not_member();
+                }
+                let mut view = self.view();
+                if let Some(paths) = paths.as_ref().filter(|p| !p.is_empty()) {
+                    let mut out = serde_json::Map::new();
+                    for p in paths {
+                        match gs_rules::pointer::get(&self.state.doc, p) {
+                            Ok(v) => {
+                                out.insert(p.clone(), v.cloned().unwrap_or(Value::Null));
+                            }
+                            Err(e) => {
+                                return NodeReply::err(
+                                    WireError::new(codes::INVALID_PATH, format!("invalid path {p:?}: {}", e.reason))
+                                        .with_details(json!({"path": p})),
+                                )
+                            }
+                        }
+                    }
+                    view.state = Value::Object(out);
+                }
+                NodeReply::Ok {
+                    body: ReplyBody::State { view },
+                }
+            }
+            RequestBody::EventsSince { after, limit } => {
+                if !member {
+                    return not_member();
+                }
+                match self.events_since(*after, *limit).await {
+                    Ok(events) => NodeReply::Ok {
+                        body: ReplyBody::Events {
+                            events,
+                            current: self.state.version,
+                        },
+                    },
+                    Err(e) => NodeReply::err(e.to_wire()),
+                }
+            }
+            RequestBody::Attach {
+                conn_id,
+                last_version,
+                replay_limit,
+                ..
+            } => {
+                let Some(role) = self.state.role_of(&user).or(admin.then_some(gs_rules::SessionRole::Dm)) else {
+                    return not_member();
+                };
+                self.connections.insert(*conn_id, user);
+                self.ctx.cache.attach(self.id, *conn_id, user);
+                let version = self.state.version;
+                let resume = match last_version {
+                    Some(lv) if *lv <= version && version - lv <= *replay_limit => {
+                        match self.events_since(*lv, *replay_limit).await {
+                            Ok(events) => Resume::Events { events },
+                            Err(e) => return NodeReply::err(e.to_wire()),
+                        }
+                    }
+                    _ => Resume::Full { view: self.view() },
+                };
+                NodeReply::Ok {
+                    body: ReplyBody::Attached {
+                        session_role: role.as_str().to_string(),
+                        version,
+                        resume,
+                    },
+                }
+            }
+            RequestBody::History { before, limit } => {
+                if !member {
+                    return not_member();
+                }
+                let limit = (*limit).clamp(1, 500);
+                match self.ctx.store.events_before(self.id, *before, limit).await {
+                    Ok(events) => {
+                        let next_before = (events.len() as u64 == limit)
+                            .then(|| events.last().map(|e| e.seq))
+                            .flatten();
+                        let entries = events.iter().map(crate::history::entry).collect();
+                        NodeReply::Ok {
+                            body: ReplyBody::History { entries, next_before },
+                        }
+                    }
+                    Err(e) => NodeReply::err(e.to_wire()),
+                }
+            }
+            other => NodeReply::err(WireError::new(
+                codes::BAD_REQUEST,
+                format!("{} is not a read", other.op()),
+            )),
+        }
+    }
+
+    /// Events after `after`, from memory when possible, else from the log.
+    async fn events_since(&self, after: u64, limit: u64) -> Result<Vec<RawEvent>, NodeError> {
+        let limit = limit.clamp(1, 10_000) as usize;
+        if after >= self.state.version {
+            return Ok(vec![]);
+        }
+        if let Some(first) = self.recent.front() {
+            if first.version <= after + 1 {
+                return Ok(self
+                    .recent
+                    .iter()
+                    .filter(|e| e.version > after)
+                    .take(limit)
+                    .cloned()
+                    .collect());
+            }
+        }
+        let stored = self.ctx.store.events_after(self.id, after, limit as u64).await?;
+        Ok(stored.iter().map(render_stored).collect())
+    }
+
+    async fn publish(&self, ev: &RawEvent) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(protocol::VERSION_HEADER, ev.version.to_string().as_str());
+        if let Err(e) = self
+            .ctx
+            .nats
+            .publish_with_headers(
+                self.ctx.subjects.session_events(&self.id),
+                headers,
+                ev.json.clone().into(),
+            )
+            .await
+        {
+            // Routers fill the gap from the log when the next event arrives.
+            tracing::debug!(error = %e, "event not published");
+        }
+    }
+
+    fn view(&self) -> SessionView {
+        SessionView {
+            state: self.state.doc.clone(),
+            metadata: self.state.metadata.clone(),
+            game: self.state.game_view(),
+            version: self.state.version,
+            timestamp: self.state.updated_at.clone(),
+        }
+    }
+
+    fn not_owner(&self) -> NodeReply {
+        let owner = self.ctx.cluster.owner(&self.id).filter(|o| o != &self.ctx.id);
+        NodeReply::Err {
+            error: WireError::new(codes::NOT_OWNER, "this node does not own the session"),
+            owner,
+        }
+    }
+
+    fn stopped_reply(&self, stop: Stop) -> NodeReply {
+        match stop {
+            Stop::Failed => NodeReply::err(WireError::new(
+                codes::SERVICE_UNAVAILABLE,
+                "the session is being recovered",
+            )),
+            _ => self.not_owner(),
+        }
+    }
+
+    fn cache_meta(&self) {
+        self.ctx.cache.meta(
+            self.id,
+            vec![
+                ("name".into(), self.state.name.clone()),
+                ("campaign_id".into(), self.state.campaign_id.to_string()),
+                ("status".into(), self.state.status.as_str().to_string()),
+                ("created_at".into(), self.created_at()),
+                ("updated_at".into(), self.state.updated_at.clone()),
+            ],
+        );
+    }
+
+    fn cache_combat(&self) {
+        if let Some(fields) = crate::outbox::combat_summary(&self.state) {
+            self.ctx.cache.combat(self.id, fields);
+        }
+    }
+
+    fn created_at(&self) -> String {
+        self.state
+            .members
+            .get(&self.state.created_by)
+            .map(|m| m.joined_at.clone())
+            .unwrap_or_default()
+    }
+
+    fn refresh_cache(&self) {
+        self.ctx
+            .cache
+            .refresh(self.id, !self.connections.is_empty());
+    }
+
+    /// Stops: answers what is queued, snapshots where useful, releases the lock, and
+    /// leaves the registry.
+    async fn finish(self, stop: Stop, inbox: &mut mpsc::Receiver<Envelope>) {
+        tracing::info!(session = %self.id, reason = ?stop, version = self.state.version, "session actor stopping");
+        self.ctx.registry.remove(&self.id, self.gen);
+        inbox.close();
+        let reply = self.stopped_reply(stop);
+        while let Ok(env) = inbox.try_recv() {
+            env.reply.send(&self.ctx, reply.clone()).await;
+        }
+        let graceful = matches!(stop, Stop::Handoff | Stop::Shutdown | Stop::Idle);
+        if graceful && self.lease.is_valid() && self.state.version > self.last_snapshot {
+            // A snapshot at the handoff point: the next owner reads no tail.
+            let item = CommitItem {
+                session: self.id,
+                epoch: self.epoch,
+                events: vec![],
+                snapshot: Some(SnapshotRow {
+                    seq: self.state.version,
+                    state: serde_json::to_value(&self.state).expect("state serialises"),
+                }),
+                outbox: vec![],
+                status: None,
+            };
+            if let Err(e) = self.ctx.committer.commit(item).await {
+                tracing::debug!(session = %self.id, error = %e, "handoff snapshot not written");
+            }
+        }
+        if graceful || stop == Stop::Failed {
+            self.lease.release().await;
+        }
+    }
+}
+
+fn command_id(body: &RequestBody) -> Option<Uuid> {
+    match body {
+        RequestBody::Command { command_id, .. }
+        | RequestBody::SaveState { command_id, .. }
+        | RequestBody::Join { command_id, .. } => Some(*command_id),
+        _ => None,
+    }
+}
+
+fn waiting_reply(w: Waiting) -> Reply {
+    match w {
+        Waiting::Ack { reply, .. }
+        | Waiting::Joined { reply, .. }
+        | Waiting::Refused { reply, .. }
+        | Waiting::Done { reply, .. } => reply,
+    }
+}
+
+trait IntoWire {
+    fn into_wire(self) -> WireError;
+}
+
+impl IntoWire for gs_rules::RuleError {
+    fn into_wire(self) -> WireError {
+        WireError {
+            code: self.code,
+            message: self.message,
+            details: self.details,
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The node's operator endpoints: `/health/live` (the process runs), `/health/ready`
+//! (PostgreSQL, Redis and NATS answer; 503 otherwise) and `/metrics` (Prometheus).
+
+use crate::NodeCtx;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use warp::Filter;
+
+/// Bound on each dependency probe of `/health/ready`.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+pub fn install_metrics() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .expect("the metrics recorder is installed once")
+        })
+        .clone()
+}
+
+/// Probes each dependency; `(all_up, details)`.
+pub async fn readiness(ctx: &NodeCtx) -> (bool, serde_json::Value) {
+    let pg = async {
+        let client = ctx.store.pool().get().await.map_err(|e| e.to_string())?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let redis = async {
+        let mut c = ctx.redis.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let (pg, redis) = tokio::join!(
+        tokio::time::timeout(PROBE_TIMEOUT, pg),
+        tokio::time::timeout(PROBE_TIMEOUT, redis)
+    );
+    let flat = |r: Result<Result<(), String>, _>| match r {
+        Ok(Ok(())) => "up".to_string(),
+        Ok(Err(e)) => format!("down: {e}"),
+        Err(_) => "down: timeout".to_string(),
+    };
+    let nats = if ctx.nats.connection_state() == async_nats::connection::State::Connected {
+        "up".to_string()
+    } else {
+        "down: disconnected".to_string()
+    };
+    let checks = json!({ "postgres": flat(pg), "redis": flat(redis), "nats": nats });
+    let up = checks
+        .as_object()
+        .map(|m| m.values().all(|v| v == "up"))
+        .unwrap_or(false);
+    (up, checks)
+}
+
+pub async fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener, metrics: PrometheusHandle) {
+    let live = warp::path!("health" / "live").map(|| warp::reply::json(&json!({"status": "live"})));
+    let ready_ctx = ctx.clone();
+    let ready = warp::path!("health" / "ready").then(move || {
+        let ctx = ready_ctx.clone();
+        async move {
+            let (up, checks) = readiness(&ctx).await;
+            let body = json!({
+                "status": if up { "ready" } else { "not_ready" },
+                "node": ctx.id,
+                "sessions": ctx.registry.len(),
+                "checks": checks,
+            });
+            let status = if up {
+                warp::http::StatusCode::OK
+            } else {
+                warp::http::StatusCode::SERVICE_UNAVAILABLE
+            };
+            warp::reply::with_status(warp::reply::json(&body), status)
+        }
+    });
+    let metrics_route = warp::path!("metrics").map(move || metrics.render());
+    let routes = warp::get().and(live.or(ready).or(metrics_route));
+    warp::serve(routes).incoming(listener).run().await;
+}

@@ -1,0 +1,120 @@
+//! Forwarding to session owners, with retry across failovers.
+//!
+//! A request goes to the node the ring names (or the owner a node named in its
+//! `not_owner` answer). On no responders, a timeout, `not_owner`, `overloaded` or
+//! `service_unavailable` the router waits a little, re-resolves the owner and tries
+//! again with the *same* request (so a command keeps its id and takes effect once),
+//! until `router.request_deadline_ms`; then it answers `service_unavailable`.
+
+use gs_shared::cluster_view::ClusterView;
+use gs_shared::config::ms;
+use gs_shared::protocol::{codes, WireError};
+use gs_shared::rpc::{Caller, NodeReply, NodeRequest, ReplyBody, RequestBody, Subjects};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// First pause between attempts; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
+
+#[derive(Clone)]
+pub struct Forwarder {
+    nats: async_nats::Client,
+    subjects: Subjects,
+    cluster: ClusterView,
+    attempt_timeout: Duration,
+    deadline: Duration,
+}
+
+impl Forwarder {
+    pub fn new(
+        nats: async_nats::Client,
+        subjects: Subjects,
+        cluster: ClusterView,
+        attempt_timeout_ms: u64,
+        deadline_ms: u64,
+    ) -> Self {
+        Self {
+            nats,
+            subjects,
+            cluster,
+            attempt_timeout: ms(attempt_timeout_ms),
+            deadline: ms(deadline_ms),
+        }
+    }
+
+    /// Sends `body` about `session` to its owner, retrying until the deadline.
+    pub async fn request(&self, session: Uuid, caller: Caller, body: RequestBody) -> Result<ReplyBody, WireError> {
+        self.request_until(session, caller, body, Instant::now() + self.deadline)
+            .await
+    }
+
+    pub async fn request_until(
+        &self,
+        session: Uuid,
+        caller: Caller,
+        body: RequestBody,
+        deadline: Instant,
+    ) -> Result<ReplyBody, WireError> {
+        let op = body.op();
+        let payload: bytes::Bytes = serde_json::to_vec(&NodeRequest {
+            session_id: session,
+            caller,
+            body,
+        })
+        .expect("requests serialise")
+        .into();
+        let started = Instant::now();
+        let mut hint: Option<String> = None;
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempts = 0u32;
+        let mut last_error = String::from("no node available");
+        loop {
+            attempts += 1;
+            let target = hint
+                .take()
+                .filter(|h| self.cluster.is_alive(h))
+                .or_else(|| self.cluster.owner(&session));
+            if let Some(node) = target {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let timeout = self.attempt_timeout.min(remaining).max(Duration::from_millis(1));
+                let req = async_nats::Request::new()
+                    .payload(payload.clone())
+                    .timeout(Some(timeout));
+                match self.nats.send_request(self.subjects.node_rpc(&node), req).await {
+                    Ok(msg) => match serde_json::from_slice::<NodeReply>(&msg.payload) {
+                        Ok(NodeReply::Ok { body }) => {
+                            metrics::histogram!("gs_router_forward_seconds", "op" => op)
+                                .record(started.elapsed().as_secs_f64());
+                            if attempts > 1 {
+                                metrics::counter!("gs_router_forward_retried_total", "op" => op).increment(1);
+                            }
+                            return Ok(body);
+                        }
+                        Ok(NodeReply::Err { error, owner }) if error.is_retryable() => {
+                            last_error = format!("{node}: {}", error.message);
+                            hint = owner;
+                        }
+                        Ok(NodeReply::Err { error, .. }) => return Err(error),
+                        Err(e) => {
+                            return Err(WireError::new(codes::INTERNAL, format!("bad reply from {node}: {e}")))
+                        }
+                    },
+                    Err(e) => {
+                        last_error = format!("{node}: {e}");
+                    }
+                }
+            }
+            if Instant::now() + backoff >= deadline {
+                metrics::counter!("gs_router_forward_failed_total", "op" => op).increment(1);
+                return Err(WireError::new(
+                    codes::SERVICE_UNAVAILABLE,
+                    format!("the session's owner could not be reached in time ({last_error})"),
+                )
+                .with_details(serde_json::json!({"attempts": attempts})));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}

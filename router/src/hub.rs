@@ -1,0 +1,281 @@
+//! Per-session fan-out on a router.
+//!
+//! The first client of session S on this router creates S's hub: one NATS
+//! subscription to `gs.session.S.events`, a [`Sequencer`] that turns what arrives into
+//! a gapless increasing stream (filling gaps from the owner), a buffer of the recent
+//! events, and a broadcast channel to every client connection of S on this router.
+//! The hub goes away with its last client.
+//!
+//! Each connection still tracks its own version: it may have joined after the hub's
+//! first event, or lagged behind the broadcast; it catches up from the hub's buffer or
+//! the owner (see `ws`).
+
+use crate::forward::Forwarder;
+use crate::sequencer::Sequencer;
+use futures::StreamExt;
+use gs_shared::auth::Role;
+use gs_shared::protocol::VERSION_HEADER;
+use gs_shared::rpc::{Caller, RawEvent, ReplyBody, RequestBody, Subjects};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+/// How long the hub waits for the owner to fill a gap per attempt.
+const FILL_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How often a persisting gap is asked for again.
+const FILL_RETRY: Duration = Duration::from_millis(100);
+
+/// One event as delivered to clients.
+#[derive(Debug, Clone)]
+pub struct Ev {
+    pub version: u64,
+    pub json: Arc<str>,
+    /// The session ended with this event: connections close after sending it.
+    pub is_final: bool,
+}
+
+impl Ev {
+    pub fn new(version: u64, json: String) -> Ev {
+        let is_final = is_final_event(&json);
+        Ev {
+            version,
+            json: json.into(),
+            is_final,
+        }
+    }
+}
+
+/// Whether a rendered event ends the session (`session_status_changed` to `ended`).
+pub fn is_final_event(json: &str) -> bool {
+    if !json.contains("\"session_status_changed\"") {
+        return false;
+    }
+    serde_json::from_str::<serde_json::Value>(json)
+        .map(|v| v["data"]["status"] == "ended")
+        .unwrap_or(false)
+}
+
+struct HubState {
+    seq: Sequencer<Ev>,
+    recent: VecDeque<Ev>,
+}
+
+pub struct Hub {
+    pub session: Uuid,
+    tx: broadcast::Sender<Ev>,
+    state: Mutex<HubState>,
+    recent_cap: usize,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.lock().unwrap().take() {
+            t.abort();
+        }
+    }
+}
+
+impl Hub {
+    pub fn subscribe(&self) -> broadcast::Receiver<Ev> {
+        self.tx.subscribe()
+    }
+
+    /// A client synced at `version`: the stream need not start earlier.
+    pub fn seed(&self, version: u64) {
+        let ready = self.state.lock().unwrap().seq.seed(version);
+        self.deliver(ready);
+    }
+
+    fn offer(&self, version: u64, ev: Ev) {
+        let ready = self.state.lock().unwrap().seq.push(version, ev);
+        self.deliver(ready);
+    }
+
+    fn deliver(&self, ready: Vec<(u64, Ev)>) {
+        if ready.is_empty() {
+            return;
+        }
+        {
+            let mut st = self.state.lock().unwrap();
+            for (_, ev) in &ready {
+                st.recent.push_back(ev.clone());
+            }
+            while st.recent.len() > self.recent_cap {
+                st.recent.pop_front();
+            }
+        }
+        for (_, ev) in ready {
+            let _ = self.tx.send(ev);
+        }
+    }
+
+    fn gap(&self) -> Option<(u64, u64)> {
+        self.state.lock().unwrap().seq.gap()
+    }
+
+    /// Events `after+1 ..= up_to` from the buffer, if it holds all of them.
+    pub fn recent_range(&self, after: u64, up_to: u64) -> Option<Vec<Ev>> {
+        let st = self.state.lock().unwrap();
+        let first = st.recent.front()?.version;
+        let last = st.recent.back()?.version;
+        if first > after + 1 || last < up_to {
+            return None;
+        }
+        Some(
+            st.recent
+                .iter()
+                .filter(|e| e.version > after && e.version <= up_to)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// The newest version the hub has delivered.
+    pub fn last_version(&self) -> Option<u64> {
+        self.state.lock().unwrap().seq.next().map(|n| n - 1)
+    }
+}
+
+/// All hubs of this router.
+pub struct Hubs {
+    hubs: Mutex<HashMap<Uuid, Weak<Hub>>>,
+    nats: async_nats::Client,
+    subjects: Subjects,
+    forwarder: Forwarder,
+    recent_cap: usize,
+}
+
+impl Hubs {
+    pub fn new(nats: async_nats::Client, subjects: Subjects, forwarder: Forwarder, recent_cap: usize) -> Self {
+        Self {
+            hubs: Mutex::new(HashMap::new()),
+            nats,
+            subjects,
+            forwarder,
+            recent_cap: recent_cap.max(16),
+        }
+    }
+
+    /// The hub of `session`, subscribed before this returns (so nothing published
+    /// after it is missed).
+    pub async fn join(&self, session: Uuid) -> Result<Arc<Hub>, async_nats::SubscribeError> {
+        if let Some(h) = self.hubs.lock().unwrap().get(&session).and_then(Weak::upgrade) {
+            return Ok(h);
+        }
+        let sub = self.nats.subscribe(self.subjects.session_events(&session)).await?;
+        let (tx, _) = broadcast::channel(self.recent_cap);
+        let hub = Arc::new(Hub {
+            session,
+            tx,
+            state: Mutex::new(HubState {
+                seq: Sequencer::default(),
+                recent: VecDeque::new(),
+            }),
+            recent_cap: self.recent_cap,
+            task: Mutex::new(None),
+        });
+        let mut hubs = self.hubs.lock().unwrap();
+        // Another connection may have created it meanwhile: keep one.
+        if let Some(h) = hubs.get(&session).and_then(Weak::upgrade) {
+            return Ok(h);
+        }
+        hubs.retain(|_, w| w.strong_count() > 0);
+        hubs.insert(session, Arc::downgrade(&hub));
+        let task = tokio::spawn(run_hub(Arc::downgrade(&hub), sub, self.forwarder.clone()));
+        *hub.task.lock().unwrap() = Some(task);
+        Ok(hub)
+    }
+
+    pub fn count(&self) -> usize {
+        self.hubs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
+    }
+}
+
+/// The router acts as itself when it fills gaps.
+pub fn router_caller() -> Caller {
+    Caller {
+        user_id: Uuid::nil(),
+        role: Role::Admin,
+    }
+}
+
+async fn run_hub(hub: Weak<Hub>, mut sub: async_nats::Subscriber, forwarder: Forwarder) {
+    let mut retry = tokio::time::interval(FILL_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = sub.next() => {
+                let Some(msg) = msg else { return };
+                let Some(hub) = hub.upgrade() else { return };
+                let Ok(json) = String::from_utf8(msg.payload.to_vec()) else { continue };
+                let version = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(VERSION_HEADER))
+                    .and_then(|v| v.as_str().parse::<u64>().ok())
+                    .or_else(|| serde_json::from_str::<serde_json::Value>(&json).ok()?["version"].as_u64());
+                let Some(version) = version else { continue };
+                hub.offer(version, Ev::new(version, json));
+                if hub.gap().is_some() {
+                    fill(&hub, &forwarder).await;
+                }
+            }
+            _ = retry.tick() => {
+                let Some(hub) = hub.upgrade() else { return };
+                if hub.gap().is_some() {
+                    fill(&hub, &forwarder).await;
+                }
+            }
+        }
+    }
+}
+
+/// Asks the owner for the missing range and offers what comes back.
+async fn fill(hub: &Hub, forwarder: &Forwarder) {
+    let Some((after, up_to)) = hub.gap() else { return };
+    metrics::counter!("gs_router_gap_fills_total").increment(1);
+    let r = forwarder
+        .request_until(
+            hub.session,
+            router_caller(),
+            RequestBody::EventsSince {
+                after,
+                limit: up_to - after,
+            },
+            Instant::now() + FILL_TIMEOUT,
+        )
+        .await;
+    match r {
+        Ok(ReplyBody::Events { events, .. }) => {
+            for RawEvent { version, json } in events {
+                if version <= up_to {
+                    hub.offer(version, Ev::new(version, json));
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(session = %hub.session, error = %e, "gap fill failed; will retry"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_events_are_recognised() {
+        let end = r#"{"data":{"status":"ended","previous":"active"},"type":"session_status_changed","version":9}"#;
+        let pause = r#"{"data":{"status":"paused","previous":"active"},"type":"session_status_changed","version":9}"#;
+        assert!(is_final_event(end));
+        assert!(!is_final_event(pause));
+        assert!(!is_final_event(r#"{"data":{"status":"ended"},"type":"state_update","version":1}"#));
+    }
+}

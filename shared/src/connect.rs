@@ -1,0 +1,63 @@
+//! Connecting to NATS and Redis at start-up: retried until a deadline, after which the
+//! clients reconnect by themselves (async-nats and redis' `ConnectionManager` both do).
+
+use crate::config::{ms, Config};
+use std::time::{Duration, Instant};
+
+/// How long a process waits for a dependency at start-up.
+pub const STARTUP_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("NATS at {url}: {error}")]
+    Nats { url: String, error: String },
+    #[error("Redis at {url}: {error}")]
+    Redis { url: String, error: String },
+}
+
+pub async fn nats(cfg: &Config, name: &str) -> Result<async_nats::Client, ConnectError> {
+    let deadline = Instant::now() + STARTUP_WAIT;
+    loop {
+        let opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(ms(cfg.nats.connect_timeout_ms))
+            .request_timeout(Some(ms(cfg.nats.request_timeout_ms)));
+        let error = match opts.connect(&cfg.nats.url).await {
+            Ok(c) => return Ok(c),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(ConnectError::Nats {
+                url: cfg.nats.url.clone(),
+                error,
+            });
+        }
+        tracing::warn!(%error, "NATS not reachable yet; retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn redis(cfg: &Config) -> Result<redis::aio::ConnectionManager, ConnectError> {
+    let err = |error: String| ConnectError::Redis {
+        url: cfg.redis.url.clone(),
+        error,
+    };
+    let client = redis::Client::open(cfg.redis.url.as_str()).map_err(|e| err(e.to_string()))?;
+    let mcfg = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(ms(cfg.redis.op_timeout_ms)))
+        .set_connection_timeout(Some(ms(cfg.redis.op_timeout_ms.max(1000))))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let deadline = Instant::now() + STARTUP_WAIT;
+    loop {
+        let error = match client.get_connection_manager_with_config(mcfg.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(err(error));
+        }
+        tracing::warn!(%error, "Redis not reachable yet; retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,146 @@
+//! The end-to-end session path (issue 2): REST create on one router, five wss clients
+//! spread over two routers, 200 state changes from several clients, and every
+//! property the service promises about them.
+
+use anyhow::Result;
+use cluster::client::TokenStyle;
+use gs_tests::{set, Fixture, WAIT};
+use serde_json::json;
+use std::collections::{BTreeMap, HashSet};
+use uuid::Uuid;
+
+const CLIENTS: usize = 5;
+const CHANGES: usize = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_two_routers_five_wss_clients_200_changes() -> Result<()> {
+    let f = Fixture::start(2, 2, true).await?;
+    let result = run(&f).await;
+    if result.is_err() {
+        f.cluster.dump_logs(30);
+    }
+    f.shutdown().await;
+    result
+}
+
+async fn run(f: &Fixture) -> Result<()> {
+    assert!(f.router(0).starts_with("https://"), "routers serve TLS");
+    assert!(f.ws(0).starts_with("wss://"));
+
+    // The DM plus four players (joined over REST on alternating routers); clients
+    // alternate between the two routers; one presents its tokens as query parameters.
+    let mut clients = Vec::new();
+    clients.push(f.connect(0, "dm", &f.dm_token, &f.session_token).await?);
+    for i in 1..CLIENTS {
+        let (_user, token, st) = f.player(i, json!({})).await?;
+        let style = if i == 3 { TokenStyle::Query } else { TokenStyle::Headers };
+        clients.push(f.connect_with(i, &format!("player-{i}"), &token, &st, style, None).await?);
+    }
+
+    // 200 changes, sent without waiting, from all five clients at once.
+    let mut sent: Vec<(usize, Uuid)> = Vec::new();
+    for k in 0..CHANGES {
+        let c = k % CLIENTS;
+        let path = format!("/clients/c{c}/k{k}");
+        let id = clients[c].send("state_update", set(&path, json!(k))).await?;
+        sent.push((c, id));
+    }
+
+    // Every change is acknowledged exactly once, with its own version.
+    for (c, id) in &sent {
+        let answer = clients[*c].wait_answer(*id, WAIT).await?;
+        assert!(answer.is_ok(), "change {id} refused: {answer:?}");
+    }
+    let mut acked: BTreeMap<Uuid, u64> = BTreeMap::new();
+    for c in &clients {
+        let v = c.view();
+        assert_eq!(v.duplicate_acks, 0, "{}: an ack arrived twice", c.name);
+        assert!(v.errors.is_empty(), "{}: errors {:?}", c.name, v.errors);
+        acked.extend(v.acks.iter().map(|(k, v)| (*k, *v)));
+    }
+    assert_eq!(acked.len(), CHANGES);
+    let versions: HashSet<u64> = acked.values().copied().collect();
+    assert_eq!(versions.len(), CHANGES, "each change has its own version");
+    let last = *versions.iter().max().unwrap();
+
+    // Every client receives every event once, in version order, without a gap.
+    for c in &clients {
+        c.wait_for(&format!("version {last}"), WAIT, |v| v.version >= last).await?;
+        let v = c.view();
+        assert_eq!((v.gaps, v.duplicates), (0, 0), "{}: gaps/duplicates", c.name);
+        let first_event = v.events.first().map(|e| e.0).unwrap_or(0);
+        for w in v.events.windows(2) {
+            assert_eq!(w[1].0, w[0].0 + 1, "{}: events out of order", c.name);
+        }
+        // Everything after the client's initial sync arrived as events.
+        let synced_at = first_event - 1;
+        let updates: HashSet<u64> = v
+            .events
+            .iter()
+            .filter(|(_, t)| t == "state_update")
+            .map(|(ver, _)| *ver)
+            .collect();
+        for ver in versions.iter().filter(|ver| **ver > synced_at) {
+            assert!(updates.contains(ver), "{}: missing the event of version {ver}", c.name);
+        }
+    }
+
+    // All clients end with the same state, equal to GET /state (through both routers).
+    let reference = clients[0].view().doc;
+    for c in &clients {
+        assert_eq!(c.view().doc, reference, "{}: state differs", c.name);
+    }
+    for r in 0..2 {
+        let state = f.api(r, &f.dm_token).get_state(&f.session).await?;
+        assert_eq!(state["state"], reference, "GET /state through router {r}");
+        assert_eq!(state["version"], json!(last));
+    }
+    for k in 0..CHANGES {
+        assert_eq!(reference["clients"][format!("c{}", k % CLIENTS)][format!("k{k}")], json!(k));
+    }
+
+    println!("{} changes acked, last version {last}, {} clients identical", acked.len(), clients.len());
+    // session_events holds exactly the acknowledged changes.
+    let stored: BTreeMap<Uuid, u64> = f.stored_updates().await?.into_iter().collect();
+    assert_eq!(stored, acked, "stored state_update events = acknowledged changes");
+    Ok(())
+}
+
+/// A client that reconnects (to the other router) with its last version receives
+/// exactly what it missed, and one whose gap is too long gets a full sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_with_last_version_resumes_exactly() -> Result<()> {
+    let f = Fixture::start(1, 2, false).await?;
+    let result = async {
+        let mut writer = f.connect(0, "writer", &f.dm_token, &f.session_token).await?;
+        let (_u, token, st) = f.player(1, json!({})).await?;
+        let reader = f.connect(1, "reader", &token, &st).await?;
+        let id = writer.send("state_update", set("/a", json!(1))).await?;
+        let v1 = writer.wait_answer(id, WAIT).await?.expect("ack");
+        reader.wait_for("v1", WAIT, |v| v.version >= v1).await?;
+        drop(reader);
+
+        // Missed while away.
+        let mut missed = Vec::new();
+        for i in 0..5 {
+            let id = writer.send("state_update", set(&format!("/b{i}"), json!(i))).await?;
+            missed.push(writer.wait_answer(id, WAIT).await?.expect("ack"));
+        }
+        let back = f
+            .connect_with(0, "reader-again", &token, &st, TokenStyle::Headers, Some(v1))
+            .await?;
+        let last = *missed.last().unwrap();
+        back.wait_for("the missed events", WAIT, |v| v.version >= last).await?;
+        let v = back.view();
+        assert_eq!(v.syncs, 0, "resumed from events, not a full sync");
+        let got: Vec<u64> = v.events.iter().map(|e| e.0).collect();
+        assert_eq!(got, missed, "exactly the missed events, in order");
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        f.cluster.dump_logs(30);
+    }
+    f.shutdown().await;
+    result
+}

@@ -16,7 +16,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-pub type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// An HTTP client trusting `cert` (or the public roots when `None`).
 pub fn http_client(cert: Option<&DevCert>) -> reqwest::Client {
@@ -82,7 +83,12 @@ impl Api {
         }
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Answer> {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Answer> {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if !self.token.is_empty() {
             req = req.bearer_auth(&self.token);
@@ -90,7 +96,10 @@ impl Api {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let r = req.send().await.with_context(|| format!("request to {path}"))?;
+        let r = req
+            .send()
+            .await
+            .with_context(|| format!("request to {path}"))?;
         let status = r.status().as_u16();
         let text = r.text().await?;
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -108,15 +117,23 @@ impl Api {
     }
 
     pub async fn join(&self, session: &str, body: Value) -> Result<Value> {
-        self.call(reqwest::Method::POST, &format!("/api/v2/sessions/{session}/join"), Some(&body))
-            .await?
-            .ok()
+        self.call(
+            reqwest::Method::POST,
+            &format!("/api/v2/sessions/{session}/join"),
+            Some(&body),
+        )
+        .await?
+        .ok()
     }
 
     pub async fn get_state(&self, session: &str) -> Result<Value> {
-        self.call(reqwest::Method::GET, &format!("/api/v2/sessions/{session}/state"), None)
-            .await?
-            .ok()
+        self.call(
+            reqwest::Method::GET,
+            &format!("/api/v2/sessions/{session}/state"),
+            None,
+        )
+        .await?
+        .ok()
     }
 }
 
@@ -183,7 +200,10 @@ pub async fn ws_connect(
     style: TokenStyle,
     cert: Option<&DevCert>,
 ) -> Result<WsStream> {
-    let mut url = format!("{}/api/v2/sessions/{session}/ws", ws_base.trim_end_matches('/'));
+    let mut url = format!(
+        "{}/api/v2/sessions/{session}/ws",
+        ws_base.trim_end_matches('/')
+    );
     let mut params = vec![];
     if style == TokenStyle::Query {
         params.push(format!("token={token}"));
@@ -197,11 +217,15 @@ pub async fn ws_connect(
     }
     let mut req = url.as_str().into_client_request()?;
     if style == TokenStyle::Headers {
-        req.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
-        req.headers_mut().insert("x-session-token", session_token.parse()?);
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+        req.headers_mut()
+            .insert("x-session-token", session_token.parse()?);
     }
     let connector = match cert {
-        Some(c) => Some(tokio_tungstenite::Connector::Rustls(Arc::new(c.client_config()?))),
+        Some(c) => Some(tokio_tungstenite::Connector::Rustls(Arc::new(
+            c.client_config()?,
+        ))),
         None => None,
     };
     let (ws, _resp) = tokio::time::timeout(
@@ -269,7 +293,12 @@ impl TrackedClient {
     }
 
     /// Waits until `cond` holds, or fails after `timeout` with `what` in the error.
-    pub async fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&ClientView) -> bool) -> Result<()> {
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&ClientView) -> bool,
+    ) -> Result<()> {
         let mut changed = self.changed.clone();
         let deadline = Instant::now() + timeout;
         loop {
@@ -288,7 +317,10 @@ impl TrackedClient {
                     v.closed
                 );
             }
-            if tokio::time::timeout(left, changed.changed()).await.is_ok_and(|r| r.is_err()) {
+            if tokio::time::timeout(left, changed.changed())
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
                 // The reader stopped; one last look.
                 if cond(&self.view.lock().unwrap()) {
                     return Ok(());
@@ -299,7 +331,11 @@ impl TrackedClient {
     }
 
     /// Waits for the answer (ack or error) to message `id`.
-    pub async fn wait_answer(&self, id: Uuid, timeout: Duration) -> Result<std::result::Result<u64, Value>> {
+    pub async fn wait_answer(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+    ) -> Result<std::result::Result<u64, Value>> {
         self.wait_for(&format!("an answer to {id}"), timeout, |v| {
             v.acks.contains_key(&id) || v.errors.contains_key(&id)
         })
@@ -326,13 +362,18 @@ async fn read_loop(
             Ok(Message::Text(t)) => t.to_string(),
             Ok(Message::Close(c)) => {
                 let mut v = view.lock().unwrap();
-                v.closed = Some(c.map(|c| (u16::from(c.code), c.reason.to_string())).unwrap_or((1005, String::new())));
+                v.closed = Some(
+                    c.map(|c| (u16::from(c.code), c.reason.to_string()))
+                        .unwrap_or((1005, String::new())),
+                );
                 break;
             }
             Ok(_) => continue,
             Err(_) => break,
         };
-        let Ok(msg) = serde_json::from_str::<Value>(&text) else { continue };
+        let Ok(msg) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
         if let (Some(hook), Some(_)) = (&hook, msg.get("version")) {
             hook(&msg, now);
         }
@@ -379,7 +420,10 @@ pub fn apply(v: &mut ClientView, msg: &Value) {
         },
         "sync_response" => {
             let data = &msg["data"];
-            let partial = msg["id"].is_string() && data["state"].as_object().is_some_and(|o| o.keys().all(|k| k.starts_with('/')) && !o.is_empty());
+            let partial = msg["id"].is_string()
+                && data["state"]
+                    .as_object()
+                    .is_some_and(|o| o.keys().all(|k| k.starts_with('/')) && !o.is_empty());
             if !partial {
                 v.doc = data["state"].clone();
                 v.version = data["version"].as_u64().unwrap_or(v.version);
@@ -387,7 +431,9 @@ pub fn apply(v: &mut ClientView, msg: &Value) {
             }
         }
         _ => {
-            let Some(ver) = msg["version"].as_u64() else { return };
+            let Some(ver) = msg["version"].as_u64() else {
+                return;
+            };
             v.events.push((ver, kind.to_string()));
             if ver <= v.version {
                 v.duplicates += 1;

@@ -136,7 +136,9 @@ impl LocalCluster {
                 (d.clone(), None)
             }
             None => {
-                let t = tempfile::Builder::new().prefix(&format!("gs-{name}-")).tempdir()?;
+                let t = tempfile::Builder::new()
+                    .prefix(&format!("gs-{name}-"))
+                    .tempdir()?;
                 (t.path().to_path_buf(), Some(t))
             }
         };
@@ -193,16 +195,32 @@ impl LocalCluster {
         Ok(path)
     }
 
-    async fn spawn(&mut self, id: &str, kind: &'static str, cfg: Config, url: String) -> Result<()> {
+    async fn spawn(
+        &mut self,
+        id: &str,
+        kind: &'static str,
+        cfg: Config,
+        url: String,
+    ) -> Result<()> {
         let config = self.write_config(id, &cfg)?;
         let log = self.dir.join(format!("{id}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let bin = self.bin_dir.join(if kind == "node" { "gs-node" } else { "gs-router" });
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let bin = self.bin_dir.join(if kind == "node" {
+            "gs-node"
+        } else {
+            "gs-router"
+        });
         let child = Command::new(&bin)
             .arg("--config")
             .arg(&config)
             .env_remove("GS_CONFIG")
-            .env("RUST_LOG", std::env::var("GS_CHILD_LOG").unwrap_or_else(|_| cfg.log.filter.clone()))
+            .env(
+                "RUST_LOG",
+                std::env::var("GS_CHILD_LOG").unwrap_or_else(|_| cfg.log.filter.clone()),
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -233,7 +251,8 @@ impl LocalCluster {
         let mut cfg = self.base.clone();
         cfg.node.id = id.clone();
         cfg.node.http_listen = format!("127.0.0.1:{port}");
-        self.spawn(&id, "node", cfg, format!("http://127.0.0.1:{port}")).await?;
+        self.spawn(&id, "node", cfg, format!("http://127.0.0.1:{port}"))
+            .await?;
         Ok(id)
     }
 
@@ -249,7 +268,8 @@ impl LocalCluster {
         } else {
             "http"
         };
-        self.spawn(id, "router", cfg, format!("{scheme}://127.0.0.1:{port}")).await
+        self.spawn(id, "router", cfg, format!("{scheme}://127.0.0.1:{port}"))
+            .await
     }
 
     /// Adds a node and waits until every router has it on its ring.
@@ -279,12 +299,16 @@ impl LocalCluster {
     pub fn router_ws_urls(&self) -> Vec<String> {
         self.router_urls()
             .into_iter()
-            .map(|u| u.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1))
+            .map(|u| {
+                u.replacen("https://", "wss://", 1)
+                    .replacen("http://", "ws://", 1)
+            })
             .collect()
     }
 
     pub fn admin_token(&self) -> String {
-        self.auth.mint_access(Uuid::new_v4(), Role::Admin, 24 * 3600)
+        self.auth
+            .mint_access(Uuid::new_v4(), Role::Admin, 24 * 3600)
     }
 
     pub fn token(&self, user: Uuid, role: Role) -> String {
@@ -339,19 +363,28 @@ impl LocalCluster {
         if let Some(child) = m.child.as_mut() {
             if let Some(status) = child.try_wait()? {
                 let log = std::fs::read_to_string(&m.log).unwrap_or_default();
-                bail!("{id} exited with {status} during start-up:\n{}", tail(&log, 40));
+                bail!(
+                    "{id} exited with {status} during start-up:\n{}",
+                    tail(&log, 40)
+                );
             }
         }
         Ok(())
     }
 
     fn signal(&self, id: &str, sig: i32) -> Result<()> {
-        let m = self.members.get(id).with_context(|| format!("no member {id}"))?;
+        let m = self
+            .members
+            .get(id)
+            .with_context(|| format!("no member {id}"))?;
         let pid = m.pid.with_context(|| format!("{id} has no pid"))?;
         // SAFETY: kill(2) with a pid we spawned and a standard signal number.
         let r = unsafe { libc::kill(pid as i32, sig) };
         if r != 0 {
-            bail!("kill({pid}, {sig}) failed: {}", std::io::Error::last_os_error());
+            bail!(
+                "kill({pid}, {sig}) failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
         Ok(())
     }
@@ -390,15 +423,21 @@ impl LocalCluster {
     pub fn dump_logs(&self, lines: usize) {
         for m in self.members.values() {
             let log = std::fs::read_to_string(&m.log).unwrap_or_default();
-            eprintln!("----- {} ({}) -----\n{}", m.id, m.log.display(), tail(&log, lines));
+            eprintln!(
+                "----- {} ({}) -----\n{}",
+                m.id,
+                m.log.display(),
+                tail(&log, lines)
+            );
         }
     }
 
     /// A PostgreSQL client on the cluster's database.
     pub async fn pg(&self) -> Result<tokio_postgres::Client> {
-        let (client, conn) = gs_shared::db::pg_config(&self.base.postgres, &self.base.postgres.dbname, false)
-            .connect(tokio_postgres::NoTls)
-            .await?;
+        let (client, conn) =
+            gs_shared::db::pg_config(&self.base.postgres, &self.base.postgres.dbname, false)
+                .connect(tokio_postgres::NoTls)
+                .await?;
         tokio::spawn(conn);
         Ok(client)
     }
@@ -407,7 +446,8 @@ impl LocalCluster {
     pub async fn shutdown(mut self) {
         self.kill_all().await;
         if self.drop_database {
-            let _ = gs_shared::db::drop_database(&self.base.postgres, &self.base.postgres.dbname).await;
+            let _ =
+                gs_shared::db::drop_database(&self.base.postgres, &self.base.postgres.dbname).await;
         }
     }
 
@@ -444,7 +484,11 @@ impl Drop for LocalCluster {
 fn nodes_on_ring(v: &serde_json::Value) -> Vec<String> {
     v["nodes_on_ring"]
         .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -22,7 +22,10 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 #[derive(Parser)]
-#[command(name = "cluster", about = "Local Game Session Service cluster: launcher and operator CLI")]
+#[command(
+    name = "cluster",
+    about = "Local Game Session Service cluster: launcher and operator CLI"
+)]
 struct Cli {
     /// Base configuration file (defaults < file < GS_* environment).
     #[arg(long, global = true, env = "GS_CONFIG")]
@@ -79,12 +82,19 @@ async fn main() -> Result<()> {
     });
     gs_shared::telemetry::install_crypto_provider();
     match cli.cmd {
-        Cmd::Up { nodes, routers, tls } => up(&cli.dir, cli.config.as_deref(), nodes, routers, tls).await,
+        Cmd::Up {
+            nodes,
+            routers,
+            tls,
+        } => up(&cli.dir, cli.config.as_deref(), nodes, routers, tls).await,
         Cmd::Token { user, role, ttl } => {
             let cfg = load_config(&cli.dir, cli.config.as_deref())?;
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
             let auth = Authority::from_config(&cfg.auth);
-            println!("{}", auth.mint_access(user.unwrap_or_else(Uuid::new_v4), role, ttl));
+            println!(
+                "{}",
+                auth.mint_access(user.unwrap_or_else(Uuid::new_v4), role, ttl)
+            );
             Ok(())
         }
         Cmd::Status => status(&cli.dir).await,
@@ -108,7 +118,9 @@ async fn main() -> Result<()> {
 /// wrote, else defaults; a JWT secret is generated (and kept) when none is set.
 fn load_config(dir: &Path, file: Option<&Path>) -> Result<Config> {
     let saved = dir.join("cluster.toml");
-    let file = file.map(Path::to_path_buf).or_else(|| saved.exists().then_some(saved));
+    let file = file
+        .map(Path::to_path_buf)
+        .or_else(|| saved.exists().then_some(saved));
     let cfg = Config::load(file.as_deref())?;
     if cfg.auth.jwt_secret.is_empty() {
         bail!("no JWT secret configured: pass --config, set GS_AUTH__JWT_SECRET, or run `cluster up` once");
@@ -116,18 +128,28 @@ fn load_config(dir: &Path, file: Option<&Path>) -> Result<Config> {
     Ok(cfg)
 }
 
-async fn up(dir: &Path, file: Option<&Path>, nodes: usize, routers: usize, tls: bool) -> Result<()> {
+async fn up(
+    dir: &Path,
+    file: Option<&Path>,
+    nodes: usize,
+    routers: usize,
+    tls: bool,
+) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
     if let Ok(old) = ClusterState::load(&dir) {
         if old.members.iter().any(|m| pid_alive(m.pid)) {
-            bail!("a cluster from {} is still running; stop it first (Ctrl-C in its terminal)", dir.display());
+            bail!(
+                "a cluster from {} is still running; stop it first (Ctrl-C in its terminal)",
+                dir.display()
+            );
         }
     }
     let saved = dir.join("cluster.toml");
     let mut base = Config::load(file.or_else(|| saved.exists().then_some(saved.as_path())))?;
     if base.auth.jwt_secret.is_empty() {
-        base.auth.jwt_secret = format!("dev-{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+        base.auth.jwt_secret =
+            format!("dev-{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     }
     // Development limits: the ICD's per-IP connection limit (10/min) would stop a
     // local demo with several clients on 127.0.0.1.
@@ -139,7 +161,10 @@ async fn up(dir: &Path, file: Option<&Path>, nodes: usize, routers: usize, tls: 
         std::fs::set_permissions(&saved, std::fs::Permissions::from_mode(0o600))?;
     }
 
-    println!("starting {nodes} nodes and {routers} routers (logs in {}) ...", dir.display());
+    println!(
+        "starting {nodes} nodes and {routers} routers (logs in {}) ...",
+        dir.display()
+    );
     let spec = ClusterSpec {
         nodes,
         routers,
@@ -180,10 +205,19 @@ async fn up(dir: &Path, file: Option<&Path>, nodes: usize, routers: usize, tls: 
     println!();
     println!("cluster is up:");
     for m in cluster.members.values() {
-        println!("  {:<10} {:<7} pid {:<8} {}", m.id, m.kind, m.pid.unwrap_or(0), m.url);
+        println!(
+            "  {:<10} {:<7} pid {:<8} {}",
+            m.id,
+            m.kind,
+            m.pid.unwrap_or(0),
+            m.url
+        );
     }
     if let Some(c) = &cluster.cert {
-        println!("\nTLS: self-signed certificate (trust it in clients): {}", c.cert_path.display());
+        println!(
+            "\nTLS: self-signed certificate (trust it in clients): {}",
+            c.cert_path.display()
+        );
     }
     println!("\nrouters:");
     for (h, w) in routers_http.iter().zip(&routers_ws) {
@@ -191,12 +225,25 @@ async fn up(dir: &Path, file: Option<&Path>, nodes: usize, routers: usize, tls: 
     }
     println!("\ndemo DM user:   {dm}");
     println!("demo DM token:  {dm_token}");
-    println!("demo session:   {}", demo["session_id"].as_str().unwrap_or(""));
-    println!("session token:  {}", demo["connection_token"].as_str().unwrap_or(""));
-    println!("websocket url:  {}", demo["websocket_url"].as_str().unwrap_or(""));
+    println!(
+        "demo session:   {}",
+        demo["session_id"].as_str().unwrap_or("")
+    );
+    println!(
+        "session token:  {}",
+        demo["connection_token"].as_str().unwrap_or("")
+    );
+    println!(
+        "websocket url:  {}",
+        demo["websocket_url"].as_str().unwrap_or("")
+    );
     println!(
         "\ntry:  curl {}-H 'Authorization: Bearer {dm_token}' {}/api/v2/sessions/{}/state",
-        if tls { "--cacert .cluster/dev-cert.pem " } else { "" },
+        if tls {
+            "--cacert .cluster/dev-cert.pem "
+        } else {
+            ""
+        },
         routers_http[0],
         demo["session_id"].as_str().unwrap_or("")
     );
@@ -268,7 +315,10 @@ async fn add_node(dir: &Path) -> Result<()> {
     let config = dir.join(format!("{id}.toml"));
     std::fs::write(&config, toml::to_string(&cfg)?)?;
     let log = dir.join(format!("{id}.log"));
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
     let bin = cluster::harness::bin_dir()?.join("gs-node");
     let child = std::process::Command::new(&bin)
         .arg("--config")
@@ -316,7 +366,10 @@ async fn status(dir: &Path) -> Result<()> {
     let http = http_client(cert.as_ref());
     let admin = Authority::from_config(&cfg.auth).mint_access(Uuid::new_v4(), Role::Admin, 300);
     println!("cluster {:?} ({})", state.name, dir.display());
-    println!("{:<10} {:<7} {:<8} {:<8} {:<10} url", "member", "kind", "pid", "process", "ready");
+    println!(
+        "{:<10} {:<7} {:<8} {:<8} {:<10} url",
+        "member", "kind", "pid", "process", "ready"
+    );
     for m in &state.members {
         let alive = pid_alive(m.pid);
         let ready = if alive {
@@ -338,14 +391,21 @@ async fn status(dir: &Path) -> Result<()> {
             m.url
         );
     }
-    for r in state.members.iter().filter(|m| m.kind == "router" && pid_alive(m.pid)) {
+    for r in state
+        .members
+        .iter()
+        .filter(|m| m.kind == "router" && pid_alive(m.pid))
+    {
         match cluster_info(&http, &r.url, &admin).await {
             Ok(v) => {
                 println!(
                     "\nmembership as {} sees it: ring version {}, fingerprint {}",
                     r.id, v["ring_version"], v["ring_fingerprint"]
                 );
-                println!("{:<10} {:<7} {:<9} {:<8} {:<10} owns", "member", "kind", "state", "on ring", "last seen");
+                println!(
+                    "{:<10} {:<7} {:<9} {:<8} {:<10} owns",
+                    "member", "kind", "state", "on ring", "last seen"
+                );
                 for m in v["members"].as_array().into_iter().flatten() {
                     println!(
                         "{:<10} {:<7} {:<9} {:<8} {:<10} {}",

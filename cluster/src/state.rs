@@ -32,8 +32,12 @@ impl ClusterState {
 
     pub fn load(dir: &Path) -> Result<ClusterState> {
         let p = Self::path(dir);
-        let text = std::fs::read_to_string(&p)
-            .with_context(|| format!("no running cluster found ({} missing; start one with `cluster up`)", p.display()))?;
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "no running cluster found ({} missing; start one with `cluster up`)",
+                p.display()
+            )
+        })?;
         Ok(serde_json::from_str(&text)?)
     }
 

@@ -14,7 +14,10 @@ pub struct DevCert {
 impl DevCert {
     /// Generates a certificate and key into `dir` (`dev-cert.pem`, `dev-key.pem`).
     pub fn generate(dir: &Path) -> Result<DevCert> {
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])?;
         let cert_pem = ck.cert.pem();
         let cert_path = dir.join("dev-cert.pem");
         let key_path = dir.join("dev-key.pem");
@@ -55,5 +58,8 @@ impl DevCert {
 
 fn rustls_pemfile_certs(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject;
-    Ok(rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>()?)
+    Ok(
+        rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()?,
+    )
 }

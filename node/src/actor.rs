@@ -31,7 +31,9 @@ use gs_rules::command::JoinRequest;
 use gs_rules::{Command, Ctx, Event, SessionState};
 use gs_shared::auth::Role;
 use gs_shared::protocol::{self, codes, WireError};
-use gs_shared::rpc::{NodeReply, NodeRequest, RawEvent, ReplyBody, RequestBody, Resume, SessionView};
+use gs_shared::rpc::{
+    NodeReply, NodeRequest, RawEvent, ReplyBody, RequestBody, Resume, SessionView,
+};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -116,12 +118,25 @@ impl Dedupe {
 
 /// Replies waiting for the batch's commit.
 enum Waiting {
-    Ack { reply: Reply, version: u64, duplicate: bool },
-    Joined { reply: Reply, user: Uuid },
+    Ack {
+        reply: Reply,
+        version: u64,
+        duplicate: bool,
+    },
+    Joined {
+        reply: Reply,
+        user: Uuid,
+    },
     /// Refused commands are answered in order with the rest of the batch.
-    Refused { reply: Reply, error: WireError },
+    Refused {
+        reply: Reply,
+        error: WireError,
+    },
     /// Anything else answered in order with the batch.
-    Done { reply: Reply, answer: NodeReply },
+    Done {
+        reply: Reply,
+        answer: NodeReply,
+    },
 }
 
 #[derive(Default)]
@@ -169,7 +184,8 @@ pub async fn run(
     }
     match activate(&ctx, id, gen, &held).await {
         Ok(mut actor) => {
-            metrics::histogram!("gs_node_activation_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("gs_node_activation_seconds")
+                .record(started.elapsed().as_secs_f64());
             tracing::info!(session = %id, epoch = actor.epoch, version = actor.state.version,
                 ms = started.elapsed().as_millis() as u64, "session activated");
             let stop = actor.serve(held, &mut inbox, &mut control).await;
@@ -210,7 +226,12 @@ async fn activate(
             campaign_id,
             name,
             settings,
-        } => Some((*campaign_id, name.clone(), settings.clone(), env.req.caller.user_id)),
+        } => Some((
+            *campaign_id,
+            name.clone(),
+            settings.clone(),
+            env.req.caller.user_id,
+        )),
         _ => None,
     });
     if let Some((campaign_id, name, settings, creator)) = create {
@@ -240,7 +261,17 @@ async fn activate(
                     version: 1,
                     json: protocol::render_event(&kind, 1, &data),
                 };
-                let actor = Actor::new(ctx.clone(), id, gen, state, 1, lease, vec![rendered], Vec::new(), true);
+                let actor = Actor::new(
+                    ctx.clone(),
+                    id,
+                    gen,
+                    state,
+                    1,
+                    lease,
+                    vec![rendered],
+                    Vec::new(),
+                    true,
+                );
                 actor.cache_meta();
                 return Ok(actor);
             }
@@ -275,7 +306,17 @@ async fn activate(
                 .rev()
                 .map(render_stored)
                 .collect();
-            let actor = Actor::new(ctx.clone(), id, gen, state, epoch, lease, rendered, commands, complete);
+            let actor = Actor::new(
+                ctx.clone(),
+                id,
+                gen,
+                state,
+                epoch,
+                lease,
+                rendered,
+                commands,
+                complete,
+            );
             // Routers fill gaps when they see a newer version; republishing the newest
             // event makes them notice one whose broadcast died with the old owner.
             if let Some(last) = actor.recent.back().cloned() {
@@ -292,7 +333,10 @@ async fn activate(
 }
 
 /// Rebuilds a session from its newest snapshot and the events after it.
-pub async fn load_state(ctx: &NodeCtx, id: Uuid) -> Result<(SessionState, Vec<StoredEvent>), NodeError> {
+pub async fn load_state(
+    ctx: &NodeCtx,
+    id: Uuid,
+) -> Result<(SessionState, Vec<StoredEvent>), NodeError> {
     let loaded = ctx.store.load(id).await?;
     let mut state = match &loaded.snapshot {
         Some((seq, snap)) => {
@@ -518,7 +562,9 @@ impl Actor {
                     }
                     b.waiting.push(Waiting::Done {
                         reply,
-                        answer: NodeReply::Ok { body: ReplyBody::Done },
+                        answer: NodeReply::Ok {
+                            body: ReplyBody::Done,
+                        },
                     });
                 }
                 body => {
@@ -584,7 +630,8 @@ impl Actor {
         let events = match self.state.decide(&ctx, &cmd) {
             Ok(ev) => ev,
             Err(e) => {
-                metrics::counter!("gs_node_commands_refused_total", "code" => e.code.clone()).increment(1);
+                metrics::counter!("gs_node_commands_refused_total", "code" => e.code.clone())
+                    .increment(1);
                 b.waiting.push(Waiting::Refused {
                     reply,
                     error: e.into_wire(),
@@ -641,10 +688,11 @@ impl Actor {
             return None;
         }
         let every = self.ctx.cfg.node.snapshot_every.max(1);
-        let snapshot = (self.state.version / every > self.last_snapshot / every).then(|| SnapshotRow {
-            seq: self.state.version,
-            state: serde_json::to_value(&self.state).expect("state serialises"),
-        });
+        let snapshot =
+            (self.state.version / every > self.last_snapshot / every).then(|| SnapshotRow {
+                seq: self.state.version,
+                state: serde_json::to_value(&self.state).expect("state serialises"),
+            });
         let snap_seq = snapshot.as_ref().map(|s| s.seq);
         let outbox = crate::outbox::rows(&self.state, &batch.rows);
         let item = CommitItem {
@@ -670,7 +718,8 @@ impl Actor {
                 while self.recent.len() > self.ctx.cfg.node.recent_events {
                     self.recent.pop_front();
                 }
-                metrics::counter!("gs_node_events_committed_total").increment(batch.rendered.len() as u64);
+                metrics::counter!("gs_node_events_committed_total")
+                    .increment(batch.rendered.len() as u64);
                 if batch.status.is_some() {
                     self.cache_meta();
                 } else {
@@ -693,9 +742,14 @@ impl Actor {
             }
             Err(CommitError::Failed(msg)) => {
                 tracing::warn!(session = %self.id, error = %msg, "commit failed; reloading from the log");
-                let err = WireError::new(codes::SERVICE_UNAVAILABLE, "the session store is unavailable");
+                let err = WireError::new(
+                    codes::SERVICE_UNAVAILABLE,
+                    "the session store is unavailable",
+                );
                 for w in batch.waiting {
-                    waiting_reply(w).send(&self.ctx, NodeReply::err(err.clone())).await;
+                    waiting_reply(w)
+                        .send(&self.ctx, NodeReply::err(err.clone()))
+                        .await;
                 }
                 // The in-memory state may be ahead of the log, or the commit may have
                 // landed with its reply lost: rebuild from the log either way.
@@ -772,7 +826,8 @@ impl Actor {
         let user = req.caller.user_id;
         let admin = req.caller.role == Role::Admin;
         let member = admin || self.state.role_of(&user).is_some();
-        let not_member = || NodeReply::err(WireError::new(codes::NOT_MEMBER, "join the session first"));
+        let not_member =
+            || NodeReply::err(WireError::new(codes::NOT_MEMBER, "join the session first"));
         match &req.body {
             RequestBody::GetState => {
                 if !member {
@@ -796,8 +851,11 @@ impl Actor {
                             }
                             Err(e) => {
                                 return NodeReply::err(
-                                    WireError::new(codes::INVALID_PATH, format!("invalid path {p:?}: {}", e.reason))
-                                        .with_details(json!({"path": p})),
+                                    WireError::new(
+                                        codes::INVALID_PATH,
+                                        format!("invalid path {p:?}: {}", e.reason),
+                                    )
+                                    .with_details(json!({"path": p})),
                                 )
                             }
                         }
@@ -828,7 +886,11 @@ impl Actor {
                 replay_limit,
                 ..
             } => {
-                let Some(role) = self.state.role_of(&user).or(admin.then_some(gs_rules::SessionRole::Dm)) else {
+                let Some(role) = self
+                    .state
+                    .role_of(&user)
+                    .or(admin.then_some(gs_rules::SessionRole::Dm))
+                else {
                     return not_member();
                 };
                 self.connections.insert(*conn_id, user);
@@ -863,7 +925,10 @@ impl Actor {
                             .flatten();
                         let entries = events.iter().map(crate::history::entry).collect();
                         NodeReply::Ok {
-                            body: ReplyBody::History { entries, next_before },
+                            body: ReplyBody::History {
+                                entries,
+                                next_before,
+                            },
                         }
                     }
                     Err(e) => NodeReply::err(e.to_wire()),
@@ -893,7 +958,11 @@ impl Actor {
                     .collect());
             }
         }
-        let stored = self.ctx.store.events_after(self.id, after, limit as u64).await?;
+        let stored = self
+            .ctx
+            .store
+            .events_after(self.id, after, limit as u64)
+            .await?;
         Ok(stored.iter().map(render_stored).collect())
     }
 
@@ -926,7 +995,11 @@ impl Actor {
     }
 
     fn not_owner(&self) -> NodeReply {
-        let owner = self.ctx.cluster.owner(&self.id).filter(|o| o != &self.ctx.id);
+        let owner = self
+            .ctx
+            .cluster
+            .owner(&self.id)
+            .filter(|o| o != &self.ctx.id);
         NodeReply::Err {
             error: WireError::new(codes::NOT_OWNER, "this node does not own the session"),
             owner,

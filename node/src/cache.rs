@@ -44,7 +44,11 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn start(redis: ConnectionManager, keys: Keys, op_timeout: Duration) -> (Cache, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        redis: ConnectionManager,
+        keys: Keys,
+        op_timeout: Duration,
+    ) -> (Cache, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(16_384);
         let task = tokio::spawn(writer(redis, keys, op_timeout, rx));
         (Cache { tx }, task)
@@ -77,7 +81,12 @@ impl Cache {
     }
 }
 
-async fn writer(mut redis: ConnectionManager, keys: Keys, op_timeout: Duration, mut rx: mpsc::Receiver<Op>) {
+async fn writer(
+    mut redis: ConnectionManager,
+    keys: Keys,
+    op_timeout: Duration,
+    mut rx: mpsc::Receiver<Op>,
+) {
     let detach = redis::Script::new(DETACH_SCRIPT);
     let mut failures: u64 = 0;
     while let Some(first) = rx.recv().await {
@@ -104,9 +113,11 @@ async fn writer(mut redis: ConnectionManager, keys: Keys, op_timeout: Duration, 
                 Op::Attach(s, c, u) => {
                     let (ck, pk) = (keys.connections(s), keys.players(s));
                     pipe.hset(&ck, c.to_string(), u.to_string()).ignore();
-                    pipe.expire(&ck, keys::CONNECTIONS_TTL.as_secs() as i64).ignore();
+                    pipe.expire(&ck, keys::CONNECTIONS_TTL.as_secs() as i64)
+                        .ignore();
                     pipe.sadd(&pk, u.to_string()).ignore();
-                    pipe.expire(&pk, keys::PLAYERS_TTL.as_secs() as i64).ignore();
+                    pipe.expire(&pk, keys::PLAYERS_TTL.as_secs() as i64)
+                        .ignore();
                 }
                 Op::Detach(s, c, u) => {
                     pipe.cmd("EVALSHA")
@@ -119,11 +130,13 @@ async fn writer(mut redis: ConnectionManager, keys: Keys, op_timeout: Duration, 
                         .ignore();
                 }
                 Op::Refresh(s, conns) => {
-                    pipe.expire(keys.meta(s), keys::META_TTL.as_secs() as i64).ignore();
+                    pipe.expire(keys.meta(s), keys::META_TTL.as_secs() as i64)
+                        .ignore();
                     if *conns {
                         pipe.expire(keys.connections(s), keys::CONNECTIONS_TTL.as_secs() as i64)
                             .ignore();
-                        pipe.expire(keys.players(s), keys::PLAYERS_TTL.as_secs() as i64).ignore();
+                        pipe.expire(keys.players(s), keys::PLAYERS_TTL.as_secs() as i64)
+                            .ignore();
                     }
                 }
                 Op::Combat(s, fields) => {
@@ -143,7 +156,9 @@ async fn writer(mut redis: ConnectionManager, keys: Keys, op_timeout: Duration, 
             tokio::time::timeout(op_timeout, pipe.query_async(&mut redis)).await;
         let err = match r {
             Ok(Ok(())) => None,
-            Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            Ok(Err(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
                 // Load the script once and let the next round use it.
                 let _ = detach.prepare_invoke().load_async(&mut redis).await;
                 Some(e.to_string())

@@ -83,7 +83,11 @@ pub struct Committer {
 
 impl Committer {
     /// Starts `workers` committer tasks on `store`.
-    pub fn start(store: Store, workers: usize, max_events: usize) -> (Committer, Vec<JoinHandle<()>>) {
+    pub fn start(
+        store: Store,
+        workers: usize,
+        max_events: usize,
+    ) -> (Committer, Vec<JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel::<Job>(8192);
         let rx = Arc::new(Mutex::new(rx));
         let tasks = (0..workers.max(1))
@@ -241,7 +245,9 @@ async fn write(store: &Store, items: &[&CommitItem]) -> Result<(), WriteError> {
         let stmt = tx.prepare_cached(INSERT_EVENTS).await?;
         tx.execute(
             &stmt,
-            &[&ids, &sessions, &kinds, &datas, &times, &seqs, &epochs, &commands, &users],
+            &[
+                &ids, &sessions, &kinds, &datas, &times, &seqs, &epochs, &commands, &users,
+            ],
         )
         .await?;
     }

@@ -63,7 +63,11 @@ pub async fn readiness(ctx: &NodeCtx) -> (bool, serde_json::Value) {
     (up, checks)
 }
 
-pub async fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener, metrics: PrometheusHandle) {
+pub async fn serve(
+    ctx: Arc<NodeCtx>,
+    listener: tokio::net::TcpListener,
+    metrics: PrometheusHandle,
+) {
     let live = warp::path!("health" / "live").map(|| warp::reply::json(&json!({"status": "live"})));
     let ready_ctx = ctx.clone();
     let ready = warp::path!("health" / "ready").then(move || {

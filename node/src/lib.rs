@@ -61,7 +61,10 @@ pub struct NodeCtx {
 
 /// A generated member id, when none is configured.
 pub fn generated_id(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// Runs a node until `shutdown` resolves, then drains: announces draining (off the
@@ -82,8 +85,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
     let pool = gs_shared::db::pool(&cfg.postgres, true)?;
     let store = store::Store::new(pool);
-    let (committer, _commit_tasks) =
-        committer::Committer::start(store.clone(), cfg.node.committers, cfg.node.commit_batch_max);
+    let (committer, _commit_tasks) = committer::Committer::start(
+        store.clone(),
+        cfg.node.committers,
+        cfg.node.commit_batch_max,
+    );
 
     let redis = gs_shared::connect::redis(&cfg).await?;
     let keys = Keys::new(&cfg.redis.key_prefix);
@@ -96,7 +102,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         ms(cfg.node.lock_renew_ms),
         ms(cfg.redis.op_timeout_ms),
     )?;
-    let (cache, _cache_task) = cache::Cache::start(redis.clone(), keys.clone(), ms(cfg.redis.op_timeout_ms));
+    let (cache, _cache_task) =
+        cache::Cache::start(redis.clone(), keys.clone(), ms(cfg.redis.op_timeout_ms));
 
     let nats = gs_shared::connect::nats(&cfg, &id).await?;
     let subjects = Subjects::new(&cfg.nats.subject_prefix);
@@ -136,7 +143,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let rpc_ctx = ctx.clone();
     let rpc_task = tokio::spawn(async move {
         while let Some(msg) = rpc.next().await {
-            let Some(reply) = msg.reply.clone() else { continue };
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
             match serde_json::from_slice::<NodeRequest>(&msg.payload) {
                 Ok(req) => {
                     rpc_ctx
@@ -154,7 +163,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                     Reply::Nats(reply)
                         .send(
                             &rpc_ctx,
-                            NodeReply::err(WireError::new(codes::BAD_REQUEST, format!("bad request: {e}"))),
+                            NodeReply::err(WireError::new(
+                                codes::BAD_REQUEST,
+                                format!("bad request: {e}"),
+                            )),
                         )
                         .await
                 }

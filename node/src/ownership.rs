@@ -128,20 +128,21 @@ impl Ownership {
             match attempt {
                 Ok(Ok(lock)) => {
                     let valid_until = started + Duration::from_millis(lock.validity_time as u64);
+                    // The holder key only speeds up takeover after a crash; without it a
+                    // successor waits for the TTL.
                     let mut redis = self.redis.clone();
-                    let set: Result<(), _> = tokio::time::timeout(
+                    let set = tokio::time::timeout(
                         self.op_timeout,
                         redis::cmd("SET")
                             .arg(&holder_key)
                             .arg(&self.node)
                             .arg("PX")
                             .arg(self.ttl.as_millis() as u64)
-                            .query_async(&mut redis),
+                            .query_async::<()>(&mut redis),
                     )
-                    .await
-                    .unwrap_or_else(|_| Err(redis::RedisError::from((redis::ErrorKind::Io, "timeout")).into()));
-                    if let Err(e) = set {
-                        tracing::debug!(error = %e, "holder key not written");
+                    .await;
+                    if !matches!(set, Ok(Ok(()))) {
+                        tracing::debug!(%session, "holder key not written");
                     }
                     return Ok(Lease::start(self.clone(), session, lock, valid_until));
                 }
@@ -149,7 +150,9 @@ impl Ownership {
                     // Busy. Break it if its holder is dead (or a stale lock of our own).
                     let holder = self.holder(&holder_key).await;
                     if let Some(h) = &holder {
-                        if (h == &self.node || is_dead(h)) && self.break_lock(&key, &holder_key, h).await {
+                        if (h == &self.node || is_dead(h))
+                            && self.break_lock(&key, &holder_key, h).await
+                        {
                             tracing::info!(%session, holder = %h, "broke the lock of a dead owner");
                             continue;
                         }
@@ -184,7 +187,9 @@ impl Ownership {
         let mut redis = self.redis.clone();
         tokio::time::timeout(
             self.op_timeout,
-            redis::cmd("GET").arg(holder_key).query_async::<Option<String>>(&mut redis),
+            redis::cmd("GET")
+                .arg(holder_key)
+                .query_async::<Option<String>>(&mut redis),
         )
         .await
         .ok()

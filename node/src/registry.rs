@@ -93,7 +93,10 @@ impl Registry {
         env.reply
             .send(
                 ctx,
-                NodeReply::err(WireError::new(codes::SERVICE_UNAVAILABLE, "session restarting")),
+                NodeReply::err(WireError::new(
+                    codes::SERVICE_UNAVAILABLE,
+                    "session restarting",
+                )),
             )
             .await;
     }

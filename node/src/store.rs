@@ -121,11 +121,19 @@ impl Store {
     /// or `SessionNotFound`. Called only while holding the session's lock. Waits at
     /// most `lock_timeout_ms` for in-flight writes of a previous owner (whose
     /// transactions PostgreSQL ends after `idle_in_transaction_timeout_ms`).
-    pub async fn take_ownership(&self, session: Uuid, node: &str, lock_timeout_ms: u64) -> Result<u64> {
+    pub async fn take_ownership(
+        &self,
+        session: Uuid,
+        node: &str,
+        lock_timeout_ms: u64,
+    ) -> Result<u64> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        tx.batch_execute(&format!("SET LOCAL lock_timeout = {}", lock_timeout_ms.max(1)))
-            .await?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = {}",
+            lock_timeout_ms.max(1)
+        ))
+        .await?;
         let row = tx
             .query_opt(
                 "UPDATE sessions SET owner_epoch = owner_epoch + 1, owner_node = $2, \
@@ -158,20 +166,34 @@ impl Store {
     }
 
     /// Events with `seq > after`, at most `limit`, in order.
-    pub async fn events_after(&self, session: Uuid, after: u64, limit: u64) -> Result<Vec<StoredEvent>> {
+    pub async fn events_after(
+        &self,
+        session: Uuid,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<StoredEvent>> {
         let client = self.pool.get().await?;
         let rows = client
             .query(
                 "SELECT seq, event_type, event_data, command_id, user_id, created_at \
                  FROM session_events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                &[&session, &(after as i64), &(limit.min(i64::MAX as u64) as i64)],
+                &[
+                    &session,
+                    &(after as i64),
+                    &(limit.min(i64::MAX as u64) as i64),
+                ],
             )
             .await?;
         Ok(rows.iter().map(row_to_event).collect())
     }
 
     /// Events with `seq < before` (all when `None`), newest first, at most `limit`.
-    pub async fn events_before(&self, session: Uuid, before: Option<u64>, limit: u64) -> Result<Vec<StoredEvent>> {
+    pub async fn events_before(
+        &self,
+        session: Uuid,
+        before: Option<u64>,
+        limit: u64,
+    ) -> Result<Vec<StoredEvent>> {
         let client = self.pool.get().await?;
         let before = before.map(|b| b as i64).unwrap_or(i64::MAX);
         let rows = client

@@ -43,7 +43,10 @@ pub fn error_reply(e: &WireError) -> Response {
 pub fn token_of(header: &Option<String>, query: &HashMap<String, String>) -> Option<String> {
     header
         .as_deref()
-        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
         .map(|t| t.trim().to_string())
         .or_else(|| query.get("token").cloned())
 }
@@ -62,17 +65,25 @@ pub fn caller(c: &Claims) -> Caller {
 }
 
 pub fn parse_session_id(s: &str) -> Result<Uuid, WireError> {
-    Uuid::parse_str(s).map_err(|_| WireError::new(codes::BAD_REQUEST, "the session id must be a UUID"))
+    Uuid::parse_str(s)
+        .map_err(|_| WireError::new(codes::BAD_REQUEST, "the session id must be a UUID"))
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, WireError> {
     if body.is_empty() {
         return Ok(json!({}));
     }
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| WireError::new(codes::MALFORMED_JSON, format!("the body is not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        WireError::new(
+            codes::MALFORMED_JSON,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
     if !v.is_object() {
-        return Err(WireError::new(codes::BAD_REQUEST, "the body must be a JSON object"));
+        return Err(WireError::new(
+            codes::BAD_REQUEST,
+            "the body must be a JSON object",
+        ));
     }
     Ok(v)
 }
@@ -90,12 +101,16 @@ fn with_auth() -> impl Filter<Extract = (Auth,), Error = Rejection> + Clone {
         .map(|h, q| (h, q))
 }
 
-fn with_ctx(ctx: Arc<RouterCtx>) -> impl Filter<Extract = (Arc<RouterCtx>,), Error = Infallible> + Clone {
+fn with_ctx(
+    ctx: Arc<RouterCtx>,
+) -> impl Filter<Extract = (Arc<RouterCtx>,), Error = Infallible> + Clone {
     warp::any().map(move || ctx.clone())
 }
 
 /// All REST routes (the WebSocket route is in `ws`).
-pub fn routes(ctx: Arc<RouterCtx>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+pub fn routes(
+    ctx: Arc<RouterCtx>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let limit = ctx.cfg.router.max_body_bytes;
     let body = warp::body::content_length_limit(limit).and(warp::body::bytes());
     let body_or_empty = warp::body::content_length_limit(limit)
@@ -107,7 +122,7 @@ pub fn routes(ctx: Arc<RouterCtx>) -> impl Filter<Extract = (Response,), Error =
         .and(warp::post())
         .and(with_ctx(ctx.clone()))
         .and(with_auth())
-        .and(body.clone())
+        .and(body)
         .then(|ctx, auth, body| async move { reply(create_session(ctx, auth, body).await) });
     let join = warp::path!("api" / "v2" / "sessions" / String / "join")
         .and(warp::post())
@@ -126,7 +141,9 @@ pub fn routes(ctx: Arc<RouterCtx>) -> impl Filter<Extract = (Response,), Error =
         .and(with_auth())
         .and(warp::header::optional::<String>("idempotency-key"))
         .and(body)
-        .then(|id, ctx, auth, key, body| async move { reply(save_state(ctx, id, auth, key, body).await) });
+        .then(|id, ctx, auth, key, body| async move {
+            reply(save_state(ctx, id, auth, key, body).await)
+        });
     let history = warp::path!("api" / "v2" / "sessions" / String / "history")
         .and(warp::get())
         .and(with_ctx(ctx.clone()))
@@ -137,9 +154,11 @@ pub fn routes(ctx: Arc<RouterCtx>) -> impl Filter<Extract = (Response,), Error =
         .and(with_ctx(ctx.clone()))
         .and(with_auth())
         .then(|ctx, auth| async move { reply(cluster_info(ctx, auth).await) });
-    let openapi = warp::path!("api" / "v2" / "openapi.json").and(warp::get()).map(|| {
-        warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()
-    });
+    let openapi = warp::path!("api" / "v2" / "openapi.json")
+        .and(warp::get())
+        .map(|| {
+            warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()
+        });
     let live = warp::path!("health" / "live")
         .and(warp::get())
         .map(|| json_reply(StatusCode::OK, &json!({"status": "live"})));
@@ -157,9 +176,17 @@ pub fn routes(ctx: Arc<RouterCtx>) -> impl Filter<Extract = (Response,), Error =
                 &body,
             )
         });
-    let metrics = warp::path!("metrics").and(warp::get()).and(with_ctx(ctx)).map(|ctx: Arc<RouterCtx>| {
-        warp::reply::with_header(ctx.metrics.render(), "content-type", "text/plain; version=0.0.4").into_response()
-    });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_ctx(ctx))
+        .map(|ctx: Arc<RouterCtx>| {
+            warp::reply::with_header(
+                ctx.metrics.render(),
+                "content-type",
+                "text/plain; version=0.0.4",
+            )
+            .into_response()
+        });
     create
         .or(join)
         .unify()
@@ -213,7 +240,11 @@ pub async fn readiness(ctx: &RouterCtx) -> (bool, Value) {
     )
 }
 
-async fn create_session(ctx: Arc<RouterCtx>, auth: Auth, body: Bytes) -> Result<Response, WireError> {
+async fn create_session(
+    ctx: Arc<RouterCtx>,
+    auth: Auth,
+    body: Bytes,
+) -> Result<Response, WireError> {
     let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
     let body = parse_body(&body)?;
     let campaign_id = body
@@ -226,12 +257,22 @@ async fn create_session(ctx: Arc<RouterCtx>, auth: Auth, body: Bytes) -> Result<
         .and_then(Value::as_str)
         .map(str::trim)
         .filter(|n| !n.is_empty() && n.chars().count() <= 255)
-        .ok_or_else(|| WireError::new(codes::BAD_REQUEST, "`name` (1 to 255 characters) is required"))?
+        .ok_or_else(|| {
+            WireError::new(
+                codes::BAD_REQUEST,
+                "`name` (1 to 255 characters) is required",
+            )
+        })?
         .to_string();
     let settings = match body.get("settings") {
         None | Some(Value::Null) => json!({}),
         Some(v @ Value::Object(_)) => v.clone(),
-        Some(_) => return Err(WireError::new(codes::BAD_REQUEST, "`settings` must be an object")),
+        Some(_) => {
+            return Err(WireError::new(
+                codes::BAD_REQUEST,
+                "`settings` must be an object",
+            ))
+        }
     };
     ctx.limiter
         .check(
@@ -255,7 +296,10 @@ async fn create_session(ctx: Arc<RouterCtx>, auth: Auth, body: Bytes) -> Result<
         )
         .await?;
     let ReplyBody::Created { version, view } = body else {
-        return Err(WireError::new(codes::INTERNAL, "unexpected reply to create"));
+        return Err(WireError::new(
+            codes::INTERNAL,
+            "unexpected reply to create",
+        ));
     };
     metrics::counter!("gs_router_sessions_created_total").increment(1);
     Ok(json_reply(
@@ -270,7 +314,12 @@ async fn create_session(ctx: Arc<RouterCtx>, auth: Auth, body: Bytes) -> Result<
     ))
 }
 
-async fn join_session(ctx: Arc<RouterCtx>, id: String, auth: Auth, body: Bytes) -> Result<Response, WireError> {
+async fn join_session(
+    ctx: Arc<RouterCtx>,
+    id: String,
+    auth: Auth,
+    body: Bytes,
+) -> Result<Response, WireError> {
     let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
     let id = parse_session_id(&id)?;
     let body = parse_body(&body)?;
@@ -316,11 +365,20 @@ async fn join_session(ctx: Arc<RouterCtx>, id: String, auth: Auth, body: Bytes) 
 async fn get_state(ctx: Arc<RouterCtx>, id: String, auth: Auth) -> Result<Response, WireError> {
     let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
     let id = parse_session_id(&id)?;
-    let reply = ctx.forwarder.request(id, caller(&claims), RequestBody::GetState).await?;
+    let reply = ctx
+        .forwarder
+        .request(id, caller(&claims), RequestBody::GetState)
+        .await?;
     let ReplyBody::State { view } = reply else {
-        return Err(WireError::new(codes::INTERNAL, "unexpected reply to get state"));
+        return Err(WireError::new(
+            codes::INTERNAL,
+            "unexpected reply to get state",
+        ));
     };
-    Ok(json_reply(StatusCode::OK, &serde_json::to_value(view).unwrap_or_default()))
+    Ok(json_reply(
+        StatusCode::OK,
+        &serde_json::to_value(view).unwrap_or_default(),
+    ))
 }
 
 async fn save_state(
@@ -335,12 +393,22 @@ async fn save_state(
     let body = parse_body(&body)?;
     let state = match body.get("state") {
         Some(v @ Value::Object(_)) => v.clone(),
-        _ => return Err(WireError::new(codes::BAD_REQUEST, "`state` (an object) is required")),
+        _ => {
+            return Err(WireError::new(
+                codes::BAD_REQUEST,
+                "`state` (an object) is required",
+            ))
+        }
     };
     let metadata = match body.get("metadata") {
         None | Some(Value::Null) => json!({}),
         Some(v @ Value::Object(_)) => v.clone(),
-        Some(_) => return Err(WireError::new(codes::BAD_REQUEST, "`metadata` must be an object")),
+        Some(_) => {
+            return Err(WireError::new(
+                codes::BAD_REQUEST,
+                "`metadata` must be an object",
+            ))
+        }
     };
     let command_id = match idempotency_key {
         Some(k) => Uuid::parse_str(&k)
@@ -368,7 +436,10 @@ async fn save_state(
         )
         .await?;
     let ReplyBody::Ack { version, duplicate } = reply else {
-        return Err(WireError::new(codes::INTERNAL, "unexpected reply to save state"));
+        return Err(WireError::new(
+            codes::INTERNAL,
+            "unexpected reply to save state",
+        ));
     };
     Ok(json_reply(
         StatusCode::OK,
@@ -384,10 +455,9 @@ async fn history(ctx: Arc<RouterCtx>, id: String, auth: Auth) -> Result<Response
     let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
     let id = parse_session_id(&id)?;
     let before = match auth.1.get("before") {
-        Some(b) => Some(
-            b.parse::<u64>()
-                .map_err(|_| WireError::new(codes::BAD_REQUEST, "`before` must be a version number"))?,
-        ),
+        Some(b) => Some(b.parse::<u64>().map_err(|_| {
+            WireError::new(codes::BAD_REQUEST, "`before` must be a version number")
+        })?),
         None => None,
     };
     let limit = match auth.1.get("limit") {
@@ -402,8 +472,15 @@ async fn history(ctx: Arc<RouterCtx>, id: String, auth: Auth) -> Result<Response
         .forwarder
         .request(id, caller(&claims), RequestBody::History { before, limit })
         .await?;
-    let ReplyBody::History { entries, next_before } = reply else {
-        return Err(WireError::new(codes::INTERNAL, "unexpected reply to history"));
+    let ReplyBody::History {
+        entries,
+        next_before,
+    } = reply
+    else {
+        return Err(WireError::new(
+            codes::INTERNAL,
+            "unexpected reply to history",
+        ));
     };
     Ok(json_reply(
         StatusCode::OK,
@@ -414,7 +491,10 @@ async fn history(ctx: Arc<RouterCtx>, id: String, auth: Auth) -> Result<Response
 async fn cluster_info(ctx: Arc<RouterCtx>, auth: Auth) -> Result<Response, WireError> {
     let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
     if claims.role != Role::Admin {
-        return Err(WireError::new(codes::FORBIDDEN, "the cluster view needs the admin role"));
+        return Err(WireError::new(
+            codes::FORBIDDEN,
+            "the cluster view needs the admin role",
+        ));
     }
     let ring = ctx.cluster.ring();
     Ok(json_reply(
@@ -445,8 +525,13 @@ pub async fn recover(r: Rejection) -> Result<Response, Infallible> {
         ));
     } else if r.find::<warp::reject::InvalidQuery>().is_some() {
         WireError::new(codes::BAD_REQUEST, "the query string is invalid")
-    } else if r.find::<warp::reject::MissingHeader>().is_some() || r.find::<warp::reject::InvalidHeader>().is_some() {
-        WireError::new(codes::BAD_REQUEST, "a required header is missing or invalid")
+    } else if r.find::<warp::reject::MissingHeader>().is_some()
+        || r.find::<warp::reject::InvalidHeader>().is_some()
+    {
+        WireError::new(
+            codes::BAD_REQUEST,
+            "a required header is missing or invalid",
+        )
     } else {
         tracing::debug!(rejection = ?r, "unhandled rejection");
         WireError::new(codes::BAD_REQUEST, "bad request")

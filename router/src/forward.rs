@@ -44,7 +44,12 @@ impl Forwarder {
     }
 
     /// Sends `body` about `session` to its owner, retrying until the deadline.
-    pub async fn request(&self, session: Uuid, caller: Caller, body: RequestBody) -> Result<ReplyBody, WireError> {
+    pub async fn request(
+        &self,
+        session: Uuid,
+        caller: Caller,
+        body: RequestBody,
+    ) -> Result<ReplyBody, WireError> {
         self.request_until(session, caller, body, Instant::now() + self.deadline)
             .await
     }
@@ -77,17 +82,25 @@ impl Forwarder {
                 .or_else(|| self.cluster.owner(&session));
             if let Some(node) = target {
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                let timeout = self.attempt_timeout.min(remaining).max(Duration::from_millis(1));
+                let timeout = self
+                    .attempt_timeout
+                    .min(remaining)
+                    .max(Duration::from_millis(1));
                 let req = async_nats::Request::new()
                     .payload(payload.clone())
                     .timeout(Some(timeout));
-                match self.nats.send_request(self.subjects.node_rpc(&node), req).await {
+                match self
+                    .nats
+                    .send_request(self.subjects.node_rpc(&node), req)
+                    .await
+                {
                     Ok(msg) => match serde_json::from_slice::<NodeReply>(&msg.payload) {
                         Ok(NodeReply::Ok { body }) => {
                             metrics::histogram!("gs_router_forward_seconds", "op" => op)
                                 .record(started.elapsed().as_secs_f64());
                             if attempts > 1 {
-                                metrics::counter!("gs_router_forward_retried_total", "op" => op).increment(1);
+                                metrics::counter!("gs_router_forward_retried_total", "op" => op)
+                                    .increment(1);
                             }
                             return Ok(body);
                         }
@@ -97,7 +110,10 @@ impl Forwarder {
                         }
                         Ok(NodeReply::Err { error, .. }) => return Err(error),
                         Err(e) => {
-                            return Err(WireError::new(codes::INTERNAL, format!("bad reply from {node}: {e}")))
+                            return Err(WireError::new(
+                                codes::INTERNAL,
+                                format!("bad reply from {node}: {e}"),
+                            ))
                         }
                     },
                     Err(e) => {

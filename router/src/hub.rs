@@ -149,7 +149,12 @@ pub struct Hubs {
 }
 
 impl Hubs {
-    pub fn new(nats: async_nats::Client, subjects: Subjects, forwarder: Forwarder, recent_cap: usize) -> Self {
+    pub fn new(
+        nats: async_nats::Client,
+        subjects: Subjects,
+        forwarder: Forwarder,
+        recent_cap: usize,
+    ) -> Self {
         Self {
             hubs: Mutex::new(HashMap::new()),
             nats,
@@ -162,10 +167,19 @@ impl Hubs {
     /// The hub of `session`, subscribed before this returns (so nothing published
     /// after it is missed).
     pub async fn join(&self, session: Uuid) -> Result<Arc<Hub>, async_nats::SubscribeError> {
-        if let Some(h) = self.hubs.lock().unwrap().get(&session).and_then(Weak::upgrade) {
+        if let Some(h) = self
+            .hubs
+            .lock()
+            .unwrap()
+            .get(&session)
+            .and_then(Weak::upgrade)
+        {
             return Ok(h);
         }
-        let sub = self.nats.subscribe(self.subjects.session_events(&session)).await?;
+        let sub = self
+            .nats
+            .subscribe(self.subjects.session_events(&session))
+            .await?;
         let (tx, _) = broadcast::channel(self.recent_cap);
         let hub = Arc::new(Hub {
             session,
@@ -240,7 +254,9 @@ async fn run_hub(hub: Weak<Hub>, mut sub: async_nats::Subscriber, forwarder: For
 
 /// Asks the owner for the missing range and offers what comes back.
 async fn fill(hub: &Hub, forwarder: &Forwarder) {
-    let Some((after, up_to)) = hub.gap() else { return };
+    let Some((after, up_to)) = hub.gap() else {
+        return;
+    };
     metrics::counter!("gs_router_gap_fills_total").increment(1);
     let r = forwarder
         .request_until(
@@ -262,7 +278,9 @@ async fn fill(hub: &Hub, forwarder: &Forwarder) {
             }
         }
         Ok(_) => {}
-        Err(e) => tracing::debug!(session = %hub.session, error = %e, "gap fill failed; will retry"),
+        Err(e) => {
+            tracing::debug!(session = %hub.session, error = %e, "gap fill failed; will retry")
+        }
     }
 }
 
@@ -276,6 +294,8 @@ mod tests {
         let pause = r#"{"data":{"status":"paused","previous":"active"},"type":"session_status_changed","version":9}"#;
         assert!(is_final_event(end));
         assert!(!is_final_event(pause));
-        assert!(!is_final_event(r#"{"data":{"status":"ended"},"type":"state_update","version":1}"#));
+        assert!(!is_final_event(
+            r#"{"data":{"status":"ended"},"type":"state_update","version":1}"#
+        ));
     }
 }

@@ -82,7 +82,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let tls = if cfg.router.tls_cert.is_empty() {
         None
     } else {
-        Some(server::tls_acceptor(&cfg.router.tls_cert, &cfg.router.tls_key)?)
+        Some(server::tls_acceptor(
+            &cfg.router.tls_cert,
+            &cfg.router.tls_key,
+        )?)
     };
     let listener = tokio::net::TcpListener::bind(&cfg.router.listen).await?;
     let addr = listener.local_addr()?;
@@ -92,11 +95,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         } else {
             addr.ip().to_string()
         };
-        let (h, w) = if tls.is_some() { ("https", "wss") } else { ("http", "ws") };
-        (format!("{h}://{host}:{}", addr.port()), format!("{w}://{host}:{}", addr.port()))
+        let (h, w) = if tls.is_some() {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
+        (
+            format!("{h}://{host}:{}", addr.port()),
+            format!("{w}://{host}:{}", addr.port()),
+        )
     } else {
         let base = cfg.router.public_url.trim_end_matches('/').to_string();
-        let ws = base.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
+        let ws = base
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
         (base, ws)
     };
 
@@ -119,7 +131,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cfg.nats.request_timeout_ms,
         cfg.router.request_deadline_ms,
     );
-    let hubs = hub::Hubs::new(nats.clone(), subjects, forwarder.clone(), cfg.router.recent_events);
+    let hubs = hub::Hubs::new(
+        nats.clone(),
+        subjects,
+        forwarder.clone(),
+        cfg.router.recent_events,
+    );
     let limiter = limits::Limiter::new(
         redis.clone(),
         Keys::new(&cfg.redis.key_prefix),

@@ -29,7 +29,13 @@ impl Limiter {
 
     /// Counts one use of `scope` by `subject`; refuses past `limit` per `window`.
     /// A limit of 0 is no limit.
-    pub async fn check(&self, scope: &str, subject: &str, limit: u32, window: Duration) -> Result<(), WireError> {
+    pub async fn check(
+        &self,
+        scope: &str,
+        subject: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<(), WireError> {
         if limit == 0 {
             return Ok(());
         }
@@ -54,7 +60,8 @@ impl Limiter {
             Ok(Ok((count,))) if count <= limit as u64 => Ok(()),
             Ok(Ok(_)) => {
                 let retry_after = (slot + 1) * w - now;
-                metrics::counter!("gs_router_rate_limited_total", "scope" => scope.to_string()).increment(1);
+                metrics::counter!("gs_router_rate_limited_total", "scope" => scope.to_string())
+                    .increment(1);
                 Err(WireError::new(
                     codes::RATE_LIMITED,
                     format!("rate limit of {limit} per {w} s exceeded for {scope}"),
@@ -83,11 +90,11 @@ pub struct LocalWindow {
 }
 
 impl LocalWindow {
-    pub fn new(limit: u32, window: Duration) -> Self {
+    pub fn new(limit: u32, window: Duration, now: Instant) -> Self {
         Self {
             limit,
             window,
-            start: Instant::now(),
+            start: now,
             count: 0,
         }
     }
@@ -116,12 +123,14 @@ mod tests {
     #[test]
     fn local_window_resets() {
         let t0 = Instant::now();
-        let mut w = LocalWindow::new(2, Duration::from_secs(60));
+        let mut w = LocalWindow::new(2, Duration::from_secs(60), t0);
         assert!(w.hit(t0).is_ok());
         assert!(w.hit(t0).is_ok());
         let wait = w.hit(t0 + Duration::from_secs(10)).unwrap_err();
         assert_eq!(wait, Duration::from_secs(50));
         assert!(w.hit(t0 + Duration::from_secs(60)).is_ok());
-        assert!(LocalWindow::new(0, Duration::from_secs(1)).hit(t0).is_ok());
+        assert!(LocalWindow::new(0, Duration::from_secs(1), t0)
+            .hit(t0)
+            .is_ok());
     }
 }

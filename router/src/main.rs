@@ -5,7 +5,10 @@ use clap::Parser;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "gs-router", about = "Game Session Service router (REST + WebSocket edge)")]
+#[command(
+    name = "gs-router",
+    about = "Game Session Service router (REST + WebSocket edge)"
+)]
 struct Args {
     /// TOML configuration file (defaults < file < GS_* environment).
     #[arg(long, env = "GS_CONFIG")]

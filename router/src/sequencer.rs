@@ -106,7 +106,7 @@ mod tests {
         assert!(s.push(9, ()).is_empty(), "held behind a gap");
         assert_eq!(s.gap(), Some((6, 8)));
         assert!(s.push(8, ()).is_empty());
-        assert_eq!(s.gap(), Some((6, 6)));
+        assert_eq!(s.gap(), Some((6, 7)));
         assert_eq!(versions(s.push(7, ())), vec![7, 8, 9]);
         assert_eq!(s.gap(), None);
         assert_eq!(s.next(), Some(10));

@@ -58,11 +58,14 @@ pub fn route(ctx: Arc<RouterCtx>) -> impl Filter<Extract = (Response,), Error = 
                         let max = ctx.cfg.router.max_frame_bytes;
                         ws.max_message_size(max)
                             .max_frame_size(max)
-                            .on_upgrade(move |socket| connection(ctx, socket, sid, claims, last_version))
+                            .on_upgrade(move |socket| {
+                                connection(ctx, socket, sid, claims, last_version)
+                            })
                             .into_response()
                     }
                     Err(e) => {
-                        metrics::counter!("gs_router_ws_refused_total", "code" => e.code.clone()).increment(1);
+                        metrics::counter!("gs_router_ws_refused_total", "code" => e.code.clone())
+                            .increment(1);
                         error_reply(&e)
                     }
                 }
@@ -86,13 +89,17 @@ async fn accept(
         .verify_session(st.as_deref(), claims.sub, sid)
         .map_err(|e| WireError::new(e.code(), e.to_string()))?;
     let last_version = match query.get("last_version") {
-        Some(v) => Some(
-            v.parse::<u64>()
-                .map_err(|_| WireError::new(codes::BAD_REQUEST, "`last_version` must be a version number"))?,
-        ),
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            WireError::new(
+                codes::BAD_REQUEST,
+                "`last_version` must be a version number",
+            )
+        })?),
         None => None,
     };
-    let ip = peer.map(|p| p.0.ip().to_string()).unwrap_or_else(|| "unknown".into());
+    let ip = peer
+        .map(|p| p.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
     ctx.limiter
         .check(
             "connect",
@@ -133,7 +140,10 @@ struct Closed;
 
 impl Conn {
     async fn send(&mut self, text: impl Into<String>) -> Result<(), Closed> {
-        self.sink.send(Message::text(text.into())).await.map_err(|_| Closed)
+        self.sink
+            .send(Message::text(text.into()))
+            .await
+            .map_err(|_| Closed)
     }
 
     /// Sends `ev` after anything between the client's version and it.
@@ -191,7 +201,13 @@ impl Conn {
     }
 }
 
-async fn connection(ctx: Arc<RouterCtx>, socket: WebSocket, sid: Uuid, claims: Claims, last_version: Option<u64>) {
+async fn connection(
+    ctx: Arc<RouterCtx>,
+    socket: WebSocket,
+    sid: Uuid,
+    claims: Claims,
+    last_version: Option<u64>,
+) {
     let n = ctx.connections.fetch_add(1, Ordering::Relaxed) + 1;
     ctx.cluster.set_load(n as u64);
     metrics::gauge!("gs_router_connections").set(n as f64);
@@ -204,8 +220,12 @@ async fn connection(ctx: Arc<RouterCtx>, socket: WebSocket, sid: Uuid, claims: C
         Ok(h) => h,
         Err(e) => {
             let err = WireError::new(codes::SERVICE_UNAVAILABLE, format!("cannot subscribe: {e}"));
-            let _ = sink.send(Message::text(protocol::connection_error(&err))).await;
-            let _ = sink.send(Message::close_with(1011u16, "service unavailable")).await;
+            let _ = sink
+                .send(Message::text(protocol::connection_error(&err)))
+                .await;
+            let _ = sink
+                .send(Message::close_with(1011u16, "service unavailable"))
+                .await;
             return;
         }
     };
@@ -234,8 +254,12 @@ async fn connection(ctx: Arc<RouterCtx>, socket: WebSocket, sid: Uuid, claims: C
                 Err(e) => e,
                 _ => WireError::new(codes::INTERNAL, "unexpected reply to attach"),
             };
-            let _ = sink.send(Message::text(protocol::connection_error(&err))).await;
-            let _ = sink.send(Message::close_with(1008u16, err.code.clone())).await;
+            let _ = sink
+                .send(Message::text(protocol::connection_error(&err)))
+                .await;
+            let _ = sink
+                .send(Message::close_with(1008u16, err.code.clone()))
+                .await;
             return;
         }
     };
@@ -288,10 +312,19 @@ async fn connection(ctx: Arc<RouterCtx>, socket: WebSocket, sid: Uuid, claims: C
     }
     hub.seed(conn.cv);
 
-    let (ack_tx, mut acks) = mpsc::channel::<Outbound>(ctx.cfg.router.max_inflight_per_connection.max(1) * 2);
-    let inflight = Arc::new(Semaphore::new(ctx.cfg.router.max_inflight_per_connection.max(1)));
-    let mut window = LocalWindow::new(ctx.cfg.limits.ws_messages_per_min_per_conn, Duration::from_secs(60));
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(ctx.cfg.router.heartbeat_interval_ms.max(100)));
+    let (ack_tx, mut acks) =
+        mpsc::channel::<Outbound>(ctx.cfg.router.max_inflight_per_connection.max(1) * 2);
+    let inflight = Arc::new(Semaphore::new(
+        ctx.cfg.router.max_inflight_per_connection.max(1),
+    ));
+    let mut window = LocalWindow::new(
+        ctx.cfg.limits.ws_messages_per_min_per_conn,
+        Duration::from_secs(60),
+        Instant::now(),
+    );
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(
+        ctx.cfg.router.heartbeat_interval_ms.max(100),
+    ));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
     let mut shutdown = ctx.shutdown.clone();
@@ -391,7 +424,10 @@ async fn handle_message(
                 Some(p) => match serde_json::from_value::<Vec<String>>(p.clone()) {
                     Ok(p) => Some(p),
                     Err(_) => {
-                        let e = WireError::new(codes::INVALID_PAYLOAD, "`paths` must be a list of JSON Pointers");
+                        let e = WireError::new(
+                            codes::INVALID_PAYLOAD,
+                            "`paths` must be a list of JSON Pointers",
+                        );
                         return conn.send(protocol::error(Some(m.id), &e)).await;
                     }
                 },
@@ -444,7 +480,10 @@ async fn handle_message(
                     .await;
                 let out = match r {
                     Ok(ReplyBody::Ack { version, .. }) => protocol::ack(m.id, version),
-                    Ok(_) => protocol::error(Some(m.id), &WireError::new(codes::INTERNAL, "unexpected reply")),
+                    Ok(_) => protocol::error(
+                        Some(m.id),
+                        &WireError::new(codes::INTERNAL, "unexpected reply"),
+                    ),
                     Err(e) => protocol::error(Some(m.id), &e),
                 };
                 let _ = acks.send(out).await;

@@ -254,11 +254,8 @@ mod tests {
             a.verify_access(Some(&expired)).unwrap_err(),
             AuthError::Expired
         );
-        let forged = Authority::new("another-secret-0123456789", 60, 0).mint_access(
-            u,
-            Role::Admin,
-            60,
-        );
+        let forged =
+            Authority::new("another-secret-0123456789", 60, 0).mint_access(u, Role::Admin, 60);
         assert_eq!(
             a.verify_access(Some(&forged)).unwrap_err().code(),
             "invalid_token"

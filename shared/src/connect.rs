@@ -50,7 +50,10 @@ pub async fn redis(cfg: &Config) -> Result<redis::aio::ConnectionManager, Connec
         .set_max_delay(Duration::from_millis(500));
     let deadline = Instant::now() + STARTUP_WAIT;
     loop {
-        let error = match client.get_connection_manager_with_config(mcfg.clone()).await {
+        let error = match client
+            .get_connection_manager_with_config(mcfg.clone())
+            .await
+        {
             Ok(c) => return Ok(c),
             Err(e) => e.to_string(),
         };

@@ -25,7 +25,11 @@ pub enum DbError {
 const MIGRATION_LOCK_KEY: i64 = 0x6773_6d69_6772; // "gsmigr"
 
 /// tokio-postgres configuration for `dbname` (the session database unless overridden).
-pub fn pg_config(cfg: &PostgresConfig, dbname: &str, server_timeouts: bool) -> tokio_postgres::Config {
+pub fn pg_config(
+    cfg: &PostgresConfig,
+    dbname: &str,
+    server_timeouts: bool,
+) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     c.host(&cfg.host)
         .port(cfg.port)
@@ -50,7 +54,10 @@ pub async fn ensure_database(cfg: &PostgresConfig) -> Result<bool, DbError> {
     let (client, conn) = pg_config(cfg, "postgres", false).connect(NoTls).await?;
     let task = tokio::spawn(conn);
     let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&cfg.dbname])
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &[&cfg.dbname],
+        )
         .await?
         .is_some();
     let mut created = false;
@@ -133,5 +140,7 @@ pub const FENCED_SQLSTATE: &str = "GSF01";
 
 /// Whether an error is the fencing trigger refusing a stale owner.
 pub fn is_fenced(e: &tokio_postgres::Error) -> bool {
-    e.code().map(|c| c.code() == FENCED_SQLSTATE).unwrap_or(false)
+    e.code()
+        .map(|c| c.code() == FENCED_SQLSTATE)
+        .unwrap_or(false)
 }

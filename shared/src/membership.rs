@@ -105,13 +105,8 @@ impl Membership {
                 return false; // a stale message from an earlier life
             }
         }
-        self.members.insert(
-            hb.id.clone(),
-            Entry {
-                hb,
-                last_seen: now,
-            },
-        );
+        self.members
+            .insert(hb.id.clone(), Entry { hb, last_seen: now });
         self.rebuild()
     }
 
@@ -241,7 +236,10 @@ mod tests {
         m.observe(hb("n1", MemberKind::Node, MemberState::Alive, 1), t1);
         m.observe(hb("r1", MemberKind::Router, MemberState::Alive, 1), t1);
         assert!(m.tick(t0 + Duration::from_millis(1400)).is_empty());
-        assert_eq!(m.tick(t0 + Duration::from_millis(1600)), vec!["n2".to_string()]);
+        assert_eq!(
+            m.tick(t0 + Duration::from_millis(1600)),
+            vec!["n2".to_string()]
+        );
         assert_eq!(m.node_count(), 1);
 
         // Graceful leave is immediate, and a late heartbeat of that life is ignored.

@@ -176,7 +176,8 @@ pub fn parse_client_message(text: &str, max_bytes: usize) -> Result<ClientMessag
         Some(Value::String(s))
             if !s.is_empty()
                 && s.len() <= MAX_TYPE_LEN
-                && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.') =>
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.') =>
         {
             s.clone()
         }
@@ -263,7 +264,11 @@ mod tests {
             ("{nope".into(), codes::MALFORMED_JSON, false),
             ("[1,2]".into(), codes::INVALID_MESSAGE, false),
             (r#"{"type":"x"}"#.into(), codes::INVALID_MESSAGE, false),
-            (r#"{"id":"12","type":"x"}"#.into(), codes::INVALID_MESSAGE, false),
+            (
+                r#"{"id":"12","type":"x"}"#.into(),
+                codes::INVALID_MESSAGE,
+                false,
+            ),
             (format!(r#"{{"id":"{id}"}}"#), codes::INVALID_MESSAGE, true),
             (
                 format!(r#"{{"id":"{id}","type":"Bad Type"}}"#),
@@ -287,8 +292,8 @@ mod tests {
     #[test]
     fn missing_data_is_an_empty_object() {
         let id = Uuid::new_v4();
-        let m = parse_client_message(&format!(r#"{{"id":"{id}","type":"heartbeat"}}"#), 100)
-            .unwrap();
+        let m =
+            parse_client_message(&format!(r#"{{"id":"{id}","type":"heartbeat"}}"#), 100).unwrap();
         assert_eq!(m.data, json!({}));
     }
 

@@ -211,7 +211,10 @@ mod tests {
             }
             let moved = a.iter().filter(|x| *x == gone).count() as f64 / ids.len() as f64;
             let ideal = 1.0 / n as f64;
-            assert!((moved - ideal).abs() < ideal * 0.25, "{n} nodes: {moved:.3}");
+            assert!(
+                (moved - ideal).abs() < ideal * 0.25,
+                "{n} nodes: {moved:.3}"
+            );
         }
     }
 
@@ -222,6 +225,9 @@ mod tests {
         let b = Ring::with_nodes(64, ["c", "b", "a"]);
         assert_eq!(placement(&a, &ids), placement(&b, &ids));
         assert_eq!(a.fingerprint(), b.fingerprint());
-        assert_ne!(a.fingerprint(), Ring::with_nodes(64, ["a", "b"]).fingerprint());
+        assert_ne!(
+            a.fingerprint(),
+            Ring::with_nodes(64, ["a", "b"]).fingerprint()
+        );
     }
 }

@@ -178,7 +178,10 @@ pub enum Resume {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ReplyBody {
     /// A command was committed (or had been: `duplicate`) at `version`.
-    Ack { version: u64, duplicate: bool },
+    Ack {
+        version: u64,
+        duplicate: bool,
+    },
     Created {
         version: u64,
         view: SessionView,

@@ -55,7 +55,10 @@ impl Fixture {
         let dm_token = cluster.token(dm, Role::Dm);
         let api = Api::new(http.clone(), &cluster.router_urls()[0], &dm_token);
         let created = api.create_session("integration test").await?;
-        let session = created["session_id"].as_str().context("session_id")?.to_string();
+        let session = created["session_id"]
+            .as_str()
+            .context("session_id")?
+            .to_string();
         let session_token = created["connection_token"]
             .as_str()
             .context("connection_token")?
@@ -91,13 +94,22 @@ impl Fixture {
         let user = Uuid::new_v4();
         let token = self.cluster.token(user, Role::Player);
         let joined = self.api(i, &token).join(&self.session, body).await?;
-        let st = joined["connection_token"].as_str().context("connection_token")?.to_string();
+        let st = joined["connection_token"]
+            .as_str()
+            .context("connection_token")?
+            .to_string();
         Ok((user, token, st))
     }
 
     /// Connects a tracked WebSocket client through router `i` and waits for its
     /// first full sync.
-    pub async fn connect(&self, i: usize, name: &str, token: &str, session_token: &str) -> Result<TrackedClient> {
+    pub async fn connect(
+        &self,
+        i: usize,
+        name: &str,
+        token: &str,
+        session_token: &str,
+    ) -> Result<TrackedClient> {
         self.connect_with(i, name, token, session_token, TokenStyle::Headers, None)
             .await
     }
@@ -152,7 +164,10 @@ impl Fixture {
         let pg = self.cluster.pg().await?;
         let sid = Uuid::parse_str(&self.session)?;
         Ok(pg
-            .query_one("SELECT count(*) FROM session_events WHERE session_id = $1", &[&sid])
+            .query_one(
+                "SELECT count(*) FROM session_events WHERE session_id = $1",
+                &[&sid],
+            )
             .await?
             .get(0))
     }
@@ -160,6 +175,16 @@ impl Fixture {
     pub async fn shutdown(self) {
         self.cluster.shutdown().await;
     }
+}
+
+/// Ends a test: dumps the members' logs when it failed, stops the cluster and drops
+/// its database, and returns the test's result.
+pub async fn finish(f: Fixture, result: Result<()>) -> Result<()> {
+    if result.is_err() {
+        f.cluster.dump_logs(40);
+    }
+    f.shutdown().await;
+    result
 }
 
 /// A `state_update` setting one path.

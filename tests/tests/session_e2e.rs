@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use cluster::client::TokenStyle;
-use gs_tests::{set, Fixture, WAIT};
+use gs_tests::{finish, set, Fixture, WAIT};
 use serde_json::json;
 use std::collections::{BTreeMap, HashSet};
 use uuid::Uuid;
@@ -16,11 +16,7 @@ const CHANGES: usize = 200;
 async fn two_nodes_two_routers_five_wss_clients_200_changes() -> Result<()> {
     let f = Fixture::start(2, 2, true).await?;
     let result = run(&f).await;
-    if result.is_err() {
-        f.cluster.dump_logs(30);
-    }
-    f.shutdown().await;
-    result
+    finish(f, result).await
 }
 
 async fn run(f: &Fixture) -> Result<()> {
@@ -33,8 +29,15 @@ async fn run(f: &Fixture) -> Result<()> {
     clients.push(f.connect(0, "dm", &f.dm_token, &f.session_token).await?);
     for i in 1..CLIENTS {
         let (_user, token, st) = f.player(i, json!({})).await?;
-        let style = if i == 3 { TokenStyle::Query } else { TokenStyle::Headers };
-        clients.push(f.connect_with(i, &format!("player-{i}"), &token, &st, style, None).await?);
+        let style = if i == 3 {
+            TokenStyle::Query
+        } else {
+            TokenStyle::Headers
+        };
+        clients.push(
+            f.connect_with(i, &format!("player-{i}"), &token, &st, style, None)
+                .await?,
+        );
     }
 
     // 200 changes, sent without waiting, from all five clients at once.
@@ -42,7 +45,9 @@ async fn run(f: &Fixture) -> Result<()> {
     for k in 0..CHANGES {
         let c = k % CLIENTS;
         let path = format!("/clients/c{c}/k{k}");
-        let id = clients[c].send("state_update", set(&path, json!(k))).await?;
+        let id = clients[c]
+            .send("state_update", set(&path, json!(k)))
+            .await?;
         sent.push((c, id));
     }
 
@@ -65,9 +70,15 @@ async fn run(f: &Fixture) -> Result<()> {
 
     // Every client receives every event once, in version order, without a gap.
     for c in &clients {
-        c.wait_for(&format!("version {last}"), WAIT, |v| v.version >= last).await?;
+        c.wait_for(&format!("version {last}"), WAIT, |v| v.version >= last)
+            .await?;
         let v = c.view();
-        assert_eq!((v.gaps, v.duplicates), (0, 0), "{}: gaps/duplicates", c.name);
+        assert_eq!(
+            (v.gaps, v.duplicates),
+            (0, 0),
+            "{}: gaps/duplicates",
+            c.name
+        );
         let first_event = v.events.first().map(|e| e.0).unwrap_or(0);
         for w in v.events.windows(2) {
             assert_eq!(w[1].0, w[0].0 + 1, "{}: events out of order", c.name);
@@ -81,7 +92,11 @@ async fn run(f: &Fixture) -> Result<()> {
             .map(|(ver, _)| *ver)
             .collect();
         for ver in versions.iter().filter(|ver| **ver > synced_at) {
-            assert!(updates.contains(ver), "{}: missing the event of version {ver}", c.name);
+            assert!(
+                updates.contains(ver),
+                "{}: missing the event of version {ver}",
+                c.name
+            );
         }
     }
 
@@ -96,13 +111,23 @@ async fn run(f: &Fixture) -> Result<()> {
         assert_eq!(state["version"], json!(last));
     }
     for k in 0..CHANGES {
-        assert_eq!(reference["clients"][format!("c{}", k % CLIENTS)][format!("k{k}")], json!(k));
+        assert_eq!(
+            reference["clients"][format!("c{}", k % CLIENTS)][format!("k{k}")],
+            json!(k)
+        );
     }
 
-    println!("{} changes acked, last version {last}, {} clients identical", acked.len(), clients.len());
+    println!(
+        "{} changes acked, last version {last}, {} clients identical",
+        acked.len(),
+        clients.len()
+    );
     // session_events holds exactly the acknowledged changes.
     let stored: BTreeMap<Uuid, u64> = f.stored_updates().await?.into_iter().collect();
-    assert_eq!(stored, acked, "stored state_update events = acknowledged changes");
+    assert_eq!(
+        stored, acked,
+        "stored state_update events = acknowledged changes"
+    );
     Ok(())
 }
 
@@ -112,7 +137,9 @@ async fn run(f: &Fixture) -> Result<()> {
 async fn reconnect_with_last_version_resumes_exactly() -> Result<()> {
     let f = Fixture::start(1, 2, false).await?;
     let result = async {
-        let mut writer = f.connect(0, "writer", &f.dm_token, &f.session_token).await?;
+        let mut writer = f
+            .connect(0, "writer", &f.dm_token, &f.session_token)
+            .await?;
         let (_u, token, st) = f.player(1, json!({})).await?;
         let reader = f.connect(1, "reader", &token, &st).await?;
         let id = writer.send("state_update", set("/a", json!(1))).await?;
@@ -123,14 +150,24 @@ async fn reconnect_with_last_version_resumes_exactly() -> Result<()> {
         // Missed while away.
         let mut missed = Vec::new();
         for i in 0..5 {
-            let id = writer.send("state_update", set(&format!("/b{i}"), json!(i))).await?;
+            let id = writer
+                .send("state_update", set(&format!("/b{i}"), json!(i)))
+                .await?;
             missed.push(writer.wait_answer(id, WAIT).await?.expect("ack"));
         }
         let back = f
-            .connect_with(0, "reader-again", &token, &st, TokenStyle::Headers, Some(v1))
+            .connect_with(
+                0,
+                "reader-again",
+                &token,
+                &st,
+                TokenStyle::Headers,
+                Some(v1),
+            )
             .await?;
         let last = *missed.last().unwrap();
-        back.wait_for("the missed events", WAIT, |v| v.version >= last).await?;
+        back.wait_for("the missed events", WAIT, |v| v.version >= last)
+            .await?;
         let v = back.view();
         assert_eq!(v.syncs, 0, "resumed from events, not a full sync");
         let got: Vec<u64> = v.events.iter().map(|e| e.0).collect();
@@ -138,9 +175,5 @@ async fn reconnect_with_last_version_resumes_exactly() -> Result<()> {
         Ok(())
     }
     .await;
-    if result.is_err() {
-        f.cluster.dump_logs(30);
-    }
-    f.shutdown().await;
-    result
+    finish(f, result).await
 }

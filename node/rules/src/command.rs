@@ -39,17 +39,9 @@ pub enum ChangeOp {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
     pub path: String,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub value: Option<Value>,
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub previous: Option<Value>,
     #[serde(default)]
     pub op: ChangeOp,
@@ -86,10 +78,7 @@ pub enum Command {
     /// WebSocket `state_update`: JSON Pointer changes to the state document.
     StateUpdate(StateUpdate),
     /// REST `POST /state`: replace the document (and its metadata).
-    SaveState {
-        state: Value,
-        metadata: Value,
-    },
+    SaveState { state: Value, metadata: Value },
     /// REST `POST /join`.
     Join(JoinRequest),
     /// WebSocket `leave`.
@@ -171,9 +160,7 @@ mod tests {
         );
         // REST-only commands are not accepted from a WebSocket.
         assert_eq!(
-            Command::from_client("save_state", json!({}))
-                .unwrap_err()
-                .code,
+            Command::from_client("save_state", json!({})).unwrap_err().code,
             codes::UNKNOWN_TYPE
         );
         assert_eq!(

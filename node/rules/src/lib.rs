@@ -23,6 +23,6 @@ pub mod pointer;
 pub mod state;
 
 pub use command::{Command, Ctx};
-pub use error::{Result, RuleError};
+pub use error::{RuleError, Result};
 pub use event::Event;
 pub use state::{SessionRole, SessionState, Status};

@@ -200,9 +200,7 @@ impl SessionState {
             } => {
                 for c in changes {
                     let r = match (c.op, &c.value) {
-                        (ChangeOp::Remove, _) => {
-                            pointer::remove(&mut self.doc, &c.path).map(|_| ())
-                        }
+                        (ChangeOp::Remove, _) => pointer::remove(&mut self.doc, &c.path).map(|_| ()),
                         (ChangeOp::Set, Some(v)) => {
                             pointer::set(&mut self.doc, &c.path, v.clone()).map(|_| ())
                         }
@@ -287,17 +285,17 @@ impl SessionState {
                     let Some(v) = &c.value else {
                         return Err(RuleError::new(
                             codes::INVALID_PAYLOAD,
-                            format!(
-                                "change {i}: `value` is required (use op \"remove\" to delete)"
-                            ),
+                            format!("change {i}: `value` is required (use op \"remove\" to delete)"),
                         ));
                     };
                     match scratch.as_mut() {
                         Some(doc) => {
                             pointer::set(doc, &c.path, v.clone()).map_err(|e| path_error(i, e))?;
                         }
-                        None => pointer::check_set(&self.doc, &c.path, v)
-                            .map_err(|e| path_error(i, e))?,
+                        None => {
+                            pointer::check_set(&self.doc, &c.path, v)
+                                .map_err(|e| path_error(i, e))?
+                        }
                     }
                     applied.push(AppliedChange {
                         path: c.path.clone(),
@@ -360,10 +358,7 @@ impl SessionState {
         }
         self.require_not_ended()?;
         if !state.is_object() {
-            return Err(RuleError::new(
-                codes::INVALID_PAYLOAD,
-                "`state` must be an object",
-            ));
+            return Err(RuleError::new(codes::INVALID_PAYLOAD, "`state` must be an object"));
         }
         Ok(vec![Event::StateUpdate {
             update_id: ctx.command_id,
@@ -417,8 +412,9 @@ impl SessionState {
             }
         }
         let already = existing.is_some()
-            && j.character_id
-                .is_none_or(|c| self.members[&ctx.user_id].characters.contains(&c))
+            && j.character_id.is_none_or(|c| {
+                self.members[&ctx.user_id].characters.contains(&c)
+            })
             && j.character.is_none();
         if already {
             return Ok(vec![]); // joining again changes nothing
@@ -463,10 +459,7 @@ impl SessionState {
 
     fn require_not_ended(&self) -> Result<()> {
         if self.status == Status::Ended {
-            return Err(RuleError::new(
-                codes::SESSION_ENDED,
-                "the session has ended",
-            ));
+            return Err(RuleError::new(codes::SESSION_ENDED, "the session has ended"));
         }
         Ok(())
     }
@@ -529,10 +522,7 @@ mod tests {
             dm,
             "t0".into(),
         ));
-        for e in s
-            .decide(&ctx(player), &Command::Join(JoinRequest::default()))
-            .unwrap()
-        {
+        for e in s.decide(&ctx(player), &Command::Join(JoinRequest::default())).unwrap() {
             s.apply(&e);
         }
         (s, dm, player)
@@ -552,36 +542,16 @@ mod tests {
     #[test]
     fn state_update_table() {
         let (mut s, _dm, p) = session();
-        run(
-            &mut s,
-            &ctx(p),
-            &update(json!([{"path": "/hp", "value": 10}])),
-        )
-        .unwrap();
+        run(&mut s, &ctx(p), &update(json!([{"path": "/hp", "value": 10}]))).unwrap();
         let cases: Vec<(Value, Option<&str>)> = vec![
             (json!([{"path": "/hp", "value": 9, "previous": 10}]), None),
-            (
-                json!([{"path": "/hp", "value": 1, "previous": 10}]),
-                Some(codes::CONFLICT),
-            ),
-            (
-                json!([{"path": "hp", "value": 1}]),
-                Some(codes::INVALID_PATH),
-            ),
-            (
-                json!([{"path": "/hp/deeper", "value": 1}]),
-                Some(codes::INVALID_PATH),
-            ),
-            (
-                json!([{"path": "/a~2", "value": 1}]),
-                Some(codes::INVALID_PATH),
-            ),
+            (json!([{"path": "/hp", "value": 1, "previous": 10}]), Some(codes::CONFLICT)),
+            (json!([{"path": "hp", "value": 1}]), Some(codes::INVALID_PATH)),
+            (json!([{"path": "/hp/deeper", "value": 1}]), Some(codes::INVALID_PATH)),
+            (json!([{"path": "/a~2", "value": 1}]), Some(codes::INVALID_PATH)),
             (json!([{"path": "/x"}]), Some(codes::INVALID_PAYLOAD)),
             (json!([]), Some(codes::INVALID_PAYLOAD)),
-            (
-                json!([{"path": "/nope", "op": "remove"}]),
-                Some(codes::INVALID_PATH),
-            ),
+            (json!([{"path": "/nope", "op": "remove"}]), Some(codes::INVALID_PATH)),
             (json!([{"path": "", "value": 3}]), Some(codes::INVALID_PATH)),
             // All or nothing: the second change fails, so the first is not applied.
             (
@@ -593,10 +563,7 @@ mod tests {
                 json!([{"path": "/list", "value": []}, {"path": "/list/-", "value": "a"}]),
                 None,
             ),
-            (
-                json!([{"path": "/null_guard", "value": 1, "previous": null}]),
-                None,
-            ),
+            (json!([{"path": "/null_guard", "value": 1, "previous": null}]), None),
         ];
         for (changes, want) in cases {
             let before = s.clone();
@@ -679,13 +646,9 @@ mod tests {
             );
         }
         assert_eq!(
-            run(
-                &mut s,
-                &ctx(p),
-                &update(json!([{"path": "/x", "value": 1}]))
-            )
-            .unwrap_err()
-            .code,
+            run(&mut s, &ctx(p), &update(json!([{"path": "/x", "value": 1}])))
+                .unwrap_err()
+                .code,
             codes::SESSION_ENDED
         );
     }

@@ -211,8 +211,6 @@ pub struct RouterConfig {
     pub replay_limit: u64,
     /// Events of one session kept by the router for gap filling.
     pub recent_events: usize,
-    /// Outbound frames buffered per connection before it counts as too slow.
-    pub outbound_buffer: usize,
 }
 
 impl Default for RouterConfig {
@@ -232,7 +230,6 @@ impl Default for RouterConfig {
             max_inflight_per_connection: 64,
             replay_limit: 1000,
             recent_events: 1024,
-            outbound_buffer: 4096,
         }
     }
 }
@@ -459,6 +456,16 @@ mod tests {
         let cfg = Config::default();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("jwt_secret"), "{err}");
+    }
+
+    #[test]
+    fn the_example_file_documents_the_defaults() {
+        // config/example.toml lists every field with its default; this keeps it true.
+        let example: Config =
+            toml::from_str(include_str!("../../config/example.toml")).expect("example parses");
+        let mut defaults = serde_json::to_value(Config::default()).unwrap();
+        defaults["auth"]["jwt_secret"] = serde_json::json!("change-me-to-a-long-random-secret");
+        assert_eq!(serde_json::to_value(example).unwrap(), defaults);
     }
 
     #[test]

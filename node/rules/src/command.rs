@@ -4,9 +4,12 @@
 //! either refused with a [`crate::RuleError`], or turned into events. Commands are never
 //! stored; the events they produce are.
 
+use crate::character::{CharacterChanges, Pos};
+use crate::conditions::{Boundary, Condition};
 use crate::error::{codes, Result, RuleError};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// Who issues a command, and when (the node's clock, so rules never read one).
@@ -39,9 +42,17 @@ pub enum ChangeOp {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
     pub path: String,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub value: Option<Value>,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub previous: Option<Value>,
     #[serde(default)]
     pub op: ChangeOp,
@@ -78,7 +89,10 @@ pub enum Command {
     /// WebSocket `state_update`: JSON Pointer changes to the state document.
     StateUpdate(StateUpdate),
     /// REST `POST /state`: replace the document (and its metadata).
-    SaveState { state: Value, metadata: Value },
+    SaveState {
+        state: Value,
+        metadata: Value,
+    },
     /// REST `POST /join`.
     Join(JoinRequest),
     /// WebSocket `leave`.
@@ -88,6 +102,183 @@ pub enum Command {
     SessionPause {},
     SessionResume {},
     SessionEnd {},
+
+    // ---- Play (see `docs/rules.md`) ----
+    /// DM: put a monster or NPC in play from a sheet (or a bound player's character).
+    SpawnCharacter {
+        /// Defaults to the command id.
+        #[serde(default)]
+        character_id: Option<Uuid>,
+        sheet: Value,
+    },
+    /// DM: change a character's numbers or conditions.
+    CharacterUpdate {
+        character_id: Uuid,
+        changes: CharacterChanges,
+    },
+    /// Internal, not a client type: the node applies a Message Hub
+    /// `character.state.changed` (needs `ctx.admin`). Same effect as `CharacterUpdate`.
+    CharacterSync {
+        character_id: Uuid,
+        changes: CharacterChanges,
+    },
+    /// DM: put a character on a square of the grid (no movement cost, no reactions).
+    PlaceCharacter {
+        character_id: Uuid,
+        position: Pos,
+    },
+    /// DM: start combat with these characters; initiative is rolled.
+    CombatStart {
+        participants: Vec<Uuid>,
+    },
+    /// DM: bring more characters into the running combat.
+    CombatAdd {
+        participants: Vec<Uuid>,
+    },
+    /// DM: end combat.
+    CombatEnd {},
+    /// A character's controller asks the server to roll its initiative, or reports a
+    /// d20 (`roll`) when `settings.allow_client_rolls` is true.
+    InitiativeRoll {
+        character_id: Uuid,
+        #[serde(default)]
+        roll: Option<u32>,
+        #[serde(default)]
+        modifiers: BTreeMap<String, i32>,
+    },
+    /// The active character's controller (or the DM) ends its turn.
+    EndTurn {},
+    /// Declare (and resolve) an action: attack, save, heal, dash, disengage, dodge, other.
+    ActionDeclare(ActionDeclare),
+    /// Move a character on the grid.
+    Move {
+        character_id: Uuid,
+        to: Pos,
+    },
+    /// Stand up from prone (costs half the speed).
+    StandUp {
+        character_id: Uuid,
+    },
+    /// DM: impose a condition, optionally timed and with a source.
+    ApplyCondition {
+        character_id: Uuid,
+        condition: Condition,
+        #[serde(default)]
+        duration: Option<DurationSpec>,
+        #[serde(default)]
+        source: Option<Uuid>,
+    },
+    /// DM: remove a condition (and every effect imposing it).
+    RemoveCondition {
+        character_id: Uuid,
+        condition: Condition,
+    },
+    /// Drop concentration (the controller or the DM; no action needed).
+    EndConcentration {
+        character_id: Uuid,
+    },
+    /// DM: restore the session to an earlier version. The node decides it with
+    /// [`crate::SessionState::decide_rollback`], which needs the past state.
+    Rollback {
+        to_version: u64,
+    },
+}
+
+/// `action_declare`: the ICD's fields; `details` is parsed by the action's type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionDeclare {
+    /// Defaults to the command id.
+    #[serde(default)]
+    pub action_id: Option<Uuid>,
+    pub character_id: Uuid,
+    pub action_type: ActionType,
+    #[serde(default)]
+    pub targets: Vec<Uuid>,
+    #[serde(default)]
+    pub details: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionType {
+    /// An attack roll against each target's armour class.
+    Attack,
+    /// Each target makes a saving throw against a DC.
+    Save,
+    /// Healing (or temporary hit points).
+    Heal,
+    Dash,
+    Disengage,
+    Dodge,
+    /// Anything else: spends the action, no mechanics.
+    Other,
+}
+
+impl ActionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionType::Attack => "attack",
+            ActionType::Save => "save",
+            ActionType::Heal => "heal",
+            ActionType::Dash => "dash",
+            ActionType::Disengage => "disengage",
+            ActionType::Dodge => "dodge",
+            ActionType::Other => "other",
+        }
+    }
+}
+
+/// What an action spends from the action economy (`details.cost`; default `action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Cost {
+    #[default]
+    Action,
+    BonusAction,
+    /// The only cost usable outside the character's own turn.
+    Reaction,
+}
+
+/// A duration as clients write it: `{rounds, ends: "start"|"end", of}` where `of` is
+/// `"target"` (default), `"actor"` (the creature imposing it) or a character id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurationSpec {
+    pub rounds: u32,
+    pub ends: Boundary,
+    #[serde(default)]
+    pub of: TurnOf,
+}
+
+/// Whose turn a duration counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TurnOf {
+    Named(Named),
+    Character(Uuid),
+}
+
+impl Default for TurnOf {
+    fn default() -> Self {
+        TurnOf::Named(Named::Target)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Named {
+    Target,
+    Actor,
+}
+
+impl TurnOf {
+    /// The creature whose turns count, given the effect's target and actor.
+    pub fn resolve(self, target: Uuid, actor: Option<Uuid>) -> Uuid {
+        match self {
+            TurnOf::Character(c) => c,
+            TurnOf::Named(Named::Actor) => actor.unwrap_or(target),
+            TurnOf::Named(Named::Target) => target,
+        }
+    }
 }
 
 /// Message types a WebSocket client may send (others are REST-only or internal).
@@ -98,6 +289,21 @@ pub const CLIENT_TYPES: &[&str] = &[
     "session_pause",
     "session_resume",
     "session_end",
+    "spawn_character",
+    "character_update",
+    "place_character",
+    "combat_start",
+    "combat_add",
+    "combat_end",
+    "initiative_roll",
+    "end_turn",
+    "action_declare",
+    "move",
+    "stand_up",
+    "apply_condition",
+    "remove_condition",
+    "end_concentration",
+    "rollback",
 ];
 
 impl Command {
@@ -131,7 +337,38 @@ impl Command {
             Command::SessionPause {} => "session_pause",
             Command::SessionResume {} => "session_resume",
             Command::SessionEnd {} => "session_end",
+            Command::SpawnCharacter { .. } => "spawn_character",
+            Command::CharacterUpdate { .. } => "character_update",
+            Command::CharacterSync { .. } => "character_sync",
+            Command::PlaceCharacter { .. } => "place_character",
+            Command::CombatStart { .. } => "combat_start",
+            Command::CombatAdd { .. } => "combat_add",
+            Command::CombatEnd {} => "combat_end",
+            Command::InitiativeRoll { .. } => "initiative_roll",
+            Command::EndTurn {} => "end_turn",
+            Command::ActionDeclare(_) => "action_declare",
+            Command::Move { .. } => "move",
+            Command::StandUp { .. } => "stand_up",
+            Command::ApplyCondition { .. } => "apply_condition",
+            Command::RemoveCondition { .. } => "remove_condition",
+            Command::EndConcentration { .. } => "end_concentration",
+            Command::Rollback { .. } => "rollback",
         }
+    }
+
+    /// Combat commands, for the ICD's "combat actions per minute per player" limit.
+    pub fn is_combat(&self) -> bool {
+        matches!(
+            self,
+            Command::CombatStart { .. }
+                | Command::CombatAdd { .. }
+                | Command::CombatEnd {}
+                | Command::InitiativeRoll { .. }
+                | Command::EndTurn {}
+                | Command::ActionDeclare(_)
+                | Command::Move { .. }
+                | Command::StandUp { .. }
+        )
     }
 }
 
@@ -160,7 +397,9 @@ mod tests {
         );
         // REST-only commands are not accepted from a WebSocket.
         assert_eq!(
-            Command::from_client("save_state", json!({})).unwrap_err().code,
+            Command::from_client("save_state", json!({}))
+                .unwrap_err()
+                .code,
             codes::UNKNOWN_TYPE
         );
         assert_eq!(

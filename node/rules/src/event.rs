@@ -7,9 +7,14 @@
 //! computed value is inside the event, so replaying the log reproduces the state
 //! exactly.
 
+use crate::character::{Ability, CharacterChanges, DamageReport, Pos};
+use crate::command::{ActionType, Cost};
+use crate::conditions::{Condition, Duration};
+use crate::dice::{Mode, Roll};
 use crate::state::{SessionRole, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// One applied change, with the value it replaced (`previous`, absent if none).
@@ -29,6 +34,9 @@ fn is_set(op: &crate::command::ChangeOp) -> bool {
     *op == crate::command::ChangeOp::Set
 }
 
+// Variants differ in size; events are built once and moved a few times, so boxing
+// them would only make matching clumsier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum Event {
@@ -70,6 +78,361 @@ pub enum Event {
         by: Uuid,
         timestamp: String,
     },
+
+    // ---- Play events: each carries `patch`, the merge patch of the play state ----
+    CharacterSpawned(CharacterSpawned),
+    CharacterUpdated(CharacterUpdated),
+    CharacterPlaced(CharacterPlaced),
+    CombatStarted(CombatStarted),
+    CombatJoined(CombatJoined),
+    /// ICD `initiative_roll`.
+    InitiativeRoll(InitiativeRolled),
+    /// ICD `turn_change`.
+    TurnChange(TurnChanged),
+    DeathSave(DeathSaveRolled),
+    /// ICD `action_declare`.
+    ActionDeclare(ActionDeclared),
+    /// ICD `action_resolve`.
+    ActionResolve(ActionResolved),
+    CharacterMoved(CharacterMoved),
+    StoodUp(StoodUp),
+    OpportunityAttack(OpportunityAttack),
+    ConditionApplied(ConditionApplied),
+    ConditionRemoved(ConditionRemoved),
+    ConcentrationEnded(ConcentrationEnded),
+    CombatEnded(CombatEnded),
+    /// A DM's rollback: the document and play state of an earlier version.
+    StateRestored(StateRestored),
+}
+
+/// Serde helpers for the `patch` field every play event has.
+mod patch_field {
+    pub fn skip(p: &serde_json::Value) -> bool {
+        crate::patch::is_empty(p)
+    }
+}
+
+/// A monster, NPC or character entered play (`spawn_character`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CharacterSpawned {
+    pub character_id: Uuid,
+    pub name: String,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// `character_update` (source `dm`) or a hub `character.state.changed` (source `hub`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CharacterUpdated {
+    pub character_id: Uuid,
+    pub changes: CharacterChanges,
+    pub source: String,
+    /// Effects that ended because a condition was removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub effects_ended: Vec<u64>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CharacterPlaced {
+    pub character_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Pos>,
+    pub position: Pos,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CombatStarted {
+    pub combat_id: Uuid,
+    pub participants: Vec<Uuid>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// `combat_add`: more participants in a running combat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CombatJoined {
+    pub combat_id: Uuid,
+    pub participants: Vec<Uuid>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// ICD `initiative_roll`: `roll` is the total; `modifiers` what was added to the d20.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitiativeRolled {
+    pub combat_id: Uuid,
+    pub character_id: Uuid,
+    pub roll: i32,
+    pub modifiers: BTreeMap<String, i32>,
+    pub d20: u32,
+    pub rolls: Vec<Roll>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// ICD `turn_change`: whose turn it is now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TurnChanged {
+    pub combat_id: Uuid,
+    pub active_character: Uuid,
+    pub round: u32,
+    /// 1-based position of the active character in the initiative order.
+    pub turn_number: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_character: Option<Uuid>,
+    /// Timed effects that expired at the end of the previous turn or the start of
+    /// this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub effects_ended: Vec<u64>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// A dying player character's death saving throw at the start of its turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeathSaveRolled {
+    pub character_id: Uuid,
+    pub roll: u32,
+    /// `success`, `failure`, `two_failures` (a 1) or `regain_hp` (a 20).
+    pub result: String,
+    pub successes: u8,
+    pub failures: u8,
+    /// `dying`, `stable`, `dead` or `conscious`.
+    pub outcome: String,
+    pub rolls: Vec<Roll>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// ICD `action_declare`, echoed with what it costs; the patch spends it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionDeclared {
+    pub action_id: Uuid,
+    pub character_id: Uuid,
+    pub action_type: ActionType,
+    pub targets: Vec<Uuid>,
+    pub details: Value,
+    pub cost: Cost,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// ICD `action_resolve`: one outcome per target, every roll, and the patch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionResolved {
+    pub action_id: Uuid,
+    pub character_id: Uuid,
+    pub action_type: ActionType,
+    pub outcomes: Vec<Outcome>,
+    pub rolls: Vec<Roll>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// What an action did to one target (ICD fields first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub target_id: Uuid,
+    /// What happened, in words: `hit`, `miss`, `critical`, `save_succeeded`,
+    /// `save_failed`, `healed`, `unconscious`, `dead`, `instant_death`,
+    /// `death_save_failure`, `conscious`, `temp_hp_absorbed`, `temp_hp_gained`,
+    /// `concentration_kept`, `concentration_broken`, `immune:<condition>`, ...
+    pub effects: Vec<String>,
+    pub damage: DamageReport,
+    /// Conditions this action imposed on the target.
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack: Option<AttackRoll>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save: Option<SaveRoll>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concentration_check: Option<ConcentrationCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healed: Option<u32>,
+    /// The target's hit points after the action.
+    pub hp: u32,
+    pub temp_hp: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttackRoll {
+    /// The kept d20.
+    pub d20: u32,
+    pub bonus: i32,
+    pub total: i32,
+    pub ac: u32,
+    pub mode: Mode,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advantage: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disadvantage: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distance: Option<u32>,
+    pub hit: bool,
+    pub critical: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaveRoll {
+    pub ability: Ability,
+    pub dc: i32,
+    /// The kept d20; absent when the save failed automatically.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d20: Option<u32>,
+    pub bonus: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<i32>,
+    pub mode: Mode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_fail: Option<Condition>,
+    pub success: bool,
+}
+
+/// The Constitution save a concentrating creature makes when damaged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConcentrationCheck {
+    pub dc: i32,
+    pub d20: u32,
+    pub total: i32,
+    pub success: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CharacterMoved {
+    pub character_id: Uuid,
+    pub from: Pos,
+    pub to: Pos,
+    /// Feet between `from` and `to`.
+    pub distance: u32,
+    /// Feet of movement spent (double while crawling prone); 0 out of combat.
+    pub cost: u32,
+    /// Movement left this turn, in combat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub movement_left: Option<u32>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoodUp {
+    pub character_id: Uuid,
+    pub cost: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub movement_left: Option<u32>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// A move left hostile creatures' reach: each may use its reaction to attack
+/// (`action_declare` with `details.cost = "reaction"`). Declared, not automated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpportunityAttack {
+    pub character_id: Uuid,
+    pub from: Pos,
+    pub to: Pos,
+    pub reactors: Vec<Uuid>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConditionApplied {
+    pub character_id: Uuid,
+    pub condition: Condition,
+    /// The effect recording source and duration, if the condition has either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Uuid>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConditionRemoved {
+    pub character_id: Uuid,
+    pub condition: Condition,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub effects_ended: Vec<u64>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConcentrationEnded {
+    pub character_id: Uuid,
+    pub action_id: Uuid,
+    /// `voluntary` (the only reason with its own event; damage and incapacitation
+    /// show in the outcome or patch of the event that caused them).
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub effects_ended: Vec<u64>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CombatEnded {
+    pub combat_id: Uuid,
+    pub rounds: u32,
+    /// Timed effects end with the combat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub effects_ended: Vec<u64>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// The state document, metadata and play state of version `to_version`; members and
+/// lifecycle status stay as they are, and the dice stream continues (no roll repeats).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateRestored {
+    pub to_version: u64,
+    pub doc: Value,
+    pub metadata: Value,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
 }
 
 impl Event {
@@ -81,6 +444,121 @@ impl Event {
             Event::PlayerJoined { .. } => "player_joined",
             Event::PlayerLeft { .. } => "player_left",
             Event::SessionStatusChanged { .. } => "session_status_changed",
+            Event::CharacterSpawned(_) => "character_spawned",
+            Event::CharacterUpdated(_) => "character_updated",
+            Event::CharacterPlaced(_) => "character_placed",
+            Event::CombatStarted(_) => "combat_started",
+            Event::CombatJoined(_) => "combat_joined",
+            Event::InitiativeRoll(_) => "initiative_roll",
+            Event::TurnChange(_) => "turn_change",
+            Event::DeathSave(_) => "death_save",
+            Event::ActionDeclare(_) => "action_declare",
+            Event::ActionResolve(_) => "action_resolve",
+            Event::CharacterMoved(_) => "character_moved",
+            Event::StoodUp(_) => "stood_up",
+            Event::OpportunityAttack(_) => "opportunity_attack",
+            Event::ConditionApplied(_) => "condition_applied",
+            Event::ConditionRemoved(_) => "condition_removed",
+            Event::ConcentrationEnded(_) => "concentration_ended",
+            Event::CombatEnded(_) => "combat_ended",
+            Event::StateRestored(_) => "state_restored",
+        }
+    }
+
+    /// When it happened (the node's clock at decide time).
+    pub fn timestamp(&self) -> &str {
+        match self {
+            Event::SessionCreated { timestamp, .. }
+            | Event::StateUpdate { timestamp, .. }
+            | Event::PlayerJoined { timestamp, .. }
+            | Event::PlayerLeft { timestamp, .. }
+            | Event::SessionStatusChanged { timestamp, .. } => timestamp,
+            Event::CharacterSpawned(e) => &e.timestamp,
+            Event::CharacterUpdated(e) => &e.timestamp,
+            Event::CharacterPlaced(e) => &e.timestamp,
+            Event::CombatStarted(e) => &e.timestamp,
+            Event::CombatJoined(e) => &e.timestamp,
+            Event::InitiativeRoll(e) => &e.timestamp,
+            Event::TurnChange(e) => &e.timestamp,
+            Event::DeathSave(e) => &e.timestamp,
+            Event::ActionDeclare(e) => &e.timestamp,
+            Event::ActionResolve(e) => &e.timestamp,
+            Event::CharacterMoved(e) => &e.timestamp,
+            Event::StoodUp(e) => &e.timestamp,
+            Event::OpportunityAttack(e) => &e.timestamp,
+            Event::ConditionApplied(e) => &e.timestamp,
+            Event::ConditionRemoved(e) => &e.timestamp,
+            Event::ConcentrationEnded(e) => &e.timestamp,
+            Event::CombatEnded(e) => &e.timestamp,
+            Event::StateRestored(e) => &e.timestamp,
+        }
+    }
+
+    /// The user whose command produced the event.
+    pub fn by(&self) -> Uuid {
+        match self {
+            Event::SessionCreated { created_by, .. } => *created_by,
+            Event::StateUpdate { user_id, .. }
+            | Event::PlayerJoined { user_id, .. }
+            | Event::PlayerLeft { user_id, .. } => *user_id,
+            Event::SessionStatusChanged { by, .. } => *by,
+            Event::CharacterSpawned(e) => e.by,
+            Event::CharacterUpdated(e) => e.by,
+            Event::CharacterPlaced(e) => e.by,
+            Event::CombatStarted(e) => e.by,
+            Event::CombatJoined(e) => e.by,
+            Event::InitiativeRoll(e) => e.by,
+            Event::TurnChange(e) => e.by,
+            Event::DeathSave(e) => e.by,
+            Event::ActionDeclare(e) => e.by,
+            Event::ActionResolve(e) => e.by,
+            Event::CharacterMoved(e) => e.by,
+            Event::StoodUp(e) => e.by,
+            Event::OpportunityAttack(e) => e.by,
+            Event::ConditionApplied(e) => e.by,
+            Event::ConditionRemoved(e) => e.by,
+            Event::ConcentrationEnded(e) => e.by,
+            Event::CombatEnded(e) => e.by,
+            Event::StateRestored(e) => e.by,
+        }
+    }
+
+    /// The play-state merge patch of a play event.
+    pub fn patch(&self) -> Option<&Value> {
+        Some(match self {
+            Event::SessionCreated { .. }
+            | Event::StateUpdate { .. }
+            | Event::PlayerJoined { .. }
+            | Event::PlayerLeft { .. }
+            | Event::SessionStatusChanged { .. } => return None,
+            Event::CharacterSpawned(e) => &e.patch,
+            Event::CharacterUpdated(e) => &e.patch,
+            Event::CharacterPlaced(e) => &e.patch,
+            Event::CombatStarted(e) => &e.patch,
+            Event::CombatJoined(e) => &e.patch,
+            Event::InitiativeRoll(e) => &e.patch,
+            Event::TurnChange(e) => &e.patch,
+            Event::DeathSave(e) => &e.patch,
+            Event::ActionDeclare(e) => &e.patch,
+            Event::ActionResolve(e) => &e.patch,
+            Event::CharacterMoved(e) => &e.patch,
+            Event::StoodUp(e) => &e.patch,
+            Event::OpportunityAttack(e) => &e.patch,
+            Event::ConditionApplied(e) => &e.patch,
+            Event::ConditionRemoved(e) => &e.patch,
+            Event::ConcentrationEnded(e) => &e.patch,
+            Event::CombatEnded(e) => &e.patch,
+            Event::StateRestored(e) => &e.patch,
+        })
+    }
+
+    /// The dice rolled for this event.
+    pub fn rolls(&self) -> &[Roll] {
+        match self {
+            Event::InitiativeRoll(e) => &e.rolls,
+            Event::DeathSave(e) => &e.rolls,
+            Event::ActionResolve(e) => &e.rolls,
+            _ => &[],
         }
     }
 

@@ -11,18 +11,40 @@
 //! * [`event`]: what happened ([`Event`]); the stored and broadcast unit.
 //! * [`state`]: [`SessionState`] with `decide` (command → events) and `apply`
 //!   (event → state); lifecycle, roster and the state document.
-//! * [`pointer`]: JSON Pointer (RFC 6901) on the state document.
-//! * [`game`]: rules-managed play (characters, combat, dice).
+//! * [`pointer`](mod@pointer): JSON Pointer (RFC 6901) on the state document.
+//! * [`game`]: rules-managed play state ([`game::Game`]): how play commands are
+//!   decided on a scratch copy and applied as merge patches ([`patch`]).
+//! * [`character`]: characters in play, sheets, hit points, damage, healing.
+//! * [`conditions`]: the 5e conditions, their mechanical effects, timed effects.
+//! * [`combat`]: initiative, turn order, rounds, action economy, turn boundaries.
+//! * [`actions`]: attacks, saving throws, damage, healing, concentration.
+//! * [`movement`]: the grid, movement, opportunity attacks.
+//! * [`dice`]: the seeded counter-based dice and dice expressions.
+//! * [`history`]: audit-log entries.
 //! * [`error`]: [`RuleError`] and its stable codes.
+//!
+//! The wire contract of play (every message and event) is `docs/rules.md`.
 
+pub mod actions;
+pub mod character;
+pub mod combat;
 pub mod command;
+pub mod conditions;
+pub mod dice;
 pub mod error;
 pub mod event;
 pub mod game;
+pub mod history;
+pub mod movement;
+pub mod patch;
 pub mod pointer;
 pub mod state;
 
 pub use command::{Command, Ctx};
-pub use error::{RuleError, Result};
+pub use error::{Result, RuleError};
 pub use event::Event;
+pub use history::audit_entry;
 pub use state::{SessionRole, SessionState, Status};
+
+#[cfg(test)]
+mod tests;

@@ -31,7 +31,10 @@ pub fn parse(path: &str) -> Result<Vec<String>, PathError> {
         return Ok(vec![]);
     }
     if !path.starts_with('/') {
-        return Err(PathError::new(path, "a JSON Pointer must be empty or start with '/'"));
+        return Err(PathError::new(
+            path,
+            "a JSON Pointer must be empty or start with '/'",
+        ));
     }
     path[1..]
         .split('/')
@@ -68,7 +71,10 @@ fn array_index(path: &str, token: &str) -> Result<Option<usize>, PathError> {
         && token.bytes().all(|b| b.is_ascii_digit())
         && (token == "0" || !token.starts_with('0'));
     if !valid {
-        return Err(PathError::new(path, format!("{token:?} is not an array index")));
+        return Err(PathError::new(
+            path,
+            format!("{token:?} is not an array index"),
+        ));
     }
     token
         .parse::<usize>()
@@ -101,7 +107,10 @@ pub fn set(doc: &mut Value, path: &str, value: Value) -> Result<Option<Value>, P
     let tokens = parse(path)?;
     let Some((last, parents)) = tokens.split_last() else {
         if !value.is_object() {
-            return Err(PathError::new(path, "the document root must stay an object"));
+            return Err(PathError::new(
+                path,
+                "the document root must stay an object",
+            ));
         }
         return Ok(Some(std::mem::replace(doc, value)));
     };
@@ -149,7 +158,10 @@ pub fn check_set(doc: &Value, path: &str, value: &Value) -> Result<(), PathError
     let tokens = parse(path)?;
     let Some((last, parents)) = tokens.split_last() else {
         if !value.is_object() {
-            return Err(PathError::new(path, "the document root must stay an object"));
+            return Err(PathError::new(
+                path,
+                "the document root must stay an object",
+            ));
         }
         return Ok(());
     };
@@ -269,7 +281,10 @@ mod tests {
     #[test]
     fn set_creates_objects_and_appends() {
         let mut doc = json!({});
-        assert_eq!(set(&mut doc, "/characters/abc/hp", json!(12)).unwrap(), None);
+        assert_eq!(
+            set(&mut doc, "/characters/abc/hp", json!(12)).unwrap(),
+            None
+        );
         assert_eq!(doc, json!({"characters": {"abc": {"hp": 12}}}));
         assert_eq!(
             set(&mut doc, "/characters/abc/hp", json!(9)).unwrap(),
@@ -291,7 +306,9 @@ mod tests {
     #[test]
     fn check_set_agrees_with_set() {
         let doc = json!({"a": {"b": 1}, "l": [1, 2], "s": "x"});
-        for p in ["", "/a/b", "/a/c/d", "/l/0", "/l/2", "/l/-", "/l/3", "/l/x", "/s/t", "/l/0/x", "bad"] {
+        for p in [
+            "", "/a/b", "/a/c/d", "/l/0", "/l/2", "/l/-", "/l/3", "/l/x", "/s/t", "/l/0/x", "bad",
+        ] {
             for v in [json!(1), json!({})] {
                 let mut copy = doc.clone();
                 assert_eq!(

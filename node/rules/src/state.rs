@@ -9,8 +9,8 @@
 
 use crate::command::{ChangeOp, Command, Ctx, JoinRequest, StateUpdate, MAX_CHANGES};
 use crate::error::{codes, Result, RuleError};
-use crate::event::{AppliedChange, Event};
-use crate::game::Game;
+use crate::event::{AppliedChange, Event, StateRestored};
+use crate::game::{Actor, Game};
 use crate::pointer;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -165,7 +165,129 @@ impl SessionState {
                 &[Status::Created, Status::Active, Status::Paused],
                 Status::Ended,
             ),
+            Command::CharacterSync { .. } => {
+                // Internal: the node applies a Message Hub event with a system ctx.
+                if !ctx.admin {
+                    return Err(RuleError::new(
+                        codes::FORBIDDEN_FOR_ROLE,
+                        "character_sync is internal to the service",
+                    ));
+                }
+                self.require_not_ended()?;
+                self.game.decide(&self.actor(ctx), ctx, cmd)
+            }
+            Command::Rollback { to_version } => {
+                self.check_rollback(ctx, *to_version)?;
+                Err(RuleError::new(
+                    codes::ROLLBACK_NEEDS_HISTORY,
+                    "a rollback is decided by SessionState::decide_rollback with the past state",
+                ))
+            }
+            play => self.decide_play(ctx, play),
         }
+    }
+
+    /// Play commands: members only, observers watch; setting up characters needs a
+    /// session that has not ended, everything else an active one.
+    fn decide_play(&self, ctx: &Ctx, cmd: &Command) -> Result<Vec<Event>> {
+        let role = self.require_member(ctx)?;
+        if role == Some(SessionRole::Observer) {
+            return Err(RuleError::new(
+                codes::FORBIDDEN_FOR_ROLE,
+                "observers watch; they do not play",
+            ));
+        }
+        self.require_not_ended()?;
+        let setup = matches!(
+            cmd,
+            Command::SpawnCharacter { .. }
+                | Command::CharacterUpdate { .. }
+                | Command::PlaceCharacter { .. }
+        );
+        if !setup && self.status != Status::Active {
+            return Err(RuleError::new(
+                codes::SESSION_NOT_ACTIVE,
+                format!("the session is {}, not active", self.status.as_str()),
+            )
+            .with_details(json!({ "status": self.status })));
+        }
+        self.game.decide(&self.actor(ctx), ctx, cmd)
+    }
+
+    /// The sender as the rules see it: DM powers and controlled characters.
+    pub fn actor(&self, ctx: &Ctx) -> Actor {
+        Actor {
+            user: ctx.user_id,
+            dm: self.is_dm(ctx),
+            controls: self
+                .members
+                .get(&ctx.user_id)
+                .map(|m| m.characters.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The checks of a rollback that need no history: the DM, a session not ended, and
+    /// 1 ≤ `to_version` < the current version. The node calls it before replaying the
+    /// log up to `to_version` (so a refused rollback costs no replay).
+    pub fn check_rollback(&self, ctx: &Ctx, to_version: u64) -> Result<()> {
+        self.require_member(ctx)?;
+        if !self.is_dm(ctx) {
+            return Err(RuleError::new(
+                codes::FORBIDDEN_FOR_ROLE,
+                "only the DM rolls the session back",
+            ));
+        }
+        self.require_not_ended()?;
+        if to_version == 0 || to_version >= self.version {
+            return Err(RuleError::new(
+                codes::INVALID_VERSION,
+                format!(
+                    "to_version must be between 1 and {} (the current version is {})",
+                    self.version.saturating_sub(1),
+                    self.version
+                ),
+            )
+            .with_details(json!({ "to_version": to_version, "version": self.version })));
+        }
+        Ok(())
+    }
+
+    /// Decides a rollback to `to_version`, given `past`: this session's state at that
+    /// version (replayed by the node from the log). Emits `state_restored`, which
+    /// restores the state document, its metadata and the play state (characters,
+    /// effects, combat) of `past`. Members and the lifecycle status stay as they are
+    /// now; characters bound by current members that were not yet in play stay in
+    /// play; the dice counter and effect ids keep growing (no roll repeats). History is
+    /// never erased: the rollback is one more event.
+    pub fn decide_rollback(
+        &self,
+        ctx: &Ctx,
+        to_version: u64,
+        past: &SessionState,
+    ) -> Result<Vec<Event>> {
+        self.check_rollback(ctx, to_version)?;
+        if past.version != to_version || past.id != self.id {
+            return Err(RuleError::new(
+                codes::INVALID_VERSION,
+                "the past state given is not this session at to_version",
+            )
+            .with_details(json!({ "to_version": to_version, "past_version": past.version })));
+        }
+        let keep: Vec<Uuid> = self
+            .members
+            .values()
+            .flat_map(|m| m.characters.iter().copied())
+            .collect();
+        let restored = self.game.restored(&past.game, &keep);
+        Ok(vec![Event::StateRestored(StateRestored {
+            to_version,
+            doc: past.doc.clone(),
+            metadata: past.metadata.clone(),
+            by: ctx.user_id,
+            patch: self.game.patch_to(&restored),
+            timestamp: ctx.timestamp.clone(),
+        })])
     }
 
     /// Applies one event. Never fails: events were validated when decided.
@@ -200,7 +322,9 @@ impl SessionState {
             } => {
                 for c in changes {
                     let r = match (c.op, &c.value) {
-                        (ChangeOp::Remove, _) => pointer::remove(&mut self.doc, &c.path).map(|_| ()),
+                        (ChangeOp::Remove, _) => {
+                            pointer::remove(&mut self.doc, &c.path).map(|_| ())
+                        }
                         (ChangeOp::Set, Some(v)) => {
                             pointer::set(&mut self.doc, &c.path, v.clone()).map(|_| ())
                         }
@@ -236,10 +360,16 @@ impl SessionState {
             Event::SessionStatusChanged { status, .. } => {
                 self.status = *status;
             }
+            Event::StateRestored(e) => {
+                self.doc = e.doc.clone();
+                self.metadata = e.metadata.clone();
+            }
+            // Play events change only the play state (below).
+            _ => {}
         }
         self.game.apply(event);
         self.version += 1;
-        self.updated_at = event_timestamp(event).to_string();
+        self.updated_at = event.timestamp().to_string();
     }
 
     fn decide_state_update(&self, ctx: &Ctx, u: &StateUpdate) -> Result<Vec<Event>> {
@@ -285,17 +415,17 @@ impl SessionState {
                     let Some(v) = &c.value else {
                         return Err(RuleError::new(
                             codes::INVALID_PAYLOAD,
-                            format!("change {i}: `value` is required (use op \"remove\" to delete)"),
+                            format!(
+                                "change {i}: `value` is required (use op \"remove\" to delete)"
+                            ),
                         ));
                     };
                     match scratch.as_mut() {
                         Some(doc) => {
                             pointer::set(doc, &c.path, v.clone()).map_err(|e| path_error(i, e))?;
                         }
-                        None => {
-                            pointer::check_set(&self.doc, &c.path, v)
-                                .map_err(|e| path_error(i, e))?
-                        }
+                        None => pointer::check_set(&self.doc, &c.path, v)
+                            .map_err(|e| path_error(i, e))?,
                     }
                     applied.push(AppliedChange {
                         path: c.path.clone(),
@@ -358,7 +488,10 @@ impl SessionState {
         }
         self.require_not_ended()?;
         if !state.is_object() {
-            return Err(RuleError::new(codes::INVALID_PAYLOAD, "`state` must be an object"));
+            return Err(RuleError::new(
+                codes::INVALID_PAYLOAD,
+                "`state` must be an object",
+            ));
         }
         Ok(vec![Event::StateUpdate {
             update_id: ctx.command_id,
@@ -412,9 +545,8 @@ impl SessionState {
             }
         }
         let already = existing.is_some()
-            && j.character_id.is_none_or(|c| {
-                self.members[&ctx.user_id].characters.contains(&c)
-            })
+            && j.character_id
+                .is_none_or(|c| self.members[&ctx.user_id].characters.contains(&c))
             && j.character.is_none();
         if already {
             return Ok(vec![]); // joining again changes nothing
@@ -459,20 +591,28 @@ impl SessionState {
 
     fn require_not_ended(&self) -> Result<()> {
         if self.status == Status::Ended {
-            return Err(RuleError::new(codes::SESSION_ENDED, "the session has ended"));
+            return Err(RuleError::new(
+                codes::SESSION_ENDED,
+                "the session has ended",
+            ));
         }
         Ok(())
     }
 
-    /// The rules-managed part clients see (`game` in views).
+    /// The rules-managed part clients see (`game` in views). The dice seed is left
+    /// out (of `settings` too): whoever knows it can predict every roll.
     pub fn game_view(&self) -> Value {
+        let mut settings = self.settings.clone();
+        if let Value::Object(m) = &mut settings {
+            m.remove("dice_seed");
+        }
         json!({
             "session_id": self.id,
             "campaign_id": self.campaign_id,
             "name": self.name,
             "status": self.status,
             "created_by": self.created_by,
-            "settings": self.settings,
+            "settings": settings,
             "members": self.members,
             "play": self.game.view(),
         })
@@ -485,16 +625,6 @@ fn path_error(index: usize, e: pointer::PathError) -> RuleError {
         format!("change {index}: invalid path {:?}: {}", e.path, e.reason),
     )
     .with_details(json!({"index": index, "path": e.path, "reason": e.reason}))
-}
-
-fn event_timestamp(e: &Event) -> &str {
-    match e {
-        Event::SessionCreated { timestamp, .. }
-        | Event::StateUpdate { timestamp, .. }
-        | Event::PlayerJoined { timestamp, .. }
-        | Event::PlayerLeft { timestamp, .. }
-        | Event::SessionStatusChanged { timestamp, .. } => timestamp,
-    }
 }
 
 #[cfg(test)]
@@ -522,7 +652,10 @@ mod tests {
             dm,
             "t0".into(),
         ));
-        for e in s.decide(&ctx(player), &Command::Join(JoinRequest::default())).unwrap() {
+        for e in s
+            .decide(&ctx(player), &Command::Join(JoinRequest::default()))
+            .unwrap()
+        {
             s.apply(&e);
         }
         (s, dm, player)
@@ -542,16 +675,36 @@ mod tests {
     #[test]
     fn state_update_table() {
         let (mut s, _dm, p) = session();
-        run(&mut s, &ctx(p), &update(json!([{"path": "/hp", "value": 10}]))).unwrap();
+        run(
+            &mut s,
+            &ctx(p),
+            &update(json!([{"path": "/hp", "value": 10}])),
+        )
+        .unwrap();
         let cases: Vec<(Value, Option<&str>)> = vec![
             (json!([{"path": "/hp", "value": 9, "previous": 10}]), None),
-            (json!([{"path": "/hp", "value": 1, "previous": 10}]), Some(codes::CONFLICT)),
-            (json!([{"path": "hp", "value": 1}]), Some(codes::INVALID_PATH)),
-            (json!([{"path": "/hp/deeper", "value": 1}]), Some(codes::INVALID_PATH)),
-            (json!([{"path": "/a~2", "value": 1}]), Some(codes::INVALID_PATH)),
+            (
+                json!([{"path": "/hp", "value": 1, "previous": 10}]),
+                Some(codes::CONFLICT),
+            ),
+            (
+                json!([{"path": "hp", "value": 1}]),
+                Some(codes::INVALID_PATH),
+            ),
+            (
+                json!([{"path": "/hp/deeper", "value": 1}]),
+                Some(codes::INVALID_PATH),
+            ),
+            (
+                json!([{"path": "/a~2", "value": 1}]),
+                Some(codes::INVALID_PATH),
+            ),
             (json!([{"path": "/x"}]), Some(codes::INVALID_PAYLOAD)),
             (json!([]), Some(codes::INVALID_PAYLOAD)),
-            (json!([{"path": "/nope", "op": "remove"}]), Some(codes::INVALID_PATH)),
+            (
+                json!([{"path": "/nope", "op": "remove"}]),
+                Some(codes::INVALID_PATH),
+            ),
             (json!([{"path": "", "value": 3}]), Some(codes::INVALID_PATH)),
             // All or nothing: the second change fails, so the first is not applied.
             (
@@ -563,7 +716,10 @@ mod tests {
                 json!([{"path": "/list", "value": []}, {"path": "/list/-", "value": "a"}]),
                 None,
             ),
-            (json!([{"path": "/null_guard", "value": 1, "previous": null}]), None),
+            (
+                json!([{"path": "/null_guard", "value": 1, "previous": null}]),
+                None,
+            ),
         ];
         for (changes, want) in cases {
             let before = s.clone();
@@ -646,9 +802,13 @@ mod tests {
             );
         }
         assert_eq!(
-            run(&mut s, &ctx(p), &update(json!([{"path": "/x", "value": 1}])))
-                .unwrap_err()
-                .code,
+            run(
+                &mut s,
+                &ctx(p),
+                &update(json!([{"path": "/x", "value": 1}]))
+            )
+            .unwrap_err()
+            .code,
             codes::SESSION_ENDED
         );
     }

@@ -1,0 +1,554 @@
+//! Combat: initiative, turn order, rounds, the action economy and turn boundaries.
+//!
+//! # Flow
+//!
+//! 1. The DM's `combat_start` lists the participants (`combat_started`). The server
+//!    rolls initiative (`initiative_roll`: d20 + Dexterity modifier + the sheet's
+//!    `initiative_bonus`) for everyone — except, when `settings.allow_client_rolls`
+//!    is true, for player characters, whose controllers send `initiative_roll`
+//!    themselves (with a reported d20, or without one to let the server roll).
+//! 2. Once everyone has rolled, the order is fixed: higher total first, ties broken by
+//!    the higher initiative modifier, then by character id (deterministic). Round 1
+//!    begins with the first creature (`turn_change`).
+//! 3. On its turn a creature has one action, one bonus action, movement up to its
+//!    speed, and its reaction back (a reaction is the only thing usable off-turn).
+//!    `end_turn` passes to the next creature; after the last, the round number grows.
+//!    Dead creatures' turns are skipped (their turn boundaries still count for
+//!    durations).
+//! 4. At the start of its turn a dying player character rolls a death save
+//!    (`death_save`).
+//! 5. `combat_end` (DM) clears the combat and every timed effect.
+//!
+//! `combat_add` (DM) brings more creatures into a running combat; the server rolls
+//! their initiative and they take their place in the order.
+
+use crate::command::Ctx;
+use crate::conditions::Boundary;
+use crate::dice::Mode;
+use crate::error::{codes, Result, RuleError};
+use crate::event::{
+    CombatEnded, CombatJoined, CombatStarted, DeathSaveRolled, Event, InitiativeRolled, TurnChanged,
+};
+use crate::game::{Actor, Game, Scratch};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// Most creatures in one combat.
+pub const MAX_PARTICIPANTS: usize = 100;
+/// Most client-reported initiative modifiers, and their bound.
+pub const MAX_CLIENT_MODIFIERS: usize = 5;
+pub const MAX_CLIENT_MODIFIER: i32 = 10;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Combat {
+    /// The id of the `combat_start` command.
+    pub id: Uuid,
+    /// 0 while initiative is being rolled, then 1, 2, ...
+    pub round: u32,
+    /// 1-based position of the active creature in `order`; 0 before the first turn.
+    pub turn_number: u32,
+    pub participants: BTreeMap<Uuid, Participant>,
+    /// The initiative order; empty until everyone has rolled.
+    pub order: Vec<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<Turn>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Participant {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initiative: Option<Initiative>,
+    /// Spent its reaction since the start of its last turn.
+    pub reaction_used: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Initiative {
+    pub total: i32,
+    pub d20: u32,
+    /// Everything added to the d20 (the tie-breaker).
+    pub modifier: i32,
+}
+
+/// The action economy of the active creature's turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    pub character_id: Uuid,
+    pub action_used: bool,
+    pub bonus_action_used: bool,
+    /// Attacks left from an Attack action already taken (Extra Attack).
+    pub attacks_left: u32,
+    /// Feet moved (or spent standing up) this turn.
+    pub movement_used: u32,
+    /// Extra feet from Dash.
+    pub movement_bonus: u32,
+    /// Took the Disengage action: its moves provoke no opportunity attacks.
+    pub disengaged: bool,
+}
+
+impl Turn {
+    fn new(character_id: Uuid) -> Self {
+        Turn {
+            character_id,
+            action_used: false,
+            bonus_action_used: false,
+            attacks_left: 0,
+            movement_used: 0,
+            movement_bonus: 0,
+            disengaged: false,
+        }
+    }
+
+    /// Feet of movement left for a creature of `speed`.
+    pub fn movement_left(&self, speed: u32) -> u32 {
+        (speed + self.movement_bonus).saturating_sub(self.movement_used)
+    }
+}
+
+impl Combat {
+    /// Participants by initiative: the fixed order, or while rolling, those who
+    /// rolled (best first) followed by those who have not.
+    pub fn initiative_order(&self) -> Vec<Uuid> {
+        if !self.order.is_empty() {
+            return self.order.clone();
+        }
+        self.sorted()
+    }
+
+    /// Every participant, best initiative first (unrolled last).
+    fn sorted(&self) -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = self.participants.keys().copied().collect();
+        ids.sort_by_key(|id| sort_key(*id, &self.participants[id]));
+        ids
+    }
+
+    fn everyone_rolled(&self) -> bool {
+        self.participants.values().all(|p| p.initiative.is_some())
+    }
+
+    /// The index of the active creature in `order`.
+    fn active_index(&self) -> Option<usize> {
+        let t = self.turn.as_ref()?;
+        self.order.iter().position(|id| *id == t.character_id)
+    }
+}
+
+/// Higher total first, then higher modifier, then lower id; unrolled last.
+fn sort_key(id: Uuid, p: &Participant) -> (bool, Reverse<i32>, Reverse<i32>, Uuid) {
+    match &p.initiative {
+        Some(i) => (false, Reverse(i.total), Reverse(i.modifier), id),
+        None => (true, Reverse(0), Reverse(0), id),
+    }
+}
+
+fn combat_not_active() -> RuleError {
+    RuleError::new(codes::COMBAT_NOT_ACTIVE, "no combat is running")
+}
+
+impl Game {
+    pub(crate) fn require_combat(&self) -> Result<&Combat> {
+        self.combat.as_ref().ok_or_else(combat_not_active)
+    }
+
+    /// The running turn, or `initiative_pending` while initiative is being rolled.
+    pub(crate) fn require_turn(&self) -> Result<(&Combat, &Turn)> {
+        let c = self.require_combat()?;
+        let t = c.turn.as_ref().ok_or_else(|| {
+            RuleError::new(
+                codes::INITIATIVE_PENDING,
+                "not every participant has rolled initiative yet",
+            )
+            .with_details(json!({
+                "waiting_for": c.participants.iter()
+                    .filter(|(_, p)| p.initiative.is_none())
+                    .map(|(id, _)| *id).collect::<Vec<_>>()
+            }))
+        })?;
+        Ok((c, t))
+    }
+
+    /// Checks a list of new participants: some, distinct, in play, alive.
+    fn check_participants(&self, ids: &[Uuid]) -> Result<()> {
+        if ids.is_empty() || ids.len() > MAX_PARTICIPANTS {
+            return Err(RuleError::new(
+                codes::INVALID_PAYLOAD,
+                format!("1 to {MAX_PARTICIPANTS} participants"),
+            ));
+        }
+        for (i, id) in ids.iter().enumerate() {
+            if ids[..i].contains(id) {
+                return Err(RuleError::new(
+                    codes::INVALID_PAYLOAD,
+                    "a participant is listed twice",
+                ));
+            }
+            if self.character(*id)?.is_dead() {
+                return Err(
+                    RuleError::new(codes::INVALID_TARGET, "the dead do not fight")
+                        .with_details(json!({ "character_id": id })),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn decide_combat_start(
+        &self,
+        who: &Actor,
+        ctx: &Ctx,
+        participants: &[Uuid],
+    ) -> Result<Vec<Event>> {
+        who.require_dm("start combat")?;
+        if let Some(c) = &self.combat {
+            return Err(RuleError::new(
+                codes::COMBAT_ALREADY_ACTIVE,
+                "a combat is already running",
+            )
+            .with_details(json!({ "combat_id": c.id })));
+        }
+        self.check_participants(participants)?;
+        let mut s = Scratch::new(self);
+        s.g.combat = Some(Combat {
+            id: ctx.command_id,
+            round: 0,
+            turn_number: 0,
+            participants: participants
+                .iter()
+                .map(|id| (*id, Participant::default()))
+                .collect(),
+            order: vec![],
+            turn: None,
+        });
+        let mut events = vec![Event::CombatStarted(CombatStarted {
+            combat_id: ctx.command_id,
+            participants: participants.to_vec(),
+            by: ctx.user_id,
+            patch: s.patch(),
+            timestamp: ctx.timestamp.clone(),
+        })];
+        for id in participants {
+            let pc = self.characters[id].player_character;
+            if !self.allow_client_rolls || !pc {
+                events.push(roll_initiative(&mut s, ctx, *id, None, &BTreeMap::new()));
+            }
+        }
+        begin_if_ready(&mut s, ctx, &mut events);
+        Ok(events)
+    }
+
+    pub(crate) fn decide_combat_add(
+        &self,
+        who: &Actor,
+        ctx: &Ctx,
+        participants: &[Uuid],
+    ) -> Result<Vec<Event>> {
+        who.require_dm("add combatants")?;
+        let c = self.require_combat()?;
+        self.check_participants(participants)?;
+        if c.participants.len() + participants.len() > MAX_PARTICIPANTS {
+            return Err(RuleError::new(
+                codes::INVALID_PAYLOAD,
+                format!("at most {MAX_PARTICIPANTS} participants"),
+            ));
+        }
+        if let Some(id) = participants
+            .iter()
+            .find(|id| c.participants.contains_key(id))
+        {
+            return Err(
+                RuleError::new(codes::INVALID_TARGET, "already in the combat")
+                    .with_details(json!({ "character_id": id })),
+            );
+        }
+        let mut s = Scratch::new(self);
+        let combat = s.g.combat.as_mut().expect("checked above");
+        for id in participants {
+            combat.participants.insert(*id, Participant::default());
+        }
+        let mut events = vec![Event::CombatJoined(CombatJoined {
+            combat_id: c.id,
+            participants: participants.to_vec(),
+            by: ctx.user_id,
+            patch: s.patch(),
+            timestamp: ctx.timestamp.clone(),
+        })];
+        for id in participants {
+            events.push(roll_initiative(&mut s, ctx, *id, None, &BTreeMap::new()));
+        }
+        begin_if_ready(&mut s, ctx, &mut events);
+        Ok(events)
+    }
+
+    pub(crate) fn decide_initiative(
+        &self,
+        who: &Actor,
+        ctx: &Ctx,
+        id: Uuid,
+        reported: Option<u32>,
+        modifiers: &BTreeMap<String, i32>,
+    ) -> Result<Vec<Event>> {
+        let c = self.require_combat()?;
+        self.character(id)?;
+        let p = c
+            .participants
+            .get(&id)
+            .ok_or_else(|| not_a_participant(id))?;
+        who.require_control(id)?;
+        if p.initiative.is_some() {
+            return Err(RuleError::new(
+                codes::ALREADY_ROLLED,
+                "initiative is already rolled for that character",
+            ));
+        }
+        if (reported.is_some() || !modifiers.is_empty()) && !self.allow_client_rolls {
+            return Err(RuleError::new(
+                codes::CLIENT_ROLLS_DISABLED,
+                "this session rolls dice on the server (settings.allow_client_rolls is off)",
+            ));
+        }
+        if let Some(r) = reported {
+            if !(1..=20).contains(&r) {
+                return Err(RuleError::new(codes::INVALID_DICE, "a d20 shows 1 to 20"));
+            }
+        }
+        if modifiers.len() > MAX_CLIENT_MODIFIERS
+            || modifiers.iter().any(|(k, v)| {
+                k.is_empty() || k.len() > 30 || v.abs() > MAX_CLIENT_MODIFIER || k == "dex"
+            })
+        {
+            return Err(RuleError::new(
+                codes::INVALID_PAYLOAD,
+                format!(
+                    "at most {MAX_CLIENT_MODIFIERS} named modifiers within ±{MAX_CLIENT_MODIFIER} (`dex` is added by the server)"
+                ),
+            ));
+        }
+        let mut s = Scratch::new(self);
+        let mut events = vec![roll_initiative(&mut s, ctx, id, reported, modifiers)];
+        begin_if_ready(&mut s, ctx, &mut events);
+        Ok(events)
+    }
+
+    pub(crate) fn decide_end_turn(&self, who: &Actor, ctx: &Ctx) -> Result<Vec<Event>> {
+        let (_, turn) = self.require_turn()?;
+        if who.require_control(turn.character_id).is_err() {
+            return Err(RuleError::new(
+                codes::NOT_YOUR_TURN,
+                "only the active character's controller or the DM ends the turn",
+            )
+            .with_details(json!({ "active_character": turn.character_id })));
+        }
+        let mut s = Scratch::new(self);
+        let mut events = vec![];
+        advance(&mut s, ctx, &mut events);
+        Ok(events)
+    }
+
+    pub(crate) fn decide_combat_end(&self, who: &Actor, ctx: &Ctx) -> Result<Vec<Event>> {
+        who.require_dm("end combat")?;
+        let c = self.require_combat()?;
+        let mut s = Scratch::new(self);
+        let timed: Vec<u64> =
+            s.g.effects
+                .values()
+                .filter(|e| e.duration.is_some())
+                .map(|e| e.id)
+                .collect();
+        for id in &timed {
+            s.g.end_effect(*id);
+        }
+        s.g.combat = None;
+        Ok(vec![Event::CombatEnded(CombatEnded {
+            combat_id: c.id,
+            rounds: c.round,
+            effects_ended: timed,
+            by: ctx.user_id,
+            patch: s.patch(),
+            timestamp: ctx.timestamp.clone(),
+        })])
+    }
+}
+
+pub(crate) fn not_a_participant(id: Uuid) -> RuleError {
+    RuleError::new(
+        codes::NOT_A_PARTICIPANT,
+        "that character is not in the combat",
+    )
+    .with_details(json!({ "character_id": id }))
+}
+
+/// Rolls (or records a reported) initiative for `id`; returns its event.
+fn roll_initiative(
+    s: &mut Scratch,
+    ctx: &Ctx,
+    id: Uuid,
+    reported: Option<u32>,
+    extra: &BTreeMap<String, i32>,
+) -> Event {
+    let c = &s.g.characters[&id];
+    let mut modifiers = BTreeMap::from([("dex".to_string(), c.abilities.dex)]);
+    if c.initiative_bonus != 0 {
+        modifiers.insert("bonus".into(), c.initiative_bonus);
+    }
+    modifiers.extend(extra.iter().map(|(k, v)| (k.clone(), *v)));
+    let modifier: i32 = modifiers.values().sum();
+    let d20 = match reported {
+        Some(face) => s.dice.reported_d20("initiative", Some(id), face, modifier),
+        None => s.dice.d20("initiative", Some(id), Mode::Normal, modifier),
+    };
+    let combat = s.g.combat.as_mut().expect("rolling inside a combat");
+    combat
+        .participants
+        .get_mut(&id)
+        .expect("a participant")
+        .initiative = Some(Initiative {
+        total: d20.total,
+        d20: d20.kept,
+        modifier,
+    });
+    let combat_id = combat.id;
+    if !combat.order.is_empty() {
+        // Joining a running combat: take its place; the active creature keeps its turn.
+        combat.order = combat.sorted();
+        combat.turn_number = combat.active_index().map_or(0, |i| i as u32 + 1);
+    }
+    Event::InitiativeRoll(InitiativeRolled {
+        combat_id,
+        character_id: id,
+        roll: d20.total,
+        modifiers,
+        d20: d20.kept,
+        rolls: s.rolls(),
+        by: ctx.user_id,
+        patch: s.patch(),
+        timestamp: ctx.timestamp.clone(),
+    })
+}
+
+/// Fixes the order and starts round 1 once everyone has rolled.
+fn begin_if_ready(s: &mut Scratch, ctx: &Ctx, events: &mut Vec<Event>) {
+    let combat = s.g.combat.as_mut().expect("inside a combat");
+    if !combat.order.is_empty() || !combat.everyone_rolled() {
+        return;
+    }
+    combat.order = combat.sorted();
+    combat.round = 1;
+    // Start "before" the first creature so that advancing lands on the first living one.
+    let first = combat.order[0];
+    let mut ended = vec![];
+    let next = if s.g.characters[&first].is_dead() {
+        combat.turn = Some(Turn::new(first));
+        combat.turn_number = 1;
+        next_living(s, &mut ended)
+    } else {
+        first
+    };
+    start_turn(s, ctx, None, next, ended, events);
+}
+
+/// Ends the active creature's turn and starts the next one's.
+fn advance(s: &mut Scratch, ctx: &Ctx, events: &mut Vec<Event>) {
+    let current =
+        s.g.combat
+            .as_ref()
+            .and_then(|c| c.turn.as_ref())
+            .expect("a turn")
+            .character_id;
+    let mut ended = boundary(s, Boundary::End, current);
+    let next = next_living(s, &mut ended);
+    start_turn(s, ctx, Some(current), next, ended, events);
+}
+
+/// Moves past the active creature to the next living one (or simply the next one if
+/// all are dead), counting rounds and the skipped creatures' turn boundaries.
+fn next_living(s: &mut Scratch, ended: &mut Vec<u64>) -> Uuid {
+    let combat = s.g.combat.as_ref().expect("inside a combat");
+    let order = combat.order.clone();
+    let mut idx = combat.active_index().unwrap_or(0);
+    let dead = |g: &Game, id: &Uuid| g.characters.get(id).is_none_or(|c| c.is_dead());
+    let all_dead = order.iter().all(|id| dead(&s.g, id));
+    loop {
+        idx = (idx + 1) % order.len();
+        if idx == 0 {
+            s.g.combat.as_mut().expect("inside a combat").round += 1;
+        }
+        let next = order[idx];
+        if all_dead || !dead(&s.g, &next) {
+            return next;
+        }
+        // A dead creature's turn passes at once, but it still happened.
+        ended.extend(boundary(s, Boundary::Start, next));
+        ended.extend(boundary(s, Boundary::End, next));
+    }
+}
+
+/// Starts `next`'s turn: fresh action economy, its reaction back, effects ending at the
+/// start of its turn expire; then its death save if it is dying.
+fn start_turn(
+    s: &mut Scratch,
+    ctx: &Ctx,
+    previous: Option<Uuid>,
+    next: Uuid,
+    mut ended: Vec<u64>,
+    events: &mut Vec<Event>,
+) {
+    let combat = s.g.combat.as_mut().expect("inside a combat");
+    combat.turn = Some(Turn::new(next));
+    combat.turn_number = combat.active_index().map_or(0, |i| i as u32 + 1);
+    if let Some(p) = combat.participants.get_mut(&next) {
+        p.reaction_used = false;
+    }
+    let (combat_id, round, turn_number) = (combat.id, combat.round, combat.turn_number);
+    ended.extend(boundary(s, Boundary::Start, next));
+    events.push(Event::TurnChange(TurnChanged {
+        combat_id,
+        active_character: next,
+        round,
+        turn_number,
+        previous_character: previous,
+        effects_ended: ended,
+        by: ctx.user_id,
+        patch: s.patch(),
+        timestamp: ctx.timestamp.clone(),
+    }));
+    if s.g.characters[&next].dying() {
+        let d20 = s.dice.d20("death_save", Some(next), Mode::Normal, 0);
+        let c = s.ch(next);
+        let (result, outcome) = c.death_save(d20.kept);
+        let (successes, failures) = (c.death_saves.successes, c.death_saves.failures);
+        events.push(Event::DeathSave(DeathSaveRolled {
+            character_id: next,
+            roll: d20.kept,
+            result: result.into(),
+            successes,
+            failures,
+            outcome: outcome.into(),
+            rolls: s.rolls(),
+            by: ctx.user_id,
+            patch: s.patch(),
+            timestamp: ctx.timestamp.clone(),
+        }));
+    }
+}
+
+/// A turn boundary of `who`: timed effects counting it tick down; those at 0 end.
+fn boundary(s: &mut Scratch, kind: Boundary, who: Uuid) -> Vec<u64> {
+    let mut ended = vec![];
+    for e in s.g.effects.values_mut() {
+        if let Some(d) = &mut e.duration {
+            if d.ends == kind && d.of == who {
+                d.rounds = d.rounds.saturating_sub(1);
+                if d.rounds == 0 {
+                    ended.push(e.id);
+                }
+            }
+        }
+    }
+    for id in &ended {
+        s.g.end_effect(*id);
+    }
+    ended
+}

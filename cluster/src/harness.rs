@@ -39,6 +39,8 @@ pub struct ClusterSpec {
     pub base: Config,
     /// Whether the PostgreSQL database is dropped with the cluster (tests).
     pub drop_database: bool,
+    /// Changes one node's configuration (by node id), e.g. a fault hook on one node.
+    pub node_patch: Option<fn(&str, &mut Config)>,
 }
 
 impl ClusterSpec {
@@ -62,6 +64,7 @@ impl ClusterSpec {
             dir: None,
             base,
             drop_database: true,
+            node_patch: None,
         }
     }
 }
@@ -89,6 +92,7 @@ pub struct LocalCluster {
     bin_dir: PathBuf,
     next_node: usize,
     drop_database: bool,
+    node_patch: Option<fn(&str, &mut Config)>,
 }
 
 /// A free TCP port on loopback (bound and released; the OS does not hand it out again
@@ -177,6 +181,7 @@ impl LocalCluster {
             bin_dir: bin_dir()?,
             next_node: 1,
             drop_database: spec.drop_database,
+            node_patch: spec.node_patch,
         };
         for _ in 0..spec.nodes {
             cluster.spawn_node().await?;
@@ -251,6 +256,9 @@ impl LocalCluster {
         let mut cfg = self.base.clone();
         cfg.node.id = id.clone();
         cfg.node.http_listen = format!("127.0.0.1:{port}");
+        if let Some(patch) = self.node_patch {
+            patch(&id, &mut cfg);
+        }
         self.spawn(&id, "node", cfg, format!("http://127.0.0.1:{port}"))
             .await?;
         Ok(id)
@@ -326,7 +334,13 @@ impl LocalCluster {
         let http = self.http();
         let deadline = Instant::now() + READY_TIMEOUT;
         let admin = self.admin_token();
-        let ids: Vec<String> = self.members.keys().cloned().collect();
+        // Members that were killed or stopped are not waited for.
+        let ids: Vec<String> = self
+            .members
+            .values()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.id.clone())
+            .collect();
         for id in ids {
             loop {
                 self.check_alive(&id)?;
@@ -469,6 +483,10 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing assertion: the members' logs are the evidence.
+            self.dump_logs(60);
+        }
         for m in self.members.values_mut() {
             if let (Some(_), Some(pid)) = (m.child.as_ref(), m.pid) {
                 // SAFETY: signals to children we spawned; kill_on_drop reaps them.

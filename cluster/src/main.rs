@@ -173,6 +173,7 @@ async fn up(
         dir: Some(dir.clone()),
         base: base.clone(),
         drop_database: false,
+        node_patch: None,
     };
     let cluster = LocalCluster::start(spec).await?;
     let state = ClusterState {

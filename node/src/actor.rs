@@ -507,11 +507,25 @@ impl Actor {
 
         let mut b = Batch::default();
         for env in batch {
+            if env.req.expired() && command_id(&env.req.body).is_some() {
+                // The router has given up on it: applying it now would contradict the
+                // failure it reported.
+                metrics::counter!("gs_node_expired_total").increment(1);
+                b.waiting.push(Waiting::Refused {
+                    reply: env.reply,
+                    error: WireError::new(
+                        codes::DEADLINE_EXCEEDED,
+                        "the request's deadline has passed",
+                    ),
+                });
+                continue;
+            }
             let Envelope { req, reply } = env;
             let NodeRequest {
                 session_id,
                 caller,
                 body,
+                deadline_ms,
             } = req;
             let (user, role) = (caller.user_id, caller.role);
             match body {
@@ -577,6 +591,7 @@ impl Actor {
                         session_id,
                         caller,
                         body,
+                        deadline_ms,
                     };
                     let answer = self.read(&req).await;
                     reply.send(&self.ctx, answer).await;
@@ -703,11 +718,54 @@ impl Actor {
             outbox,
             status: batch.status.clone(),
         };
+        // Last local check before the write: a lease that lapsed while this batch was
+        // decided (a slow decision, a pause) means another node may own the session;
+        // PostgreSQL's epoch check would refuse the write anyway, this just answers
+        // sooner.
+        if !self.lease.is_valid() {
+            let reply = self.not_owner();
+            for w in batch.waiting {
+                waiting_reply(w).send(&self.ctx, reply.clone()).await;
+            }
+            return Some(Stop::LeaseLost);
+        }
+        // Test hook: a pause between the last local check and the write, the window
+        // only PostgreSQL's epoch check closes.
+        let delay = &self.ctx.cfg.node.fault_delay_commit;
+        if !delay.is_empty()
+            && batch
+                .rendered
+                .iter()
+                .any(|e| e.json.contains(delay.as_str()))
+        {
+            tracing::warn!(session = %self.id, "fault injection: delaying a commit");
+            let subject = format!("{}.fault.delaying", self.ctx.cfg.nats.subject_prefix);
+            let _ = self
+                .ctx
+                .nats
+                .publish(subject, self.id.to_string().into())
+                .await;
+            let _ = self.ctx.nats.flush().await;
+            tokio::time::sleep(Duration::from_millis(
+                self.ctx.cfg.node.fault_delay_commit_ms,
+            ))
+            .await;
+        }
         let started = Instant::now();
         let result = self.ctx.committer.commit(item).await;
         metrics::histogram!("gs_node_commit_wait_seconds").record(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
+                let fault = &self.ctx.cfg.node.fault_crash_after_commit;
+                if !fault.is_empty()
+                    && batch
+                        .rendered
+                        .iter()
+                        .any(|e| e.json.contains(fault.as_str()))
+                {
+                    tracing::error!(session = %self.id, "fault injection: aborting after commit, before ack");
+                    std::process::abort();
+                }
                 if let Some(s) = snap_seq {
                     self.last_snapshot = s;
                 }

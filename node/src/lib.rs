@@ -37,7 +37,7 @@ use gs_shared::config::{ms, Config};
 use gs_shared::keys::Keys;
 use gs_shared::membership::MemberKind;
 use gs_shared::protocol::{codes, WireError};
-use gs_shared::rpc::{NodeReply, NodeRequest, Subjects};
+use gs_shared::rpc::{NodeReply, NodeRequest, ReplyBody, RequestBody, Subjects};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -110,6 +110,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
     let listener = tokio::net::TcpListener::bind(&cfg.node.http_listen).await?;
     let http_addr: SocketAddr = listener.local_addr()?;
+    // Listen for requests before announcing ourselves: a member that is on the ring
+    // must answer (an unanswered ping would get it dropped as dead).
+    let mut rpc = nats.subscribe(subjects.node_rpc(&id)).await?;
     let (cluster, _cluster_tasks) = ClusterView::start(
         nats.clone(),
         subjects.clone(),
@@ -139,7 +142,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let health_task = tokio::spawn(health::serve(ctx.clone(), listener, metrics));
 
     // Requests from routers.
-    let mut rpc = nats.subscribe(subjects.node_rpc(&id)).await?;
     let rpc_ctx = ctx.clone();
     let rpc_task = tokio::spawn(async move {
         while let Some(msg) = rpc.next().await {
@@ -147,6 +149,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                 continue;
             };
             match serde_json::from_slice::<NodeRequest>(&msg.payload) {
+                Ok(NodeRequest {
+                    body: RequestBody::Ping,
+                    ..
+                }) => {
+                    Reply::Nats(reply)
+                        .send(
+                            &rpc_ctx,
+                            NodeReply::Ok {
+                                body: ReplyBody::Done,
+                            },
+                        )
+                        .await
+                }
                 Ok(req) => {
                     rpc_ctx
                         .registry

@@ -147,12 +147,18 @@ impl Ownership {
                     return Ok(Lease::start(self.clone(), session, lock, valid_until));
                 }
                 Ok(Err(LockError::Unavailable)) | Ok(Err(LockError::TtlExceeded)) => {
-                    // Busy. Break it if its holder is dead (or a stale lock of our own).
-                    let holder = self.holder(&holder_key).await;
+                    // rslock reports an unreachable Redis as "unavailable" too: ask Redis
+                    // who holds the lock, which also tells whether it answers at all.
+                    let holder = match self.holder(&holder_key).await {
+                        Ok(h) => h,
+                        Err(e) => {
+                            self.reset_manager();
+                            return Err(AcquireError::Redis(e));
+                        }
+                    };
+                    // Busy. Break it if its holder is dead.
                     if let Some(h) = &holder {
-                        if (h == &self.node || is_dead(h))
-                            && self.break_lock(&key, &holder_key, h).await
-                        {
+                        if is_dead(h) && self.break_lock(&key, &holder_key, h).await {
                             tracing::info!(%session, holder = %h, "broke the lock of a dead owner");
                             continue;
                         }
@@ -183,18 +189,21 @@ impl Ownership {
         }
     }
 
-    async fn holder(&self, holder_key: &str) -> Option<String> {
+    /// The node recorded as holding a lock; `Err` when Redis does not answer.
+    async fn holder(&self, holder_key: &str) -> Result<Option<String>, String> {
         let mut redis = self.redis.clone();
-        tokio::time::timeout(
+        match tokio::time::timeout(
             self.op_timeout,
             redis::cmd("GET")
                 .arg(holder_key)
                 .query_async::<Option<String>>(&mut redis),
         )
         .await
-        .ok()
-        .and_then(|r| r.ok())
-        .flatten()
+        {
+            Ok(Ok(h)) => Ok(h),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timeout".into()),
+        }
     }
 
     async fn break_lock(&self, key: &str, holder_key: &str, holder: &str) -> bool {

@@ -13,6 +13,11 @@ use gs_shared::rpc::{Caller, NodeReply, NodeRequest, ReplyBody, RequestBody, Sub
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// How long past its deadline the router still waits for the last attempt's answer.
+/// Nodes refuse commands past the deadline, so a command the router reports as failed
+/// has not taken effect (given clocks synchronised to well within this).
+pub const DEADLINE_GRACE: Duration = Duration::from_millis(500);
+
 /// First pause between attempts; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
@@ -62,10 +67,12 @@ impl Forwarder {
         deadline: Instant,
     ) -> Result<ReplyBody, WireError> {
         let op = body.op();
+        let left = deadline.saturating_duration_since(Instant::now());
         let payload: bytes::Bytes = serde_json::to_vec(&NodeRequest {
             session_id: session,
             caller,
             body,
+            deadline_ms: Some(gs_shared::rpc::wall_ms() + left.as_millis() as u64),
         })
         .expect("requests serialise")
         .into();
@@ -81,7 +88,10 @@ impl Forwarder {
                 .filter(|h| self.cluster.is_alive(h))
                 .or_else(|| self.cluster.owner(&session));
             if let Some(node) = target {
-                let remaining = deadline.saturating_duration_since(Instant::now());
+                // The last attempt may run into the grace period: its answer is still
+                // the truth about the command.
+                let remaining =
+                    (deadline + DEADLINE_GRACE).saturating_duration_since(Instant::now());
                 let timeout = self
                     .attempt_timeout
                     .min(remaining)
@@ -89,11 +99,31 @@ impl Forwarder {
                 let req = async_nats::Request::new()
                     .payload(payload.clone())
                     .timeout(Some(timeout));
-                match self
-                    .nats
-                    .send_request(self.subjects.node_rpc(&node), req)
-                    .await
-                {
+                // A request in flight to a node that dies is never answered: give up on
+                // it as soon as the member table drops the node, not at the timeout.
+                let mut ring = self.cluster.ring_changes();
+                let node_gone = async {
+                    loop {
+                        if ring.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                        if !self.cluster.is_alive(&node) {
+                            return;
+                        }
+                    }
+                };
+                let outcome = tokio::select! {
+                    r = self.nats.send_request(self.subjects.node_rpc(&node), req) => r,
+                    _ = node_gone => {
+                        metrics::counter!("gs_router_forward_abandoned_total").increment(1);
+                        tracing::debug!(%session, op, %node, "node left the cluster; retrying elsewhere");
+                        backoff = FIRST_BACKOFF;
+                        continue;
+                    }
+                };
+                tracing::debug!(%session, op, attempt = attempts, %node, ok = outcome.is_ok(),
+                    error = outcome.as_ref().err().map(|e| e.to_string()), "forward attempt");
+                match outcome {
                     Ok(msg) => match serde_json::from_slice::<NodeReply>(&msg.payload) {
                         Ok(NodeReply::Ok { body }) => {
                             metrics::histogram!("gs_router_forward_seconds", "op" => op)
@@ -105,6 +135,7 @@ impl Forwarder {
                             return Ok(body);
                         }
                         Ok(NodeReply::Err { error, owner }) if error.is_retryable() => {
+                            tracing::debug!(%session, op, %node, code = %error.code, "retryable answer");
                             last_error = format!("{node}: {}", error.message);
                             hint = owner;
                         }
@@ -117,6 +148,10 @@ impl Forwarder {
                         }
                     },
                     Err(e) => {
+                        if e.kind() == async_nats::client::RequestErrorKind::NoResponders {
+                            // The node's NATS connection is gone: have the cluster check.
+                            self.cluster.suspect(&node).await;
+                        }
                         last_error = format!("{node}: {e}");
                     }
                 }

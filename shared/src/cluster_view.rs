@@ -2,11 +2,19 @@
 //! and leave it hears into the sans-IO [`Membership`] table, expires silent members, and
 //! tells subscribers when the ring changes. Nodes and routers run the same code, so
 //! they keep the same member table.
+//!
+//! Fast failure detection: a node killed outright (SIGKILL, crash) loses its NATS
+//! connection, and NATS answers requests to it with "no responders" at once. A router
+//! that sees that publishes a *suspect* notice; every member then probes the node
+//! itself (a `ping` request) and drops it only if it too gets "no responders". So one
+//! confused member cannot remove a healthy node, and a dead one leaves the ring in
+//! milliseconds instead of `failure_timeout_ms`. Pauses and partitions (the socket
+//! stays open) are still detected by the heartbeat timeout.
 
 use crate::config::MembershipConfig;
 use crate::membership::{Heartbeat, Leave, MemberKind, MemberState, MemberView, Membership};
 use crate::ring::Ring;
-use crate::rpc::Subjects;
+use crate::rpc::{Caller, NodeRequest, RequestBody, Subjects};
 use futures::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -33,7 +41,14 @@ struct Inner {
     nats: async_nats::Client,
     subjects: Subjects,
     heartbeat_every: Duration,
+    /// When this member last raised or probed each suspect (rate limit).
+    suspected: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
+
+/// A member raises (and probes) the same suspect at most this often.
+const SUSPECT_EVERY: Duration = Duration::from_millis(250);
+/// How long a probe waits for the suspect's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Milliseconds since the epoch: the incarnation of this process.
 fn now_ms() -> u64 {
@@ -71,6 +86,7 @@ impl ClusterView {
                 nats: nats.clone(),
                 subjects: subjects.clone(),
                 heartbeat_every: Duration::from_millis(cfg.heartbeat_ms),
+                suspected: Default::default(),
             }),
         };
         // A node is on its own ring from the start; it does not wait for its echo.
@@ -78,6 +94,7 @@ impl ClusterView {
 
         let mut hb_sub = nats.subscribe(subjects.heartbeat()).await?;
         let mut leave_sub = nats.subscribe(subjects.leave()).await?;
+        let mut suspect_sub = nats.subscribe(subjects.suspect()).await?;
         let mut tasks = Vec::new();
 
         let v = view.clone();
@@ -100,6 +117,18 @@ impl ClusterView {
                             v.notify();
                         }
                     }
+                }
+            }
+        }));
+        let v = view.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(msg) = suspect_sub.next().await {
+                let Ok(id) = String::from_utf8(msg.payload.to_vec()) else {
+                    continue;
+                };
+                if id != v.inner.me && v.is_alive(&id) && v.first_time(&id) {
+                    let v = v.clone();
+                    tokio::spawn(async move { v.probe(&id).await });
                 }
             }
         }));
@@ -163,6 +192,68 @@ impl ClusterView {
             .await
         {
             tracing::debug!(error = %e, "heartbeat not published");
+        }
+    }
+
+    /// Rate limit of suspicion per member: true if `id` was not raised or probed
+    /// within [`SUSPECT_EVERY`].
+    fn first_time(&self, id: &str) -> bool {
+        let mut s = self.inner.suspected.lock().unwrap();
+        let now = Instant::now();
+        match s.get(id) {
+            Some(t) if now.duration_since(*t) < SUSPECT_EVERY => false,
+            _ => {
+                s.insert(id.to_string(), now);
+                true
+            }
+        }
+    }
+
+    /// Reports that a request to node `id` found no responders.
+    pub async fn suspect(&self, id: &str) {
+        if !self.is_alive(id) {
+            return;
+        }
+        if let Err(e) = self
+            .inner
+            .nats
+            .publish(self.inner.subjects.suspect(), id.to_string().into())
+            .await
+        {
+            tracing::debug!(error = %e, "suspect notice not published");
+        }
+    }
+
+    /// Asks `id` whether it is there; drops it when NATS says nobody listens.
+    async fn probe(&self, id: &str) {
+        let req = NodeRequest {
+            session_id: Uuid::nil(),
+            caller: Caller {
+                user_id: Uuid::nil(),
+                role: crate::auth::Role::Admin,
+            },
+            body: RequestBody::Ping,
+            deadline_ms: None,
+        };
+        let payload = serde_json::to_vec(&req).expect("requests serialise");
+        let r = self
+            .inner
+            .nats
+            .send_request(
+                self.inner.subjects.node_rpc(id),
+                async_nats::Request::new()
+                    .payload(payload.into())
+                    .timeout(Some(PROBE_TIMEOUT)),
+            )
+            .await;
+        if let Err(e) = r {
+            if e.kind() == async_nats::client::RequestErrorKind::NoResponders {
+                let changed = self.inner.table.write().unwrap().mark_dead(id);
+                tracing::warn!(member = %id, "member confirmed gone (no responders)");
+                if changed {
+                    self.notify();
+                }
+            }
         }
     }
 

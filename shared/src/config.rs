@@ -265,6 +265,14 @@ pub struct NodeConfig {
     pub redis_refresh_ms: u64,
     /// Drain deadline on SIGTERM.
     pub shutdown_timeout_ms: u64,
+    /// Fault injection for tests (empty = off): the node aborts right after committing
+    /// an event whose JSON contains this text, before publishing or acknowledging it.
+    pub fault_crash_after_commit: String,
+    /// Fault injection for tests (empty = off): a batch holding an event whose JSON
+    /// contains this text waits `fault_delay_commit_ms` before its commit, after
+    /// announcing it on `{subject_prefix}.fault.delaying`.
+    pub fault_delay_commit: String,
+    pub fault_delay_commit_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -285,6 +293,9 @@ impl Default for NodeConfig {
             idle_passivate_ms: 15 * 60 * 1000,
             redis_refresh_ms: 60_000,
             shutdown_timeout_ms: 10_000,
+            fault_crash_after_commit: String::new(),
+            fault_delay_commit: String::new(),
+            fault_delay_commit_ms: 3000,
         }
     }
 }

@@ -79,6 +79,8 @@ pub struct Membership {
     failure_timeout: Duration,
     ring: Ring,
     ring_version: u64,
+    /// The previous tick, to notice when this process itself was paused.
+    last_tick: Option<Instant>,
 }
 
 impl Membership {
@@ -89,6 +91,7 @@ impl Membership {
             failure_timeout,
             ring: Ring::new(vnodes),
             ring_version: 0,
+            last_tick: None,
         }
     }
 
@@ -123,10 +126,34 @@ impl Membership {
         self.rebuild()
     }
 
+    /// Removes a member known to be gone before its timeout (it no longer listens on
+    /// NATS). A later heartbeat of a member that is in fact alive adds it back.
+    /// Returns true when the ring changed.
+    pub fn mark_dead(&mut self, id: &str) -> bool {
+        if self.members.remove(id).is_some() {
+            self.rebuild()
+        } else {
+            false
+        }
+    }
+
     /// Expires members not heard from for the failure timeout. Returns the ids that
     /// died; the ring is rebuilt when any of them was on it.
+    ///
+    /// A tick that comes much later than the previous one means this process was not
+    /// running (SIGSTOP, a long GC-like stall): it heard nothing meanwhile, which says
+    /// nothing about the others. Their silence during our own pause is forgiven (their
+    /// last-seen times move forward by the gap) instead of declaring them all dead.
     pub fn tick(&mut self, now: Instant) -> Vec<String> {
         let timeout = self.failure_timeout;
+        if let Some(prev) = self.last_tick.replace(now) {
+            let gap = now.saturating_duration_since(prev);
+            if gap > timeout / 2 {
+                for e in self.members.values_mut() {
+                    e.last_seen += gap;
+                }
+            }
+        }
         let dead: Vec<String> = self
             .members
             .iter()
@@ -251,6 +278,41 @@ mod tests {
         assert!(!m.observe(hb("n1", MemberKind::Node, MemberState::Alive, 1), t1));
         // A restart (new incarnation) joins again.
         assert!(m.observe(hb("n1", MemberKind::Node, MemberState::Alive, 2), t1));
+    }
+
+    #[test]
+    fn a_member_marked_dead_leaves_at_once_and_can_return() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(Duration::from_millis(1500), 8);
+        m.observe(hb("n1", MemberKind::Node, MemberState::Alive, 1), t0);
+        m.observe(hb("n2", MemberKind::Node, MemberState::Alive, 1), t0);
+        assert!(m.mark_dead("n2"));
+        assert!(!m.ring().contains("n2"));
+        assert!(!m.mark_dead("n2"));
+        assert!(m.observe(hb("n2", MemberKind::Node, MemberState::Alive, 1), t0));
+    }
+
+    #[test]
+    fn our_own_pause_does_not_kill_the_others() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(Duration::from_millis(1500), 8);
+        m.observe(hb("n1", MemberKind::Node, MemberState::Alive, 1), t0);
+        m.observe(hb("n2", MemberKind::Node, MemberState::Alive, 1), t0);
+        assert!(m.tick(t0 + Duration::from_millis(250)).is_empty());
+        // We were stopped for 10 s: nobody is expired on the first tick after.
+        let resumed = t0 + Duration::from_secs(10);
+        assert!(m.tick(resumed).is_empty());
+        assert_eq!(m.node_count(), 2);
+        // But a member that stays silent after we resumed does die, on ticks at the
+        // normal pace.
+        let mut died = Vec::new();
+        for i in 1..=8 {
+            let now = resumed + Duration::from_millis(250 * i);
+            m.observe(hb("n1", MemberKind::Node, MemberState::Alive, 1), now);
+            died.extend(m.tick(now));
+        }
+        assert_eq!(died, vec!["n2".to_string()]);
+        assert_eq!(m.node_count(), 1);
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub mod codes {
     pub const NOT_OWNER: &str = "not_owner";
     pub const OVERLOADED: &str = "overloaded";
     pub const SERVICE_UNAVAILABLE: &str = "service_unavailable";
+    /// Between routers and nodes only: the router had stopped waiting.
+    pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
     pub const INTERNAL: &str = "internal_error";
 }
 
@@ -97,7 +99,10 @@ impl WireError {
             codes::CONFLICT => 409,
             codes::MESSAGE_TOO_LARGE => 413,
             codes::RATE_LIMITED | codes::TOO_MANY_IN_FLIGHT | codes::TOO_MANY_CONNECTIONS => 429,
-            codes::NOT_OWNER | codes::OVERLOADED | codes::SERVICE_UNAVAILABLE => 503,
+            codes::NOT_OWNER
+            | codes::OVERLOADED
+            | codes::SERVICE_UNAVAILABLE
+            | codes::DEADLINE_EXCEEDED => 503,
             codes::INTERNAL => 500,
             // Rule violations (not_your_turn, ...) are client mistakes about game state.
             _ => 422,

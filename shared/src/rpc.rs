@@ -8,6 +8,7 @@
 //! | `gs.session.{session}.events`   | owner → routers  | a rendered event, header `Gs-Version` |
 //! | `gs.cluster.heartbeat`          | every member     | [`crate::membership::Heartbeat`] |
 //! | `gs.cluster.leave`              | leaving member   | [`crate::membership::Leave`] |
+//! | `gs.cluster.suspect`            | router → all     | a node id that gave "no responders" |
 //! | `gs.node.{node}.hub`            | node → owner     | an inbound Message Hub event to apply |
 //!
 //! Requests name a session; the router sends them to the node its ring names. A node
@@ -47,6 +48,9 @@ impl Subjects {
     pub fn leave(&self) -> String {
         format!("{}.cluster.leave", self.prefix)
     }
+    pub fn suspect(&self) -> String {
+        format!("{}.cluster.suspect", self.prefix)
+    }
 }
 
 /// Who is asking, as established by the router from the access token.
@@ -62,6 +66,27 @@ pub struct NodeRequest {
     pub session_id: Uuid,
     pub caller: Caller,
     pub body: RequestBody,
+    /// Wall-clock time (ms since the epoch) after which the router no longer waits for
+    /// the answer: a node must not apply a command past it, so that a command the
+    /// client was told failed does not take effect later. Clocks of routers and nodes
+    /// are assumed synchronised to well within `forward::DEADLINE_GRACE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
+/// Milliseconds since the epoch, by the wall clock.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl NodeRequest {
+    /// Whether the router has stopped waiting for this request.
+    pub fn expired(&self) -> bool {
+        self.deadline_ms.is_some_and(|d| wall_ms() > d)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +130,8 @@ pub enum RequestBody {
     Detach { conn_id: Uuid },
     /// `GET /sessions/{id}/history`: the audit log, newest first, before `before`.
     History { before: Option<u64>, limit: u64 },
+    /// Liveness probe of the node itself (the session id is ignored).
+    Ping,
 }
 
 impl RequestBody {
@@ -121,6 +148,7 @@ impl RequestBody {
             RequestBody::Attach { .. } => "attach",
             RequestBody::Detach { .. } => "detach",
             RequestBody::History { .. } => "history",
+            RequestBody::Ping => "ping",
         }
     }
 }
@@ -229,7 +257,9 @@ mod tests {
                 kind: "state_update".into(),
                 data: json!({"changes": []}),
             },
+            deadline_ms: Some(wall_ms() + 5000),
         };
+        assert!(!req.expired());
         let s = serde_json::to_string(&req).unwrap();
         assert!(s.contains(r#""op":"command""#));
         assert_eq!(serde_json::from_str::<NodeRequest>(&s).unwrap(), req);

@@ -114,6 +114,27 @@ impl Fixture {
             .await
     }
 
+    /// Connects to another session than the fixture's.
+    pub async fn connect_to(
+        &self,
+        i: usize,
+        name: &str,
+        session: &str,
+        token: &str,
+        session_token: &str,
+    ) -> Result<TrackedClient> {
+        self.connect_session(
+            i,
+            name,
+            session,
+            token,
+            session_token,
+            TokenStyle::Headers,
+            None,
+        )
+        .await
+    }
+
     pub async fn connect_with(
         &self,
         i: usize,
@@ -123,9 +144,32 @@ impl Fixture {
         style: TokenStyle,
         last_version: Option<u64>,
     ) -> Result<TrackedClient> {
+        self.connect_session(
+            i,
+            name,
+            &self.session,
+            token,
+            session_token,
+            style,
+            last_version,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn connect_session(
+        &self,
+        i: usize,
+        name: &str,
+        session: &str,
+        token: &str,
+        session_token: &str,
+        style: TokenStyle,
+        last_version: Option<u64>,
+    ) -> Result<TrackedClient> {
         let ws = ws_connect(
             &self.ws(i),
-            &self.session,
+            session,
             token,
             session_token,
             last_version,
@@ -190,4 +234,225 @@ pub async fn finish(f: Fixture, result: Result<()>) -> Result<()> {
 /// A `state_update` setting one path.
 pub fn set(path: &str, value: Value) -> Value {
     json!({ "changes": [{ "path": path, "value": value }] })
+}
+
+/// Which node owns each session (by `sessions.owner_node`): node → session indexes.
+pub async fn owners(
+    c: &cluster::harness::LocalCluster,
+    ids: &[String],
+) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+    let pg = c.pg().await?;
+    let uuids: Vec<Uuid> = ids
+        .iter()
+        .map(|s| Uuid::parse_str(s))
+        .collect::<Result<_, _>>()?;
+    let rows = pg
+        .query(
+            "SELECT id, owner_node FROM sessions WHERE id = ANY($1)",
+            &[&uuids],
+        )
+        .await?;
+    let mut out: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for r in rows {
+        let id: Uuid = r.get(0);
+        let owner: Option<String> = r.get(1);
+        let idx = uuids.iter().position(|u| *u == id).unwrap();
+        out.entry(owner.unwrap_or_default()).or_default().push(idx);
+    }
+    Ok(out)
+}
+
+/// Everything a workload must leave behind, whatever happened to the nodes:
+///
+/// * every client of a session reaches the session's newest acknowledged version with
+///   no gap and no duplicate, and all of them hold the same state, equal to
+///   `GET /state`;
+/// * that state holds every acknowledged change;
+/// * each acknowledged command is stored exactly once, at its acknowledged version,
+///   and the stored versions have no hole.
+pub async fn verify_workload(
+    c: &cluster::harness::LocalCluster,
+    ids: &[String],
+    clients: &[cluster::load::LoadClient],
+    records: &[cluster::load::Record],
+) -> Result<()> {
+    use std::collections::{BTreeMap, HashMap};
+    let pg = c.pg().await?;
+    let http = c.http();
+    for (s, sid) in ids.iter().enumerate() {
+        let session_clients: Vec<&cluster::load::LoadClient> =
+            clients.iter().filter(|x| x.session == s).collect();
+        let api = Api::new(http.clone(), &c.router_urls()[0], &session_clients[0].token);
+        let state = api.get_state(sid).await?;
+        let version = state["version"].as_u64().context("version")?;
+        for lc in &session_clients {
+            lc.client
+                .wait_for(&format!("session {s} version {version}"), WAIT, |v| {
+                    v.version >= version
+                })
+                .await?;
+            let v = lc.client.view();
+            anyhow::ensure!(
+                v.gaps == 0 && v.duplicates == 0,
+                "{}: {} gaps, {} duplicates",
+                lc.client.name,
+                v.gaps,
+                v.duplicates
+            );
+            for w in v.events.windows(2) {
+                anyhow::ensure!(
+                    w[1].0 == w[0].0 + 1,
+                    "{}: events out of order {:?}",
+                    lc.client.name,
+                    w
+                );
+            }
+            anyhow::ensure!(
+                v.doc == state["state"],
+                "{}: state differs from GET /state",
+                lc.client.name
+            );
+        }
+        let missing = cluster::load::missing_changes(&state["state"], records, s);
+        anyhow::ensure!(
+            missing.is_empty(),
+            "session {s}: acknowledged changes missing: {missing:?}"
+        );
+
+        let uuid = Uuid::parse_str(sid)?;
+        let rows = pg
+            .query(
+                "SELECT seq, command_id FROM session_events WHERE session_id = $1 ORDER BY seq",
+                &[&uuid],
+            )
+            .await?;
+        let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        for (i, seq) in seqs.iter().enumerate() {
+            anyhow::ensure!(
+                *seq == i as i64 + 1,
+                "session {s}: stored versions have a hole at {}",
+                i + 1
+            );
+        }
+        let mut stored: HashMap<Uuid, Vec<u64>> = HashMap::new();
+        for r in &rows {
+            if let Some(cmd) = r.get::<_, Option<Uuid>>(1) {
+                stored
+                    .entry(cmd)
+                    .or_default()
+                    .push(r.get::<_, i64>(0) as u64);
+            }
+        }
+        let acked: BTreeMap<Uuid, u64> = records
+            .iter()
+            .filter(|r| r.session == s)
+            .filter_map(|r| r.result.as_ref().ok().map(|v| (r.id, *v)))
+            .collect();
+        for (id, v) in &acked {
+            anyhow::ensure!(
+                stored.get(id) == Some(&vec![*v]),
+                "session {s}: command {id} acked at {v} is stored as {:?}",
+                stored.get(id)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A private `redis-server` or `nats-server` on a free port, for tests that stop a
+/// dependency without disturbing the machine's shared instance. Killed on drop.
+pub struct PrivateServer {
+    pub kind: &'static str,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateServer {
+    pub async fn redis() -> Result<PrivateServer> {
+        Self::start_new("redis").await
+    }
+
+    pub async fn nats() -> Result<PrivateServer> {
+        Self::start_new("nats").await
+    }
+
+    async fn start_new(kind: &'static str) -> Result<PrivateServer> {
+        let mut s = PrivateServer {
+            kind,
+            port: cluster::harness::free_port()?,
+            dir: tempfile::tempdir()?,
+            child: None,
+        };
+        s.start().await?;
+        Ok(s)
+    }
+
+    pub fn url(&self) -> String {
+        match self.kind {
+            "redis" => format!("redis://127.0.0.1:{}", self.port),
+            _ => format!("nats://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Starts (again) on the same port and waits until it accepts connections.
+    pub async fn start(&mut self) -> Result<()> {
+        let port = self.port.to_string();
+        let mut cmd = match self.kind {
+            "redis" => {
+                let mut c = tokio::process::Command::new("redis-server");
+                c.args([
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(self.dir.path());
+                c
+            }
+            _ => {
+                let mut c = tokio::process::Command::new("nats-server");
+                c.args(["-a", "127.0.0.1", "-p", &port]);
+                c
+            }
+        };
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {}-server (scripts/services.sh installs it)",
+                    self.kind
+                )
+            })?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{}-server did not start",
+                self.kind
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Kills it (SIGKILL) and waits until the port is closed.
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
 }

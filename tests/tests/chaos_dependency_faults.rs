@@ -1,0 +1,232 @@
+//! Dependency faults (issue 3): with Redis or NATS briefly gone (private instances the
+//! test stops and restarts, so the machine's shared ones are untouched), commands fail
+//! with `service_unavailable` within the retry deadline, nothing is acknowledged that
+//! was not stored, readiness reports the outage, and the cluster recovers by itself.
+
+use anyhow::Result;
+use cluster::client::TrackedClient;
+use cluster::harness::ClusterSpec;
+use gs_tests::{finish, set, Fixture, PrivateServer, WAIT};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Longest a command may take to fail during an outage: the router's deadline (5 s)
+/// plus one attempt and slack.
+const FAIL_WITHIN: Duration = Duration::from_secs(10);
+
+/// Sends changes one at a time until one is answered the way `stop` wants, recording
+/// every answer. Bounded by `within`.
+async fn send_until(
+    c: &mut TrackedClient,
+    tag: &str,
+    within: Duration,
+    answers: &mut BTreeMap<Uuid, Result<u64, String>>,
+    stop: impl Fn(&Result<u64, String>) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    for n in 0.. {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no {tag} answer within {within:?}"
+        );
+        let id = c
+            .send("state_update", set(&format!("/{tag}/n{n}"), json!(n)))
+            .await?;
+        let started = Instant::now();
+        let answer = c.wait_answer(id, FAIL_WITHIN + WAIT).await?;
+        let took = started.elapsed();
+        let answer = answer.map_err(|e| e["code"].as_str().unwrap_or("").to_string());
+        if let Err(code) = &answer {
+            assert_eq!(
+                code, "service_unavailable",
+                "the only error an outage may cause"
+            );
+            assert!(took <= FAIL_WITHIN, "failing took {took:?}");
+        }
+        let done = stop(&answer);
+        answers.insert(id, answer);
+        if done {
+            return Ok(());
+        }
+    }
+    unreachable!()
+}
+
+/// Acknowledged ⇒ stored once at that version; refused ⇒ not stored.
+async fn check_stored(f: &Fixture, answers: &BTreeMap<Uuid, Result<u64, String>>) -> Result<()> {
+    let pg = f.cluster.pg().await?;
+    let sid = Uuid::parse_str(&f.session)?;
+    for (id, answer) in answers {
+        let rows = pg
+            .query(
+                "SELECT seq FROM session_events WHERE session_id = $1 AND command_id = $2",
+                &[&sid, id],
+            )
+            .await?;
+        let stored: Vec<u64> = rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect();
+        match answer {
+            Ok(v) => assert_eq!(stored, vec![*v], "acknowledged {id} must be stored once"),
+            Err(_) => {
+                if !stored.is_empty() {
+                    f.cluster.dump_logs(400);
+                }
+                assert!(
+                    stored.is_empty(),
+                    "refused {id} must not be stored (stored at {stored:?})"
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn node_ready(f: &Fixture) -> Result<Vec<u16>> {
+    let mut out = Vec::new();
+    for m in f.cluster.members.values().filter(|m| m.kind == "node") {
+        let r = f.http.get(format!("{}/health/ready", m.url)).send().await?;
+        out.push(r.status().as_u16());
+    }
+    Ok(out)
+}
+
+/// Waits (bounded) until every node's readiness answers `status`.
+async fn await_readiness(f: &Fixture, status: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = node_ready(f).await?;
+        if now.iter().all(|s| *s == status) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what}: readiness is {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_fails_fast_and_the_cluster_recovers() -> Result<()> {
+    let mut redis = PrivateServer::redis().await?;
+    let mut spec = ClusterSpec::test(2, 1);
+    spec.base.redis.url = redis.url();
+    let f = Fixture::with_spec(spec).await?;
+    let r = async {
+        let mut dm = f.connect(0, "dm", &f.dm_token, &f.session_token).await?;
+        let mut answers = BTreeMap::new();
+        send_until(&mut dm, "before", WAIT, &mut answers, |a| a.is_ok()).await?;
+
+        redis.stop().await?;
+        // The owner's lock can no longer be renewed: it stops serving, and no node can
+        // take the lock, so commands fail (after the router's retries).
+        send_until(
+            &mut dm,
+            "during",
+            Duration::from_secs(60),
+            &mut answers,
+            |a| a.is_err(),
+        )
+        .await?;
+        await_readiness(&f, 503, "readiness reports Redis down").await?;
+        // Rate-limited REST calls fail fast too (the limiter is in Redis).
+        let r = f
+            .api(0, &f.dm_token)
+            .call(
+                reqwest::Method::POST,
+                "/api/v2/sessions",
+                Some(&json!({"campaign_id": Uuid::new_v4(), "name": "x"})),
+            )
+            .await?;
+        assert_eq!((r.status, r.code()), (503, "service_unavailable"));
+
+        redis.start().await?;
+        send_until(
+            &mut dm,
+            "after",
+            Duration::from_secs(60),
+            &mut answers,
+            |a| a.is_ok(),
+        )
+        .await?;
+        await_readiness(&f, 200, "readiness recovers").await?;
+        check_stored(&f, &answers).await?;
+        let last = answers
+            .values()
+            .filter_map(|a| a.as_ref().ok())
+            .max()
+            .copied()
+            .unwrap();
+        dm.wait_for("the last version", WAIT, |v| v.version >= last)
+            .await?;
+        let v = dm.view();
+        assert_eq!((v.gaps, v.duplicates), (0, 0));
+        let refused = answers.values().filter(|a| a.is_err()).count();
+        println!(
+            "redis outage: {} commands, {refused} refused with service_unavailable",
+            answers.len()
+        );
+        Ok(())
+    }
+    .await;
+    finish(f, r).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_fails_fast_and_the_cluster_recovers() -> Result<()> {
+    let mut nats = PrivateServer::nats().await?;
+    let mut spec = ClusterSpec::test(2, 1);
+    spec.base.nats.url = nats.url();
+    let f = Fixture::with_spec(spec).await?;
+    let r = async {
+        let mut dm = f.connect(0, "dm", &f.dm_token, &f.session_token).await?;
+        let mut answers = BTreeMap::new();
+        send_until(&mut dm, "before", WAIT, &mut answers, |a| a.is_ok()).await?;
+
+        nats.stop().await?;
+        // Routers cannot reach any node: commands fail after the retry deadline, while
+        // the client's WebSocket stays open.
+        send_until(
+            &mut dm,
+            "during",
+            Duration::from_secs(60),
+            &mut answers,
+            |a| a.is_err(),
+        )
+        .await?;
+        await_readiness(&f, 503, "readiness reports NATS down").await?;
+        assert!(
+            dm.view().closed.is_none(),
+            "the client's connection survives"
+        );
+
+        nats.start().await?;
+        send_until(
+            &mut dm,
+            "after",
+            Duration::from_secs(60),
+            &mut answers,
+            |a| a.is_ok(),
+        )
+        .await?;
+        check_stored(&f, &answers).await?;
+        let last = answers
+            .values()
+            .filter_map(|a| a.as_ref().ok())
+            .max()
+            .copied()
+            .unwrap();
+        dm.wait_for("the last version", WAIT, |v| v.version >= last)
+            .await?;
+        let v = dm.view();
+        assert_eq!((v.gaps, v.duplicates), (0, 0));
+        let state = f.api(0, &f.dm_token).get_state(&f.session).await?;
+        assert_eq!(v.doc, state["state"]);
+        let refused = answers.values().filter(|a| a.is_err()).count();
+        println!(
+            "nats outage: {} commands, {refused} refused with service_unavailable",
+            answers.len()
+        );
+        Ok(())
+    }
+    .await;
+    finish(f, r).await
+}

@@ -12,7 +12,7 @@ echo "== build (the integration tests run the real gs-node and gs-router binarie
 cargo build --workspace --bins
 
 echo "== migrations"
-target/debug/cluster migrate
+"${CARGO_TARGET_DIR:-target}/debug/cluster" migrate
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
 cargo build --workspace --bins
-exec target/debug/cluster up "$@"
+exec "${CARGO_TARGET_DIR:-target}/debug/cluster" up "$@"

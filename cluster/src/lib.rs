@@ -4,12 +4,14 @@
 //!
 //! * [`harness`]: [`harness::LocalCluster`], real `gs-node`/`gs-router` processes with
 //!   generated configs in a private namespace; kill, pause, resume, add nodes.
+//! * [`bench`]: `cluster bench`, the load generator and its report.
 //! * [`client`]: REST and WebSocket clients that check what they receive.
 //! * [`load`]: a workload of many sessions and clients (chaos tests, `bench`).
 //! * [`tls`]: self-signed development certificates.
 //! * [`state`]: the state file of `cluster up` (`.cluster/state.json`), read by the
 //!   other commands.
 
+pub mod bench;
 pub mod client;
 pub mod harness;
 pub mod load;

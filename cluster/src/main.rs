@@ -71,6 +71,38 @@ enum Cmd {
     AddNode,
     /// Create the database if needed and apply migrations.
     Migrate,
+    /// Load generator: P clients on each of S sessions send changes at a rate for a
+    /// duration; reports ack and fan-out latency, throughput and stream anomalies.
+    Bench {
+        /// Sessions.
+        #[arg(long, default_value_t = 20)]
+        sessions: usize,
+        /// WebSocket clients per session (the DM and players).
+        #[arg(long, default_value_t = 5)]
+        clients: usize,
+        /// Changes per second each client sends.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+        /// Nodes of the cluster the bench starts (ignored with --attach).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Routers of the cluster the bench starts (ignored with --attach).
+        #[arg(long, default_value_t = 2)]
+        routers: usize,
+        /// Serve wss in the cluster the bench starts.
+        #[arg(long)]
+        tls: bool,
+        /// Load the cluster `cluster up` runs (in --dir) instead of starting one; its
+        /// rate limits apply.
+        #[arg(long)]
+        attach: bool,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -102,6 +134,35 @@ async fn main() -> Result<()> {
         Cmd::Pause { id } => signal(&cli.dir, &id, libc::SIGSTOP, "paused"),
         Cmd::Resume { id } => signal(&cli.dir, &id, libc::SIGCONT, "resumed"),
         Cmd::AddNode => add_node(&cli.dir).await,
+        Cmd::Bench {
+            sessions,
+            clients,
+            rate,
+            duration,
+            nodes,
+            routers,
+            tls,
+            attach,
+            json,
+        } => {
+            let spec = cluster::bench::BenchSpec {
+                sessions,
+                clients_per_session: clients,
+                rate,
+                duration_secs: duration,
+            };
+            bench(
+                &cli.dir,
+                cli.config.as_deref(),
+                spec,
+                nodes,
+                routers,
+                tls,
+                attach,
+                json,
+            )
+            .await
+        }
         Cmd::Migrate => {
             let cfg = Config::load(cli.config.as_deref())?;
             let applied = gs_shared::db::migrate(&cfg.postgres).await?;
@@ -426,6 +487,79 @@ async fn status(dir: &Path) -> Result<()> {
             }
             Err(e) => println!("\n{}: {e}", r.id),
         }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn bench(
+    dir: &Path,
+    file: Option<&Path>,
+    spec: cluster::bench::BenchSpec,
+    nodes: usize,
+    routers: usize,
+    tls: bool,
+    attach: bool,
+    json: Option<PathBuf>,
+) -> Result<()> {
+    let (target, own) = if attach {
+        let state = ClusterState::load(dir)?;
+        let cfg = Config::load(Some(&state.config))?;
+        let cert = match &state.cert {
+            Some(p) => Some(DevCert::load(p)?),
+            None => None,
+        };
+        let routers_http: Vec<String> = state
+            .members
+            .iter()
+            .filter(|m| m.kind == "router" && pid_alive(m.pid))
+            .map(|m| m.url.clone())
+            .collect();
+        let routers_ws = routers_http
+            .iter()
+            .map(|u| {
+                u.replacen("https://", "wss://", 1)
+                    .replacen("http://", "ws://", 1)
+            })
+            .collect();
+        let target = cluster::load::Target {
+            routers_http,
+            routers_ws,
+            http: http_client(cert.as_ref()),
+            cert,
+            auth: Authority::from_config(&cfg.auth),
+        };
+        (target, None)
+    } else {
+        let mut cspec = ClusterSpec::test(nodes, routers);
+        if let Some(f) = file {
+            // The file's settings (limits, timings) instead of the test defaults.
+            let secret = cspec.base.auth.jwt_secret.clone();
+            cspec.base = Config::load(Some(f))?;
+            if cspec.base.auth.jwt_secret.is_empty() {
+                cspec.base.auth.jwt_secret = secret;
+            }
+        }
+        cspec.tls = tls;
+        cspec.base.log.filter = "warn".into();
+        eprintln!("starting {nodes} nodes and {routers} routers ...");
+        let c = LocalCluster::start(cspec).await?;
+        (cluster::load::Target::of(&c), Some(c))
+    };
+    eprintln!(
+        "running {} sessions x {} clients at {}/s each for {} s ...",
+        spec.sessions, spec.clients_per_session, spec.rate, spec.duration_secs
+    );
+    let report = cluster::bench::run(&target, &spec).await;
+    if let Some(c) = own {
+        c.shutdown().await;
+    }
+    let report = report?;
+    print!("{}", report.table());
+    let text = serde_json::to_string_pretty(&report)?;
+    match json {
+        Some(p) => std::fs::write(&p, text)?,
+        None => println!("{text}"),
     }
     Ok(())
 }

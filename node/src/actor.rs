@@ -166,6 +166,8 @@ pub struct Actor {
     last_snapshot: u64,
     connections: HashMap<Uuid, Uuid>,
     last_activity: Instant,
+    /// The combat summary last written to Redis.
+    last_combat: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Entry point of an actor task: activate, serve, stop. Always leaves the registry.
@@ -234,8 +236,14 @@ async fn activate(
         )),
         _ => None,
     });
-    if let Some((campaign_id, name, settings, creator)) = create {
+    if let Some((campaign_id, name, mut settings, creator)) = create {
         let now = chrono::Utc::now();
+        // Every session gets a secret dice seed unless its creator chose one: a seed
+        // derived from the (public) session id would let anyone predict the rolls.
+        if let Some(m) = settings.as_object_mut() {
+            m.entry("dice_seed")
+                .or_insert_with(|| json!(Uuid::new_v4().as_u64_pair().0));
+        }
         let ev = SessionState::creation(
             id,
             campaign_id,
@@ -259,7 +267,7 @@ async fn activate(
                 state.apply(&ev);
                 let rendered = RawEvent {
                     version: 1,
-                    json: protocol::render_event(&kind, 1, &data),
+                    json: render(&kind, 1, &data),
                 };
                 let actor = Actor::new(
                     ctx.clone(),
@@ -337,7 +345,16 @@ pub async fn load_state(
     ctx: &NodeCtx,
     id: Uuid,
 ) -> Result<(SessionState, Vec<StoredEvent>), NodeError> {
-    let loaded = ctx.store.load(id).await?;
+    load_state_at(ctx, id, None).await
+}
+
+/// Rebuilds a session as it was at version `at` (the newest when `None`).
+pub async fn load_state_at(
+    ctx: &NodeCtx,
+    id: Uuid,
+    at: Option<u64>,
+) -> Result<(SessionState, Vec<StoredEvent>), NodeError> {
+    let loaded = ctx.store.load(id, at).await?;
     let mut state = match &loaded.snapshot {
         Some((seq, snap)) => {
             let s: SessionState = serde_json::from_value(snap.clone())
@@ -372,8 +389,23 @@ pub async fn load_state(
 fn render_stored(e: &StoredEvent) -> RawEvent {
     RawEvent {
         version: e.seq,
-        json: protocol::render_event(&e.kind, e.seq, &e.data),
+        json: render(&e.kind, e.seq, &e.data),
     }
+}
+
+/// An event as clients receive it: the stored data, minus what clients must not see
+/// (the dice seed in `session_created`'s settings: it would predict every roll).
+/// Deterministic, so a live event and the same event read back from the log render
+/// to the same bytes.
+fn render(kind: &str, version: u64, data: &Value) -> String {
+    if kind == "session_created" && data["settings"].get("dice_seed").is_some() {
+        let mut data = data.clone();
+        if let Some(settings) = data["settings"].as_object_mut() {
+            settings.remove("dice_seed");
+        }
+        return protocol::render_event(kind, version, &data);
+    }
+    protocol::render_event(kind, version, data)
 }
 
 impl Actor {
@@ -414,6 +446,7 @@ impl Actor {
             last_snapshot,
             connections: HashMap::new(),
             last_activity: Instant::now(),
+            last_combat: None,
             state,
         }
     }
@@ -535,7 +568,24 @@ impl Actor {
                     data,
                 } => {
                     let cmd = Command::from_client(&kind, data);
-                    self.stage(&mut b, reply, user, role, command_id, cmd, false);
+                    if let Ok(Command::Rollback { to_version }) = cmd {
+                        // A rollback needs the past state, replayed from the log.
+                        let Some(reply) =
+                            self.answer_duplicate(&mut b, reply, user, command_id, false)
+                        else {
+                            continue;
+                        };
+                        if let Some(stop) = self.flush(&mut b).await {
+                            reply.send(&self.ctx, self.stopped_reply(stop)).await;
+                            return Some(stop);
+                        }
+                        let events = self
+                            .decide_rollback(user, role, command_id, to_version)
+                            .await;
+                        self.stage_events(&mut b, reply, user, command_id, events, false);
+                    } else {
+                        self.stage(&mut b, reply, user, role, command_id, cmd, false);
+                    }
                 }
                 RequestBody::SaveState {
                     command_id,
@@ -613,19 +663,9 @@ impl Actor {
         cmd: Result<Command, gs_rules::RuleError>,
         join: bool,
     ) {
-        // A retry of a command already committed (or staged in this batch).
-        if let Some(&version) = self.dedupe.map.get(&command_id) {
-            b.waiting.push(if join {
-                Waiting::Joined { reply, user }
-            } else {
-                Waiting::Ack {
-                    reply,
-                    version,
-                    duplicate: true,
-                }
-            });
+        let Some(reply) = self.answer_duplicate(b, reply, user, command_id, join) else {
             return;
-        }
+        };
         let cmd = match cmd {
             Ok(c) => c,
             Err(e) => {
@@ -642,15 +682,51 @@ impl Actor {
             command_id,
             timestamp: protocol::timestamp_now(),
         };
-        let events = match self.state.decide(&ctx, &cmd) {
+        let events = self.state.decide(&ctx, &cmd).map_err(IntoWire::into_wire);
+        self.stage_events(b, reply, user, command_id, events, join);
+    }
+
+    /// A retry of a command already committed (or staged in this batch) is answered
+    /// with its original version; otherwise the reply is handed back.
+    fn answer_duplicate(
+        &self,
+        b: &mut Batch,
+        reply: Reply,
+        user: Uuid,
+        command_id: Uuid,
+        join: bool,
+    ) -> Option<Reply> {
+        let Some(&version) = self.dedupe.map.get(&command_id) else {
+            return Some(reply);
+        };
+        b.waiting.push(if join {
+            Waiting::Joined { reply, user }
+        } else {
+            Waiting::Ack {
+                reply,
+                version,
+                duplicate: true,
+            }
+        });
+        None
+    }
+
+    /// Applies decided events in memory and stages their rows for the next commit.
+    fn stage_events(
+        &mut self,
+        b: &mut Batch,
+        reply: Reply,
+        user: Uuid,
+        command_id: Uuid,
+        events: Result<Vec<Event>, WireError>,
+        join: bool,
+    ) {
+        let events = match events {
             Ok(ev) => ev,
             Err(e) => {
                 metrics::counter!("gs_node_commands_refused_total", "code" => e.code.clone())
                     .increment(1);
-                b.waiting.push(Waiting::Refused {
-                    reply,
-                    error: e.into_wire(),
-                });
+                b.waiting.push(Waiting::Refused { reply, error: e });
                 return;
             }
         };
@@ -660,7 +736,7 @@ impl Actor {
             self.state.apply(ev);
             let version = self.state.version;
             let (kind, data) = ev.to_parts();
-            let json = protocol::render_event(&kind, version, &data);
+            let json = render(&kind, version, &data);
             if let Event::SessionStatusChanged { status, .. } = ev {
                 b.status = Some((status.as_str().to_string(), now));
             }
@@ -689,6 +765,32 @@ impl Actor {
                 duplicate: false,
             }
         });
+    }
+
+    /// A rollback: the cheap checks, then the state at `to_version` (replayed from the
+    /// newest snapshot at or before it), then the rules' decision.
+    async fn decide_rollback(
+        &self,
+        user: Uuid,
+        role: Role,
+        command_id: Uuid,
+        to_version: u64,
+    ) -> Result<Vec<Event>, WireError> {
+        let ctx = Ctx {
+            user_id: user,
+            admin: role == Role::Admin,
+            command_id,
+            timestamp: protocol::timestamp_now(),
+        };
+        self.state
+            .check_rollback(&ctx, to_version)
+            .map_err(IntoWire::into_wire)?;
+        let (past, _) = load_state_at(&self.ctx, self.id, Some(to_version))
+            .await
+            .map_err(|e| e.to_wire())?;
+        self.state
+            .decide_rollback(&ctx, to_version, &past)
+            .map_err(IntoWire::into_wire)
     }
 
     /// Commits the staged events, then publishes them and answers the waiting
@@ -1087,9 +1189,15 @@ impl Actor {
         );
     }
 
-    fn cache_combat(&self) {
-        if let Some(fields) = crate::outbox::combat_summary(&self.state) {
-            self.ctx.cache.combat(self.id, fields);
+    /// Mirrors the combat summary into Redis when it changed (an empty map deletes
+    /// the key when combat ends).
+    fn cache_combat(&mut self) {
+        let now = crate::outbox::combat_summary(&self.state);
+        if now != self.last_combat {
+            self.ctx
+                .cache
+                .combat(self.id, now.clone().unwrap_or_default());
+            self.last_combat = now;
         }
     }
 

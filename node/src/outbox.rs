@@ -10,7 +10,8 @@ pub fn rows(_state: &SessionState, _events: &[EventRow]) -> Vec<OutboxRow> {
     Vec::new()
 }
 
-/// The ICD's `session:{id}:combat` hash, when combat is running.
-pub fn combat_summary(_state: &SessionState) -> Option<BTreeMap<String, String>> {
-    None
+/// The ICD's `session:{id}:combat` hash (round, turn, initiative order, active
+/// effects), when combat is running.
+pub fn combat_summary(state: &SessionState) -> Option<BTreeMap<String, String>> {
+    state.game.combat_summary()
 }

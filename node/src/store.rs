@@ -149,19 +149,22 @@ impl Store {
         }
     }
 
-    /// The newest snapshot and the events after it, in order.
-    pub async fn load(&self, session: Uuid) -> Result<Loaded> {
+    /// The newest snapshot at or before version `at` (the newest of all when `None`)
+    /// and the events after it up to `at`, in order.
+    pub async fn load(&self, session: Uuid, at: Option<u64>) -> Result<Loaded> {
         let client = self.pool.get().await?;
+        let at = at.map(|v| v as i64).unwrap_or(i64::MAX);
         let snap = client
             .query_opt(
-                "SELECT seq, state FROM session_states WHERE session_id = $1 \
+                "SELECT seq, state FROM session_states WHERE session_id = $1 AND seq <= $2 \
                  ORDER BY seq DESC LIMIT 1",
-                &[&session],
+                &[&session, &at],
             )
             .await?;
         let snapshot = snap.map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Value>(1)));
         let after = snapshot.as_ref().map(|(s, _)| *s).unwrap_or(0);
-        let events = self.events_after(session, after, i64::MAX as u64).await?;
+        let limit = (at as u64).saturating_sub(after);
+        let events = self.events_after(session, after, limit).await?;
         Ok(Loaded { snapshot, events })
     }
 

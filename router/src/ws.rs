@@ -456,6 +456,21 @@ async fn handle_message(
             }
         }
         _ => {
+            // The ICD's "combat actions per minute per player", counted across routers.
+            let combat = gs_rules::Command::from_client(&m.kind, m.data.clone())
+                .is_ok_and(|c| c.is_combat());
+            if combat {
+                let who = format!("{}:{}", conn.sid, conn.caller.user_id);
+                let limit = conn.ctx.cfg.limits.combat_actions_per_min_per_player;
+                if let Err(e) = conn
+                    .ctx
+                    .limiter
+                    .check("combat", &who, limit, Duration::from_secs(60))
+                    .await
+                {
+                    return conn.send(protocol::error(Some(m.id), &e)).await;
+                }
+            }
             let Ok(permit) = inflight.clone().try_acquire_owned() else {
                 let e = WireError::new(
                     codes::TOO_MANY_IN_FLIGHT,

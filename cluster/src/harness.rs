@@ -456,12 +456,14 @@ impl LocalCluster {
         Ok(client)
     }
 
-    /// Stops every process (SIGKILL) and drops the private database.
+    /// Stops every process (SIGKILL) and removes the private namespace: the database
+    /// and the durable RabbitMQ queues and exchanges.
     pub async fn shutdown(mut self) {
         self.kill_all().await;
         if self.drop_database {
             let _ =
                 gs_shared::db::drop_database(&self.base.postgres, &self.base.postgres.dbname).await;
+            delete_rabbit_topology(&self.base.rabbitmq).await;
         }
     }
 
@@ -497,6 +499,33 @@ impl Drop for LocalCluster {
             }
         }
     }
+}
+
+/// Deletes a namespace's queues and exchanges (best effort).
+async fn delete_rabbit_topology(c: &gs_shared::config::RabbitConfig) {
+    let Ok(Ok(conn)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        lapin::Connection::connect(&c.url, lapin::ConnectionProperties::default()),
+    )
+    .await
+    else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in [
+            c.inbound_queue.clone(),
+            format!("{}.retry", c.inbound_queue),
+            c.dead_letter_queue.clone(),
+        ] {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+        for x in [&c.exchange, &c.inbound_exchange, &c.dead_letter_exchange] {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), Default::default())
+                .await;
+        }
+    }
+    let _ = conn.close(0, "clean-up".into()).await;
 }
 
 fn nodes_on_ring(v: &serde_json::Value) -> Vec<String> {

@@ -261,10 +261,22 @@ async fn activate(
             created_by: creator,
             created_at: now.naive_utc(),
         };
-        match ctx.store.create_session(&new, &ctx.id, &kind, &data).await {
+        // Version 1 is an event like any other: it has its outbox row too.
+        let mut state = SessionState::empty(id);
+        state.apply(&ev);
+        let row = EventRow {
+            id: Uuid::new_v4(),
+            seq: 1,
+            kind: kind.clone(),
+            data: data.clone(),
+            command_id: None,
+            user_id: Some(creator),
+            created_at: now.naive_utc(),
+            correlation: None,
+        };
+        let outbox = crate::outbox::rows(&state, std::slice::from_ref(&row));
+        match ctx.store.create_session(&new, &ctx.id, &row, &outbox).await {
             Ok(Created::New) => {
-                let mut state = SessionState::empty(id);
-                state.apply(&ev);
                 let rendered = RawEvent {
                     version: 1,
                     json: render(&kind, 1, &data),
@@ -281,6 +293,7 @@ async fn activate(
                     true,
                 );
                 actor.cache_meta();
+                ctx.hub.dirty(id);
                 return Ok(actor);
             }
             Ok(Created::Exists { .. }) => {} // a retried create: take over below
@@ -331,6 +344,8 @@ async fn activate(
                 actor.publish(&last).await;
             }
             actor.cache_meta();
+            // Outbox rows the previous owner committed but did not get confirmed.
+            ctx.hub.dirty(id);
             Ok(actor)
         }
         Err(e) => {
@@ -620,6 +635,24 @@ impl Actor {
                     };
                     b.waiting.push(Waiting::Done { reply, answer });
                 }
+                RequestBody::HubEvent {
+                    event_id,
+                    kind,
+                    payload,
+                } => {
+                    // Applied by the system, as an admin; the event id is the command
+                    // id, so a redelivered hub event is answered from memory.
+                    let cmd = crate::hub::command_for(&kind, &payload);
+                    self.stage(
+                        &mut b,
+                        reply,
+                        Uuid::nil(),
+                        Role::Admin,
+                        event_id,
+                        cmd,
+                        false,
+                    );
+                }
                 RequestBody::Detach { conn_id } => {
                     if let Some(user) = self.connections.remove(&conn_id) {
                         self.ctx.cache.detach(self.id, conn_id, user);
@@ -750,6 +783,7 @@ impl Actor {
                 command_id: (i + 1 == n).then_some(command_id),
                 user_id: Some(user),
                 created_at: now,
+                correlation: Some(command_id),
             });
             b.rendered.push(RawEvent { version, json });
         }
@@ -812,6 +846,7 @@ impl Actor {
             });
         let snap_seq = snapshot.as_ref().map(|s| s.seq);
         let outbox = crate::outbox::rows(&self.state, &batch.rows);
+        let characters = crate::outbox::characters(&batch.rows);
         let item = CommitItem {
             session: self.id,
             epoch: self.epoch,
@@ -819,6 +854,7 @@ impl Actor {
             snapshot,
             outbox,
             status: batch.status.clone(),
+            characters,
         };
         // Last local check before the write: a lease that lapsed while this batch was
         // decided (a slow decision, a pause) means another node may own the session;
@@ -875,6 +911,7 @@ impl Actor {
                     self.publish(ev).await;
                     self.recent.push_back(ev.clone());
                 }
+                self.ctx.hub.dirty(self.id);
                 while self.recent.len() > self.ctx.cfg.node.recent_events {
                     self.recent.pop_front();
                 }
@@ -1238,6 +1275,7 @@ impl Actor {
                 }),
                 outbox: vec![],
                 status: None,
+                characters: vec![],
             };
             if let Err(e) = self.ctx.committer.commit(item).await {
                 tracing::debug!(session = %self.id, error = %e, "handoff snapshot not written");

@@ -31,6 +31,8 @@ pub struct EventRow {
     pub command_id: Option<Uuid>,
     pub user_id: Option<Uuid>,
     pub created_at: NaiveDateTime,
+    /// The command (or hub event) that produced it, on every event of the command.
+    pub correlation: Option<Uuid>,
 }
 
 /// A snapshot of a session's state at `seq`.
@@ -59,6 +61,8 @@ pub struct CommitItem {
     pub outbox: Vec<OutboxRow>,
     /// New `sessions.status` (lifecycle change), with the time of the change.
     pub status: Option<(String, NaiveDateTime)>,
+    /// Characters that entered the session (for the hub's character index).
+    pub characters: Vec<Uuid>,
 }
 
 /// Why an item was not committed.
@@ -207,6 +211,9 @@ const INSERT_OUTBOX: &str = "INSERT INTO hub_outbox \
     SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::varchar[], \
     $6::jsonb[], $7::timestamp[])";
 
+const INSERT_CHARACTERS: &str = "INSERT INTO session_characters (character_id, session_id) \
+    SELECT c, $2 FROM UNNEST($1::uuid[]) AS c ON CONFLICT DO NOTHING";
+
 const UPDATE_STATUS: &str = "UPDATE sessions SET status = $2, updated_at = $3 \
     WHERE id = $1 AND owner_epoch = $4";
 
@@ -300,6 +307,12 @@ async fn write(store: &Store, items: &[&CommitItem]) -> Result<(), WriteError> {
             &[&ids, &sessions, &seqs, &epochs, &keys, &payloads, &times],
         )
         .await?;
+    }
+
+    for item in items.iter().filter(|i| !i.characters.is_empty()) {
+        let stmt = tx.prepare_cached(INSERT_CHARACTERS).await?;
+        tx.execute(&stmt, &[&item.characters, &item.session])
+            .await?;
     }
 
     for item in items {

@@ -1,5 +1,6 @@
 //! The node's operator endpoints: `/health/live` (the process runs), `/health/ready`
-//! (PostgreSQL, Redis and NATS answer; 503 otherwise) and `/metrics` (Prometheus).
+//! (PostgreSQL, Redis, NATS answer and the Message Hub is connected; 503 otherwise,
+//! with each dependency's state) and `/metrics` (Prometheus).
 
 use crate::NodeCtx;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -55,10 +56,18 @@ pub async fn readiness(ctx: &NodeCtx) -> (bool, serde_json::Value) {
     } else {
         "down: disconnected".to_string()
     };
-    let checks = json!({ "postgres": flat(pg), "redis": flat(redis), "nats": nats });
+    let hub = if !ctx.cfg.rabbitmq.enabled {
+        "disabled".to_string()
+    } else if ctx.hub.is_up() {
+        "up".to_string()
+    } else {
+        "down: reconnecting".to_string()
+    };
+    let checks =
+        json!({ "postgres": flat(pg), "redis": flat(redis), "nats": nats, "rabbitmq": hub });
     let up = checks
         .as_object()
-        .map(|m| m.values().all(|v| v == "up"))
+        .map(|m| m.values().all(|v| v == "up" || v == "disabled"))
         .unwrap_or(false);
     (up, checks)
 }

@@ -25,6 +25,7 @@ pub mod committer;
 pub mod error;
 pub mod health;
 pub mod history;
+pub mod hub;
 pub mod outbox;
 pub mod ownership;
 pub mod registry;
@@ -57,6 +58,7 @@ pub struct NodeCtx {
     pub cache: cache::Cache,
     pub registry: registry::Registry,
     pub redis: redis::aio::ConnectionManager,
+    pub hub: Arc<hub::Hub>,
 }
 
 /// A generated member id, when none is configured.
@@ -136,7 +138,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cache,
         registry: registry::Registry::default(),
         redis,
+        hub: hub::Hub::new(cfg.rabbitmq.clone()),
     });
+    let _hub_tasks = ctx.hub.start(ctx.clone());
 
     let metrics = health::install_metrics();
     let health_task = tokio::spawn(health::serve(ctx.clone(), listener, metrics));

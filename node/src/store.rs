@@ -69,8 +69,8 @@ impl Store {
         &self,
         s: &NewSession,
         node: &str,
-        event_type: &str,
-        event_data: &Value,
+        event: &crate::committer::EventRow,
+        outbox: &[crate::committer::OutboxRow],
     ) -> Result<Created> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -104,15 +104,23 @@ impl Store {
             "INSERT INTO session_events (id, session_id, event_type, event_data, created_at, \
              seq, epoch, command_id, user_id) VALUES ($1, $2, $3, $4, $5, 1, 1, NULL, $6)",
             &[
-                &Uuid::new_v4(),
+                &event.id,
                 &s.id,
-                &event_type,
-                event_data,
+                &event.kind,
+                &event.data,
                 &s.created_at,
                 &s.created_by,
             ],
         )
         .await?;
+        for o in outbox {
+            tx.execute(
+                "INSERT INTO hub_outbox (event_id, session_id, seq, epoch, routing_key, payload, created_at) \
+                 VALUES ($1, $2, $3, 1, $4, $5, $6)",
+                &[&o.event_id, &s.id, &(o.seq as i64), &o.routing_key, &o.payload, &s.created_at],
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(Created::New)
     }
@@ -241,6 +249,80 @@ impl Store {
             .iter()
             .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
             .collect())
+    }
+
+    /// A session's outbox rows not yet confirmed by the broker, in version order:
+    /// `(event_id, routing_key, payload)`.
+    pub async fn pending_outbox(
+        &self,
+        session: Uuid,
+        limit: i64,
+    ) -> Result<Vec<(Uuid, String, Value)>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT event_id, routing_key, payload FROM hub_outbox \
+                 WHERE session_id = $1 AND published_at IS NULL ORDER BY seq LIMIT $2",
+                &[&session, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// Marks outbox rows as published (after the broker confirmed them).
+    pub async fn mark_published(&self, event_ids: &[Uuid]) -> Result<u64> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .execute(
+                "UPDATE hub_outbox SET published_at = now() AT TIME ZONE 'utc' \
+                 WHERE event_id = ANY($1) AND published_at IS NULL",
+                &[&event_ids],
+            )
+            .await?)
+    }
+
+    /// Sessions with outbox rows left unpublished for longer than `older_than_ms`
+    /// (their owner died, or the broker was away).
+    pub async fn stale_outbox_sessions(&self, older_than_ms: i64, limit: i64) -> Result<Vec<Uuid>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT DISTINCT session_id FROM hub_outbox WHERE published_at IS NULL \
+                 AND created_at < (now() AT TIME ZONE 'utc') - make_interval(secs => $1::float8 / 1000) \
+                 LIMIT $2",
+                &[&(older_than_ms as f64), &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Sessions a character plays in (the hub's character index).
+    pub async fn character_sessions(&self, character: Uuid) -> Result<Vec<Uuid>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT c.session_id FROM session_characters c JOIN sessions s ON s.id = c.session_id \
+                 WHERE c.character_id = $1 AND s.status <> 'ended' AND NOT COALESCE(s.is_deleted, false)",
+                &[&character],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// The live sessions of a campaign.
+    pub async fn campaign_sessions(&self, campaign: Uuid) -> Result<Vec<Uuid>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT id FROM sessions WHERE campaign_id = $1 AND status <> 'ended' \
+                 AND NOT COALESCE(is_deleted, false)",
+                &[&campaign],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Sessions a node owned according to PostgreSQL (for operators and tests).

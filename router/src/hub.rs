@@ -10,10 +10,10 @@
 //! first event, or lagged behind the broadcast; it catches up from the hub's buffer or
 //! the owner (see `ws`).
 
-use crate::forward::Forwarder;
 use crate::sequencer::Sequencer;
 use futures::StreamExt;
 use gs_shared::auth::Role;
+use gs_shared::forward::Forwarder;
 use gs_shared::protocol::VERSION_HEADER;
 use gs_shared::rpc::{Caller, RawEvent, ReplyBody, RequestBody, Subjects};
 use std::collections::{HashMap, VecDeque};

@@ -14,11 +14,9 @@
 //! * [`ws`]: the WebSocket endpoint and the per-connection task.
 //! * [`hub`]: per-session NATS subscription, ordering and fan-out.
 //! * [`sequencer`]: ordering of an event stream (sans-IO).
-//! * [`forward`]: requests to owners with retry until a deadline.
 //! * [`limits`]: the ICD's rate limits.
 
 pub mod api;
-pub mod forward;
 pub mod hub;
 pub mod limits;
 pub mod sequencer;
@@ -44,7 +42,7 @@ pub struct RouterCtx {
     pub id: String,
     pub auth: Authority,
     pub cluster: ClusterView,
-    pub forwarder: forward::Forwarder,
+    pub forwarder: gs_shared::forward::Forwarder,
     pub hubs: hub::Hubs,
     pub limiter: limits::Limiter,
     /// `https://host:port` (or `http://`): the REST base.
@@ -124,7 +122,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Some(http_base.clone()),
     )
     .await?;
-    let forwarder = forward::Forwarder::new(
+    let forwarder = gs_shared::forward::Forwarder::new(
         nats.clone(),
         subjects.clone(),
         cluster.clone(),

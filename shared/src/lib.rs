@@ -12,6 +12,7 @@
 //! * [`keys`]: Redis key names and the ICD's TTLs.
 //! * [`db`]: creating the database, migrations, the connection pool.
 //! * [`connect`]: connecting to NATS and Redis at start-up.
+//! * [`forward`]: requests to a session's owner, retried across failovers.
 //! * [`telemetry`]: logging set-up.
 
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod cluster_view;
 pub mod config;
 pub mod connect;
 pub mod db;
+pub mod forward;
 pub mod keys;
 pub mod membership;
 pub mod protocol;

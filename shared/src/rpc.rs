@@ -132,6 +132,14 @@ pub enum RequestBody {
     History { before: Option<u64>, limit: u64 },
     /// Liveness probe of the node itself (the session id is ignored).
     Ping,
+    /// An inbound Message Hub event (`character.state.changed`,
+    /// `campaign.state.changed`) for the owner to apply; `event_id` makes a
+    /// redelivery a no-op.
+    HubEvent {
+        event_id: Uuid,
+        kind: String,
+        payload: Value,
+    },
 }
 
 impl RequestBody {
@@ -149,6 +157,7 @@ impl RequestBody {
             RequestBody::Detach { .. } => "detach",
             RequestBody::History { .. } => "history",
             RequestBody::Ping => "ping",
+            RequestBody::HubEvent { .. } => "hub_event",
         }
     }
 }

@@ -15,6 +15,8 @@ use uuid::Uuid;
 
 pub use cluster;
 
+pub mod rabbit;
+
 /// Upper bound of any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -218,6 +220,31 @@ impl Fixture {
 
     pub async fn shutdown(self) {
         self.cluster.shutdown().await;
+    }
+
+    /// Sum of a counter over the nodes' `/metrics`.
+    pub async fn node_counter(&self, name: &str) -> Result<f64> {
+        let mut total = 0.0;
+        for m in self
+            .cluster
+            .members
+            .values()
+            .filter(|m| m.kind == "node" && m.child.is_some())
+        {
+            let text = self
+                .http
+                .get(format!("{}/metrics", m.url))
+                .send()
+                .await?
+                .text()
+                .await?;
+            total += text
+                .lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        Ok(total)
     }
 }
 

@@ -1,4 +1,5 @@
-//! Forwarding to session owners, with retry across failovers.
+//! Forwarding to session owners, with retry across failovers (routers forward client
+//! requests; nodes forward Message Hub events to the owners of affected sessions).
 //!
 //! A request goes to the node the ring names (or the owner a node named in its
 //! `not_owner` answer). On no responders, a timeout, `not_owner`, `overloaded` or
@@ -6,10 +7,10 @@
 //! again with the *same* request (so a command keeps its id and takes effect once),
 //! until `router.request_deadline_ms`; then it answers `service_unavailable`.
 
-use gs_shared::cluster_view::ClusterView;
-use gs_shared::config::ms;
-use gs_shared::protocol::{codes, WireError};
-use gs_shared::rpc::{Caller, NodeReply, NodeRequest, ReplyBody, RequestBody, Subjects};
+use crate::cluster_view::ClusterView;
+use crate::config::ms;
+use crate::protocol::{codes, WireError};
+use crate::rpc::{Caller, NodeReply, NodeRequest, ReplyBody, RequestBody, Subjects};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -72,7 +73,7 @@ impl Forwarder {
             session_id: session,
             caller,
             body,
-            deadline_ms: Some(gs_shared::rpc::wall_ms() + left.as_millis() as u64),
+            deadline_ms: Some(crate::rpc::wall_ms() + left.as_millis() as u64),
         })
         .expect("requests serialise")
         .into();

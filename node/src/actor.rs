@@ -1258,31 +1258,56 @@ impl Actor {
         tracing::info!(session = %self.id, reason = ?stop, version = self.state.version, "session actor stopping");
         self.ctx.registry.remove(&self.id, self.gen);
         inbox.close();
-        let reply = self.stopped_reply(stop);
-        while let Ok(env) = inbox.try_recv() {
-            env.reply.send(&self.ctx, reply.clone()).await;
-        }
-        let graceful = matches!(stop, Stop::Handoff | Stop::Shutdown | Stop::Idle);
-        if graceful && self.lease.is_valid() && self.state.version > self.last_snapshot {
-            // A snapshot at the handoff point: the next owner reads no tail.
-            let item = CommitItem {
-                session: self.id,
-                epoch: self.epoch,
-                events: vec![],
-                snapshot: Some(SnapshotRow {
-                    seq: self.state.version,
-                    state: serde_json::to_value(&self.state).expect("state serialises"),
-                }),
-                outbox: vec![],
-                status: None,
-                characters: vec![],
-            };
-            if let Err(e) = self.ctx.committer.commit(item).await {
-                tracing::debug!(session = %self.id, error = %e, "handoff snapshot not written");
+        let Actor {
+            ctx,
+            id,
+            epoch,
+            state,
+            lease,
+            last_snapshot,
+            ..
+        } = self;
+        match stop {
+            // Someone is waiting for the session (a new owner, redirected clients): free
+            // the lock first, then redirect what is queued. No snapshot: the new owner
+            // replays at most `snapshot_every` events from the last periodic one.
+            Stop::Handoff | Stop::Shutdown | Stop::Failed => lease.release().await,
+            // Nobody is waiting: leave a snapshot at the stopping point, then unlock.
+            Stop::Idle => {
+                if lease.is_valid() && state.version > last_snapshot {
+                    let item = CommitItem {
+                        session: id,
+                        epoch,
+                        events: vec![],
+                        snapshot: Some(SnapshotRow {
+                            seq: state.version,
+                            state: serde_json::to_value(&state).expect("state serialises"),
+                        }),
+                        outbox: vec![],
+                        status: None,
+                        characters: vec![],
+                    };
+                    if let Err(e) = ctx.committer.commit(item).await {
+                        tracing::debug!(session = %id, error = %e, "passivation snapshot not written");
+                    }
+                }
+                lease.release().await;
             }
+            // The lock is gone or another node holds the epoch: nothing to release.
+            Stop::Fenced | Stop::LeaseLost => {}
         }
-        if graceful || stop == Stop::Failed {
-            self.lease.release().await;
+        let reply = match stop {
+            Stop::Failed => NodeReply::err(WireError::new(
+                codes::SERVICE_UNAVAILABLE,
+                "the session is being recovered",
+            )),
+            _ => NodeReply::Err {
+                error: WireError::new(codes::NOT_OWNER, "this node does not own the session"),
+                owner: ctx.cluster.owner(&id).filter(|o| o != &ctx.id),
+            },
+        };
+        while let Ok(env) = inbox.try_recv() {
+            env.reply.send(&ctx, reply.clone()).await;
         }
     }
 }

@@ -43,6 +43,12 @@ end
 return 0
 "#;
 
+/// Poll interval while waiting for a busy lock, for the first [`LOCK_POLL_FAST_FOR`].
+const LOCK_POLL_FAST: Duration = Duration::from_millis(5);
+const LOCK_POLL_FAST_FOR: Duration = Duration::from_millis(500);
+/// Longest poll interval afterwards.
+const LOCK_POLL_MAX: Duration = Duration::from_millis(100);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AcquireError {
     #[error("lock held by {holder:?} past the deadline")]
@@ -117,7 +123,10 @@ impl Ownership {
         let key = self.keys.lock(&session);
         let holder_key = self.keys.lock_holder(&session);
         let mut last_holder = None;
-        let mut pause = Duration::from_millis(20);
+        // A planned handoff frees the lock within milliseconds: poll it quickly at
+        // first, then back off (a crashed holder's lock is broken, not waited for).
+        let started_at = Instant::now();
+        let mut pause = LOCK_POLL_FAST;
         loop {
             let started = Instant::now();
             let attempt = tokio::time::timeout(
@@ -185,7 +194,9 @@ impl Ownership {
                 });
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
+            if started_at.elapsed() > LOCK_POLL_FAST_FOR {
+                pause = (pause * 2).min(LOCK_POLL_MAX);
+            }
         }
     }
 

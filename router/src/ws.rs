@@ -33,6 +33,10 @@ use warp::filters::ws::{Message, WebSocket, Ws};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+/// How long a connection waits for the answers of its commands still in flight when
+/// the session ends, before closing.
+const FINAL_ANSWERS_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a connection's detach may take (best effort, after close).
 const DETACH_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -383,6 +387,23 @@ async fn connection(
                 match ev {
                     Ok(ev) => match conn.deliver(ev).await {
                         Ok(true) => {
+                            // The session ended. Every message still gets its answer
+                            // (the one that ended it among them) before the close.
+                            let max = ctx.cfg.router.max_inflight_per_connection.max(1);
+                            let until = tokio::time::Instant::now() + FINAL_ANSWERS_WAIT;
+                            while inflight.available_permits() < max {
+                                match tokio::time::timeout_at(until, acks.recv()).await {
+                                    Ok(Some(out)) => {
+                                        if conn.send(out).await.is_err() {
+                                            break;
+                                        }
+                                    }
+                                    _ => break,
+                                }
+                            }
+                            while let Ok(out) = acks.try_recv() {
+                                let _ = conn.send(out).await;
+                            }
                             let _ = conn.sink.send(Message::close_with(1000u16, "session ended")).await;
                             break;
                         }

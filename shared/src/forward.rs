@@ -22,6 +22,8 @@ pub const DEADLINE_GRACE: Duration = Duration::from_millis(500);
 /// First pause between attempts; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
+/// Redirects (`not_owner` naming the owner) followed without a pause, in a row.
+const MAX_IMMEDIATE_REDIRECTS: u32 = 3;
 
 #[derive(Clone)]
 pub struct Forwarder {
@@ -82,6 +84,7 @@ impl Forwarder {
         let mut backoff = FIRST_BACKOFF;
         let mut attempts = 0u32;
         let mut last_error = String::from("no node available");
+        let mut redirects = 0u32;
         loop {
             attempts += 1;
             let target = hint
@@ -165,6 +168,14 @@ impl Forwarder {
                 )
                 .with_details(serde_json::json!({"attempts": attempts})));
             }
+            // A node that named the owner (a planned handoff, a ring change) is taken
+            // at its word at once; only a few times in a row, so two nodes that
+            // disagree about the ring cannot bounce a request between them.
+            if hint.is_some() && redirects < MAX_IMMEDIATE_REDIRECTS {
+                redirects += 1;
+                continue;
+            }
+            redirects = 0;
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }

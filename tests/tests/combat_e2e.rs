@@ -199,7 +199,7 @@ fn events(c: &TrackedClient, kinds: &[&str]) -> Vec<(u64, String, Value)> {
     })
 }
 
-/// JSON merge patch (RFC 7386), as `docs/rules.md` tells clients to apply `patch`.
+/// JSON merge patch (RFC 7386), as `docs/protocol.md` tells clients to apply `patch`.
 fn merge(target: &mut Value, patch: &Value) {
     let Value::Object(p) = patch else {
         *target = patch.clone();

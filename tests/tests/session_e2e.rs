@@ -177,3 +177,49 @@ async fn reconnect_with_last_version_resumes_exactly() -> Result<()> {
     .await;
     finish(f, result).await
 }
+
+/// Ending a session closes its connections cleanly, after the final event, on every
+/// router; afterwards it refuses changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_a_session_closes_its_connections_with_a_final_event() -> Result<()> {
+    let f = Fixture::start(1, 2, false).await?;
+    let result = async {
+        let mut dm = f.connect(0, "dm", &f.dm_token, &f.session_token).await?;
+        let (_u, token, st) = f.player(1, json!({})).await?;
+        let player = f.connect(1, "player", &token, &st).await?;
+        let end = dm.send("session_end", json!({})).await?;
+        let version = dm.wait_answer(end, WAIT).await?.expect("the DM may end it");
+        for c in [&dm, &player] {
+            c.wait_for("the close", WAIT, |v| v.closed.is_some())
+                .await?;
+            let v = c.view();
+            assert_eq!(
+                v.version, version,
+                "{}: the final event arrived first",
+                c.name
+            );
+            assert_eq!(
+                v.events.last().map(|e| e.1.as_str()),
+                Some("session_status_changed")
+            );
+            assert_eq!(
+                v.closed.as_ref().map(|c| c.0),
+                Some(1000),
+                "{}: a normal close",
+                c.name
+            );
+        }
+        let r = f
+            .api(0, &f.dm_token)
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/v2/sessions/{}/state", f.session),
+                Some(&json!({"state": {"x": 1}})),
+            )
+            .await?;
+        assert_eq!((r.status, r.code()), (422, "session_ended"));
+        Ok(())
+    }
+    .await;
+    finish(f, result).await
+}

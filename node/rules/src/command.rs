@@ -103,7 +103,7 @@ pub enum Command {
     SessionResume {},
     SessionEnd {},
 
-    // ---- Play (see `docs/rules.md`) ----
+    // ---- Play (see `docs/protocol.md`, "Game messages") ----
     /// DM: put a monster or NPC in play from a sheet (or a bound player's character).
     SpawnCharacter {
         /// Defaults to the command id.

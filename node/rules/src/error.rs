@@ -18,7 +18,7 @@ pub mod codes {
     pub const CHARACTER_TAKEN: &str = "character_taken";
     pub const TOO_MANY_CHANGES: &str = "too_many_changes";
 
-    // Play (docs/rules.md).
+    // Play (docs/protocol.md, "Game messages").
     /// A character sheet or character change is invalid.
     pub const INVALID_CHARACTER: &str = "invalid_character";
     /// The character id is not in play in this session.

@@ -66,6 +66,11 @@ pub enum Event {
         character_id: Option<Uuid>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         character: Option<Value>,
+        /// The play-state merge patch when the join puts a character in play (like
+        /// every play event), so clients that follow patches see it. Absent in events
+        /// stored before it existed; `apply` then builds the character from the sheet.
+        #[serde(default, skip_serializing_if = "Value::is_null")]
+        patch: Value,
         timestamp: String,
     },
     PlayerLeft {
@@ -526,6 +531,7 @@ impl Event {
     /// The play-state merge patch of a play event.
     pub fn patch(&self) -> Option<&Value> {
         Some(match self {
+            Event::PlayerJoined { patch, .. } if !patch.is_null() => patch,
             Event::SessionCreated { .. }
             | Event::StateUpdate { .. }
             | Event::PlayerJoined { .. }

@@ -198,9 +198,19 @@ impl Game {
         if let Event::PlayerJoined {
             character_id: Some(id),
             character: Some(sheet),
+            patch,
             ..
         } = event
         {
+            if !patch.is_null() {
+                // Decided with a patch: the patch is the truth (below).
+                if !patch::is_empty(patch) {
+                    let mut v = serde_json::to_value(&*self).expect("the play state serialises");
+                    patch::merge(&mut v, patch);
+                    *self = serde_json::from_value(v).expect("a decided patch applies");
+                }
+                return;
+            }
             if !self.characters.contains_key(id) {
                 // check_join validated the sheet; a sheet that a later version of the
                 // rules refuses leaves the character out of play instead of failing.

@@ -23,7 +23,8 @@
 //! * [`history`]: audit-log entries.
 //! * [`error`]: [`RuleError`] and its stable codes.
 //!
-//! The wire contract of play (every message and event) is `docs/rules.md`.
+//! The wire contract of play (every message and event) is `docs/protocol.md`, part
+//! "Game messages".
 
 pub mod actions;
 pub mod character;

@@ -552,13 +552,22 @@ impl SessionState {
             return Ok(vec![]); // joining again changes nothing
         }
         self.game.check_join(ctx, j)?;
-        Ok(vec![Event::PlayerJoined {
+        let mut joined = Event::PlayerJoined {
             user_id: ctx.user_id,
             role,
             character_id: j.character_id,
             character: j.character.clone(),
+            patch: Value::Null,
             timestamp: ctx.timestamp.clone(),
-        }])
+        };
+        // The play state after the join, as a patch (what clients merge).
+        let mut after = self.game.clone();
+        after.apply(&joined);
+        let diff = self.game.patch_to(&after);
+        if let Event::PlayerJoined { patch, .. } = &mut joined {
+            *patch = diff;
+        }
+        Ok(vec![joined])
     }
 
     fn transition(&self, ctx: &Ctx, from: &[Status], to: Status) -> Result<Vec<Event>> {
@@ -839,6 +848,34 @@ mod tests {
             run(&mut s, &ctx(other), &dm_grab).unwrap_err().code,
             codes::FORBIDDEN_FOR_ROLE
         );
+    }
+
+    #[test]
+    fn a_join_with_a_character_carries_its_play_patch() {
+        let (s, _dm, _p) = session();
+        let user = Uuid::new_v4();
+        let c = Uuid::new_v4();
+        let join = Command::Join(JoinRequest {
+            character_id: Some(c),
+            character: Some(json!({"name": "Aria", "max_hp": 12, "ac": 14})),
+            ..Default::default()
+        });
+        let events = s.decide(&ctx(user), &join).unwrap();
+        let patch = events[0]
+            .patch()
+            .expect("a join that adds a character has a patch");
+        // A client merging the patch into its play state gets the server's.
+        let mut client = serde_json::to_value(&s.game).unwrap();
+        crate::patch::merge(&mut client, patch);
+        let mut after = s.clone();
+        after.apply(&events[0]);
+        assert_eq!(client, serde_json::to_value(&after.game).unwrap());
+        assert!(after.game.characters.contains_key(&c));
+        // A join without a character has none.
+        let plain = s
+            .decide(&ctx(Uuid::new_v4()), &Command::Join(JoinRequest::default()))
+            .unwrap();
+        assert!(plain[0].patch().is_none());
     }
 
     #[test]

@@ -443,6 +443,10 @@ pub fn apply(v: &mut ClientView, msg: &Value) {
                 v.gaps += 1;
             }
             v.version = ver;
+            if kind == "state_restored" {
+                // A rollback replaces the document with the one of the chosen version.
+                v.doc = msg["data"]["doc"].clone();
+            }
             if kind == "state_update" {
                 for c in msg["data"]["changes"].as_array().into_iter().flatten() {
                     let path = c["path"].as_str().unwrap_or("");

@@ -218,7 +218,7 @@ async fn activate(
     let cluster = ctx.cluster.clone();
     let lease = ctx
         .ownership
-        .acquire(id, deadline, |holder| !cluster.is_alive(holder))
+        .acquire(id, deadline, |holder| cluster.is_known_dead(holder))
         .await
         .map_err(|e| NodeError::Other(format!("ownership lock: {e}")))?;
 
@@ -554,6 +554,7 @@ impl Actor {
         }
 
         let mut b = Batch::default();
+        let mut read_confirmed = false;
         for env in batch {
             if env.req.expired() && command_id(&env.req.body).is_some() {
                 // The router has given up on it: applying it now would contradict the
@@ -669,6 +670,24 @@ impl Actor {
                     if let Some(stop) = self.flush(&mut b).await {
                         reply.send(&self.ctx, self.stopped_reply(stop)).await;
                         return Some(stop);
+                    }
+                    // And only the owner's: confirm the lock once per batch.
+                    if !read_confirmed {
+                        match self.lease.confirm().await {
+                            Ok(true) => read_confirmed = true,
+                            Ok(false) => {
+                                reply.send(&self.ctx, self.not_owner()).await;
+                                return Some(Stop::LeaseLost);
+                            }
+                            Err(e) => {
+                                let err = WireError::new(
+                                    codes::SERVICE_UNAVAILABLE,
+                                    format!("cannot confirm ownership: {e}"),
+                                );
+                                reply.send(&self.ctx, NodeReply::err(err)).await;
+                                continue;
+                            }
+                        }
                     }
                     let req = NodeRequest {
                         session_id,

@@ -63,8 +63,14 @@ pub async fn readiness(ctx: &NodeCtx) -> (bool, serde_json::Value) {
     } else {
         "down: reconnecting".to_string()
     };
-    let checks =
-        json!({ "postgres": flat(pg), "redis": flat(redis), "nats": nats, "rabbitmq": hub });
+    // A node is ready once it has announced itself (past its membership warm-up).
+    let membership = if ctx.cluster.announced() {
+        "up".to_string()
+    } else {
+        "down: warming up".to_string()
+    };
+    let checks = json!({ "postgres": flat(pg), "redis": flat(redis), "nats": nats,
+        "rabbitmq": hub, "membership": membership });
     let up = checks
         .as_object()
         .map(|m| m.values().all(|v| v == "up" || v == "disabled"))

@@ -278,6 +278,36 @@ impl Lease {
             && Instant::now() < *self.shared.valid_until.lock().unwrap()
     }
 
+    /// A read barrier: asks Redis whether the lock is still ours. `Ok(false)` (and the
+    /// lease is then lost) when another node holds it, e.g. after breaking it because
+    /// it wrongly took us for dead; a state read after `Ok(true)` was the owner's.
+    pub async fn confirm(&self) -> Result<bool, String> {
+        let (key, val) = {
+            let l = self.shared.lock.lock().unwrap();
+            (l.resource.clone(), l.val.clone())
+        };
+        let mut redis = self.ownership.redis.clone();
+        let r = tokio::time::timeout(
+            self.ownership.op_timeout,
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<Vec<u8>>>(&mut redis),
+        )
+        .await;
+        match r {
+            Ok(Ok(held)) => {
+                let ours = held.as_deref() == Some(val.as_slice());
+                if !ours {
+                    self.shared.lost.store(true, Ordering::SeqCst);
+                    self.shared.lost_tx.send_replace(true);
+                }
+                Ok(ours)
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timeout".into()),
+        }
+    }
+
     /// Resolves when the lease is lost.
     pub fn lost(&self) -> tokio::sync::watch::Receiver<bool> {
         self.shared.lost_tx.subscribe()

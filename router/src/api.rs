@@ -536,7 +536,15 @@ pub async fn recover(r: Rejection) -> Result<Response, Infallible> {
         tracing::debug!(rejection = ?r, "unhandled rejection");
         WireError::new(codes::BAD_REQUEST, "bad request")
     };
-    Ok(error_reply(&e))
+    let mut reply = error_reply(&e);
+    if e.code == codes::MESSAGE_TOO_LARGE || e.code == codes::BAD_REQUEST {
+        // The body was not read: this connection cannot carry another request, and the
+        // client must not reuse it.
+        reply
+            .headers_mut()
+            .insert("connection", warp::http::HeaderValue::from_static("close"));
+    }
+    Ok(reply)
 }
 
 /// The peer of a request (for per-IP limits).

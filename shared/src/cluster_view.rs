@@ -43,7 +43,12 @@ struct Inner {
     heartbeat_every: Duration,
     /// When this member last raised or probed each suspect (rate limit).
     suspected: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    started: Instant,
+    failure_timeout: Duration,
 }
+
+/// Heartbeat intervals a member listens before announcing itself.
+const WARM_UP_BEATS: u32 = 2;
 
 /// A member raises (and probes) the same suspect at most this often.
 const SUSPECT_EVERY: Duration = Duration::from_millis(250);
@@ -87,11 +92,10 @@ impl ClusterView {
                 subjects: subjects.clone(),
                 heartbeat_every: Duration::from_millis(cfg.heartbeat_ms),
                 suspected: Default::default(),
+                started: Instant::now(),
+                failure_timeout: Duration::from_millis(cfg.failure_timeout_ms),
             }),
         };
-        // A node is on its own ring from the start; it does not wait for its echo.
-        view.observe(view.heartbeat());
-
         let mut hb_sub = nats.subscribe(subjects.heartbeat()).await?;
         let mut leave_sub = nats.subscribe(subjects.leave()).await?;
         let mut suspect_sub = nats.subscribe(subjects.suspect()).await?;
@@ -134,6 +138,10 @@ impl ClusterView {
         }));
         let v = view.clone();
         tasks.push(tokio::spawn(async move {
+            // Listen before speaking: a member announces itself (and puts itself on
+            // its own ring) only after it has heard the others' heartbeats, so it never
+            // acts on a view in which the live members are missing.
+            tokio::time::sleep(v.inner.heartbeat_every * WARM_UP_BEATS).await;
             let mut tick = tokio::time::interval(v.inner.heartbeat_every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -287,6 +295,18 @@ impl ClusterView {
 
     pub fn is_alive(&self, id: &str) -> bool {
         self.inner.table.read().unwrap().is_alive(id)
+    }
+
+    /// Whether `id` is known to be dead: not a live member, by a view that has been
+    /// listening for at least a failure timeout (so a member that is merely not heard
+    /// of yet, just after this process started, does not count as dead).
+    pub fn is_known_dead(&self, id: &str) -> bool {
+        self.inner.started.elapsed() >= self.inner.failure_timeout && !self.is_alive(id)
+    }
+
+    /// Whether this member has announced itself (it is past its warm-up).
+    pub fn announced(&self) -> bool {
+        self.is_alive(&self.inner.me)
     }
 
     pub fn members(&self) -> Vec<MemberView> {

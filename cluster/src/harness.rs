@@ -55,7 +55,6 @@ impl ClusterSpec {
         base.limits.sessions_created_per_hour_per_user = 100_000;
         base.limits.state_updates_per_min_per_session = 100_000;
         base.limits.joins_per_min_per_session = 100_000;
-        base.log.filter = "info".into();
         ClusterSpec {
             nodes,
             routers,
@@ -459,6 +458,10 @@ impl LocalCluster {
     /// Stops every process (SIGKILL) and removes the private namespace: the database
     /// and the durable RabbitMQ queues and exchanges.
     pub async fn shutdown(mut self) {
+        if let Ok(n) = std::env::var("GS_DUMP_LOGS") {
+            // Debugging aid: the members' logs even when the test passed.
+            self.dump_logs(n.parse().unwrap_or(2000));
+        }
         self.kill_all().await;
         if self.drop_database {
             let _ =

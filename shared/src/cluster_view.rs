@@ -43,8 +43,6 @@ struct Inner {
     heartbeat_every: Duration,
     /// When this member last raised or probed each suspect (rate limit).
     suspected: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
-    started: Instant,
-    failure_timeout: Duration,
 }
 
 /// Heartbeat intervals a member listens before announcing itself.
@@ -92,8 +90,6 @@ impl ClusterView {
                 subjects: subjects.clone(),
                 heartbeat_every: Duration::from_millis(cfg.heartbeat_ms),
                 suspected: Default::default(),
-                started: Instant::now(),
-                failure_timeout: Duration::from_millis(cfg.failure_timeout_ms),
             }),
         };
         let mut hb_sub = nats.subscribe(subjects.heartbeat()).await?;
@@ -297,11 +293,11 @@ impl ClusterView {
         self.inner.table.read().unwrap().is_alive(id)
     }
 
-    /// Whether `id` is known to be dead: not a live member, by a view that has been
-    /// listening for at least a failure timeout (so a member that is merely not heard
-    /// of yet, just after this process started, does not count as dead).
+    /// Whether `id` is known to be dead: not a live member, by a view that is past its
+    /// warm-up (it has listened to every live member's heartbeats), so a member that
+    /// is merely not heard of yet, just after this process started, is not "dead".
     pub fn is_known_dead(&self, id: &str) -> bool {
-        self.inner.started.elapsed() >= self.inner.failure_timeout && !self.is_alive(id)
+        self.announced() && !self.is_alive(id)
     }
 
     /// Whether this member has announced itself (it is past its warm-up).

@@ -357,7 +357,9 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            filter: "info".into(),
+            // lapin logs every unroutable publish (a returned message) as a warning
+            // with the whole message; the relay counts them instead.
+            filter: "info,lapin::returned_messages=error".into(),
             format: "text".into(),
         }
     }

@@ -176,7 +176,13 @@ impl Forwarder {
                 continue;
             }
             redirects = 0;
-            tokio::time::sleep(backoff).await;
+            // Wait out the backoff, or less if the ring changes meanwhile (a failed
+            // node just left, a new one joined): that is what a retry waits for.
+            let mut ring = self.cluster.ring_changes();
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = ring.changed() => {}
+            }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }

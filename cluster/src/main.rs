@@ -312,7 +312,7 @@ async fn up(
     println!("more tokens:  cargo run -q -p cluster -- token --role player");
     println!("\nCtrl-C stops the cluster.");
 
-    wait_for_signal().await;
+    gs_shared::telemetry::shutdown_signal().await;
     println!("stopping ...");
     // Members started later by `add-node` are in the state file too.
     let state = ClusterState::load(&dir).unwrap_or(state);
@@ -333,15 +333,6 @@ async fn up(
     let _ = std::fs::remove_file(ClusterState::path(&dir));
     println!("stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 fn signal(dir: &Path, id: &str, sig: i32, what: &str) -> Result<()> {
@@ -474,7 +465,7 @@ async fn status(dir: &Path) -> Result<()> {
                         m["id"].as_str().unwrap_or(""),
                         m["kind"].as_str().unwrap_or(""),
                         m["state"].as_str().unwrap_or(""),
-                        m["on_ring"],
+                        m["on_ring"].to_string(),
                         format!("{}ms", m["last_seen_ms"]),
                         if m["kind"] == "node" {
                             format!("{} sessions", m["load"])

@@ -154,6 +154,12 @@ impl Batch {
     }
 }
 
+/// Whether a test hook's marker appears in these events (never when the hook is off:
+/// an empty marker).
+fn mentions(events: &[RawEvent], marker: &str) -> bool {
+    !marker.is_empty() && events.iter().any(|e| e.json.contains(marker))
+}
+
 pub struct Actor {
     ctx: Arc<NodeCtx>,
     id: Uuid,
@@ -195,7 +201,7 @@ pub async fn run(
         }
         Err(e) => {
             tracing::info!(session = %id, error = %e, "activation failed");
-            ctx.registry.remove(&id, gen);
+            ctx.registry.remove(&ctx, &id, gen);
             inbox.close();
             let err = e.to_wire();
             while let Ok(env) = inbox.try_recv() {
@@ -889,12 +895,7 @@ impl Actor {
         // Test hook: a pause between the last local check and the write, the window
         // only PostgreSQL's epoch check closes.
         let delay = &self.ctx.cfg.node.fault_delay_commit;
-        if !delay.is_empty()
-            && batch
-                .rendered
-                .iter()
-                .any(|e| e.json.contains(delay.as_str()))
-        {
+        if mentions(&batch.rendered, delay) {
             tracing::warn!(session = %self.id, "fault injection: delaying a commit");
             let subject = format!("{}.fault.delaying", self.ctx.cfg.nats.subject_prefix);
             let _ = self
@@ -914,12 +915,7 @@ impl Actor {
         match result {
             Ok(()) => {
                 let fault = &self.ctx.cfg.node.fault_crash_after_commit;
-                if !fault.is_empty()
-                    && batch
-                        .rendered
-                        .iter()
-                        .any(|e| e.json.contains(fault.as_str()))
-                {
+                if mentions(&batch.rendered, fault) {
                     tracing::error!(session = %self.id, "fault injection: aborting after commit, before ack");
                     std::process::abort();
                 }
@@ -1275,7 +1271,7 @@ impl Actor {
     /// leaves the registry.
     async fn finish(self, stop: Stop, inbox: &mut mpsc::Receiver<Envelope>) {
         tracing::info!(session = %self.id, reason = ?stop, version = self.state.version, "session actor stopping");
-        self.ctx.registry.remove(&self.id, self.gen);
+        self.ctx.registry.remove(&self.ctx, &self.id, self.gen);
         inbox.close();
         let Actor {
             ctx,

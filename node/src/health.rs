@@ -3,26 +3,14 @@
 //! with each dependency's state) and `/metrics` (Prometheus).
 
 use crate::NodeCtx;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use warp::Filter;
 
 /// Bound on each dependency probe of `/health/ready`.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
-
-/// Installs the process-wide Prometheus recorder (once) and returns its handle.
-pub fn install_metrics() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .install_recorder()
-                .expect("the metrics recorder is installed once")
-        })
-        .clone()
-}
 
 /// Probes each dependency; `(all_up, details)`.
 pub async fn readiness(ctx: &NodeCtx) -> (bool, serde_json::Value) {

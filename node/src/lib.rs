@@ -142,7 +142,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     });
     let _hub_tasks = ctx.hub.start(ctx.clone());
 
-    let metrics = health::install_metrics();
+    let metrics = gs_shared::telemetry::metrics_recorder();
     let health_task = tokio::spawn(health::serve(ctx.clone(), listener, metrics));
 
     // Requests from routers.

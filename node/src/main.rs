@@ -17,18 +17,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = gs_shared::Config::load(args.config.as_deref())?;
     gs_shared::telemetry::init(&cfg.log);
-    if let Err(e) = gs_node::run(cfg, shutdown_signal()).await {
+    if let Err(e) = gs_node::run(cfg, gs_shared::telemetry::shutdown_signal()).await {
         tracing::error!(error = %e, "node failed");
         return Err(e);
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

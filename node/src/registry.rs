@@ -94,7 +94,7 @@ impl Registry {
                 }
                 Err(mpsc::error::TrySendError::Closed(e)) => {
                     // The actor stopped between lookup and send: forget it and retry.
-                    self.remove(&sid, gen);
+                    self.remove(ctx, &sid, gen);
                     env = e;
                 }
             }
@@ -110,12 +110,14 @@ impl Registry {
             .await;
     }
 
-    /// Called by an actor when it stops (only removes its own generation).
-    pub fn remove(&self, sid: &Uuid, gen: u64) {
+    /// Called by an actor when it stops (only removes its own generation); keeps the
+    /// session count the node announces current.
+    pub fn remove(&self, ctx: &NodeCtx, sid: &Uuid, gen: u64) {
         let mut actors = self.actors.lock().unwrap();
         if actors.get(sid).map(|e| e.gen) == Some(gen) {
             actors.remove(sid);
         }
+        ctx.cluster.set_load(actors.len() as u64);
     }
 
     pub fn len(&self) -> usize {

@@ -29,10 +29,10 @@ use gs_shared::config::{ms, Config};
 use gs_shared::keys::Keys;
 use gs_shared::membership::MemberKind;
 use gs_shared::rpc::Subjects;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use warp::Filter;
@@ -54,17 +54,6 @@ pub struct RouterCtx {
     pub connections: AtomicUsize,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: PrometheusHandle,
-}
-
-fn install_metrics() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .install_recorder()
-                .expect("the metrics recorder is installed once")
-        })
-        .clone()
 }
 
 /// Runs a router until `shutdown` resolves; then closes client connections
@@ -155,7 +144,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         redis,
         connections: AtomicUsize::new(0),
         shutdown: shutdown_rx.clone(),
-        metrics: install_metrics(),
+        metrics: gs_shared::telemetry::metrics_recorder(),
     });
 
     let routes = ws::route(ctx.clone())

@@ -13,7 +13,7 @@
 //! * [`db`]: creating the database, migrations, the connection pool.
 //! * [`connect`]: connecting to NATS and Redis at start-up.
 //! * [`forward`]: requests to a session's owner, retried across failovers.
-//! * [`telemetry`]: logging set-up.
+//! * [`telemetry`]: logging, metrics recorder, shutdown signal.
 
 pub mod auth;
 pub mod cluster_view;

@@ -22,6 +22,30 @@ pub fn init(cfg: &LogConfig) {
     };
 }
 
+/// Installs the process-wide Prometheus recorder (once) and returns its handle, which
+/// renders `/metrics`.
+pub fn metrics_recorder() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("the metrics recorder is installed once")
+        })
+        .clone()
+}
+
+/// Resolves on SIGINT or SIGTERM: what the binaries run until.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// Installs the ring crypto provider for rustls once per process. Two providers
 /// (ring via async-nats, aws-lc-rs via others) would make rustls panic at start-up.
 pub fn install_crypto_provider() {

@@ -104,109 +104,59 @@ async fn await_readiness(f: &Fixture, status: u16, what: &str) -> Result<()> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_outage_fails_fast_and_the_cluster_recovers() -> Result<()> {
-    let mut redis = PrivateServer::redis().await?;
-    let mut spec = ClusterSpec::test(2, 1);
-    spec.base.redis.url = redis.url();
-    let f = Fixture::with_spec(spec).await?;
-    let r = async {
-        let mut dm = f.connect(0, "dm", &f.dm_token, &f.session_token).await?;
-        let mut answers = BTreeMap::new();
-        send_until(&mut dm, "before", WAIT, &mut answers, |a| a.is_ok()).await?;
-
-        redis.stop().await?;
-        // The owner's lock can no longer be renewed: it stops serving, and no node can
-        // take the lock, so commands fail (after the router's retries).
-        send_until(
-            &mut dm,
-            "during",
-            Duration::from_secs(60),
-            &mut answers,
-            |a| a.is_err(),
-        )
-        .await?;
-        await_readiness(&f, 503, "readiness reports Redis down").await?;
-        // Rate-limited REST calls fail fast too (the limiter is in Redis).
-        let r = f
-            .api(0, &f.dm_token)
-            .call(
-                reqwest::Method::POST,
-                "/api/v2/sessions",
-                Some(&json!({"campaign_id": Uuid::new_v4(), "name": "x"})),
-            )
-            .await?;
-        assert_eq!((r.status, r.code()), (503, "service_unavailable"));
-
-        redis.start().await?;
-        send_until(
-            &mut dm,
-            "after",
-            Duration::from_secs(60),
-            &mut answers,
-            |a| a.is_ok(),
-        )
-        .await?;
-        await_readiness(&f, 200, "readiness recovers").await?;
-        check_stored(&f, &answers).await?;
-        let last = answers
-            .values()
-            .filter_map(|a| a.as_ref().ok())
-            .max()
-            .copied()
-            .unwrap();
-        dm.wait_for("the last version", WAIT, |v| v.version >= last)
-            .await?;
-        let v = dm.view();
-        assert_eq!((v.gaps, v.duplicates), (0, 0));
-        let refused = answers.values().filter(|a| a.is_err()).count();
-        println!(
-            "redis outage: {} commands, {refused} refused with service_unavailable",
-            answers.len()
-        );
-        Ok(())
-    }
-    .await;
-    finish(f, r).await
+/// A dependency a test stops and restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dependency {
+    Redis,
+    Nats,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nats_outage_fails_fast_and_the_cluster_recovers() -> Result<()> {
-    let mut nats = PrivateServer::nats().await?;
+/// The scenario both dependencies go through: serve, lose the dependency, fail fast
+/// and honestly, get it back, recover alone; nothing refused is stored, everything
+/// acknowledged is, and the client's stream stays whole.
+async fn outage(dep: Dependency) -> Result<()> {
+    let mut server = match dep {
+        Dependency::Redis => PrivateServer::redis().await?,
+        Dependency::Nats => PrivateServer::nats().await?,
+    };
     let mut spec = ClusterSpec::test(2, 1);
-    spec.base.nats.url = nats.url();
+    match dep {
+        Dependency::Redis => spec.base.redis.url = server.url(),
+        Dependency::Nats => spec.base.nats.url = server.url(),
+    }
     let f = Fixture::with_spec(spec).await?;
     let r = async {
         let mut dm = f.connect(0, "dm", &f.dm_token, &f.session_token).await?;
         let mut answers = BTreeMap::new();
         send_until(&mut dm, "before", WAIT, &mut answers, |a| a.is_ok()).await?;
 
-        nats.stop().await?;
-        // Routers cannot reach any node: commands fail after the retry deadline, while
-        // the client's WebSocket stays open.
-        send_until(
-            &mut dm,
-            "during",
-            Duration::from_secs(60),
-            &mut answers,
-            |a| a.is_err(),
-        )
-        .await?;
-        await_readiness(&f, 503, "readiness reports NATS down").await?;
+        server.stop().await?;
+        // Redis: the owner can no longer renew its lock and no node can take it.
+        // NATS: routers cannot reach any node. Either way commands fail once the
+        // router's retry deadline passes.
+        let outage = Duration::from_secs(60);
+        send_until(&mut dm, "during", outage, &mut answers, |a| a.is_err()).await?;
+        await_readiness(&f, 503, &format!("readiness reports {dep:?} down")).await?;
         assert!(
             dm.view().closed.is_none(),
             "the client's connection survives"
         );
+        if dep == Dependency::Redis {
+            // Rate-limited REST calls fail fast too (the limiter is in Redis).
+            let r = f
+                .api(0, &f.dm_token)
+                .call(
+                    reqwest::Method::POST,
+                    "/api/v2/sessions",
+                    Some(&json!({"campaign_id": Uuid::new_v4(), "name": "x"})),
+                )
+                .await?;
+            assert_eq!((r.status, r.code()), (503, "service_unavailable"));
+        }
 
-        nats.start().await?;
-        send_until(
-            &mut dm,
-            "after",
-            Duration::from_secs(60),
-            &mut answers,
-            |a| a.is_ok(),
-        )
-        .await?;
+        server.start().await?;
+        send_until(&mut dm, "after", outage, &mut answers, |a| a.is_ok()).await?;
+        await_readiness(&f, 200, "readiness recovers").await?;
         check_stored(&f, &answers).await?;
         let last = answers
             .values()
@@ -222,11 +172,21 @@ async fn a_nats_outage_fails_fast_and_the_cluster_recovers() -> Result<()> {
         assert_eq!(v.doc, state["state"]);
         let refused = answers.values().filter(|a| a.is_err()).count();
         println!(
-            "nats outage: {} commands, {refused} refused with service_unavailable",
+            "{dep:?} outage: {} commands, {refused} refused with service_unavailable",
             answers.len()
         );
         Ok(())
     }
     .await;
     finish(f, r).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_fails_fast_and_the_cluster_recovers() -> Result<()> {
+    outage(Dependency::Redis).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_fails_fast_and_the_cluster_recovers() -> Result<()> {
+    outage(Dependency::Nats).await
 }

@@ -515,11 +515,12 @@ async fn delete_rabbit_topology(c: &gs_shared::config::RabbitConfig) {
         return;
     };
     if let Ok(ch) = conn.create_channel().await {
-        for q in [
-            c.inbound_queue.clone(),
-            format!("{}.retry", c.inbound_queue),
-            c.dead_letter_queue.clone(),
-        ] {
+        let retries =
+            (1..=c.max_redeliveries.max(1)).map(|l| format!("{}.retry.{l}", c.inbound_queue));
+        for q in [c.inbound_queue.clone(), c.dead_letter_queue.clone()]
+            .into_iter()
+            .chain(retries)
+        {
             let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
         }
         for x in [&c.exchange, &c.inbound_exchange, &c.dead_letter_exchange] {

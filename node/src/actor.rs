@@ -146,6 +146,9 @@ struct Batch {
     waiting: Vec<Waiting>,
     status: Option<(String, chrono::NaiveDateTime)>,
     final_event: bool,
+    /// Some reply shows the session's state without a commit behind it (a repeated
+    /// join, a retried create): confirm the lock before sending it.
+    needs_barrier: bool,
 }
 
 impl Batch {
@@ -170,10 +173,13 @@ pub struct Actor {
     recent: VecDeque<RawEvent>,
     dedupe: Dedupe,
     last_snapshot: u64,
-    connections: HashMap<Uuid, Uuid>,
+    /// Attached WebSocket connections: id → (user, router).
+    connections: HashMap<Uuid, (Uuid, String)>,
     last_activity: Instant,
     /// The combat summary last written to Redis.
     last_combat: Option<std::collections::BTreeMap<String, String>>,
+    /// Hub events the `fault_hub_fail_once` test hook has refused.
+    hook_refused: std::collections::HashSet<Uuid>,
 }
 
 /// Entry point of an actor task: activate, serve, stop. Always leaves the registry.
@@ -324,7 +330,13 @@ async fn activate(
     match load_state(ctx, id).await {
         Ok((state, events)) => {
             let window = ctx.cfg.node.dedupe_window as u64;
-            let commands = ctx.store.recent_commands(id, window).await?;
+            let commands = match ctx.store.recent_commands(id, window).await {
+                Ok(c) => c,
+                Err(e) => {
+                    lease.release().await;
+                    return Err(e);
+                }
+            };
             let complete = (commands.len() as u64) < window;
             let rendered: Vec<RawEvent> = events
                 .iter()
@@ -468,6 +480,7 @@ impl Actor {
             connections: HashMap::new(),
             last_activity: Instant::now(),
             last_combat: None,
+            hook_refused: Default::default(),
             state,
         }
     }
@@ -516,6 +529,7 @@ impl Actor {
                     }
                 }
                 _ = tick.tick() => {
+                    self.forget_dead_routers();
                     self.refresh_cache();
                     if self.connections.is_empty() && self.last_activity.elapsed() >= idle {
                         return Stop::Idle;
@@ -561,10 +575,14 @@ impl Actor {
 
         let mut b = Batch::default();
         let mut read_confirmed = false;
-        for env in batch {
-            if env.req.expired() && command_id(&env.req.body).is_some() {
+        let mut rest = batch.into_iter();
+        while let Some(env) = rest.next() {
+            let applied =
+                command_id(&env.req.body).is_some_and(|c| self.dedupe.map.contains_key(&c));
+            if env.req.expired() && command_id(&env.req.body).is_some() && !applied {
                 // The router has given up on it: applying it now would contradict the
-                // failure it reported.
+                // failure it reported. (One already applied is answered below with its
+                // original version, however late.)
                 metrics::counter!("gs_node_expired_total").increment(1);
                 b.waiting.push(Waiting::Refused {
                     reply: env.reply,
@@ -599,6 +617,7 @@ impl Actor {
                         };
                         if let Some(stop) = self.flush(&mut b).await {
                             reply.send(&self.ctx, self.stopped_reply(stop)).await;
+                            self.refuse_rest(rest, stop).await;
                             return Some(stop);
                         }
                         let events = self
@@ -640,6 +659,7 @@ impl Actor {
                     } else {
                         NodeReply::err(WireError::new(codes::CONFLICT, "that session id is taken"))
                     };
+                    b.needs_barrier = true;
                     b.waiting.push(Waiting::Done { reply, answer });
                 }
                 RequestBody::HubEvent {
@@ -647,6 +667,17 @@ impl Actor {
                     kind,
                     payload,
                 } => {
+                    let hook = &self.ctx.cfg.node.fault_hub_fail_once;
+                    if !hook.is_empty()
+                        && payload.to_string().contains(hook.as_str())
+                        && self.hook_refused.insert(event_id)
+                    {
+                        // Test hook: fail it once (an error the forwarder does not retry),
+                        // so the relay has to requeue it.
+                        let err = WireError::new(codes::INTERNAL, "fault injection");
+                        b.waiting.push(Waiting::Refused { reply, error: err });
+                        continue;
+                    }
                     // Applied by the system, as an admin; the event id is the command
                     // id, so a redelivered hub event is answered from memory.
                     let cmd = crate::hub::command_for(&kind, &payload);
@@ -661,7 +692,7 @@ impl Actor {
                     );
                 }
                 RequestBody::Detach { conn_id } => {
-                    if let Some(user) = self.connections.remove(&conn_id) {
+                    if let Some((user, _)) = self.connections.remove(&conn_id) {
                         self.ctx.cache.detach(self.id, conn_id, user);
                     }
                     b.waiting.push(Waiting::Done {
@@ -675,6 +706,7 @@ impl Actor {
                     // Reads see committed state only.
                     if let Some(stop) = self.flush(&mut b).await {
                         reply.send(&self.ctx, self.stopped_reply(stop)).await;
+                        self.refuse_rest(rest, stop).await;
                         return Some(stop);
                     }
                     // And only the owner's: confirm the lock once per batch.
@@ -683,6 +715,7 @@ impl Actor {
                             Ok(true) => read_confirmed = true,
                             Ok(false) => {
                                 reply.send(&self.ctx, self.not_owner()).await;
+                                self.refuse_rest(rest, Stop::LeaseLost).await;
                                 return Some(Stop::LeaseLost);
                             }
                             Err(e) => {
@@ -744,6 +777,14 @@ impl Actor {
         self.stage_events(b, reply, user, command_id, events, join);
     }
 
+    /// Answers the requests left in a batch when the actor stops in its middle.
+    async fn refuse_rest(&self, rest: impl Iterator<Item = Envelope>, stop: Stop) {
+        let reply = self.stopped_reply(stop);
+        for env in rest {
+            env.reply.send(&self.ctx, reply.clone()).await;
+        }
+    }
+
     /// A retry of a command already committed (or staged in this batch) is answered
     /// with its original version; otherwise the reply is handed back.
     fn answer_duplicate(
@@ -757,6 +798,7 @@ impl Actor {
         let Some(&version) = self.dedupe.map.get(&command_id) else {
             return Some(reply);
         };
+        b.needs_barrier |= join;
         b.waiting.push(if join {
             Waiting::Joined { reply, user }
         } else {
@@ -814,6 +856,8 @@ impl Actor {
         }
         if n > 0 {
             self.dedupe.insert(command_id, self.state.version);
+        } else {
+            b.needs_barrier |= join;
         }
         b.waiting.push(if join {
             Waiting::Joined { reply, user }
@@ -860,6 +904,30 @@ impl Actor {
         }
         let batch = std::mem::take(b);
         if batch.rows.is_empty() {
+            if batch.needs_barrier {
+                match self.lease.confirm().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        let reply = self.not_owner();
+                        for w in batch.waiting {
+                            waiting_reply(w).send(&self.ctx, reply.clone()).await;
+                        }
+                        return Some(Stop::LeaseLost);
+                    }
+                    Err(e) => {
+                        let err = WireError::new(
+                            codes::SERVICE_UNAVAILABLE,
+                            format!("cannot confirm ownership: {e}"),
+                        );
+                        for w in batch.waiting {
+                            waiting_reply(w)
+                                .send(&self.ctx, NodeReply::err(err.clone()))
+                                .await;
+                        }
+                        return None;
+                    }
+                }
+            }
             self.answer(batch.waiting).await;
             return None;
         }
@@ -954,10 +1022,13 @@ impl Actor {
             }
             Err(CommitError::Failed(msg)) => {
                 tracing::warn!(session = %self.id, error = %msg, "commit failed; reloading from the log");
+                // The commit may have landed (a lost reply): the router must not
+                // report this command as not applied.
                 let err = WireError::new(
                     codes::SERVICE_UNAVAILABLE,
                     "the session store is unavailable",
-                );
+                )
+                .with_details(json!({"outcome": "unknown"}));
                 for w in batch.waiting {
                     waiting_reply(w)
                         .send(&self.ctx, NodeReply::err(err.clone()))
@@ -1094,9 +1165,9 @@ impl Actor {
             }
             RequestBody::Attach {
                 conn_id,
+                router_id,
                 last_version,
                 replay_limit,
-                ..
             } => {
                 let Some(role) = self
                     .state
@@ -1105,7 +1176,7 @@ impl Actor {
                 else {
                     return not_member();
                 };
-                self.connections.insert(*conn_id, user);
+                self.connections.insert(*conn_id, (user, router_id.clone()));
                 self.ctx.cache.attach(self.id, *conn_id, user);
                 let version = self.state.version;
                 let resume = match last_version {
@@ -1261,6 +1332,22 @@ impl Actor {
             .unwrap_or_default()
     }
 
+    /// Connections of routers that left the cluster will never detach: forget them
+    /// (so the session can passivate, and its presence keys stay true).
+    fn forget_dead_routers(&mut self) {
+        let cluster = self.ctx.cluster.clone();
+        let gone: Vec<(Uuid, Uuid)> = self
+            .connections
+            .iter()
+            .filter(|(_, (_, router))| !cluster.is_alive(router))
+            .map(|(c, (u, _))| (*c, *u))
+            .collect();
+        for (conn, user) in gone {
+            self.connections.remove(&conn);
+            self.ctx.cache.detach(self.id, conn, user);
+        }
+    }
+
     fn refresh_cache(&self) {
         self.ctx
             .cache
@@ -1332,6 +1419,7 @@ fn command_id(body: &RequestBody) -> Option<Uuid> {
         RequestBody::Command { command_id, .. }
         | RequestBody::SaveState { command_id, .. }
         | RequestBody::Join { command_id, .. } => Some(*command_id),
+        RequestBody::HubEvent { event_id, .. } => Some(*event_id),
         _ => None,
     }
 }

@@ -87,7 +87,6 @@ async fn writer(
     op_timeout: Duration,
     mut rx: mpsc::Receiver<Op>,
 ) {
-    let detach = redis::Script::new(DETACH_SCRIPT);
     let mut failures: u64 = 0;
     while let Some(first) = rx.recv().await {
         let mut ops = vec![first];
@@ -120,8 +119,10 @@ async fn writer(
                         .ignore();
                 }
                 Op::Detach(s, c, u) => {
-                    pipe.cmd("EVALSHA")
-                        .arg(detach.get_hash())
+                    // EVAL, not EVALSHA: a restarted Redis has no scripts cached, and a
+                    // NOSCRIPT would fail the whole pipeline.
+                    pipe.cmd("EVAL")
+                        .arg(DETACH_SCRIPT)
                         .arg(2)
                         .arg(keys.connections(s))
                         .arg(keys.players(s))
@@ -156,13 +157,6 @@ async fn writer(
             tokio::time::timeout(op_timeout, pipe.query_async(&mut redis)).await;
         let err = match r {
             Ok(Ok(())) => None,
-            Ok(Err(e))
-                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                // Load the script once and let the next round use it.
-                let _ = detach.prepare_invoke().load_async(&mut redis).await;
-                Some(e.to_string())
-            }
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some("timeout".to_string()),
         };

@@ -32,7 +32,7 @@ use gs_shared::config::RabbitConfig;
 use gs_shared::forward::Forwarder;
 use gs_shared::rpc::{Caller, RequestBody};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
@@ -96,8 +96,24 @@ impl Hub {
         !self.cfg.enabled || self.up.load(Ordering::Relaxed)
     }
 
-    fn retry_queue(&self) -> String {
-        format!("{}.retry", self.cfg.inbound_queue)
+    /// Retry queue of the `attempt`-th failure (1-based). One queue per backoff level,
+    /// each with its own TTL, so a long backoff never holds up a shorter one.
+    fn retry_queue(&self, attempt: i64) -> String {
+        format!(
+            "{}.retry.{}",
+            self.cfg.inbound_queue,
+            self.retry_level(attempt)
+        )
+    }
+
+    fn retry_level(&self, attempt: i64) -> i64 {
+        attempt.clamp(1, self.cfg.max_redeliveries.max(1) as i64)
+    }
+
+    /// Backoff of a retry level: `reconnect_min_ms` (at least 100 ms) doubled per
+    /// level, at most 30 s.
+    fn retry_backoff_ms(&self, level: i64) -> u64 {
+        (self.cfg.reconnect_min_ms.max(100) << level.clamp(0, 16)).min(30_000)
     }
 
     /// Starts the supervisor and the sweeper.
@@ -175,6 +191,7 @@ impl Hub {
             publish,
             side,
             consume,
+            broken: Arc::new(Notify::new()),
         })
     }
 
@@ -225,18 +242,24 @@ impl Hub {
             )
             .await?;
         }
-        // Expired messages of the retry queue go back to the main queue.
-        let mut retry_args = FieldTable::default();
-        retry_args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        retry_args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(self.cfg.inbound_queue.as_str().into()),
-        );
-        ch.queue_declare(self.retry_queue().as_str().into(), queue, retry_args)
-            .await?;
+        // Retry queues: after their TTL, messages go back to the main queue.
+        for level in 1..=self.cfg.max_redeliveries.max(1) as i64 {
+            let mut retry_args = FieldTable::default();
+            retry_args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(self.retry_backoff_ms(level) as i64),
+            );
+            retry_args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            retry_args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(self.cfg.inbound_queue.as_str().into()),
+            );
+            ch.queue_declare(self.retry_queue(level).as_str().into(), queue, retry_args)
+                .await?;
+        }
         ch.queue_declare(
             self.cfg.dead_letter_queue.as_str().into(),
             queue,
@@ -369,6 +392,8 @@ struct HubConnection {
     /// Retries and dead letters (confirms).
     side: Channel,
     consume: Channel,
+    /// Signalled when a consumer task cannot requeue a message: reconnect.
+    broken: Arc<Notify>,
 }
 
 impl HubConnection {
@@ -377,6 +402,7 @@ impl HubConnection {
         tokio::select! {
             reason = hub.publish_loop(ctx, &self.publish) => reason,
             reason = self.consume_loop(hub, ctx) => reason,
+            _ = self.broken.notified() => "the retry/dead-letter channel failed".into(),
         }
     }
 
@@ -415,15 +441,18 @@ impl HubConnection {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return "consumer stopped".into();
             };
-            let (hub, ctx, side, forwarder) = (
+            let (hub, ctx, side, forwarder, broken) = (
                 hub.clone(),
                 ctx.clone(),
                 self.side.clone(),
                 forwarder.clone(),
+                self.broken.clone(),
             );
             tokio::spawn(async move {
                 let _permit = permit;
-                handle_delivery(&hub, &ctx, &side, &forwarder, delivery).await;
+                if !handle_delivery(&hub, &ctx, &side, &forwarder, delivery).await {
+                    broken.notify_one();
+                }
             });
         }
         "consumer ended".into()
@@ -440,14 +469,16 @@ enum Verdict {
     Failed(String),
 }
 
+/// Handles one inbound message; false when it could not be requeued (the connection
+/// should be replaced).
 async fn handle_delivery(
     hub: &Hub,
     ctx: &NodeCtx,
     side: &Channel,
     forwarder: &Forwarder,
     delivery: lapin::message::Delivery,
-) {
-    let key = delivery.routing_key.to_string();
+) -> bool {
+    let key = original_key(&delivery);
     let attempts = delivery
         .properties
         .headers()
@@ -460,33 +491,77 @@ async fn handle_delivery(
         })
         .unwrap_or(0);
     let verdict = relay(ctx, forwarder, &key, &delivery).await;
-    let outcome = match verdict {
+    let outcome = finish_delivery(hub, side, &delivery, &key, attempts, verdict).await;
+    handled(delivery, outcome).await
+}
+
+/// Applies a verdict: counts it, or requeues/dead-letters the message.
+async fn finish_delivery(
+    hub: &Hub,
+    side: &Channel,
+    delivery: &lapin::message::Delivery,
+    key: &str,
+    attempts: i64,
+    verdict: Verdict,
+) -> lapin::Result<()> {
+    match verdict {
         Verdict::Done => {
             metrics::counter!("gs_node_hub_applied_total").increment(1);
             Ok(())
         }
-        Verdict::Poison(reason) => dead_letter(hub, side, &delivery, &reason).await,
+        Verdict::Poison(reason) => dead_letter(hub, side, delivery, key, &reason).await,
         Verdict::Failed(reason) if attempts + 1 >= hub.cfg.max_redeliveries as i64 => {
             let reason = format!("failed {} times: {reason}", attempts + 1);
-            dead_letter(hub, side, &delivery, &reason).await
+            dead_letter(hub, side, delivery, key, &reason).await
         }
         Verdict::Failed(reason) => {
             tracing::info!(%key, attempts = attempts + 1, %reason, "inbound event failed; retrying later");
-            retry_later(hub, side, &delivery, attempts + 1).await
+            metrics::counter!("gs_node_hub_retried_total").increment(1);
+            retry_later(hub, side, delivery, key, attempts + 1).await
         }
-    };
+    }
+}
+
+/// Acks a message that is safe elsewhere, or gives it back; false when it had to be
+/// given back.
+async fn handled(delivery: lapin::message::Delivery, outcome: lapin::Result<()>) -> bool {
     match outcome {
         // Only now is the message safe elsewhere (applied, requeued or dead-lettered).
         Ok(()) => {
             if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                 tracing::debug!(error = %e, "ack failed; the broker will redeliver");
             }
+            true
         }
-        // Not acked: the broker redelivers it after the reconnect.
+        // Give it back to the broker now (another consumer, or this one after the
+        // reconnect, gets it again).
         Err(e) => {
-            tracing::warn!(error = %e, "could not requeue an inbound event; leaving it unacked")
+            tracing::warn!(error = %e, "could not requeue an inbound event; returning it to the queue");
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+            false
         }
     }
+}
+
+/// The routing key the event was published with: a message coming back from a retry
+/// queue carries it in a header (its delivery key is then the queue's name).
+fn original_key(d: &lapin::message::Delivery) -> String {
+    d.properties
+        .headers()
+        .as_ref()
+        .and_then(|h| match h.inner().get(ORIGINAL_KEY_HEADER) {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| d.routing_key.to_string())
 }
 
 /// Parses an inbound event and relays it to the owner of every affected session.
@@ -569,9 +644,8 @@ async fn relay(
                     e.code, e.message
                 ));
             }
-            // Session-specific refusals (unknown character, ended session) leave
-            // nothing to apply there.
-            Err(e) if !e.is_retryable() => {
+            // Refusals that mean there is nothing to apply in that session.
+            Err(e) if NOT_APPLICABLE.contains(&e.code.as_str()) => {
                 tracing::debug!(session = %s, code = %e.code, "inbound event not applicable");
             }
             Err(e) => failed.push(format!("session {s}: {}", e.code)),
@@ -584,25 +658,35 @@ async fn relay(
     }
 }
 
-/// Requeues a message through the retry queue, back after a backoff.
+/// Session answers to an inbound event that mean "nothing to apply there" (the
+/// message is then done for that session). Any other refusal is retried.
+const NOT_APPLICABLE: &[&str] = &[
+    "unknown_character",
+    "session_ended",
+    "session_not_found",
+    "not_member",
+];
+
+/// Requeues a message through the retry queue of its attempt, back after that
+/// queue's TTL.
 async fn retry_later(
     hub: &Hub,
     side: &Channel,
     d: &lapin::message::Delivery,
+    key: &str,
     attempts: i64,
 ) -> lapin::Result<()> {
-    let backoff = (hub.cfg.reconnect_min_ms.max(100) << attempts.clamp(0, 8)).min(30_000);
     let mut headers = d.properties.headers().clone().unwrap_or_default();
     headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(attempts));
-    let props = d
-        .properties
-        .clone()
-        .with_headers(headers)
-        .with_expiration(backoff.to_string().as_str().into());
+    headers.insert(
+        ORIGINAL_KEY_HEADER.into(),
+        AMQPValue::LongString(key.into()),
+    );
+    let props = d.properties.clone().with_headers(headers);
     let confirm = side
         .basic_publish(
             "".into(),
-            hub.retry_queue().as_str().into(),
+            hub.retry_queue(attempts).as_str().into(),
             BasicPublishOptions::default(),
             &d.data,
             props,
@@ -617,21 +701,22 @@ async fn dead_letter(
     hub: &Hub,
     side: &Channel,
     d: &lapin::message::Delivery,
+    key: &str,
     reason: &str,
 ) -> lapin::Result<()> {
-    tracing::warn!(routing_key = %d.routing_key, %reason, "inbound event dead-lettered");
+    tracing::warn!(routing_key = %key, %reason, "inbound event dead-lettered");
     metrics::counter!("gs_node_hub_dead_lettered_total").increment(1);
     let mut headers = d.properties.headers().clone().unwrap_or_default();
     headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
     headers.insert(
         ORIGINAL_KEY_HEADER.into(),
-        AMQPValue::LongString(d.routing_key.as_str().into()),
+        AMQPValue::LongString(key.into()),
     );
     let props = d.properties.clone().with_headers(headers);
     let confirm = side
         .basic_publish(
             hub.cfg.dead_letter_exchange.as_str().into(),
-            d.routing_key.clone(),
+            key.into(),
             BasicPublishOptions::default(),
             &d.data,
             props,

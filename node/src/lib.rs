@@ -70,7 +70,7 @@ pub fn generated_id(prefix: &str) -> String {
 }
 
 /// Runs a node until `shutdown` resolves, then drains: announces draining (off the
-/// ring everywhere), hands every session off (snapshot, unlock), and leaves.
+/// ring everywhere), hands every session off (unlock, redirect), and leaves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     cfg.validate()?;
     gs_shared::telemetry::install_crypto_provider();

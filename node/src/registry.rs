@@ -29,15 +29,8 @@ impl Registry {
     /// session's place on the ring. Never blocks: a full inbox answers `overloaded`.
     pub async fn dispatch(&self, ctx: &Arc<NodeCtx>, env: Envelope) {
         let sid = env.req.session_id;
-        if env.req.expired() {
-            metrics::counter!("gs_node_expired_total").increment(1);
-            let e = WireError::new(
-                codes::DEADLINE_EXCEEDED,
-                "the request's deadline has passed",
-            );
-            env.reply.send(ctx, NodeReply::err(e)).await;
-            return;
-        }
+        // Expired requests still go to the actor: only it knows whether an expired
+        // command was already applied (then it answers with the original version).
         let owner = ctx.cluster.owner(&sid);
         if self.draining.load(Ordering::SeqCst) || owner.as_deref() != Some(ctx.id.as_str()) {
             let reply = match owner {

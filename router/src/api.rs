@@ -113,10 +113,6 @@ pub fn routes(
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let limit = ctx.cfg.router.max_body_bytes;
     let body = warp::body::content_length_limit(limit).and(warp::body::bytes());
-    let body_or_empty = warp::body::content_length_limit(limit)
-        .and(warp::body::bytes())
-        .or(warp::any().map(Bytes::new))
-        .unify();
 
     let create = warp::path!("api" / "v2" / "sessions")
         .and(warp::post())
@@ -128,7 +124,7 @@ pub fn routes(
         .and(warp::post())
         .and(with_ctx(ctx.clone()))
         .and(with_auth())
-        .and(body_or_empty)
+        .and(body)
         .then(|id, ctx, auth, body| async move { reply(join_session(ctx, id, auth, body).await) });
     let get_state = warp::path!("api" / "v2" / "sessions" / String / "state")
         .and(warp::get())

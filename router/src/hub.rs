@@ -83,32 +83,33 @@ impl Hub {
         self.tx.subscribe()
     }
 
-    /// A client synced at `version`: the stream need not start earlier.
+    /// A client synced at `version`. A hub that has not seen an event yet starts its
+    /// stream after it (so it can fill gaps from there); a hub already following the
+    /// stream is left alone: moving it forward would skip events it has not yet
+    /// delivered to its other clients.
     pub fn seed(&self, version: u64) {
-        let ready = self.state.lock().unwrap().seq.seed(version);
-        self.deliver(ready);
+        let mut st = self.state.lock().unwrap();
+        if st.seq.next().is_none() {
+            let ready = st.seq.seed(version);
+            self.deliver(&mut st, ready);
+        }
     }
 
     fn offer(&self, version: u64, ev: Ev) {
-        let ready = self.state.lock().unwrap().seq.push(version, ev);
-        self.deliver(ready);
+        let mut st = self.state.lock().unwrap();
+        let ready = st.seq.push(version, ev);
+        self.deliver(&mut st, ready);
     }
 
-    fn deliver(&self, ready: Vec<(u64, Ev)>) {
-        if ready.is_empty() {
-            return;
-        }
-        {
-            let mut st = self.state.lock().unwrap();
-            for (_, ev) in &ready {
-                st.recent.push_back(ev.clone());
-            }
-            while st.recent.len() > self.recent_cap {
-                st.recent.pop_front();
-            }
-        }
+    /// Buffers and broadcasts in one critical section, so the buffer and every
+    /// receiver see events in the same (version) order.
+    fn deliver(&self, st: &mut HubState, ready: Vec<(u64, Ev)>) {
         for (_, ev) in ready {
+            st.recent.push_back(ev.clone());
             let _ = self.tx.send(ev);
+        }
+        while st.recent.len() > self.recent_cap {
+            st.recent.pop_front();
         }
     }
 
@@ -116,21 +117,22 @@ impl Hub {
         self.state.lock().unwrap().seq.gap()
     }
 
-    /// Events `after+1 ..= up_to` from the buffer, if it holds all of them.
+    /// Events `after+1 ..= up_to` from the buffer, only if it holds every one of them
+    /// (otherwise the caller asks the owner).
     pub fn recent_range(&self, after: u64, up_to: u64) -> Option<Vec<Ev>> {
         let st = self.state.lock().unwrap();
-        let first = st.recent.front()?.version;
-        let last = st.recent.back()?.version;
-        if first > after + 1 || last < up_to {
-            return None;
-        }
-        Some(
-            st.recent
+        let out: Vec<Ev> = st
+            .recent
+            .iter()
+            .filter(|e| e.version > after && e.version <= up_to)
+            .cloned()
+            .collect();
+        let contiguous = out.len() as u64 == up_to.saturating_sub(after)
+            && out
                 .iter()
-                .filter(|e| e.version > after && e.version <= up_to)
-                .cloned()
-                .collect(),
-        )
+                .enumerate()
+                .all(|(i, e)| e.version == after + 1 + i as u64);
+        contiguous.then_some(out)
     }
 
     /// The newest version the hub has delivered.
@@ -287,6 +289,54 @@ async fn fill(hub: &Hub, forwarder: &Forwarder) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hub() -> Hub {
+        let (tx, _) = broadcast::channel(16);
+        Hub {
+            session: Uuid::nil(),
+            tx,
+            state: Mutex::new(HubState {
+                seq: Sequencer::default(),
+                recent: VecDeque::new(),
+            }),
+            recent_cap: 16,
+            task: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn the_buffer_answers_only_whole_ranges() {
+        let h = hub();
+        h.offer(5, Ev::new(5, "{}".into()));
+        h.offer(7, Ev::new(7, "{}".into())); // held: 6 is missing
+        h.offer(6, Ev::new(6, "{}".into()));
+        assert_eq!(
+            h.recent_range(4, 7).map(|v| v.len()),
+            Some(3),
+            "5, 6 and 7 are buffered"
+        );
+        assert!(h.recent_range(3, 7).is_none(), "4 is not in the buffer");
+        assert!(h.recent_range(6, 8).is_none(), "8 is not in the buffer");
+    }
+
+    #[test]
+    fn seeding_never_skips_what_the_hub_follows() {
+        let h = hub();
+        let mut rx = h.subscribe();
+        h.offer(5, Ev::new(5, "{}".into()));
+        // A client attached at version 6 before the hub saw event 6.
+        h.seed(6);
+        h.offer(6, Ev::new(6, "{}".into()));
+        h.offer(7, Ev::new(7, "{}".into()));
+        let got: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(
+            got,
+            vec![5, 6, 7],
+            "6 still reaches the hub's other clients"
+        );
+    }
 
     #[test]
     fn final_events_are_recognised() {

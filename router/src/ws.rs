@@ -136,6 +136,8 @@ struct Conn {
     hub: Arc<Hub>,
     /// The newest version this client has been sent.
     cv: u64,
+    /// The client has been sent the session's final event (or found it ended).
+    ended: bool,
     sink: futures::stream::SplitSink<WebSocket, Message>,
 }
 
@@ -150,22 +152,28 @@ impl Conn {
             .map_err(|_| Closed)
     }
 
+    /// Sends the next event of the stream (`ev.version` must be `cv + 1`).
+    async fn send_event(&mut self, ev: &Ev) -> Result<(), Closed> {
+        self.send(ev.json.to_string()).await?;
+        self.cv = ev.version;
+        self.ended |= ev.is_final;
+        metrics::counter!("gs_router_events_sent_total").increment(1);
+        Ok(())
+    }
+
     /// Sends `ev` after anything between the client's version and it.
-    async fn deliver(&mut self, ev: Ev) -> Result<bool, Closed> {
+    async fn deliver(&mut self, ev: Ev) -> Result<(), Closed> {
         if ev.version <= self.cv {
-            return Ok(false);
+            return Ok(());
         }
         if ev.version > self.cv + 1 {
             self.catch_up(ev.version - 1).await?;
             if ev.version != self.cv + 1 {
                 // Could not fill the gap now; the next event (or a retry) will.
-                return Ok(false);
+                return Ok(());
             }
         }
-        self.send(ev.json.to_string()).await?;
-        self.cv = ev.version;
-        metrics::counter!("gs_router_events_sent_total").increment(1);
-        Ok(ev.is_final)
+        self.send_event(&ev).await
     }
 
     /// Brings the client up to `up_to` from the hub's buffer or the owner.
@@ -197,11 +205,38 @@ impl Conn {
         };
         for ev in events {
             if ev.version == self.cv + 1 && ev.version <= up_to {
-                self.send(ev.json.to_string()).await?;
-                self.cv = ev.version;
+                self.send_event(&ev).await?;
             }
         }
         Ok(())
+    }
+
+    /// The session ended: every message still gets its answer (the one that ended it
+    /// among them, bounded by [`FINAL_ANSWERS_WAIT`]), then a normal close.
+    async fn close_ended(
+        &mut self,
+        acks: &mut mpsc::Receiver<Outbound>,
+        inflight: &Semaphore,
+        max: usize,
+    ) {
+        let until = tokio::time::Instant::now() + FINAL_ANSWERS_WAIT;
+        while inflight.available_permits() < max {
+            match tokio::time::timeout_at(until, acks.recv()).await {
+                Ok(Some(out)) => {
+                    if self.send(out).await.is_err() {
+                        return;
+                    }
+                }
+                _ => break,
+            }
+        }
+        while let Ok(out) = acks.try_recv() {
+            let _ = self.send(out).await;
+        }
+        let _ = self
+            .sink
+            .send(Message::close_with(1000u16, "session ended"))
+            .await;
     }
 }
 
@@ -274,6 +309,7 @@ async fn connection(
         caller,
         hub: hub.clone(),
         cv: 0,
+        ended: false,
         sink,
     };
     let established = json!({
@@ -296,22 +332,30 @@ async fn connection(
             let mut ok = true;
             for RawEvent { version, json } in events {
                 if version == conn.cv + 1 {
-                    ok = conn.send(json).await.is_ok();
+                    ok = conn.send_event(&Ev::new(version, json)).await.is_ok();
                     if !ok {
                         break;
                     }
-                    conn.cv = version;
                 }
             }
             ok
         }
         Resume::Full { view } => {
+            conn.ended = view.game["status"] == "ended";
             let msg = json!({"type": "sync_response", "id": null, "data": view});
             conn.cv = view.version;
             conn.send(msg.to_string()).await.is_ok()
         }
     };
     if !opened {
+        return detach(ctx, sid, caller, conn_id);
+    }
+    if conn.ended {
+        // An ended session: the client has its final state; nothing more will come.
+        let _ = conn
+            .sink
+            .send(Message::close_with(1000u16, "session ended"))
+            .await;
         return detach(ctx, sid, caller, conn_id);
     }
     hub.seed(conn.cv);
@@ -384,39 +428,24 @@ async fn connection(
                 }
             }
             ev = events.recv() => {
-                match ev {
-                    Ok(ev) => match conn.deliver(ev).await {
-                        Ok(true) => {
-                            // The session ended. Every message still gets its answer
-                            // (the one that ended it among them) before the close.
-                            let max = ctx.cfg.router.max_inflight_per_connection.max(1);
-                            let until = tokio::time::Instant::now() + FINAL_ANSWERS_WAIT;
-                            while inflight.available_permits() < max {
-                                match tokio::time::timeout_at(until, acks.recv()).await {
-                                    Ok(Some(out)) => {
-                                        if conn.send(out).await.is_err() {
-                                            break;
-                                        }
-                                    }
-                                    _ => break,
-                                }
-                            }
-                            while let Ok(out) = acks.try_recv() {
-                                let _ = conn.send(out).await;
-                            }
-                            let _ = conn.sink.send(Message::close_with(1000u16, "session ended")).await;
-                            break;
-                        }
-                        Ok(false) => {}
-                        Err(Closed) => break,
-                    },
+                let sent = match ev {
+                    Ok(ev) => conn.deliver(ev).await,
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         metrics::counter!("gs_router_client_lagged_total").increment(n);
-                        if let Some(last) = conn.hub.last_version() {
-                            if conn.catch_up(last).await.is_err() { break; }
+                        match conn.hub.last_version() {
+                            Some(last) => conn.catch_up(last).await,
+                            None => Ok(()),
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if sent.is_err() {
+                    break;
+                }
+                if conn.ended {
+                    let max = ctx.cfg.router.max_inflight_per_connection.max(1);
+                    conn.close_ended(&mut acks, &inflight, max).await;
+                    break;
                 }
             }
             _ = heartbeat.tick() => {

@@ -9,8 +9,8 @@
 //!    `GS_ROUTER__LISTEN`, `GS_AUTH__JWT_SECRET`.
 //!
 //! `config/example.toml` is a commented sample with every field and its default.
-//! Every limit, interval and timeout of the service is a field here, not a literal
-//! buried in the code.
+//! Every address, secret, rate limit and operational timeout is a field here; finer
+//! internal timings are named constants beside the code that uses them.
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -273,6 +273,10 @@ pub struct NodeConfig {
     /// announcing it on `{subject_prefix}.fault.delaying`.
     pub fault_delay_commit: String,
     pub fault_delay_commit_ms: u64,
+    /// Fault injection for tests (empty = off): the owner fails, once, an inbound hub
+    /// event whose JSON contains this text (`internal_error`), so the relay must
+    /// requeue it through its retry queue.
+    pub fault_hub_fail_once: String,
 }
 
 impl Default for NodeConfig {
@@ -296,6 +300,7 @@ impl Default for NodeConfig {
             fault_crash_after_commit: String::new(),
             fault_delay_commit: String::new(),
             fault_delay_commit_ms: 3000,
+            fault_hub_fail_once: String::new(),
         }
     }
 }
@@ -476,8 +481,7 @@ mod tests {
         // config/example.toml lists every field with its default; this keeps it true.
         let example: Config =
             toml::from_str(include_str!("../../config/example.toml")).expect("example parses");
-        let mut defaults = serde_json::to_value(Config::default()).unwrap();
-        defaults["auth"]["jwt_secret"] = serde_json::json!("change-me-to-a-long-random-secret");
+        let defaults = serde_json::to_value(Config::default()).unwrap();
         assert_eq!(serde_json::to_value(example).unwrap(), defaults);
     }
 

@@ -85,7 +85,23 @@ impl Forwarder {
         let mut attempts = 0u32;
         let mut last_error = String::from("no node available");
         let mut redirects = 0u32;
+        // Whether an earlier attempt may still take effect (it timed out, its node
+        // died with it, or the node could not tell whether its commit landed).
+        let mut maybe_pending = false;
         loop {
+            if Instant::now() >= deadline {
+                metrics::counter!("gs_router_forward_failed_total", "op" => op).increment(1);
+                let outcome = if maybe_pending {
+                    "unknown"
+                } else {
+                    "not_applied"
+                };
+                return Err(WireError::new(
+                    codes::SERVICE_UNAVAILABLE,
+                    format!("the session's owner could not be reached in time ({last_error})"),
+                )
+                .with_details(serde_json::json!({"attempts": attempts, "outcome": outcome})));
+            }
             attempts += 1;
             let target = hint
                 .take()
@@ -121,6 +137,8 @@ impl Forwarder {
                     _ = node_gone => {
                         metrics::counter!("gs_router_forward_abandoned_total").increment(1);
                         tracing::debug!(%session, op, %node, "node left the cluster; retrying elsewhere");
+                        // It may have committed before dying; a retry finds out.
+                        maybe_pending = true;
                         backoff = FIRST_BACKOFF;
                         continue;
                     }
@@ -128,45 +146,66 @@ impl Forwarder {
                 tracing::debug!(%session, op, attempt = attempts, %node, ok = outcome.is_ok(),
                     error = outcome.as_ref().err().map(|e| e.to_string()), "forward attempt");
                 match outcome {
-                    Ok(msg) => match serde_json::from_slice::<NodeReply>(&msg.payload) {
-                        Ok(NodeReply::Ok { body }) => {
-                            metrics::histogram!("gs_router_forward_seconds", "op" => op)
-                                .record(started.elapsed().as_secs_f64());
-                            if attempts > 1 {
-                                metrics::counter!("gs_router_forward_retried_total", "op" => op)
+                    Ok(msg) => {
+                        match serde_json::from_slice::<NodeReply>(&msg.payload) {
+                            Ok(NodeReply::Ok { body }) => {
+                                metrics::histogram!("gs_router_forward_seconds", "op" => op)
+                                    .record(started.elapsed().as_secs_f64());
+                                if attempts > 1 {
+                                    metrics::counter!("gs_router_forward_retried_total", "op" => op)
                                     .increment(1);
+                                }
+                                return Ok(body);
                             }
-                            return Ok(body);
+                            Ok(NodeReply::Err { error, owner }) if error.is_retryable() => {
+                                tracing::debug!(%session, op, %node, code = %error.code, "retryable answer");
+                                last_error = format!("{node}: {}", error.message);
+                                maybe_pending = error.details["outcome"] == "unknown";
+                                hint = owner;
+                            }
+                            // The node refused it as too late (after looking for it among
+                            // the commands it had applied): it was not applied.
+                            Ok(NodeReply::Err { error, .. })
+                                if error.code == codes::DEADLINE_EXCEEDED && !maybe_pending =>
+                            {
+                                return Err(WireError::new(
+                                codes::SERVICE_UNAVAILABLE,
+                                "the session's owner could not apply the command in time",
+                            )
+                            .with_details(serde_json::json!({"attempts": attempts, "outcome": "not_applied"})));
+                            }
+                            Ok(NodeReply::Err { error, .. })
+                                if error.code == codes::DEADLINE_EXCEEDED =>
+                            {
+                                return Err(WireError::new(
+                                    codes::SERVICE_UNAVAILABLE,
+                                    "the session's owner could not be reached in time",
+                                )
+                                .with_details(
+                                    serde_json::json!({"attempts": attempts, "outcome": "unknown"}),
+                                ));
+                            }
+                            Ok(NodeReply::Err { error, .. }) => return Err(error),
+                            Err(e) => {
+                                return Err(WireError::new(
+                                    codes::INTERNAL,
+                                    format!("bad reply from {node}: {e}"),
+                                ))
+                            }
                         }
-                        Ok(NodeReply::Err { error, owner }) if error.is_retryable() => {
-                            tracing::debug!(%session, op, %node, code = %error.code, "retryable answer");
-                            last_error = format!("{node}: {}", error.message);
-                            hint = owner;
-                        }
-                        Ok(NodeReply::Err { error, .. }) => return Err(error),
-                        Err(e) => {
-                            return Err(WireError::new(
-                                codes::INTERNAL,
-                                format!("bad reply from {node}: {e}"),
-                            ))
-                        }
-                    },
+                    }
                     Err(e) => {
                         if e.kind() == async_nats::client::RequestErrorKind::NoResponders {
-                            // The node's NATS connection is gone: have the cluster check.
+                            // Never delivered. The node's NATS connection is gone: have
+                            // the cluster check.
                             self.cluster.suspect(&node).await;
+                        } else {
+                            // Timed out (or lost): the node may still apply it.
+                            maybe_pending = true;
                         }
                         last_error = format!("{node}: {e}");
                     }
                 }
-            }
-            if Instant::now() + backoff >= deadline {
-                metrics::counter!("gs_router_forward_failed_total", "op" => op).increment(1);
-                return Err(WireError::new(
-                    codes::SERVICE_UNAVAILABLE,
-                    format!("the session's owner could not be reached in time ({last_error})"),
-                )
-                .with_details(serde_json::json!({"attempts": attempts})));
             }
             // A node that named the owner (a planned handoff, a ring change) is taken
             // at its word at once; only a few times in a row, so two nodes that
@@ -178,9 +217,12 @@ impl Forwarder {
             redirects = 0;
             // Wait out the backoff, or less if the ring changes meanwhile (a failed
             // node just left, a new one joined): that is what a retry waits for.
+            // Attempts go on until the deadline itself; the last one may run into the
+            // grace period.
+            let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
             let mut ring = self.cluster.ring_changes();
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = ring.changed() => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);

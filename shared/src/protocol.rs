@@ -22,24 +22,22 @@ pub mod codes {
     pub const MESSAGE_TOO_LARGE: &str = "message_too_large";
     pub const UNKNOWN_TYPE: &str = "unknown_type";
     pub const INVALID_PAYLOAD: &str = "invalid_payload";
-    pub const DUPLICATE_COMMAND_ID: &str = "duplicate_command_id";
     // --- auth
     pub const MISSING_TOKEN: &str = "missing_token";
     pub const INVALID_TOKEN: &str = "invalid_token";
     pub const TOKEN_EXPIRED: &str = "token_expired";
     pub const WRONG_SESSION: &str = "wrong_session";
+    pub const WRONG_USER: &str = "wrong_user";
     pub const FORBIDDEN: &str = "forbidden";
     pub const NOT_MEMBER: &str = "not_member";
     // --- limits
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const TOO_MANY_IN_FLIGHT: &str = "too_many_in_flight";
-    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
     // --- state
     pub const SESSION_NOT_FOUND: &str = "session_not_found";
     pub const NOT_FOUND: &str = "not_found";
     pub const CONFLICT: &str = "conflict";
     pub const INVALID_PATH: &str = "invalid_path";
-    pub const FORBIDDEN_PATH: &str = "forbidden_path";
     pub const BAD_REQUEST: &str = "bad_request";
     // --- cluster
     pub const NOT_OWNER: &str = "not_owner";
@@ -89,16 +87,13 @@ impl WireError {
             | codes::INVALID_PAYLOAD
             | codes::INVALID_PATH
             | codes::BAD_REQUEST
-            | codes::UNKNOWN_TYPE
-            | codes::DUPLICATE_COMMAND_ID => 400,
+            | codes::UNKNOWN_TYPE => 400,
             codes::MISSING_TOKEN | codes::INVALID_TOKEN | codes::TOKEN_EXPIRED => 401,
-            codes::FORBIDDEN | codes::WRONG_SESSION | codes::NOT_MEMBER | codes::FORBIDDEN_PATH => {
-                403
-            }
+            codes::FORBIDDEN | codes::WRONG_SESSION | codes::WRONG_USER | codes::NOT_MEMBER => 403,
             codes::SESSION_NOT_FOUND | codes::NOT_FOUND => 404,
             codes::CONFLICT => 409,
             codes::MESSAGE_TOO_LARGE => 413,
-            codes::RATE_LIMITED | codes::TOO_MANY_IN_FLIGHT | codes::TOO_MANY_CONNECTIONS => 429,
+            codes::RATE_LIMITED | codes::TOO_MANY_IN_FLIGHT => 429,
             codes::NOT_OWNER
             | codes::OVERLOADED
             | codes::SERVICE_UNAVAILABLE
@@ -308,5 +303,6 @@ mod tests {
         assert!(!WireError::new(codes::CONFLICT, "").is_retryable());
         assert_eq!(WireError::new(codes::CONFLICT, "").http_status(), 409);
         assert_eq!(WireError::new("not_your_turn", "").http_status(), 422);
+        assert_eq!(WireError::new(codes::WRONG_USER, "").http_status(), 403);
     }
 }

@@ -9,7 +9,6 @@
 //! | `gs.cluster.heartbeat`          | every member     | [`crate::membership::Heartbeat`] |
 //! | `gs.cluster.leave`              | leaving member   | [`crate::membership::Leave`] |
 //! | `gs.cluster.suspect`            | router → all     | a node id that gave "no responders" |
-//! | `gs.node.{node}.hub`            | node → owner     | an inbound Message Hub event to apply |
 //!
 //! Requests name a session; the router sends them to the node its ring names. A node
 //! that does not own the session answers `not_owner` with its own view of the owner,
@@ -35,9 +34,6 @@ impl Subjects {
     }
     pub fn node_rpc(&self, node: &str) -> String {
         format!("{}.node.{node}.rpc", self.prefix)
-    }
-    pub fn node_hub(&self, node: &str) -> String {
-        format!("{}.node.{node}.hub", self.prefix)
     }
     pub fn session_events(&self, session: &Uuid) -> String {
         format!("{}.session.{session}.events", self.prefix)

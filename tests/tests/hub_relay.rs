@@ -383,3 +383,50 @@ async fn a_malformed_message_is_dead_lettered_and_the_rest_flows() -> Result<()>
     .await;
     finish(f, r).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_inbound_event_is_retried_and_applied() -> Result<()> {
+    let mut spec = ClusterSpec::test(1, 1);
+    spec.base.node.fault_hub_fail_once = "retry-probe".into();
+    let f = Fixture::with_spec(spec).await?;
+    let r = async {
+        let character = Uuid::new_v4();
+        let (_u, token, st) = f
+            .player(
+                0,
+                json!({"character_id": character, "character": sheet(12)}),
+            )
+            .await?;
+        let client = f.connect(0, "player", &token, &st).await?;
+        let rabbit = Rabbit::connect(&f.cluster.base.rabbitmq).await?;
+        let event = json!({"event_id": Uuid::new_v4(), "character_id": character,
+                           "change_type": "retry-probe", "details": {"ac": 18},
+                           "timestamp": gs_shared::protocol::timestamp_now()});
+        rabbit
+            .publish_inbound("character.state.changed", event.to_string().as_bytes())
+            .await?;
+        // Refused once by the owner, it waits in a retry queue, comes back with its
+        // routing key, and is applied.
+        client
+            .wait_for("the retried event applied", WAIT, |v| {
+                v.events.iter().any(|e| e.1 == "character_updated")
+            })
+            .await?;
+        assert!(
+            f.node_counter("gs_node_hub_retried_total").await? >= 1.0,
+            "it went through a retry"
+        );
+        assert_eq!(
+            f.node_counter("gs_node_hub_dead_lettered_total").await?,
+            0.0
+        );
+        let state = f.api(0, &token).get_state(&f.session).await?;
+        assert_eq!(
+            state["game"]["play"]["characters"][character.to_string()]["ac"],
+            18
+        );
+        Ok(())
+    }
+    .await;
+    finish(f, r).await
+}

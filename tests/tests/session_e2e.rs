@@ -218,6 +218,13 @@ async fn ending_a_session_closes_its_connections_with_a_final_event() -> Result<
             )
             .await?;
         assert_eq!((r.status, r.code()), (422, "session_ended"));
+        // Connecting afterwards gives the final state, then a normal close.
+        let late = f.connect(0, "late", &f.dm_token, &f.session_token).await?;
+        late.wait_for("the close", WAIT, |v| v.closed.is_some())
+            .await?;
+        let v = late.view();
+        assert_eq!(v.version, version);
+        assert_eq!(v.closed.as_ref().map(|c| c.0), Some(1000));
         Ok(())
     }
     .await;

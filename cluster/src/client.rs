@@ -175,6 +175,8 @@ pub struct TrackedClient {
     view: Arc<Mutex<ClientView>>,
     changed: watch::Receiver<u64>,
     reader: tokio::task::JoinHandle<()>,
+    record: bool,
+    hook: Option<EventHook>,
 }
 
 impl Drop for TrackedClient {
@@ -240,19 +242,45 @@ pub async fn ws_connect(
 impl TrackedClient {
     /// Wraps an open socket; `record` keeps every frame (for tests that inspect them).
     pub fn new(name: &str, ws: WsStream, record: bool, hook: Option<EventHook>) -> TrackedClient {
-        let (sink, stream) = ws.split();
-        let view = Arc::new(Mutex::new(ClientView {
+        let view = ClientView {
             doc: json!({}),
             ..Default::default()
-        }));
+        };
+        Self::with_initial_view(name, ws, record, hook, view)
+    }
+
+    /// Continues this client on a new socket (opened with `last_version` after its
+    /// connection was lost): the new stream is applied to, and checked against,
+    /// everything the client had already seen (state, version, acks, anomalies).
+    pub fn continue_on(&mut self, ws: WsStream) {
+        let mut view = self.view();
+        view.closed = None;
+        view.established = None;
+        view.connection_error = None;
+        let next = Self::with_initial_view(&self.name, ws, self.record, self.hook.clone(), view);
+        // Dropping the old client stops its reader.
+        drop(std::mem::replace(self, next));
+    }
+
+    fn with_initial_view(
+        name: &str,
+        ws: WsStream,
+        record: bool,
+        hook: Option<EventHook>,
+        view: ClientView,
+    ) -> TrackedClient {
+        let (sink, stream) = ws.split();
+        let view = Arc::new(Mutex::new(view));
         let (tx, changed) = watch::channel(0u64);
-        let reader = tokio::spawn(read_loop(stream, view.clone(), tx, record, hook));
+        let reader = tokio::spawn(read_loop(stream, view.clone(), tx, record, hook.clone()));
         TrackedClient {
             name: name.to_string(),
             sink,
             view,
             changed,
             reader,
+            record,
+            hook,
         }
     }
 

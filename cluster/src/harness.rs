@@ -528,6 +528,7 @@ async fn delete_rabbit_topology(c: &gs_shared::config::RabbitConfig) {
                 .exchange_delete(x.as_str().into(), Default::default())
                 .await;
         }
+        let _ = ch.close(0, "clean-up".into()).await;
     }
     let _ = conn.close(0, "clean-up".into()).await;
 }

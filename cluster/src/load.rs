@@ -42,12 +42,16 @@ impl Target {
 /// One client of the workload.
 pub struct LoadClient {
     pub session: usize,
+    pub session_id: String,
     pub index: usize,
     pub user: Uuid,
     pub token: String,
     pub session_token: String,
+    /// The router the client is connected through (it changes on a reconnect).
     pub router: usize,
     pub client: TrackedClient,
+    /// Times the client lost its connection and resumed through a router.
+    pub reconnects: u32,
 }
 
 /// The answer to one command.
@@ -127,12 +131,14 @@ pub async fn setup(
             let client = TrackedClient::new(&format!("s{s}c{i}"), ws, false, hook.clone());
             clients.push(LoadClient {
                 session: s,
+                session_id: sid.clone(),
                 index: i,
                 user,
                 token,
                 session_token: st,
                 router,
                 client,
+                reconnects: 0,
             });
         }
         ids.push(sid);
@@ -151,6 +157,8 @@ pub async fn setup(
 pub struct Progress {
     /// Time of each session's latest acknowledgement.
     last_ack: Mutex<Vec<Option<Instant>>>,
+    /// Time of each client's latest acknowledgement, by (session, client).
+    last_client_ack: Mutex<HashMap<(usize, usize), Instant>>,
     acks: std::sync::atomic::AtomicU64,
     errors: std::sync::atomic::AtomicU64,
     notify: tokio::sync::Notify,
@@ -160,6 +168,7 @@ impl Progress {
     fn new(sessions: usize) -> Self {
         Progress {
             last_ack: Mutex::new(vec![None; sessions]),
+            last_client_ack: Default::default(),
             acks: Default::default(),
             errors: Default::default(),
             notify: tokio::sync::Notify::new(),
@@ -177,6 +186,15 @@ impl Progress {
     /// Whether `session` has had an acknowledgement after `t`.
     pub fn acked_since(&self, session: usize, t: Instant) -> bool {
         self.last_ack.lock().unwrap()[session].is_some_and(|a| a > t)
+    }
+
+    /// Whether client `client` of `session` has had an acknowledgement after `t`.
+    pub fn client_acked_since(&self, session: usize, client: usize, t: Instant) -> bool {
+        self.last_client_ack
+            .lock()
+            .unwrap()
+            .get(&(session, client))
+            .is_some_and(|a| *a > t)
     }
 
     /// Waits (at most `timeout`) until `cond` holds; `what` names it in the error.
@@ -208,6 +226,10 @@ impl Progress {
         if r.result.is_ok() {
             self.acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.last_ack.lock().unwrap()[r.session] = Some(r.answered);
+            self.last_client_ack
+                .lock()
+                .unwrap()
+                .insert((r.session, r.client), r.answered);
         } else {
             self.errors
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -232,6 +254,78 @@ pub fn start(
     answer_timeout: Duration,
     sent: Option<SentTimes>,
 ) -> Running {
+    start_with(clients, interval, answer_timeout, sent, None)
+}
+
+/// Like [`start`], but a client whose connection is lost behaves as a real client
+/// should: it reconnects through the next router of `target` that answers, with
+/// `last_version` (so it receives what it missed), and sends its unanswered command
+/// again under the same id (so it takes effect once, and the answer is the original
+/// one).
+pub fn start_reconnecting(
+    clients: Vec<LoadClient>,
+    interval: Duration,
+    answer_timeout: Duration,
+    target: Target,
+) -> Running {
+    start_with(clients, interval, answer_timeout, None, Some(target))
+}
+
+/// How long a client keeps trying to reconnect before it gives up.
+const RECONNECT_DEADLINE: Duration = Duration::from_secs(20);
+/// Connection attempts per command before its answer is recorded as missing.
+const MAX_RESENDS: u32 = 5;
+
+/// Reconnects `c` through the routers after the one it used, in turn, until one
+/// accepts it (bounded by [`RECONNECT_DEADLINE`]).
+async fn reconnect(c: &mut LoadClient, sid: &str, t: &Target) -> Result<()> {
+    let deadline = Instant::now() + RECONNECT_DEADLINE;
+    let n = t.routers_ws.len();
+    let mut backoff = Duration::from_millis(20);
+    for attempt in 1.. {
+        let router = (c.router + attempt) % n;
+        let last = c.client.with_view(|v| v.version);
+        let opened = ws_connect(
+            &t.routers_ws[router],
+            sid,
+            &c.token,
+            &c.session_token,
+            Some(last),
+            TokenStyle::Headers,
+            t.cert.as_ref(),
+        )
+        .await;
+        if let Ok(ws) = opened {
+            c.client.continue_on(ws);
+            let ready = c
+                .client
+                .wait_for("the resumed connection", RECONNECT_DEADLINE, |v| {
+                    v.established.is_some() || v.closed.is_some()
+                })
+                .await;
+            if ready.is_ok() && c.client.with_view(|v| v.closed.is_none()) {
+                c.router = router;
+                c.reconnects += 1;
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("{}: could not reconnect through any router", c.client.name);
+        }
+        // Pacing between attempts, not synchronisation: nothing to wait on but time.
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+    unreachable!()
+}
+
+fn start_with(
+    clients: Vec<LoadClient>,
+    interval: Duration,
+    answer_timeout: Duration,
+    sent: Option<SentTimes>,
+    reconnecting: Option<Target>,
+) -> Running {
     let (stop, stop_rx) = watch::channel(false);
     let started = Instant::now();
     let n = clients.len().max(1) as u32;
@@ -243,6 +337,7 @@ pub fn start(
         .map(|(k, mut c)| {
             let mut stop_rx = stop_rx.clone();
             let sent = sent.clone();
+            let reconnecting = reconnecting.clone();
             let progress = progress.clone();
             // Spread the clients' first sends over one interval.
             let offset = interval * (k as u32) / n;
@@ -265,14 +360,33 @@ pub fn start(
                         s.lock().unwrap().insert(id, now);
                     }
                     let data = json!({"changes": [{"path": path, "value": n}]});
-                    if c.client
-                        .send_with_id(id, "state_update", data)
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                    let answer = c.client.wait_answer(id, answer_timeout).await;
+                    let mut sends = 0;
+                    let answer = loop {
+                        sends += 1;
+                        let answer = match c
+                            .client
+                            .send_with_id(id, "state_update", data.clone())
+                            .await
+                        {
+                            Ok(()) => Some(c.client.wait_answer(id, answer_timeout).await),
+                            // Not sent: the connection is gone.
+                            Err(_) => None,
+                        };
+                        if let Some(Ok(_)) = answer {
+                            break answer;
+                        }
+                        let lost = c.client.with_view(|v| v.closed.is_some());
+                        match &reconnecting {
+                            Some(t) if lost && sends < MAX_RESENDS => {
+                                let sid = c.session_id.clone();
+                                if reconnect(&mut c, &sid, t).await.is_err() {
+                                    break answer;
+                                }
+                            }
+                            _ => break answer,
+                        }
+                    };
+                    let Some(answer) = answer else { break };
                     let result = match answer {
                         Ok(Ok(v)) => Ok(v),
                         Ok(Err(e)) => Err(e["code"].as_str().unwrap_or("error").to_string()),

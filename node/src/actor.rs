@@ -798,6 +798,7 @@ impl Actor {
         let Some(&version) = self.dedupe.map.get(&command_id) else {
             return Some(reply);
         };
+        metrics::counter!("gs_node_commands_deduplicated_total").increment(1);
         b.needs_barrier |= join;
         b.waiting.push(if join {
             Waiting::Joined { reply, user }

@@ -224,37 +224,46 @@ impl Fixture {
 
     /// Sum of a counter over the nodes' `/metrics`.
     pub async fn node_counter(&self, name: &str) -> Result<f64> {
-        let mut total = 0.0;
-        for m in self
-            .cluster
-            .members
-            .values()
-            .filter(|m| m.kind == "node" && m.child.is_some())
-        {
-            let text = self
-                .http
-                .get(format!("{}/metrics", m.url))
-                .send()
-                .await?
-                .text()
-                .await?;
-            total += text
-                .lines()
-                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-                .sum::<f64>();
-        }
-        Ok(total)
+        node_counter(&self.cluster, name).await
     }
+}
+
+/// Sum of a counter over the running nodes' `/metrics`.
+pub async fn node_counter(cluster: &LocalCluster, name: &str) -> Result<f64> {
+    let http = cluster.http();
+    let mut total = 0.0;
+    for m in cluster
+        .members
+        .values()
+        .filter(|m| m.kind == "node" && m.child.is_some())
+    {
+        let text = http
+            .get(format!("{}/metrics", m.url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        total += text
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(total)
 }
 
 /// Ends a test: dumps the members' logs when it failed, stops the cluster and drops
 /// its database, and returns the test's result.
 pub async fn finish(f: Fixture, result: Result<()>) -> Result<()> {
+    finish_cluster(f.cluster, result).await
+}
+
+/// [`finish`] for tests that run a bare [`LocalCluster`].
+pub async fn finish_cluster(cluster: LocalCluster, result: Result<()>) -> Result<()> {
     if result.is_err() {
-        f.cluster.dump_logs(40);
+        cluster.dump_logs(40);
     }
-    f.shutdown().await;
+    cluster.shutdown().await;
     result
 }
 

@@ -80,8 +80,11 @@ impl Rabbit {
             self.cfg.exchange,
             uuid::Uuid::new_v4().simple()
         );
+        // Exclusive: deleted with this connection (it is read with basic.get, which
+        // never counts as a consumer, so auto-delete alone would leave it behind).
         let opts = QueueDeclareOptions {
             durable: false,
+            exclusive: true,
             auto_delete: true,
             ..Default::default()
         };

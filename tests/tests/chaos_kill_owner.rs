@@ -25,11 +25,7 @@ async fn killing_owners_loses_nothing_and_sessions_fail_over() -> Result<()> {
     gs_tests::init_logging();
     let mut cluster = LocalCluster::start(ClusterSpec::test(3, 2)).await?;
     let result = run(&mut cluster).await;
-    if result.is_err() {
-        cluster.dump_logs(40);
-    }
-    cluster.shutdown().await;
-    result
+    gs_tests::finish_cluster(cluster, result).await
 }
 
 async fn run(cluster: &mut LocalCluster) -> Result<()> {

@@ -73,9 +73,5 @@ async fn draining_a_node_hands_its_sessions_off_without_errors() -> Result<()> {
         verify_workload(&cluster, &ids, &clients, &records).await
     }
     .await;
-    if result.is_err() {
-        cluster.dump_logs(40);
-    }
-    cluster.shutdown().await;
-    result
+    gs_tests::finish_cluster(cluster, result).await
 }

@@ -278,7 +278,8 @@ const MAX_RESENDS: u32 = 5;
 
 /// Reconnects `c` through the routers after the one it used, in turn, until one
 /// accepts it (bounded by [`RECONNECT_DEADLINE`]).
-async fn reconnect(c: &mut LoadClient, sid: &str, t: &Target) -> Result<()> {
+async fn reconnect(c: &mut LoadClient, t: &Target) -> Result<()> {
+    let sid = c.session_id.clone();
     let deadline = Instant::now() + RECONNECT_DEADLINE;
     let n = t.routers_ws.len();
     let mut backoff = Duration::from_millis(20);
@@ -287,7 +288,7 @@ async fn reconnect(c: &mut LoadClient, sid: &str, t: &Target) -> Result<()> {
         let last = c.client.with_view(|v| v.version);
         let opened = ws_connect(
             &t.routers_ws[router],
-            sid,
+            &sid,
             &c.token,
             &c.session_token,
             Some(last),
@@ -378,8 +379,7 @@ fn start_with(
                         let lost = c.client.with_view(|v| v.closed.is_some());
                         match &reconnecting {
                             Some(t) if lost && sends < MAX_RESENDS => {
-                                let sid = c.session_id.clone();
-                                if reconnect(&mut c, &sid, t).await.is_err() {
+                                if reconnect(&mut c, t).await.is_err() {
                                     break answer;
                                 }
                             }

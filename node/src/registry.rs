@@ -65,8 +65,15 @@ impl Registry {
                             },
                         );
                         ctx.cluster.set_load(actors.len() as u64);
+                        // The request goes in before the task starts: activation reads
+                        // the requests already queued (a create must be among them, or
+                        // the actor would look for a session that does not exist yet).
+                        // A fresh channel has room for one.
+                        if let Err(e) = tx.try_send(env) {
+                            unreachable!("a fresh inbox refused its first request: {e}");
+                        }
                         tokio::spawn(actor::run(ctx.clone(), sid, gen, rx, ctl_rx));
-                        (tx, gen)
+                        return;
                     }
                 }
             };

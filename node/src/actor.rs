@@ -139,6 +139,22 @@ enum Waiting {
     },
 }
 
+impl Waiting {
+    /// The answer to an applied command: the join's answer (the player's view) or an
+    /// ack with the version it produced (or produced the first time, for a duplicate).
+    fn applied(reply: Reply, user: Uuid, join: bool, version: u64, duplicate: bool) -> Waiting {
+        if join {
+            Waiting::Joined { reply, user }
+        } else {
+            Waiting::Ack {
+                reply,
+                version,
+                duplicate,
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Batch {
     rows: Vec<EventRow>,
@@ -800,15 +816,8 @@ impl Actor {
         };
         metrics::counter!("gs_node_commands_deduplicated_total").increment(1);
         b.needs_barrier |= join;
-        b.waiting.push(if join {
-            Waiting::Joined { reply, user }
-        } else {
-            Waiting::Ack {
-                reply,
-                version,
-                duplicate: true,
-            }
-        });
+        b.waiting
+            .push(Waiting::applied(reply, user, join, version, true));
         None
     }
 
@@ -860,15 +869,13 @@ impl Actor {
         } else {
             b.needs_barrier |= join;
         }
-        b.waiting.push(if join {
-            Waiting::Joined { reply, user }
-        } else {
-            Waiting::Ack {
-                reply,
-                version: self.state.version,
-                duplicate: false,
-            }
-        });
+        b.waiting.push(Waiting::applied(
+            reply,
+            user,
+            join,
+            self.state.version,
+            false,
+        ));
     }
 
     /// A rollback: the cheap checks, then the state at `to_version` (replayed from the

@@ -201,27 +201,14 @@ impl Hub {
             durable: true,
             ..Default::default()
         };
-        ch.exchange_declare(
-            self.cfg.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-        ch.exchange_declare(
-            self.cfg.inbound_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-        ch.exchange_declare(
-            self.cfg.dead_letter_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+        for (name, kind) in [
+            (&self.cfg.exchange, ExchangeKind::Topic),
+            (&self.cfg.inbound_exchange, ExchangeKind::Topic),
+            (&self.cfg.dead_letter_exchange, ExchangeKind::Fanout),
+        ] {
+            ch.exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
+                .await?;
+        }
         let queue = QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -676,24 +663,9 @@ async fn retry_later(
     key: &str,
     attempts: i64,
 ) -> lapin::Result<()> {
-    let mut headers = d.properties.headers().clone().unwrap_or_default();
-    headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(attempts));
-    headers.insert(
-        ORIGINAL_KEY_HEADER.into(),
-        AMQPValue::LongString(key.into()),
-    );
-    let props = d.properties.clone().with_headers(headers);
-    let confirm = side
-        .basic_publish(
-            "".into(),
-            hub.retry_queue(attempts).as_str().into(),
-            BasicPublishOptions::default(),
-            &d.data,
-            props,
-        )
-        .await?
-        .await?;
-    confirmed(confirm)
+    let queue = hub.retry_queue(attempts);
+    let attempts = (ATTEMPTS_HEADER, AMQPValue::LongLongInt(attempts));
+    republish(side, d, "", &queue, key, attempts).await
 }
 
 /// Moves a message to the dead-letter queue, with the reason.
@@ -706,8 +678,22 @@ async fn dead_letter(
 ) -> lapin::Result<()> {
     tracing::warn!(routing_key = %key, %reason, "inbound event dead-lettered");
     metrics::counter!("gs_node_hub_dead_lettered_total").increment(1);
+    let reason = (REASON_HEADER, AMQPValue::LongString(reason.into()));
+    republish(side, d, &hub.cfg.dead_letter_exchange, key, key, reason).await
+}
+
+/// Publishes a copy of `d` (confirmed) to `exchange` with `routing_key`, its headers
+/// plus `extra` and the original routing key `key`.
+async fn republish(
+    side: &Channel,
+    d: &lapin::message::Delivery,
+    exchange: &str,
+    routing_key: &str,
+    key: &str,
+    extra: (&str, AMQPValue),
+) -> lapin::Result<()> {
     let mut headers = d.properties.headers().clone().unwrap_or_default();
-    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(extra.0.into(), extra.1);
     headers.insert(
         ORIGINAL_KEY_HEADER.into(),
         AMQPValue::LongString(key.into()),
@@ -715,8 +701,8 @@ async fn dead_letter(
     let props = d.properties.clone().with_headers(headers);
     let confirm = side
         .basic_publish(
-            hub.cfg.dead_letter_exchange.as_str().into(),
-            key.into(),
+            exchange.into(),
+            routing_key.into(),
             BasicPublishOptions::default(),
             &d.data,
             props,

@@ -287,11 +287,7 @@ async fn every_event_is_published_in_order_across_a_node_kill() -> Result<()> {
         Ok(())
     }
     .await;
-    if r.is_err() {
-        cluster.dump_logs(40);
-    }
-    cluster.shutdown().await;
-    r
+    gs_tests::finish_cluster(cluster, r).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,11 +331,7 @@ async fn the_broker_closing_connections_loses_nothing() -> Result<()> {
         Ok(())
     }
     .await;
-    if r.is_err() {
-        cluster.dump_logs(40);
-    }
-    cluster.shutdown().await;
-    r
+    gs_tests::finish_cluster(cluster, r).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -145,15 +145,7 @@ fn combat_requires_an_active_session() {
     t.ok(t.dm, Command::SessionResume {});
     t.ok(t.dm, Command::CombatStart { participants: all });
     t.ok(t.dm, Command::SessionPause {});
-    let active =
-        t.s.game
-            .combat
-            .as_ref()
-            .unwrap()
-            .turn
-            .as_ref()
-            .unwrap()
-            .character_id;
+    let active = t.active();
     for (user, cmd) in [
         (t.dm, Command::EndTurn {}),
         (t.dm, Command::CombatEnd {}),
@@ -252,15 +244,7 @@ fn dead_creatures_are_skipped() {
         },
     );
     t.ok(t.owner(order[0]), Command::EndTurn {});
-    let active =
-        t.s.game
-            .combat
-            .as_ref()
-            .unwrap()
-            .turn
-            .as_ref()
-            .unwrap()
-            .character_id;
+    let active = t.active();
     assert_eq!(active, order[2]);
     assert_eq!(t.s.game.combat.as_ref().unwrap().turn_number, 3);
 }
@@ -386,15 +370,7 @@ fn combat_add_joins_the_order() {
             participants: vec![a, b],
         },
     );
-    let active =
-        t.s.game
-            .combat
-            .as_ref()
-            .unwrap()
-            .turn
-            .as_ref()
-            .unwrap()
-            .character_id;
+    let active = t.active();
     assert_eq!(
         t.err(
             t.dm,
@@ -565,15 +541,7 @@ fn dash_disengage_dodge() {
     let order = t.s.game.combat.as_ref().unwrap().order.clone();
     for _ in 0..order.len() {
         assert!(t.ch(a).has(Condition::Dodging));
-        let active =
-            t.s.game
-                .combat
-                .as_ref()
-                .unwrap()
-                .turn
-                .as_ref()
-                .unwrap()
-                .character_id;
+        let active = t.active();
         t.ok(t.owner(active), Command::EndTurn {});
     }
     assert!(!t.ch(a).has(Condition::Dodging));

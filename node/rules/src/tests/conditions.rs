@@ -120,15 +120,7 @@ fn durations_end_at_the_named_turn_boundary() {
     let (blind_id, poison_id) = (id(&e1), id(&e2));
     let mut ended_at = vec![];
     for step in 0..order.len() * 2 {
-        let active =
-            t.s.game
-                .combat
-                .as_ref()
-                .unwrap()
-                .turn
-                .as_ref()
-                .unwrap()
-                .character_id;
+        let active = t.active();
         let e = t.ok(t.owner(active), Command::EndTurn {});
         let Event::TurnChange(tc) = &e[0] else {
             panic!()

@@ -233,6 +233,12 @@ impl Table {
         c.turn_number = c.order.iter().position(|x| *x == active).unwrap() as u32 + 1;
     }
 
+    /// The character whose turn it is (panics outside combat).
+    pub fn active(&self) -> Uuid {
+        let combat = self.s.game.combat.as_ref().expect("in combat");
+        combat.turn.as_ref().expect("a turn").character_id
+    }
+
     pub fn all(&self) -> Vec<Uuid> {
         let mut v = self.pcs.to_vec();
         v.extend(self.goblins);

@@ -499,25 +499,9 @@ fn patches_let_clients_mirror_the_play_view() {
     let mut view = t.s.game.view();
     let all = t.all();
     let mut events = t.ok(t.dm, Command::CombatStart { participants: all });
-    let active =
-        t.s.game
-            .combat
-            .as_ref()
-            .unwrap()
-            .turn
-            .as_ref()
-            .unwrap()
-            .character_id;
+    let active = t.active();
     events.extend(t.ok(t.owner(active), Command::EndTurn {}));
-    let active =
-        t.s.game
-            .combat
-            .as_ref()
-            .unwrap()
-            .turn
-            .as_ref()
-            .unwrap()
-            .character_id;
+    let active = t.active();
     if active == a {
         events.extend(t.act(a, ActionType::Attack, &[g], sword()).unwrap());
     }

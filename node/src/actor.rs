@@ -22,10 +22,11 @@
 //!   actor writes a snapshot where useful, releases the lock and leaves the registry;
 //!   queued requests get `not_owner` with the new owner, and routers retry there.
 
-use crate::committer::{CommitError, CommitItem, EventRow, SnapshotRow};
 use crate::error::NodeError;
 use crate::ownership::Lease;
-use crate::store::{Created, NewSession, StoredEvent};
+use crate::store::{
+    CommitError, CommitItem, Created, EventRow, NewSession, SnapshotRow, StoredEvent,
+};
 use crate::NodeCtx;
 use gs_rules::command::JoinRequest;
 use gs_rules::{Command, Ctx, Event, SessionState};
@@ -293,7 +294,7 @@ async fn activate(
         let mut state = SessionState::empty(id);
         state.apply(&ev);
         let row = EventRow {
-            id: Uuid::new_v4(),
+            id: Uuid::now_v7(),
             seq: 1,
             kind: kind.clone(),
             data: data.clone(),
@@ -301,9 +302,9 @@ async fn activate(
             user_id: Some(creator),
             created_at: now.naive_utc(),
             correlation: None,
+            combat_id: None,
         };
-        let outbox = crate::outbox::rows(&state, std::slice::from_ref(&row));
-        match ctx.store.create_session(&new, &ctx.id, &row, &outbox).await {
+        match ctx.store.create_session(&new, &ctx.id, &row).await {
             Ok(Created::New) => {
                 let rendered = RawEvent {
                     version: 1,
@@ -321,7 +322,7 @@ async fn activate(
                     true,
                 );
                 actor.cache_meta();
-                ctx.hub.dirty(id);
+                ctx.hub.committed(id, vec![row]);
                 return Ok(actor);
             }
             Ok(Created::Exists { .. }) => {} // a retried create: take over below
@@ -843,16 +844,20 @@ impl Actor {
         let now = chrono::Utc::now().naive_utc();
         let n = events.len();
         for (i, ev) in events.iter().enumerate() {
+            // The combat an event belongs to is the one running when it happened.
+            let combat = crate::outbox::current_combat(&self.state);
             self.state.apply(ev);
             let version = self.state.version;
             let (kind, data) = ev.to_parts();
             let json = render(&kind, version, &data);
+            let combat_id = crate::outbox::combat_of(&kind, &data, combat);
             if let Event::SessionStatusChanged { status, .. } = ev {
                 b.status = Some((status.as_str().to_string(), now));
             }
             b.final_event |= ev.is_final();
             b.rows.push(EventRow {
-                id: Uuid::new_v4(),
+                // Time-ordered ids: the primary key index grows at its end.
+                id: Uuid::now_v7(),
                 seq: version,
                 kind,
                 data,
@@ -861,6 +866,7 @@ impl Actor {
                 user_id: Some(user),
                 created_at: now,
                 correlation: Some(command_id),
+                combat_id,
             });
             b.rendered.push(RawEvent { version, json });
         }
@@ -946,14 +952,14 @@ impl Actor {
                 state: serde_json::to_value(&self.state).expect("state serialises"),
             });
         let snap_seq = snapshot.as_ref().map(|s| s.seq);
-        let outbox = crate::outbox::rows(&self.state, &batch.rows);
         let characters = crate::outbox::characters(&batch.rows);
         let item = CommitItem {
             session: self.id,
             epoch: self.epoch,
             events: batch.rows,
+            // A new snapshot makes the ones before the previous one redundant.
+            prune_before: snap_seq.map(|_| self.last_snapshot),
             snapshot,
-            outbox,
             status: batch.status.clone(),
             characters,
         };
@@ -986,7 +992,7 @@ impl Actor {
             .await;
         }
         let started = Instant::now();
-        let result = self.ctx.committer.commit(item).await;
+        let (item, result) = self.ctx.committer.commit(item).await;
         metrics::histogram!("gs_node_commit_wait_seconds").record(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
@@ -1002,7 +1008,7 @@ impl Actor {
                     self.publish(ev).await;
                     self.recent.push_back(ev.clone());
                 }
-                self.ctx.hub.dirty(self.id);
+                self.ctx.hub.committed(self.id, item.events);
                 while self.recent.len() > self.ctx.cfg.node.recent_events {
                     self.recent.pop_front();
                 }
@@ -1393,11 +1399,11 @@ impl Actor {
                             seq: state.version,
                             state: serde_json::to_value(&state).expect("state serialises"),
                         }),
-                        outbox: vec![],
+                        prune_before: Some(last_snapshot),
                         status: None,
                         characters: vec![],
                     };
-                    if let Err(e) = ctx.committer.commit(item).await {
+                    if let (_, Err(e)) = ctx.committer.commit(item).await {
                         tracing::debug!(session = %id, error = %e, "passivation snapshot not written");
                     }
                 }
@@ -1406,6 +1412,11 @@ impl Actor {
             // The lock is gone or another node holds the epoch: nothing to release.
             Stop::Fenced | Stop::LeaseLost => {}
         }
+        // The hub publishes what is left; an owner that stopped as the owner lets the
+        // sweeper pass the session by once all is published.
+        let as_owner = matches!(stop, Stop::Handoff | Stop::Shutdown | Stop::Idle);
+        ctx.hub
+            .stopped(id, as_owner.then_some(epoch), state.version);
         let reply = match stop {
             Stop::Failed => NodeReply::err(WireError::new(
                 codes::SERVICE_UNAVAILABLE,

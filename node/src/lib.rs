@@ -61,6 +61,11 @@ pub struct NodeCtx {
     pub hub: Arc<hub::Hub>,
 }
 
+/// Every this many snapshots one is kept for good (the others are pruned once a newer
+/// one exists): a rollback to an old version replays at most this many snapshots'
+/// worth of events.
+pub const SNAPSHOT_ANCHOR_EVERY: u64 = 10;
+
 /// A generated member id, when none is configured.
 pub fn generated_id(prefix: &str) -> String {
     format!(
@@ -89,8 +94,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let store = store::Store::new(pool);
     let (committer, _commit_tasks) = committer::Committer::start(
         store.clone(),
-        cfg.node.committers,
-        cfg.node.commit_batch_max,
+        committer::CommitterConfig {
+            workers: cfg.node.committers,
+            max_events: cfg.node.commit_batch_max,
+            anchor_every: cfg.node.snapshot_every.max(1) * SNAPSHOT_ANCHOR_EVERY,
+        },
     );
 
     let redis = gs_shared::connect::redis(&cfg).await?;

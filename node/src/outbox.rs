@@ -1,17 +1,22 @@
-//! What a batch of committed session events means for the Message Hub: one outbox row
-//! per event (written in the events' transaction, see `crate::committer`), the
+//! What committed session events mean for the Message Hub: the messages they are
+//! published as (the event rows are the outbox: see `crate::hub::publish`), the
 //! characters that entered the session (the hub's character index), and the combat
 //! summary kept in Redis.
 //!
 //! Routing keys (ICD "Published Events"): combat events go out as
-//! `session.combat.changed`, every other event as `session.state.changed`. Payloads
-//! keep the ICD's fields (`session_id`, `change_type`, `details`, `timestamp`, and
-//! `combat_id` for combat) and add `event_id` (the stored event's id; consumers dedupe
-//! on it), `version` (the session version) and `correlation_id` (the client command or
-//! hub event that caused it). `details` is the event's data without the play-state
-//! patch and without the dice seed.
+//! `session.combat.changed`, every other event as `session.state.changed`. One event's
+//! payload keeps the ICD's fields (`session_id`, `change_type`, `details`, `timestamp`,
+//! and `combat_id` for combat) and adds `event_id` (the stored event's id; consumers
+//! dedupe on it), `version` (the session version) and `correlation_id` (the client
+//! command or hub event that caused it). `details` is the event's data without the
+//! play-state patch and without the dice seed.
+//!
+//! Consecutive events of one session with the same routing key, published together,
+//! go out as one message (see `docs/message-hub.md`): a single event as above, several
+//! as a batch `{"change_type": "batch", "details": {"events": [...]}, ...}` whose
+//! events are in version order, each in the single-event form.
 
-use crate::committer::{EventRow, OutboxRow};
+use crate::store::{EventRow, HubRow};
 use gs_rules::SessionState;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -19,6 +24,8 @@ use uuid::Uuid;
 
 pub const STATE_CHANGED: &str = "session.state.changed";
 pub const COMBAT_CHANGED: &str = "session.combat.changed";
+/// `change_type` of a message carrying several events.
+pub const BATCH: &str = "batch";
 
 /// Event types published as `session.combat.changed`.
 const COMBAT_EVENTS: &[&str] = &[
@@ -46,52 +53,116 @@ pub fn routing_key(kind: &str) -> &'static str {
     }
 }
 
-/// One outbox row per committed event.
-pub fn rows(state: &SessionState, events: &[EventRow]) -> Vec<OutboxRow> {
-    let current_combat = state.game.combat.as_ref().map(|c| c.id);
-    events
-        .iter()
-        .map(|e| {
-            let key = routing_key(&e.kind);
-            let mut details = e.data.clone();
-            if let Value::Object(m) = &mut details {
-                m.remove("patch");
-                if let Some(Value::Object(s)) = m.get_mut("settings") {
-                    s.remove("dice_seed");
-                }
-            }
-            let timestamp = e.data["timestamp"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| {
-                    e.created_at
-                        .and_utc()
-                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                });
-            let mut payload = json!({
-                "event_id": e.id,
-                "session_id": state.id,
-                "version": e.seq,
-                "change_type": e.kind,
-                "details": details,
-                "timestamp": timestamp,
-                "correlation_id": e.correlation,
-            });
-            if key == COMBAT_CHANGED {
-                let combat = e.data["combat_id"]
-                    .as_str()
-                    .and_then(|s| Uuid::parse_str(s).ok())
-                    .or(current_combat);
-                payload["combat_id"] = json!(combat);
-            }
-            OutboxRow {
-                event_id: e.id,
-                seq: e.seq,
-                routing_key: key.to_string(),
-                payload,
-            }
-        })
-        .collect()
+/// The combat a combat event belongs to: its own `combat_id`, else the session's
+/// current combat. `None` for other events.
+pub fn combat_of(kind: &str, data: &Value, current: Option<Uuid>) -> Option<Uuid> {
+    if routing_key(kind) != COMBAT_CHANGED {
+        return None;
+    }
+    data["combat_id"]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .or(current)
+}
+
+/// The current combat of a session, for [`combat_of`].
+pub fn current_combat(state: &SessionState) -> Option<Uuid> {
+    state.game.combat.as_ref().map(|c| c.id)
+}
+
+/// One event's hub payload.
+pub fn payload(session: Uuid, e: &HubRow) -> Value {
+    let mut details = e.data.clone();
+    if let Value::Object(m) = &mut details {
+        m.remove("patch");
+        if let Some(Value::Object(s)) = m.get_mut("settings") {
+            s.remove("dice_seed");
+        }
+    }
+    let timestamp = e.data["timestamp"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            e.created_at
+                .and_utc()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        });
+    let mut payload = json!({
+        "event_id": e.id,
+        "session_id": session,
+        "version": e.seq,
+        "change_type": e.kind,
+        "details": details,
+        "timestamp": timestamp,
+        "correlation_id": e.correlation,
+    });
+    if routing_key(&e.kind) == COMBAT_CHANGED {
+        payload["combat_id"] = json!(e.combat_id);
+    }
+    payload
+}
+
+/// One message for the broker.
+#[derive(Debug, Clone)]
+pub struct HubMessage {
+    pub routing_key: &'static str,
+    /// The single event's id, or for a batch an id derived from the session and its
+    /// version range.
+    pub message_id: Uuid,
+    pub body: Vec<u8>,
+    /// The newest version the message carries.
+    pub last_seq: u64,
+}
+
+/// The messages that publish `rows` (one session's events, in version order): runs
+/// of the same routing key, at most `max_events` events a message.
+pub fn messages(session: Uuid, rows: &[HubRow], max_events: usize) -> Vec<HubMessage> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < rows.len() {
+        let key = routing_key(&rows[start].kind);
+        let mut end = start + 1;
+        while end < rows.len()
+            && end - start < max_events.max(1)
+            && routing_key(&rows[end].kind) == key
+        {
+            end += 1;
+        }
+        out.push(message(session, key, &rows[start..end]));
+        start = end;
+    }
+    out
+}
+
+fn message(session: Uuid, key: &'static str, run: &[HubRow]) -> HubMessage {
+    let last = &run[run.len() - 1];
+    if run.len() == 1 {
+        return HubMessage {
+            routing_key: key,
+            message_id: last.id,
+            body: payload(session, last).to_string().into_bytes(),
+            last_seq: last.seq,
+        };
+    }
+    let first = run[0].seq;
+    let id = Uuid::new_v5(&session, format!("{first}-{}", last.seq).as_bytes());
+    let events: Vec<Value> = run.iter().map(|e| payload(session, e)).collect();
+    let timestamp = events[events.len() - 1]["timestamp"].clone();
+    let body = json!({
+        "event_id": id,
+        "session_id": session,
+        "change_type": BATCH,
+        "from_version": first,
+        "version": last.seq,
+        "details": {"events": events},
+        "timestamp": timestamp,
+    });
+    HubMessage {
+        routing_key: key,
+        message_id: id,
+        body: body.to_string().into_bytes(),
+        last_seq: last.seq,
+    }
 }
 
 /// Characters a batch brings into the session (joins with a character, spawns).
@@ -117,8 +188,101 @@ pub fn combat_summary(state: &SessionState) -> Option<BTreeMap<String, String>> 
 mod tests {
     use super::*;
 
-    fn row(kind: &str, data: Value) -> EventRow {
-        EventRow {
+    fn row(seq: u64, kind: &str, data: Value) -> HubRow {
+        HubRow {
+            id: Uuid::new_v4(),
+            seq,
+            kind: kind.into(),
+            data,
+            created_at: chrono::Utc::now().naive_utc(),
+            correlation: Some(Uuid::nil()),
+            combat_id: None,
+        }
+    }
+
+    #[test]
+    fn one_payload_per_event_routed_by_kind() {
+        let session = Uuid::new_v4();
+        let c = Uuid::new_v4();
+        let mut turn = row(
+            8,
+            "turn_change",
+            json!({"combat_id": c, "patch": {"x": 1}, "timestamp": "t2"}),
+        );
+        turn.combat_id = combat_of("turn_change", &turn.data, None);
+        let created = row(
+            9,
+            "session_created",
+            json!({"settings": {"dice_seed": 5, "a": 1}, "timestamp": "t3"}),
+        );
+        let p = payload(session, &turn);
+        assert_eq!(routing_key("turn_change"), COMBAT_CHANGED);
+        assert_eq!(p["combat_id"], json!(c));
+        assert!(p["details"].get("patch").is_none());
+        assert_eq!(p["event_id"], json!(turn.id));
+        assert_eq!(p["version"], json!(8));
+        assert_eq!(p["session_id"], json!(session));
+        let p = payload(session, &created);
+        assert_eq!(routing_key("session_created"), STATE_CHANGED);
+        assert_eq!(p["details"]["settings"], json!({"a": 1}));
+        assert!(p.get("combat_id").is_none());
+    }
+
+    #[test]
+    fn combat_events_without_their_own_id_take_the_current_combat() {
+        let c = Uuid::new_v4();
+        assert_eq!(combat_of("death_save", &json!({}), Some(c)), Some(c));
+        assert_eq!(combat_of("state_update", &json!({}), Some(c)), None);
+    }
+
+    #[test]
+    fn runs_of_one_key_become_one_message_in_order() {
+        let session = Uuid::new_v4();
+        let rows = vec![
+            row(1, "state_update", json!({"timestamp": "a"})),
+            row(2, "state_update", json!({"timestamp": "b"})),
+            row(3, "turn_change", json!({"timestamp": "c"})),
+            row(4, "state_update", json!({"timestamp": "d"})),
+            row(5, "state_update", json!({"timestamp": "e"})),
+            row(6, "state_update", json!({"timestamp": "f"})),
+        ];
+        let msgs = messages(session, &rows, 2);
+        let shape: Vec<(&str, u64)> = msgs.iter().map(|m| (m.routing_key, m.last_seq)).collect();
+        assert_eq!(
+            shape,
+            vec![
+                (STATE_CHANGED, 2),
+                (COMBAT_CHANGED, 3),
+                (STATE_CHANGED, 5),
+                (STATE_CHANGED, 6)
+            ]
+        );
+        let batch: Value = serde_json::from_slice(&msgs[0].body).unwrap();
+        assert_eq!(batch["change_type"], BATCH);
+        assert_eq!(batch["from_version"], 1);
+        assert_eq!(batch["version"], 2);
+        let inner: Vec<u64> = batch["details"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(inner, vec![1, 2]);
+        assert_eq!(batch["details"]["events"][0]["event_id"], json!(rows[0].id));
+        let single: Value = serde_json::from_slice(&msgs[1].body).unwrap();
+        assert_eq!(single["change_type"], "turn_change");
+        assert_eq!(msgs[1].message_id, rows[2].id);
+        // The same range always gets the same batch id (redeliveries dedupe).
+        assert_eq!(
+            messages(session, &rows, 2)[0].message_id,
+            msgs[0].message_id
+        );
+    }
+
+    #[test]
+    fn characters_entering_the_session() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let ev = |kind: &str, data: Value| EventRow {
             id: Uuid::new_v4(),
             seq: 7,
             kind: kind.into(),
@@ -126,48 +290,14 @@ mod tests {
             command_id: None,
             user_id: None,
             created_at: chrono::Utc::now().naive_utc(),
-            correlation: Some(Uuid::nil()),
-        }
-    }
-
-    #[test]
-    fn one_row_per_event_routed_by_kind() {
-        let state = SessionState::empty(Uuid::new_v4());
-        let c = Uuid::new_v4();
+            correlation: None,
+            combat_id: None,
+        };
         let events = vec![
-            row("state_update", json!({"changes": [], "timestamp": "t1"})),
-            row(
-                "turn_change",
-                json!({"combat_id": c, "patch": {"x": 1}, "timestamp": "t2"}),
-            ),
-            row(
-                "session_created",
-                json!({"settings": {"dice_seed": 5, "a": 1}, "timestamp": "t3"}),
-            ),
-        ];
-        let out = rows(&state, &events);
-        assert_eq!(out.len(), 3);
-        assert_eq!(out[0].routing_key, STATE_CHANGED);
-        assert_eq!(out[1].routing_key, COMBAT_CHANGED);
-        assert_eq!(out[1].payload["combat_id"], json!(c));
-        assert!(out[1].payload["details"].get("patch").is_none());
-        assert_eq!(out[2].payload["details"]["settings"], json!({"a": 1}));
-        for (o, e) in out.iter().zip(&events) {
-            assert_eq!(o.event_id, e.id);
-            assert_eq!(o.payload["event_id"], json!(e.id));
-            assert_eq!(o.payload["version"], json!(7));
-            assert_eq!(o.payload["session_id"], json!(state.id));
-        }
-    }
-
-    #[test]
-    fn characters_entering_the_session() {
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let events = vec![
-            row("player_joined", json!({"character_id": a})),
-            row("player_joined", json!({})),
-            row("character_spawned", json!({"character_id": b})),
-            row("state_update", json!({"character_id": Uuid::new_v4()})),
+            ev("player_joined", json!({"character_id": a})),
+            ev("player_joined", json!({})),
+            ev("character_spawned", json!({"character_id": b})),
+            ev("state_update", json!({"character_id": Uuid::new_v4()})),
         ];
         let mut want = vec![a, b];
         want.sort();

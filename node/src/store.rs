@@ -1,15 +1,104 @@
-//! PostgreSQL access of a node (session_db): sessions, their event log, snapshots and
-//! the hub outbox.
+//! PostgreSQL access of a node (session_db): sessions, their event log, snapshots,
+//! the hub cursors and the character index. Every SQL statement of the node is here;
+//! [`crate::committer`] only decides what goes into one group commit.
 //!
-//! Every write of a session's data carries the writer's epoch; the `gs_fence` trigger
-//! (migration V1) refuses it unless it equals `sessions.owner_epoch`, which a new owner
-//! bumps in [`Store::take_ownership`]. Group commits are in [`crate::committer`].
+//! **Fencing.** Every write of a session's data carries the writer's epoch. A write
+//! takes a shared advisory lock on each of its sessions ([`lock_key`]) and checks their
+//! epochs once per batch ([`Store::write_batch`]); a new owner takes the lock
+//! exclusively while it bumps `sessions.owner_epoch` ([`Store::take_ownership`]). The
+//! `gs_fence_rows` statement trigger (migration V3) makes the same check inside
+//! PostgreSQL for every insert into the session tables, whoever sends it.
 
 use crate::error::{NodeError, Result};
 use chrono::NaiveDateTime;
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use uuid::Uuid;
+
+/// One event row to insert.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub id: Uuid,
+    pub seq: u64,
+    pub kind: String,
+    pub data: Value,
+    /// The command id, on the command's last event only (exactly-once record).
+    pub command_id: Option<Uuid>,
+    pub user_id: Option<Uuid>,
+    pub created_at: NaiveDateTime,
+    /// The command (or hub event) that produced it, on every event of the command.
+    pub correlation: Option<Uuid>,
+    /// The combat a combat event belongs to (for the hub's `combat_id`).
+    pub combat_id: Option<Uuid>,
+}
+
+/// A snapshot of a session's state at `seq`.
+#[derive(Debug, Clone)]
+pub struct SnapshotRow {
+    pub seq: u64,
+    pub state: Value,
+}
+
+/// Everything one actor wants written atomically.
+#[derive(Debug, Clone, Default)]
+pub struct CommitItem {
+    pub session: Uuid,
+    pub epoch: u64,
+    pub events: Vec<EventRow>,
+    pub snapshot: Option<SnapshotRow>,
+    /// Snapshots older than this version are pruned with this write, except anchors
+    /// (versions that are multiples of `anchor_every`).
+    pub prune_before: Option<u64>,
+    /// New `sessions.status` (lifecycle change), with the time of the change.
+    pub status: Option<(String, NaiveDateTime)>,
+    /// Characters that entered the session (for the hub's character index).
+    pub characters: Vec<Uuid>,
+}
+
+/// Why an item was not committed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The session's epoch moved on: this node is no longer its owner.
+    #[error("fenced")]
+    Fenced,
+    /// The database refused or could not be reached; the outcome may be unknown
+    /// (a commit whose reply was lost), so the actor reloads from the log.
+    #[error("commit failed: {0}")]
+    Failed(String),
+}
+
+/// An event as the hub relay reads it back from the log.
+#[derive(Debug, Clone)]
+pub struct HubRow {
+    pub id: Uuid,
+    pub seq: u64,
+    pub kind: String,
+    pub data: Value,
+    pub created_at: NaiveDateTime,
+    pub correlation: Option<Uuid>,
+    pub combat_id: Option<Uuid>,
+}
+
+impl From<EventRow> for HubRow {
+    fn from(e: EventRow) -> HubRow {
+        HubRow {
+            id: e.id,
+            seq: e.seq,
+            kind: e.kind,
+            data: e.data,
+            created_at: e.created_at,
+            correlation: e.correlation,
+            combat_id: e.combat_id,
+        }
+    }
+}
+
+/// The advisory-lock key of a session: the first 64 bits of its id (the same as the
+/// SQL function `gs_lock_key`).
+pub fn lock_key(session: &Uuid) -> i64 {
+    let b = session.as_bytes();
+    i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
 
 /// One event row as read back.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,14 +152,13 @@ impl Store {
         &self.pool
     }
 
-    /// Inserts a session and its first event (`session_created`, version 1) at epoch 1,
-    /// owned by `node`.
+    /// Inserts a session, its first event (`session_created`, version 1) and its hub
+    /// cursor at epoch 1, owned by `node`.
     pub async fn create_session(
         &self,
         s: &NewSession,
         node: &str,
-        event: &crate::committer::EventRow,
-        outbox: &[crate::committer::OutboxRow],
+        event: &EventRow,
     ) -> Result<Created> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -102,7 +190,8 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO session_events (id, session_id, event_type, event_data, created_at, \
-             seq, epoch, command_id, user_id) VALUES ($1, $2, $3, $4, $5, 1, 1, NULL, $6)",
+             seq, epoch, command_id, user_id, correlation_id) \
+             VALUES ($1, $2, $3, $4, $5, 1, 1, NULL, $6, $7)",
             &[
                 &event.id,
                 &s.id,
@@ -110,25 +199,26 @@ impl Store {
                 &event.data,
                 &s.created_at,
                 &s.created_by,
+                &event.correlation,
             ],
         )
         .await?;
-        for o in outbox {
-            tx.execute(
-                "INSERT INTO hub_outbox (event_id, session_id, seq, epoch, routing_key, payload, created_at) \
-                 VALUES ($1, $2, $3, 1, $4, $5, $6)",
-                &[&o.event_id, &s.id, &(o.seq as i64), &o.routing_key, &o.payload, &s.created_at],
-            )
-            .await?;
-        }
+        tx.execute(
+            "INSERT INTO hub_cursor (session_id, published_seq, active, epoch) VALUES ($1, 0, true, 1)",
+            &[&s.id],
+        )
+        .await?;
         tx.commit().await?;
         Ok(Created::New)
     }
 
     /// Becomes the owner of `session`: bumps `owner_epoch` and returns the new epoch,
-    /// or `SessionNotFound`. Called only while holding the session's lock. Waits at
-    /// most `lock_timeout_ms` for in-flight writes of a previous owner (whose
-    /// transactions PostgreSQL ends after `idle_in_transaction_timeout_ms`).
+    /// or `SessionNotFound`. Called only while holding the session's lock. The epoch
+    /// bump holds the session's advisory lock exclusively, so it waits for in-flight
+    /// writes of a previous owner (at most `lock_timeout_ms`; PostgreSQL ends a paused
+    /// writer's transaction after `idle_in_transaction_timeout_ms`), and writes queued
+    /// behind it see the new epoch. The hub cursor is marked active (this owner may
+    /// leave events to publish).
     pub async fn take_ownership(
         &self,
         session: Uuid,
@@ -142,6 +232,8 @@ impl Store {
             lock_timeout_ms.max(1)
         ))
         .await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&session)])
+            .await?;
         let row = tx
             .query_opt(
                 "UPDATE sessions SET owner_epoch = owner_epoch + 1, owner_node = $2, \
@@ -150,11 +242,20 @@ impl Store {
                 &[&session, &node],
             )
             .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Err(NodeError::SessionNotFound(session));
+        };
+        let epoch: i64 = row.get(0);
+        tx.execute(
+            "INSERT INTO hub_cursor (session_id, published_seq, active, epoch) \
+             VALUES ($1, 0, true, $2) \
+             ON CONFLICT (session_id) DO UPDATE SET active = true, epoch = EXCLUDED.epoch",
+            &[&session, &epoch],
+        )
+        .await?;
         tx.commit().await?;
-        match row {
-            Some(r) => Ok(r.get::<_, i64>(0) as u64),
-            None => Err(NodeError::SessionNotFound(session)),
-        }
+        Ok(epoch as u64)
     }
 
     /// The newest snapshot at or before version `at` (the newest of all when `None`)
@@ -251,47 +352,131 @@ impl Store {
             .collect())
     }
 
-    /// A session's outbox rows not yet confirmed by the broker, in version order:
-    /// `(event_id, routing_key, payload)`.
-    pub async fn pending_outbox(
+    /// Writes many sessions' items in one transaction (group commit). Items whose
+    /// session is no longer owned at their epoch are left out and answered `Fenced`;
+    /// the others are written together. `anchor_every`: snapshots at multiples of it
+    /// survive pruning (they bound a rollback's replay).
+    pub async fn write_batch(
         &self,
-        session: Uuid,
-        limit: i64,
-    ) -> Result<Vec<(Uuid, String, Value)>> {
+        items: &[&CommitItem],
+        anchor_every: u64,
+    ) -> std::result::Result<Vec<Result<(), CommitError>>, BatchError> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| BatchError::Pool(e.to_string()))?;
+        let tx = client.transaction().await?;
+        let fenced = fence(&tx, items).await?;
+        let live: Vec<&CommitItem> = items
+            .iter()
+            .zip(&fenced)
+            .filter(|(_, f)| !**f)
+            .map(|(i, _)| *i)
+            .collect();
+        if !live.is_empty() {
+            insert_events(&tx, &live).await?;
+            insert_snapshots(&tx, &live, anchor_every).await?;
+            for item in live.iter().filter(|i| !i.characters.is_empty()) {
+                let stmt = tx.prepare_cached(INSERT_CHARACTERS).await?;
+                tx.execute(&stmt, &[&item.characters, &item.session])
+                    .await?;
+            }
+            for item in &live {
+                if let Some((status, at)) = &item.status {
+                    let stmt = tx.prepare_cached(UPDATE_STATUS).await?;
+                    tx.execute(&stmt, &[&item.session, status, at, &(item.epoch as i64)])
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(fenced
+            .into_iter()
+            .map(|f| if f { Err(CommitError::Fenced) } else { Ok(()) })
+            .collect())
+    }
+
+    /// The hub cursor of a session: every event up to it has been confirmed by the
+    /// broker (`None`: no cursor, nothing to publish).
+    pub async fn hub_cursor(&self, session: Uuid) -> Result<Option<u64>> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT published_seq FROM hub_cursor WHERE session_id = $1",
+                &[&session],
+            )
+            .await?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    /// Events after `after` for the hub, in order, at most `limit`.
+    pub async fn hub_events(&self, session: Uuid, after: u64, limit: u64) -> Result<Vec<HubRow>> {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT event_id, routing_key, payload FROM hub_outbox \
-                 WHERE session_id = $1 AND published_at IS NULL ORDER BY seq LIMIT $2",
-                &[&session, &limit],
+                "SELECT id, seq, event_type, event_data, created_at, correlation_id, combat_id \
+                 FROM session_events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &[&session, &(after as i64), &(limit as i64)],
             )
             .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .map(|r| HubRow {
+                id: r.get(0),
+                seq: r.get::<_, i64>(1) as u64,
+                kind: r.get(2),
+                data: r.get(3),
+                created_at: r.get(4),
+                correlation: r.get(5),
+                combat_id: r.get(6),
+            })
             .collect())
     }
 
-    /// Marks outbox rows as published (after the broker confirmed them).
-    pub async fn mark_published(&self, event_ids: &[Uuid]) -> Result<u64> {
+    /// Moves hub cursors forward (never back), in one statement.
+    pub async fn advance_cursors(&self, to: &[(Uuid, u64)]) -> Result<()> {
+        if to.is_empty() {
+            return Ok(());
+        }
         let client = self.pool.get().await?;
-        Ok(client
+        let ids: Vec<Uuid> = to.iter().map(|(s, _)| *s).collect();
+        let seqs: Vec<i64> = to.iter().map(|(_, v)| *v as i64).collect();
+        client
             .execute(
-                "UPDATE hub_outbox SET published_at = now() AT TIME ZONE 'utc' \
-                 WHERE event_id = ANY($1) AND published_at IS NULL",
-                &[&event_ids],
+                "UPDATE hub_cursor c SET published_seq = v.seq \
+                 FROM unnest($1::uuid[], $2::int8[]) AS v(id, seq) \
+                 WHERE c.session_id = v.id AND c.published_seq < v.seq",
+                &[&ids, &seqs],
             )
-            .await?)
+            .await?;
+        Ok(())
     }
 
-    /// Sessions with outbox rows left unpublished for longer than `older_than_ms`
-    /// (their owner died, or the broker was away).
-    pub async fn stale_outbox_sessions(&self, older_than_ms: i64, limit: i64) -> Result<Vec<Uuid>> {
+    /// An owner stopped with everything up to `version` published: the session no
+    /// longer needs the sweeper's attention (unless a newer owner marked it since).
+    pub async fn deactivate_cursor(&self, session: Uuid, epoch: u64, version: u64) -> Result<()> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE hub_cursor SET active = false \
+                 WHERE session_id = $1 AND epoch = $2 AND published_seq >= $3",
+                &[&session, &(epoch as i64), &(version as i64)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Active sessions with events committed more than `older_than_ms` ago and not yet
+    /// published (their owner died, or the broker was away).
+    pub async fn lagging_sessions(&self, older_than_ms: i64, limit: i64) -> Result<Vec<Uuid>> {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT DISTINCT session_id FROM hub_outbox WHERE published_at IS NULL \
-                 AND created_at < (now() AT TIME ZONE 'utc') - make_interval(secs => $1::float8 / 1000) \
+                "SELECT c.session_id FROM hub_cursor c WHERE c.active AND EXISTS ( \
+                   SELECT 1 FROM session_events e WHERE e.session_id = c.session_id \
+                   AND e.seq > c.published_seq \
+                   AND e.created_at < (now() AT TIME ZONE 'utc') - make_interval(secs => $1::float8 / 1000)) \
                  LIMIT $2",
                 &[&(older_than_ms as f64), &limit],
             )
@@ -343,5 +528,205 @@ fn row_to_event(r: &tokio_postgres::Row) -> StoredEvent {
         command_id: r.get(3),
         user_id: r.get(4),
         created_at: r.get(5),
+    }
+}
+
+/// Why a group commit failed as a whole.
+#[derive(Debug)]
+pub enum BatchError {
+    Pg(tokio_postgres::Error),
+    Pool(String),
+}
+
+impl From<tokio_postgres::Error> for BatchError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        BatchError::Pg(e)
+    }
+}
+
+impl BatchError {
+    /// Errors caused by one item rather than by the database as a whole (retrying
+    /// the items one by one isolates it).
+    pub fn is_per_item(&self) -> bool {
+        match self {
+            BatchError::Pg(e) => {
+                gs_shared::db::is_fenced(e)
+                    || e.code().is_some_and(|c| {
+                        *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                            || *c == tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION
+                            || c.code().starts_with("22")
+                    })
+            }
+            BatchError::Pool(_) => false,
+        }
+    }
+
+    pub fn into_commit_error(self) -> CommitError {
+        match self {
+            BatchError::Pg(e) if gs_shared::db::is_fenced(&e) => CommitError::Fenced,
+            BatchError::Pg(e) => CommitError::Failed(format!("{e}")),
+            BatchError::Pool(e) => CommitError::Failed(e),
+        }
+    }
+}
+
+/// Takes each session's advisory lock (shared, in key order so that no two writers
+/// wait for each other in a circle) and returns, per item, whether its epoch is stale
+/// (or its session gone). A new statement after the locks: it sees every epoch bump
+/// committed before they were granted.
+async fn fence(
+    tx: &deadpool_postgres::Transaction<'_>,
+    items: &[&CommitItem],
+) -> std::result::Result<Vec<bool>, BatchError> {
+    let mut sessions: Vec<Uuid> = items.iter().map(|i| i.session).collect();
+    sessions.sort();
+    sessions.dedup();
+    let mut keys: Vec<i64> = sessions.iter().map(lock_key).collect();
+    keys.sort();
+    keys.dedup();
+    let stmt = tx.prepare_cached(LOCK_SESSIONS).await?;
+    tx.execute(&stmt, &[&keys]).await?;
+    let stmt = tx.prepare_cached(SESSION_EPOCHS).await?;
+    let rows = tx.query(&stmt, &[&sessions]).await?;
+    let epochs: std::collections::HashMap<Uuid, i64> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(items
+        .iter()
+        .map(|i| epochs.get(&i.session) != Some(&(i.epoch as i64)))
+        .collect())
+}
+
+async fn insert_events(
+    tx: &deadpool_postgres::Transaction<'_>,
+    items: &[&CommitItem],
+) -> std::result::Result<(), BatchError> {
+    let n: usize = items.iter().map(|i| i.events.len()).sum();
+    if n == 0 {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(n);
+    let mut sessions = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut datas = Vec::with_capacity(n);
+    let mut times = Vec::with_capacity(n);
+    let mut seqs = Vec::with_capacity(n);
+    let mut epochs = Vec::with_capacity(n);
+    let mut commands = Vec::with_capacity(n);
+    let mut users = Vec::with_capacity(n);
+    let mut correlations = Vec::with_capacity(n);
+    let mut combats = Vec::with_capacity(n);
+    for item in items {
+        for e in &item.events {
+            ids.push(e.id);
+            sessions.push(item.session);
+            kinds.push(e.kind.as_str());
+            datas.push(&e.data);
+            times.push(e.created_at);
+            seqs.push(e.seq as i64);
+            epochs.push(item.epoch as i64);
+            commands.push(e.command_id);
+            users.push(e.user_id);
+            correlations.push(e.correlation);
+            combats.push(e.combat_id);
+        }
+    }
+    let stmt = tx.prepare_cached(INSERT_EVENTS).await?;
+    tx.execute(
+        &stmt,
+        &[
+            &ids,
+            &sessions,
+            &kinds,
+            &datas,
+            &times,
+            &seqs,
+            &epochs,
+            &commands,
+            &users,
+            &correlations,
+            &combats,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Inserts the items' snapshots and prunes the ones they make redundant.
+async fn insert_snapshots(
+    tx: &deadpool_postgres::Transaction<'_>,
+    items: &[&CommitItem],
+    anchor_every: u64,
+) -> std::result::Result<(), BatchError> {
+    let snaps: Vec<(&CommitItem, &SnapshotRow)> = items
+        .iter()
+        .filter_map(|i| i.snapshot.as_ref().map(|s| (*i, s)))
+        .collect();
+    if snaps.is_empty() {
+        return Ok(());
+    }
+    let now = chrono::Utc::now().naive_utc();
+    let ids: Vec<Uuid> = snaps.iter().map(|_| Uuid::now_v7()).collect();
+    let sessions: Vec<Uuid> = snaps.iter().map(|(i, _)| i.session).collect();
+    let states: Vec<&Value> = snaps.iter().map(|(_, s)| &s.state).collect();
+    let versions: Vec<String> = snaps.iter().map(|(_, s)| s.seq.to_string()).collect();
+    let times: Vec<NaiveDateTime> = snaps.iter().map(|_| now).collect();
+    let seqs: Vec<i64> = snaps.iter().map(|(_, s)| s.seq as i64).collect();
+    let epochs: Vec<i64> = snaps.iter().map(|(i, _)| i.epoch as i64).collect();
+    let stmt = tx.prepare_cached(INSERT_SNAPSHOTS).await?;
+    tx.execute(
+        &stmt,
+        &[&ids, &sessions, &states, &versions, &times, &seqs, &epochs],
+    )
+    .await?;
+    let prune: Vec<(Uuid, i64)> = items
+        .iter()
+        .filter_map(|i| i.prune_before.map(|p| (i.session, p as i64)))
+        .collect();
+    if !prune.is_empty() {
+        let ids: Vec<Uuid> = prune.iter().map(|p| p.0).collect();
+        let before: Vec<i64> = prune.iter().map(|p| p.1).collect();
+        let stmt = tx.prepare_cached(PRUNE_SNAPSHOTS).await?;
+        tx.execute(&stmt, &[&ids, &before, &(anchor_every.max(1) as i64)])
+            .await?;
+    }
+    Ok(())
+}
+
+const LOCK_SESSIONS: &str =
+    "SELECT count(pg_advisory_xact_lock_shared(k)) FROM unnest($1::int8[]) AS k";
+
+const SESSION_EPOCHS: &str = "SELECT id, owner_epoch FROM sessions WHERE id = ANY($1)";
+
+const INSERT_EVENTS: &str = "INSERT INTO session_events \
+    (id, session_id, event_type, event_data, created_at, seq, epoch, command_id, user_id, \
+     correlation_id, combat_id) \
+    SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::varchar[], $4::jsonb[], \
+    $5::timestamp[], $6::int8[], $7::int8[], $8::uuid[], $9::uuid[], $10::uuid[], $11::uuid[])";
+
+const INSERT_SNAPSHOTS: &str = "INSERT INTO session_states \
+    (id, session_id, state, version, created_at, seq, epoch) \
+    SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[], $4::varchar[], \
+    $5::timestamp[], $6::int8[], $7::int8[])";
+
+const PRUNE_SNAPSHOTS: &str = "DELETE FROM session_states s \
+    USING unnest($1::uuid[], $2::int8[]) AS v(id, before) \
+    WHERE s.session_id = v.id AND s.seq < v.before AND s.seq % $3 <> 0";
+
+const INSERT_CHARACTERS: &str = "INSERT INTO session_characters (character_id, session_id) \
+    SELECT c, $2 FROM UNNEST($1::uuid[]) AS c ON CONFLICT DO NOTHING";
+
+const UPDATE_STATUS: &str = "UPDATE sessions SET status = $2, updated_at = $3 \
+    WHERE id = $1 AND owner_epoch = $4";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_keys_are_the_first_64_bits() {
+        let id = Uuid::parse_str("01234567-89ab-cdef-0123-456789abcdef").unwrap();
+        assert_eq!(lock_key(&id), 0x0123_4567_89ab_cdef_i64);
+        let high = Uuid::parse_str("ffffffff-ffff-ffff-0000-000000000000").unwrap();
+        assert_eq!(lock_key(&high), -1);
     }
 }

@@ -120,6 +120,7 @@ fn step(t: &Table, op: &Op, actor: Uuid, target: Uuid, other: Uuid) -> Step {
                     x: pos.x + dx,
                     y: pos.y + dy,
                 },
+                path: vec![],
             })
         }
         10 => Step::Cmd(Command::StandUp {
@@ -139,12 +140,14 @@ fn step(t: &Table, op: &Op, actor: Uuid, target: Uuid, other: Uuid) -> Step {
                 } else {
                     TurnOf::Character(other)
                 },
+                minutes: None,
             });
             Step::Dm(Command::ApplyCondition {
                 character_id: target,
                 condition,
                 duration,
                 source: (n % 5 == 0).then_some(actor),
+                save_ends: None,
             })
         }
         12 => Step::Dm(Command::RemoveCondition {
@@ -164,6 +167,7 @@ fn step(t: &Table, op: &Op, actor: Uuid, target: Uuid, other: Uuid) -> Step {
                 .filter(|c| !c.is_dead())
                 .map(|c| c.id)
                 .collect(),
+            surprised: vec![],
         }),
         14 => {
             let mut ids: Vec<Uuid> =
@@ -177,7 +181,10 @@ fn step(t: &Table, op: &Op, actor: Uuid, target: Uuid, other: Uuid) -> Step {
             if ids.is_empty() {
                 ids.push(actor);
             }
-            Step::Dm(Command::CombatStart { participants: ids })
+            Step::Dm(Command::CombatStart {
+                participants: ids,
+                surprised: vec![],
+            })
         }
         15 => Step::Dm(Command::CombatEnd {}),
         16 => Step::Dm(Command::CombatAdd {

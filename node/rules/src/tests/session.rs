@@ -74,6 +74,7 @@ fn join_errors() {
         Command::Move {
             character_id: c,
             to: crate::character::Pos { x: 9, y: 9 },
+            path: vec![],
         },
     );
     assert_eq!(t.ch(c).position, Some(crate::character::Pos { x: 9, y: 9 }));
@@ -95,6 +96,7 @@ fn rejoining_keeps_the_state_in_play() {
         Command::Move {
             character_id: a,
             to: crate::character::Pos { x: 0, y: -3 },
+            path: vec![],
         },
     );
     t.ok(p, join(Some(a), None));
@@ -103,6 +105,7 @@ fn rejoining_keeps_the_state_in_play() {
         Command::Move {
             character_id: a,
             to: crate::character::Pos { x: 0, y: -4 },
+            path: vec![],
         },
     );
 }
@@ -142,6 +145,7 @@ fn spawn_errors_and_setup_before_start() {
     // But combat needs an active session.
     let start = Command::CombatStart {
         participants: vec![Uuid::from_u128(0x77)],
+        surprised: vec![],
     };
     assert_eq!(
         s.decide(&ctx(dm), &start).unwrap_err().code,
@@ -335,7 +339,13 @@ fn rollback_restores_document_and_play() {
     );
     let all = t.all();
     t.place(g, 1, 0);
-    t.ok(t.dm, Command::CombatStart { participants: all });
+    t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     let v = t.s.version;
     let snapshot = t.s.clone();
     // Things happen: damage, notes, a condition, a new monster joins the fight (dice).
@@ -357,6 +367,7 @@ fn rollback_restores_document_and_play() {
             condition: Condition::Prone,
             duration: None,
             source: None,
+            save_ends: None,
         },
     );
     t.ok(
@@ -498,7 +509,13 @@ fn patches_let_clients_mirror_the_play_view() {
     t.place(g, 1, 0);
     let mut view = t.s.game.view();
     let all = t.all();
-    let mut events = t.ok(t.dm, Command::CombatStart { participants: all });
+    let mut events = t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     let active = t.active();
     events.extend(t.ok(t.owner(active), Command::EndTurn {}));
     let active = t.active();

@@ -22,7 +22,8 @@
 //! `action` (default), `bonus_action` or `reaction`, once each per turn
 //! (`no_action_left`, `no_bonus_action_left`, `no_reaction_left`). An Attack action
 //! grants `attacks_per_action` attacks (Extra Attack): further `attack` declarations
-//! that turn use them before needing a new action.
+//! that turn use them before needing a new action; so does an action that makes several
+//! attack rolls (`details.attacks`, e.g. *scorching ray*: 3).
 //!
 //! # Attack (`action_type: "attack"`)
 //!
@@ -116,6 +117,9 @@ pub(crate) struct Details {
     finesse: bool,
     /// Dice added to the attack roll (*bless* `1d4`, *bane* `-1d4`).
     attack_dice: Option<String>,
+    /// Attack rolls the action makes (a spell such as *scorching ray*: 3); each is
+    /// declared on its own.
+    attacks: Option<u32>,
     damage: Option<String>,
     damage_type: Option<DamageType>,
     extra_damage: Vec<DamagePart>,
@@ -220,6 +224,9 @@ impl Details {
             || d.dc.is_some_and(|dc| !(1..=40).contains(&dc))
         {
             return out("a DC is 1 to 40");
+        }
+        if d.attacks.is_some_and(|n| !(1..=10).contains(&n)) {
+            return out("details.attacks is 1 to 10");
         }
         if d.bonus.is_some_and(|b| !(-10..=30).contains(&b)) {
             return out("details.bonus is -10 to 30");
@@ -438,7 +445,7 @@ impl Game {
                 } else {
                     t.action_used = true;
                     t.attacks_left = if a.action_type == ActionType::Attack {
-                        extra_attacks
+                        extra_attacks.max(details.attacks.unwrap_or(1) - 1)
                     } else {
                         0
                     };

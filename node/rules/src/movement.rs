@@ -149,9 +149,10 @@ impl Game {
         let mut s = Scratch::new(self);
         // A pause whose reactors can no longer react is over; those offered the
         // attack on this square are not offered it again.
-        let stale = s.g.combat.as_mut().and_then(|c| c.opportunity.take());
+        let combat = s.g.combat.as_mut();
+        let stale = combat.and_then(|c| c.opportunity.take_if(|o| o.mover == id));
         let skip = stale
-            .filter(|o| o.mover == id && o.at == from)
+            .filter(|o| o.at == from)
             .map(|o| o.offered)
             .unwrap_or_default();
         let mut events = vec![];

@@ -415,6 +415,25 @@ fn table_3_an_attack_has_one_target() {
     );
 }
 
+/// *Scorching ray*: "You create three rays of fire and hurl them at targets within range.
+/// [...] Make a ranged spell attack for each ray." Each ray is its own attack, declared
+/// on its own; the first spends the action.
+#[test]
+fn a_spell_with_several_attack_rolls() {
+    let mut t = fight(cyl);
+    let (c, g0, g1) = (t.pcs[2], t.goblins[0], t.goblins[1]);
+    let ray = json!({"name": "scorching ray", "attack_bonus": 5, "damage": "2d6",
+        "damage_type": "fire", "range": 120, "attacks": 3});
+    for g in [g0, g1, g0] {
+        let r = t.resolve(c, ActionType::Attack, &[g], ray.clone());
+        assert_eq!(r.outcomes.len(), 1);
+    }
+    assert_eq!(
+        t.act_err(c, ActionType::Attack, &[g1], ray),
+        codes::NO_ACTION_LEFT
+    );
+}
+
 // ---- Issue 15, point 5: Dodge and grapples end as the SRD says ----
 
 /// Dodge: "You lose this benefit if you are incapacitated or if your speed drops to 0."

@@ -296,6 +296,30 @@ fn every_client_type_parses() {
         ),
         ("end_concentration", json!({"character_id": id})),
         ("rollback", json!({"to_version": 3})),
+        (
+            "combat_start",
+            json!({"participants": [id], "surprised": [id]}),
+        ),
+        (
+            "move",
+            json!({"character_id": id, "to": {"x": 2, "y": 1}, "path": [{"x": 1, "y": 1}]}),
+        ),
+        (
+            "apply_condition",
+            json!({"character_id": id, "condition": "paralyzed",
+            "duration": {"minutes": 1}, "save_ends": {"ability": "wis", "dc": 13}}),
+        ),
+        (
+            "terrain_set",
+            json!({"squares": [{"x": 1, "y": 2, "difficult": true, "cover": "half"}]}),
+        ),
+        ("terrain_set", json!({"clear": true})),
+        ("reaction_decline", json!({"character_id": id})),
+        (
+            "action_declare",
+            json!({"character_id": id, "action_type": "ready",
+            "details": {"action": "attack", "trigger": "it moves"}}),
+        ),
     ];
     for (kind, data) in samples {
         let c = Command::from_client(kind, data).unwrap_or_else(|e| panic!("{kind}: {e}"));
@@ -316,6 +340,10 @@ fn every_client_type_parses() {
             json!({"character_id": id, "to": {"x": 1.5, "y": 1}}),
         ),
         ("initiative_roll", json!({"character_id": id, "roll": -1})),
+        (
+            "terrain_set",
+            json!({"squares": [{"x": 1, "y": 2, "cover": "full"}]}),
+        ),
     ] {
         assert_eq!(
             Command::from_client(kind, data).unwrap_err().code,

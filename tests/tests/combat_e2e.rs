@@ -1008,6 +1008,11 @@ async fn run_reactions(f: &mut Fixture) -> Result<()> {
         .await?;
     }
     t.ok(DM, "session_start", json!({})).await?;
+    // The DM marks the map: rubble (difficult terrain) on Aria's road, a low wall (half
+    // cover) where the ogre stands.
+    let marks = json!({"squares": [{"x": 1, "y": 0, "difficult": true},
+                                   {"x": 2, "y": 1, "cover": "half"}]});
+    t.ok(DM, "terrain_set", marks).await?;
     t.ok(
         DM,
         "combat_start",
@@ -1071,10 +1076,35 @@ async fn run_reactions(f: &mut Fixture) -> Result<()> {
     check_surprise(&seen, goblin)?;
     check_opportunity_attack(&seen, aria, ogre)?;
     check_save_ends(&seen, cyl, goblin)?;
-    check_same_view(f, &t, end_version).await
+    check_same_view(f, &t, end_version).await?;
+    check_terrain_in_sync(&mut t).await
 }
 
-/// Aria walks from (0,0) to (4,0) through the ogre's reach: the move pauses on (3,0);
+/// The marks are in the play view of a `sync_response`.
+async fn check_terrain_in_sync(t: &mut Table) -> Result<()> {
+    let c = &mut t.clients[ARIA_PLAYER];
+    let id = c.send("sync_request", json!({"paths": ["/notes"]})).await?;
+    if let Err(e) = c.wait_answer(id, WAIT).await? {
+        bail!("sync_request refused: {e}");
+    }
+    let sync = c
+        .with_view(|v| {
+            v.frames
+                .iter()
+                .find(|m| m["type"] == "sync_response" && m["id"] == json!(id))
+                .cloned()
+        })
+        .context("no sync_response")?;
+    let terrain = &sync["data"]["game"]["play"]["terrain"];
+    ensure!(
+        *terrain == json!({"1,0": {"difficult": true}, "2,1": {"cover": "half"}}),
+        "{terrain}"
+    );
+    Ok(())
+}
+
+/// Aria walks from (0,0) to (4,0) through the ogre's reach (and the rubble on (1,0)):
+/// the move pauses on (3,0);
 /// she may not end her turn meanwhile; the ogre's reaction attack lets it go on.
 async fn walk_past_the_ogre(t: &mut Table, aria: Uuid, ogre: Uuid) -> Result<()> {
     t.ok(
@@ -1133,8 +1163,9 @@ fn check_surprise(seen: &[(u64, String, Value)], goblin: Uuid) -> Result<()> {
     Ok(())
 }
 
-/// `character_moved` (0,0)→(3,0), `opportunity_attack` naming the ogre, the ogre's
-/// reaction attack at 5 ft, then `character_moved` (3,0)→(4,0), in that order.
+/// `character_moved` (0,0)→(3,0) (10 ft through the rubble + 5 + 5), `opportunity_attack`
+/// naming the ogre, the ogre's reaction attack at 5 ft, then `character_moved`
+/// (3,0)→(4,0), in that order.
 fn check_opportunity_attack(seen: &[(u64, String, Value)], aria: Uuid, ogre: Uuid) -> Result<()> {
     let i = seen
         .iter()
@@ -1160,7 +1191,7 @@ fn check_opportunity_attack(seen: &[(u64, String, Value)], aria: Uuid, ogre: Uui
         &seen[i + 3].2,
     );
     ensure!(
-        before["to"] == json!({"x": 3, "y": 0}) && before["cost"] == 15,
+        before["to"] == json!({"x": 3, "y": 0}) && before["cost"] == 20,
         "{before}"
     );
     ensure!(
@@ -1187,7 +1218,7 @@ fn check_opportunity_attack(seen: &[(u64, String, Value)], aria: Uuid, ogre: Uui
         after["from"] == json!({"x": 3, "y": 0}) && after["to"] == json!({"x": 4, "y": 0}),
         "{after}"
     );
-    ensure!(after["movement_left"] == 10, "{after}");
+    ensure!(after["movement_left"] == 5, "{after}");
     println!("opportunity attack at version {}", seen[i].0);
     Ok(())
 }

@@ -608,18 +608,7 @@ impl Resolution {
             actor.abilities.get(self.details.attack_ability(&actor)) + actor.proficiency_bonus,
         );
         let distance = self.s.g.distance(self.actor, t);
-        if let Some(d) = distance {
-            let max = match self.details.range {
-                Some(r) => r.long(),
-                None => self.details.reach.unwrap_or(actor.reach),
-            };
-            if d > max {
-                return Err(
-                    RuleError::new(codes::OUT_OF_RANGE, "the target is out of range")
-                        .with_details(json!({ "target_id": t, "distance": d, "range": max })),
-                );
-            }
-        }
+        self.check_reach(&actor, t, distance)?;
         self.start_concentration();
         let target = self.s.g.characters[&t].clone();
         let (advantage, disadvantage) = self.attack_sources(&actor, &target, distance);
@@ -681,6 +670,24 @@ impl Resolution {
         self.s.g.remove_condition(self.actor, Condition::Hidden);
         self.finish(&mut outcome);
         Ok(outcome)
+    }
+
+    /// `out_of_range` beyond the melee reach, or beyond a ranged attack's long range.
+    fn check_reach(&self, actor: &Character, t: Uuid, distance: Option<u32>) -> Result<()> {
+        let Some(d) = distance else {
+            return Ok(());
+        };
+        let max = match self.details.range {
+            Some(r) => r.long(),
+            None => self.details.reach.unwrap_or(actor.reach),
+        };
+        if d > max {
+            return Err(
+                RuleError::new(codes::OUT_OF_RANGE, "the target is out of range")
+                    .with_details(json!({ "target_id": t, "distance": d, "range": max })),
+            );
+        }
+        Ok(())
     }
 
     /// Why an attack roll on `target` has advantage and disadvantage; consumes the

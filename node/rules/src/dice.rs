@@ -15,7 +15,8 @@
 //!
 //! # Expressions
 //!
-//! A sum of terms: dice `NdS` (or `dS`, one die), dice keeping the highest or lowest
+//! As the SRD 5.1 writes dice ("Using Ability Scores" and the spell and monster texts:
+//! `2d6 + 3`, "roll 4d6 and add the three highest"), a sum of terms: dice `NdS` (or `dS`, one die), dice keeping the highest or lowest
 //! few `NdSkhK` / `NdSklK` (`4d6kh3`: roll four d6, keep the three highest; `k` alone
 //! means `kh`), and flat numbers, joined by `+` or `-`: `2d6+3`, `1d20+1d4`,
 //! `1d8+1d6-1`, `4d6kh3`, `5`. At most [`MAX_TERMS`] dice terms and [`MAX_DICE`] dice in

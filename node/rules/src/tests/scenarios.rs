@@ -367,6 +367,22 @@ fn difficult_terrain_and_crawling_cost_extra_per_step() {
     t.ok(t.players[0], mv(a, 2, 0));
 }
 
+/// "Standing up takes more effort; doing so costs an amount of movement equal to half
+/// your speed." Then the walk has what is left: Aria (speed 30) stands (15 ft) and walks
+/// three squares; a fourth does not fit.
+#[test]
+fn standing_up_then_walking_shares_the_turns_movement() {
+    let mut t = fight(aria);
+    let a = t.pcs[0];
+    t.ok(t.dm, impose(a, Condition::Prone));
+    let e = t.ok(t.players[0], Command::StandUp { character_id: a });
+    let Event::StoodUp(up) = &e[0] else { panic!() };
+    assert_eq!((up.cost, up.movement_left), (15, Some(15)));
+    assert_eq!(t.err(t.players[0], mv(a, 0, -4)), codes::MOVEMENT_EXCEEDED);
+    let e = t.ok(t.players[0], mv(a, 0, -3));
+    assert_eq!(moved(&e)[0].movement_left, Some(0));
+}
+
 /// Frightened: "The creature can't willingly move closer to the source of its fear" —
 /// on any step, even when the move ends no closer.
 #[test]
@@ -1002,22 +1018,55 @@ fn ready_an_attack_and_release_it_with_the_reaction() {
 /// readier's next turn.
 #[test]
 fn a_readied_spell_is_held_with_concentration() {
-    let mut t = fight(cyl);
-    let (c, g) = (t.pcs[2], t.goblins[0]);
     let ready = json!({"name": "held fire bolt", "action": "attack", "spell": true,
         "trigger": "the goblin moves"});
-    t.resolve(c, ActionType::Ready, &[], ready);
-    assert_eq!(
-        t.ch(c).concentration.as_ref().unwrap().name,
-        "held fire bolt"
-    );
-    // The concentration breaks (the DM knocks 10 hit points off, Cyl rolls 3): lost.
+    let readied = |t: &Table, c| {
+        t.s.game.combat.as_ref().unwrap().participants[&c]
+            .readied
+            .clone()
+    };
+    // Released: the holding ends with the release.
+    let mut t = fight(cyl);
+    let (c, g) = (t.pcs[2], t.goblins[0]);
+    t.resolve(c, ActionType::Ready, &[], ready.clone());
+    let held = t.ch(c).concentration.clone().unwrap();
+    assert_eq!(held.name, "held fire bolt");
+    assert!(readied(&t, c).unwrap().spell);
+    t.set_turn(g);
+    let bolt = json!({"attack_bonus": 5, "damage": "1d10", "damage_type": "fire",
+        "range": 120, "cost": "reaction", "readied": true});
+    t.resolve(c, ActionType::Attack, &[g], bolt);
+    assert!(t.ch(c).concentration.is_none() && readied(&t, c).is_none());
+    // Lost when the concentration breaks (the DM knocks 10 hit points off, Cyl rolls 3).
+    let mut t = fight(cyl);
+    t.resolve(c, ActionType::Ready, &[], ready.clone());
     t.rig(&[(20, 3)]);
     t.ok(t.dm, update(c, json!({"hp": 6})));
-    assert!(t.s.game.combat.as_ref().unwrap().participants[&c]
-        .readied
-        .is_none());
-    let _ = g;
+    assert!(readied(&t, c).is_none());
+    // Unreleased, it lapses at the start of Cyl's next turn, with the concentration.
+    let mut t = Table::new();
+    let all = t.all();
+    t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
+    let next = |t: &mut Table| {
+        let active = t.active();
+        t.ok(t.owner(active), Command::EndTurn {});
+    };
+    while t.active() != c {
+        next(&mut t);
+    }
+    t.resolve(c, ActionType::Ready, &[], ready);
+    next(&mut t);
+    while t.active() != c {
+        assert!(readied(&t, c).is_some());
+        next(&mut t);
+    }
+    assert!(readied(&t, c).is_none() && t.ch(c).concentration.is_none());
 }
 
 // ---- Cover ----

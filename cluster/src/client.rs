@@ -192,6 +192,15 @@ pub enum TokenStyle {
     Query,
 }
 
+/// The WebSocket settings of every client here. tungstenite's default 128 KiB read
+/// buffer is zero-filled on every read (snapview/tungstenite-rs#547), which made the
+/// load generator spend a large share of its CPU in `memset`; small frames need little.
+pub fn client_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+}
+
 /// Opens a WebSocket to `ws_base` for `session`.
 pub async fn ws_connect(
     ws_base: &str,
@@ -232,7 +241,12 @@ pub async fn ws_connect(
     };
     let (ws, _resp) = tokio::time::timeout(
         Duration::from_secs(15),
-        tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector),
+        tokio_tungstenite::connect_async_tls_with_config(
+            req,
+            Some(client_ws_config()),
+            true,
+            connector,
+        ),
     )
     .await
     .context("websocket connect timed out")??;

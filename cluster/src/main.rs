@@ -83,9 +83,24 @@ enum Cmd {
         /// Changes per second each client sends.
         #[arg(long, default_value_t = 10.0)]
         rate: f64,
-        /// Seconds of load.
+        /// Seconds of load measured (after the warm-up).
         #[arg(long, default_value_t = 30.0)]
         duration: f64,
+        /// Seconds of load before the measured window, excluded from every figure.
+        #[arg(long, default_value_t = 5.0)]
+        warmup: f64,
+        /// Open loop: every client sends on its schedule without waiting for answers;
+        /// latency starts at the scheduled time.
+        #[arg(long)]
+        open_loop: bool,
+        /// Keys each client cycles through (`/c{client}/k{n mod keys}`), so the state
+        /// document stays bounded.
+        #[arg(long, default_value_t = 64)]
+        keys: usize,
+        /// Instead of the workload: hold this many idle WebSocket connections on
+        /// router 0 and report its resident memory per connection.
+        #[arg(long)]
+        idle: Option<usize>,
         /// Nodes of the cluster the bench starts (ignored with --attach).
         #[arg(long, default_value_t = 3)]
         nodes: usize,
@@ -139,6 +154,10 @@ async fn main() -> Result<()> {
             clients,
             rate,
             duration,
+            warmup,
+            open_loop,
+            keys,
+            idle,
             nodes,
             routers,
             tls,
@@ -150,11 +169,15 @@ async fn main() -> Result<()> {
                 clients_per_session: clients,
                 rate,
                 duration_secs: duration,
+                warmup_secs: warmup,
+                open_loop,
+                keys,
             };
             bench(
                 &cli.dir,
                 cli.config.as_deref(),
                 spec,
+                idle,
                 nodes,
                 routers,
                 tls,
@@ -487,23 +510,25 @@ async fn bench(
     dir: &Path,
     file: Option<&Path>,
     spec: cluster::bench::BenchSpec,
+    idle: Option<usize>,
     nodes: usize,
     routers: usize,
     tls: bool,
     attach: bool,
     json: Option<PathBuf>,
 ) -> Result<()> {
-    let (target, own) = if attach {
+    // The cluster's processes: (pid, kind), routers in order.
+    let (target, own, members) = if attach {
         let state = ClusterState::load(dir)?;
         let cfg = Config::load(Some(&state.config))?;
         let cert = match &state.cert {
             Some(p) => Some(DevCert::load(p)?),
             None => None,
         };
-        let routers_http: Vec<String> = state
-            .members
+        let live: Vec<_> = state.members.iter().filter(|m| pid_alive(m.pid)).collect();
+        let routers_http: Vec<String> = live
             .iter()
-            .filter(|m| m.kind == "router" && pid_alive(m.pid))
+            .filter(|m| m.kind == "router")
             .map(|m| m.url.clone())
             .collect();
         let routers_ws = routers_http
@@ -520,7 +545,8 @@ async fn bench(
             cert,
             auth: Authority::from_config(&cfg.auth),
         };
-        (target, None)
+        let members: Vec<(u32, String)> = live.iter().map(|m| (m.pid, m.kind.clone())).collect();
+        (target, None, members)
     } else {
         let mut cspec = ClusterSpec::test(nodes, routers);
         if let Some(f) = file {
@@ -532,22 +558,57 @@ async fn bench(
             }
         }
         cspec.tls = tls;
-        cspec.base.log.filter = "warn".into();
+        // Warnings only; lapin warns on every returned (unroutable) hub message, and
+        // nobody consumes the hub's events in a bench.
+        cspec.base.log.filter = "warn,lapin::returned_messages=error".into();
+        if let Some(n) = idle {
+            cspec.base.router.max_connections = cspec.base.router.max_connections.max(n + 1000);
+        }
         eprintln!("starting {nodes} nodes and {routers} routers ...");
         let c = LocalCluster::start(cspec).await?;
-        (cluster::load::Target::of(&c), Some(c))
+        let members: Vec<(u32, String)> = c
+            .members
+            .values()
+            .filter_map(|m| m.pid.map(|p| (p, m.kind.to_string())))
+            .collect();
+        (cluster::load::Target::of(&c), Some(c), members)
     };
-    eprintln!(
-        "running {} sessions x {} clients at {}/s each for {} s ...",
-        spec.sessions, spec.clients_per_session, spec.rate, spec.duration_secs
-    );
-    let report = cluster::bench::run(&target, &spec).await;
-    if let Some(c) = own {
-        c.shutdown().await;
-    }
-    let report = report?;
-    print!("{}", report.table());
-    let text = serde_json::to_string_pretty(&report)?;
+    let pids: Vec<u32> = members.iter().map(|(p, _)| *p).collect();
+    let text = match idle {
+        Some(n) => {
+            let router = members
+                .iter()
+                .find(|(_, k)| k == "router")
+                .map(|(p, _)| *p)
+                .context("no router")?;
+            eprintln!("opening {n} idle connections on router 0 ...");
+            let report = cluster::bench::idle(&target, n, router).await;
+            if let Some(c) = own {
+                c.shutdown().await;
+            }
+            let report = report?;
+            print!("{}", report.table());
+            serde_json::to_string_pretty(&report)?
+        }
+        None => {
+            eprintln!(
+                "running {} sessions x {} clients at {}/s each ({} loop): {} s warm-up, {} s measured ...",
+                spec.sessions,
+                spec.clients_per_session,
+                spec.rate,
+                if spec.open_loop { "open" } else { "closed" },
+                spec.warmup_secs,
+                spec.duration_secs
+            );
+            let report = cluster::bench::run(&target, &spec, &pids).await;
+            if let Some(c) = own {
+                c.shutdown().await;
+            }
+            let report = report?;
+            print!("{}", report.table());
+            serde_json::to_string_pretty(&report)?
+        }
+    };
     match json {
         Some(p) => std::fs::write(&p, text)?,
         None => println!("{text}"),

@@ -20,6 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 /// How long the hub waits for the owner to fill a gap per attempt.
@@ -27,23 +28,29 @@ const FILL_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How often a persisting gap is asked for again.
 const FILL_RETRY: Duration = Duration::from_millis(100);
 
-/// One event as delivered to clients.
+/// One event as delivered to clients: the owner's rendering, shared by every
+/// connection that sends it (a clone is a reference count, not a copy).
 #[derive(Debug, Clone)]
 pub struct Ev {
     pub version: u64,
-    pub json: Arc<str>,
+    pub json: Utf8Bytes,
     /// The session ended with this event: connections close after sending it.
     pub is_final: bool,
 }
 
 impl Ev {
-    pub fn new(version: u64, json: String) -> Ev {
-        let is_final = is_final_event(&json);
+    pub fn new(version: u64, json: Utf8Bytes) -> Ev {
+        let is_final = is_final_event(json.as_str());
         Ev {
             version,
-            json: json.into(),
+            json,
             is_final,
         }
+    }
+
+    /// An event from a node's reply.
+    pub fn from_raw(raw: RawEvent) -> Ev {
+        Ev::new(raw.version, raw.json.into())
     }
 }
 
@@ -231,13 +238,13 @@ async fn run_hub(hub: Weak<Hub>, mut sub: async_nats::Subscriber, forwarder: For
             msg = sub.next() => {
                 let Some(msg) = msg else { return };
                 let Some(hub) = hub.upgrade() else { return };
-                let Ok(json) = String::from_utf8(msg.payload.to_vec()) else { continue };
+                let Ok(json) = Utf8Bytes::try_from(msg.payload) else { continue };
                 let version = msg
                     .headers
                     .as_ref()
                     .and_then(|h| h.get(VERSION_HEADER))
                     .and_then(|v| v.as_str().parse::<u64>().ok())
-                    .or_else(|| serde_json::from_str::<serde_json::Value>(&json).ok()?["version"].as_u64());
+                    .or_else(|| serde_json::from_str::<serde_json::Value>(json.as_str()).ok()?["version"].as_u64());
                 let Some(version) = version else { continue };
                 hub.offer(version, Ev::new(version, json));
                 if hub.gap().is_some() {
@@ -273,9 +280,9 @@ async fn fill(hub: &Hub, forwarder: &Forwarder) {
         .await;
     match r {
         Ok(ReplyBody::Events { events, .. }) => {
-            for RawEvent { version, json } in events {
-                if version <= up_to {
-                    hub.offer(version, Ev::new(version, json));
+            for raw in events {
+                if raw.version <= up_to {
+                    hub.offer(raw.version, Ev::from_raw(raw));
                 }
             }
         }

@@ -11,12 +11,14 @@
 //! * [`run`]: start-up and shutdown; [`RouterCtx`]: shared state.
 //! * [`server`]: the accept loop (plain or TLS) around warp.
 //! * [`api`]: REST endpoints, health, metrics, OpenAPI.
-//! * [`ws`]: the WebSocket endpoint and the per-connection task.
+//! * [`ws`]: the WebSocket endpoint: checks and the upgrade.
+//! * [`conn`]: one client WebSocket: attach, resume, commands, fan-out.
 //! * [`hub`]: per-session NATS subscription, ordering and fan-out.
 //! * [`sequencer`]: ordering of an event stream (sans-IO).
 //! * [`limits`]: the ICD's rate limits.
 
 pub mod api;
+pub mod conn;
 pub mod hub;
 pub mod limits;
 pub mod sequencer;

@@ -17,6 +17,12 @@ use tokio_rustls::TlsAcceptor;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// A connection's place under `router.max_connections`, as a request extension: the
+/// WebSocket handler keeps it for the socket's life (after the upgrade, hyper's
+/// connection task ends but the socket lives on).
+#[derive(Debug, Clone)]
+pub struct ConnPermit(pub Arc<tokio::sync::OwnedSemaphorePermit>);
+
 /// Bound on a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,11 +75,12 @@ pub async fn serve<F>(
         let _ = stream.set_nodelay(true);
         let svc = svc.clone();
         let tls = tls.clone();
+        let permit = ConnPermit(Arc::new(permit));
         tokio::spawn(async move {
-            let _permit = permit;
             let service = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(PeerAddr(peer));
+                    req.extensions_mut().insert(permit.clone());
                     let mut svc = svc.clone();
                     tower_service::Service::call(&mut svc, req)
                 },

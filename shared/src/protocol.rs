@@ -208,14 +208,33 @@ pub fn parse_client_message(text: &str, max_bytes: usize) -> Result<ClientMessag
 pub const TYPE_SYNC_REQUEST: &str = "sync_request";
 pub const TYPE_HEARTBEAT: &str = "heartbeat";
 
+/// Client message types that count against the ICD's "combat actions per minute per
+/// player" limit (kept equal to the rules' `Command::is_combat` by a test in the node).
+pub const COMBAT_TYPES: &[&str] = &[
+    "combat_start",
+    "combat_add",
+    "combat_end",
+    "initiative_roll",
+    "end_turn",
+    "action_declare",
+    "move",
+    "stand_up",
+];
+
+/// Whether a client message type is a combat action (by its type alone: the router
+/// classifies without parsing the payload).
+pub fn is_combat_type(kind: &str) -> bool {
+    COMBAT_TYPES.contains(&kind)
+}
+
 /// ISO 8601 / RFC 3339 timestamp with milliseconds, UTC.
 pub fn timestamp_now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// `{"type":"ack","id":…,"data":{"version":N}}`
+/// `{"type":"ack","id":…,"data":{"version":N}}` (written directly: one per command).
 pub fn ack(id: Uuid, version: u64) -> String {
-    json!({"type": "ack", "id": id, "data": {"version": version}}).to_string()
+    format!(r#"{{"type":"ack","id":"{id}","data":{{"version":{version}}}}}"#)
 }
 
 /// `{"type":"error","id":…,"error":{…}}`; `id` is null when the message had none.
@@ -287,6 +306,13 @@ mod tests {
             assert_eq!(r.error.code, code, "{text}");
             assert_eq!(r.id.is_some(), has_id, "{text}");
         }
+    }
+
+    #[test]
+    fn acks_are_json() {
+        let id = Uuid::new_v4();
+        let v: Value = serde_json::from_str(&ack(id, 42)).unwrap();
+        assert_eq!(v, json!({"type": "ack", "id": id, "data": {"version": 42}}));
     }
 
     #[test]

@@ -1,0 +1,632 @@
+//! One client WebSocket after the upgrade: one task owns the socket.
+//!
+//! It joins the session's hub (subscribing before asking the owner for the state, so
+//! nothing published in between is missed), attaches to the owner (which answers with
+//! the events after the client's `?last_version=` or with the full state), then loops
+//! over: client frames, answers of forwarded commands, hub events, heartbeats and
+//! shutdown. The client's version `cv` only ever moves forward by one per event: older
+//! events are skipped, and a jump is filled first (from the hub's buffer or the owner).
+//!
+//! **Writes are batched per wake-up.** Whatever is ready when the task wakes (the
+//! frame that woke it, then every answer and hub event already queued) is encoded
+//! into the socket's write buffer, and the buffer is flushed once: one `write` for a
+//! burst instead of one per frame. Events are shared bytes ([`crate::hub::Ev`]):
+//! sending one to many clients copies nothing.
+
+use crate::api::caller;
+use crate::hub::{Ev, Hub};
+use crate::limits::LocalWindow;
+use crate::ws::Socket;
+use crate::RouterCtx;
+use futures::{SinkExt, StreamExt};
+use gs_shared::auth::Claims;
+use gs_shared::protocol::{self, codes, ClientMessage, WireError};
+use gs_shared::rpc::{Caller, ReplyBody, RequestBody, Resume};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+/// How long a connection waits for the answers of its commands still in flight when
+/// the session ends, before closing.
+const FINAL_ANSWERS_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a connection's detach may take (best effort, after close).
+const DETACH_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Decrements the connection count when a connection task ends, however it ends.
+struct ConnGuard(Arc<RouterCtx>);
+
+impl ConnGuard {
+    fn new(ctx: Arc<RouterCtx>) -> ConnGuard {
+        let n = ctx.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        ctx.cluster.set_load(n as u64);
+        metrics::gauge!("gs_router_connections").set(n as f64);
+        ConnGuard(ctx)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let n = self.0.connections.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.0.cluster.set_load(n as u64);
+        metrics::gauge!("gs_router_connections").set(n as f64);
+    }
+}
+
+/// What a forwarded command's task sends back to the connection.
+type Outbound = String;
+
+#[derive(Debug)]
+pub struct Closed;
+
+/// A close frame with `code` and `reason`.
+fn close(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    }))
+}
+
+pub struct Conn {
+    ctx: Arc<RouterCtx>,
+    sid: Uuid,
+    caller: Caller,
+    hub: Arc<Hub>,
+    /// The newest version this client has been sent.
+    cv: u64,
+    /// The client has been sent the session's final event (or found it ended).
+    ended: bool,
+    ws: Socket,
+    /// Frames are in the write buffer, not yet flushed.
+    unflushed: bool,
+}
+
+impl Conn {
+    /// Puts a frame in the write buffer (written by [`Conn::flush`], or earlier when
+    /// the buffer is full).
+    async fn feed(&mut self, msg: Message) -> Result<(), Closed> {
+        self.unflushed = true;
+        self.ws.feed(msg).await.map_err(|_| Closed)
+    }
+
+    async fn feed_text(&mut self, text: String) -> Result<(), Closed> {
+        self.feed(Message::text(text)).await
+    }
+
+    /// Writes what is buffered.
+    async fn flush(&mut self) -> Result<(), Closed> {
+        if !self.unflushed {
+            return Ok(());
+        }
+        self.unflushed = false;
+        self.ws.flush().await.map_err(|_| Closed)
+    }
+
+    /// Sends one frame now.
+    async fn send_now(&mut self, msg: Message) -> Result<(), Closed> {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    /// Buffers the next event of the stream (`ev.version` must be `cv + 1`).
+    async fn send_event(&mut self, ev: &Ev) -> Result<(), Closed> {
+        self.feed(Message::Text(ev.json.clone())).await?;
+        self.cv = ev.version;
+        self.ended |= ev.is_final;
+        metrics::counter!("gs_router_events_sent_total").increment(1);
+        Ok(())
+    }
+
+    /// Buffers `ev` after anything between the client's version and it.
+    async fn deliver(&mut self, ev: Ev) -> Result<(), Closed> {
+        if ev.version <= self.cv {
+            return Ok(());
+        }
+        if ev.version > self.cv + 1 {
+            self.catch_up(ev.version - 1).await?;
+            if ev.version != self.cv + 1 {
+                // Could not fill the gap now; the next event (or a retry) will.
+                return Ok(());
+            }
+        }
+        self.send_event(&ev).await
+    }
+
+    /// Brings the client up to `up_to` from the hub's buffer or the owner.
+    async fn catch_up(&mut self, up_to: u64) -> Result<(), Closed> {
+        let events = match self.hub.recent_range(self.cv, up_to) {
+            Some(evs) => evs,
+            None => {
+                metrics::counter!("gs_router_client_catchups_total").increment(1);
+                let r = self
+                    .ctx
+                    .forwarder
+                    .request(
+                        self.sid,
+                        self.caller,
+                        RequestBody::EventsSince {
+                            after: self.cv,
+                            limit: up_to - self.cv,
+                        },
+                    )
+                    .await;
+                match r {
+                    Ok(ReplyBody::Events { events, .. }) => {
+                        events.into_iter().map(Ev::from_raw).collect()
+                    }
+                    _ => vec![],
+                }
+            }
+        };
+        for ev in events {
+            if ev.version == self.cv + 1 && ev.version <= up_to {
+                self.send_event(&ev).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one hub delivery (an event, or the news that this client lagged).
+    async fn on_event(
+        &mut self,
+        ev: Result<Ev, broadcast::error::RecvError>,
+    ) -> Result<(), Closed> {
+        match ev {
+            Ok(ev) => self.deliver(ev).await,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                metrics::counter!("gs_router_client_lagged_total").increment(n);
+                match self.hub.last_version() {
+                    Some(last) => self.catch_up(last).await,
+                    None => Ok(()),
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => Err(Closed),
+        }
+    }
+
+    /// The session ended: every message still gets its answer (the one that ended it
+    /// among them, bounded by [`FINAL_ANSWERS_WAIT`]), then a normal close.
+    async fn close_ended(&mut self, io: &mut ConnIo) {
+        let until = tokio::time::Instant::now() + FINAL_ANSWERS_WAIT;
+        while io.inflight.available_permits() < io.max_inflight {
+            match tokio::time::timeout_at(until, io.acks.recv()).await {
+                Ok(Some(out)) => {
+                    if self.feed_text(out).await.is_err() {
+                        return;
+                    }
+                }
+                _ => break,
+            }
+        }
+        while let Ok(out) = io.acks.try_recv() {
+            let _ = self.feed_text(out).await;
+        }
+        let _ = self.send_now(close(1000, "session ended")).await;
+    }
+}
+
+/// The connection's queues: answers of forwarded commands, and their bound.
+struct ConnIo {
+    acks: mpsc::Receiver<Outbound>,
+    ack_tx: mpsc::Sender<Outbound>,
+    inflight: Arc<Semaphore>,
+    max_inflight: usize,
+    window: LocalWindow,
+}
+
+/// What woke the connection.
+enum Step {
+    Shutdown,
+    Answer(Outbound),
+    Event(Result<Ev, broadcast::error::RecvError>),
+    Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
+    Heartbeat,
+}
+
+/// Serves one client socket until it closes, the session ends or the router stops.
+pub async fn run(
+    ctx: Arc<RouterCtx>,
+    ws: Socket,
+    sid: Uuid,
+    claims: Claims,
+    last_version: Option<u64>,
+) {
+    let _guard = ConnGuard::new(ctx.clone());
+    let conn_id = Uuid::new_v4();
+    let caller = caller(&claims);
+    let Some((mut conn, mut events)) = open(&ctx, ws, sid, &claims, conn_id, last_version).await
+    else {
+        return detach(ctx, sid, caller, conn_id);
+    };
+    if !conn.ended {
+        serve(&mut conn, &mut events).await;
+    }
+    detach(ctx, sid, caller, conn_id);
+}
+
+/// Joins the hub, attaches to the owner and brings the client up to date; `None`
+/// when the connection could not be opened (the client has been told why).
+async fn open(
+    ctx: &Arc<RouterCtx>,
+    mut ws: Socket,
+    sid: Uuid,
+    claims: &Claims,
+    conn_id: Uuid,
+    last_version: Option<u64>,
+) -> Option<(Conn, broadcast::Receiver<Ev>)> {
+    let caller = caller(claims);
+    let hub = match ctx.hubs.join(sid).await {
+        Ok(h) => h,
+        Err(e) => {
+            let err = WireError::new(codes::SERVICE_UNAVAILABLE, format!("cannot subscribe: {e}"));
+            let _ = ws
+                .feed(Message::text(protocol::connection_error(&err)))
+                .await;
+            let _ = ws.send(close(1011, "service unavailable")).await;
+            return None;
+        }
+    };
+    let events = hub.subscribe();
+    let attach = ctx
+        .forwarder
+        .request(
+            sid,
+            caller,
+            RequestBody::Attach {
+                conn_id,
+                router_id: ctx.id.clone(),
+                last_version,
+                replay_limit: ctx.cfg.router.replay_limit,
+            },
+        )
+        .await;
+    let (role, version, resume) = match attach {
+        Ok(ReplyBody::Attached {
+            session_role,
+            version,
+            resume,
+        }) => (session_role, version, resume),
+        other => {
+            let err = match other {
+                Err(e) => e,
+                _ => WireError::new(codes::INTERNAL, "unexpected reply to attach"),
+            };
+            let _ = ws
+                .feed(Message::text(protocol::connection_error(&err)))
+                .await;
+            let _ = ws.send(close(1008, &err.code)).await;
+            return None;
+        }
+    };
+    let mut conn = Conn {
+        ctx: ctx.clone(),
+        sid,
+        caller,
+        hub: hub.clone(),
+        cv: 0,
+        ended: false,
+        ws,
+        unflushed: false,
+    };
+    let established = json!({
+        "type": "connection_established",
+        "data": {
+            "session_id": sid,
+            "player_id": claims.sub,
+            "connection_id": conn_id,
+            "session_role": role,
+            "version": version,
+            "timestamp": protocol::timestamp_now(),
+        }
+    });
+    conn.feed_text(established.to_string()).await.ok()?;
+    resume_client(&mut conn, resume, last_version).await.ok()?;
+    if conn.ended {
+        // An ended session: the client has its final state; nothing more will come.
+        let _ = conn.feed(close(1000, "session ended")).await;
+    }
+    conn.flush().await.ok()?;
+    hub.seed(conn.cv);
+    Some((conn, events))
+}
+
+/// Sends what the owner's attach answer says the client is missing.
+async fn resume_client(
+    conn: &mut Conn,
+    resume: Resume,
+    last_version: Option<u64>,
+) -> Result<(), Closed> {
+    match resume {
+        Resume::Events { events } => {
+            conn.cv = last_version.unwrap_or(0);
+            for raw in events {
+                if raw.version == conn.cv + 1 {
+                    conn.send_event(&Ev::from_raw(raw)).await?;
+                }
+            }
+            Ok(())
+        }
+        Resume::Full { view } => {
+            conn.ended = view.game["status"] == "ended";
+            let msg = json!({"type": "sync_response", "id": null, "data": view});
+            conn.cv = view.version;
+            conn.feed_text(msg.to_string()).await
+        }
+    }
+}
+
+/// The connection's main loop.
+async fn serve(conn: &mut Conn, events: &mut broadcast::Receiver<Ev>) {
+    let ctx = conn.ctx.clone();
+    let max_inflight = ctx.cfg.router.max_inflight_per_connection.max(1);
+    let (ack_tx, acks) = mpsc::channel::<Outbound>(max_inflight * 2);
+    let mut io = ConnIo {
+        acks,
+        ack_tx,
+        inflight: Arc::new(Semaphore::new(max_inflight)),
+        max_inflight,
+        window: LocalWindow::new(
+            ctx.cfg.limits.ws_messages_per_min_per_conn,
+            Duration::from_secs(60),
+            Instant::now(),
+        ),
+    };
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(
+        ctx.cfg.router.heartbeat_interval_ms.max(100),
+    ));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    heartbeat.tick().await;
+    let mut shutdown = ctx.shutdown.clone();
+
+    loop {
+        let step = tokio::select! {
+            biased;
+            _ = shutdown.changed() => Step::Shutdown,
+            Some(out) = io.acks.recv() => Step::Answer(out),
+            frame = conn.ws.next() => Step::Frame(frame),
+            ev = events.recv() => Step::Event(ev),
+            _ = heartbeat.tick() => Step::Heartbeat,
+        };
+        let r = match step {
+            Step::Shutdown => {
+                let _ = conn.send_now(close(1001, "router shutting down")).await;
+                return;
+            }
+            Step::Answer(out) => conn.feed_text(out).await,
+            Step::Frame(frame) => on_frame(conn, frame, &mut io).await,
+            Step::Event(ev) => conn.on_event(ev).await,
+            Step::Heartbeat => conn.feed_text(protocol::heartbeat()).await,
+        };
+        if r.is_err() || drain_ready(conn, events, &mut io).await.is_err() {
+            return;
+        }
+        if conn.ended {
+            conn.close_ended(&mut io).await;
+            return;
+        }
+        if conn.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Buffers every answer and hub event that is already waiting, so one flush writes
+/// them all.
+async fn drain_ready(
+    conn: &mut Conn,
+    events: &mut broadcast::Receiver<Ev>,
+    io: &mut ConnIo,
+) -> Result<(), Closed> {
+    while let Ok(out) = io.acks.try_recv() {
+        conn.feed_text(out).await?;
+    }
+    loop {
+        match events.try_recv() {
+            Ok(ev) => conn.deliver(ev).await?,
+            Err(broadcast::error::TryRecvError::Empty) => return Ok(()),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                conn.on_event(Err(broadcast::error::RecvError::Lagged(n)))
+                    .await?
+            }
+            Err(broadcast::error::TryRecvError::Closed) => return Err(Closed),
+        }
+        if conn.ended {
+            return Ok(());
+        }
+    }
+}
+
+/// Handles one frame from the client.
+async fn on_frame(
+    conn: &mut Conn,
+    frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    io: &mut ConnIo,
+) -> Result<(), Closed> {
+    let msg = match frame {
+        Some(Ok(m)) => m,
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "websocket read error");
+            return Err(Closed);
+        }
+        None => return Err(Closed),
+    };
+    let text = match msg {
+        Message::Text(t) => t,
+        Message::Close(_) => return Err(Closed),
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(()),
+        Message::Binary(_) => {
+            let e = WireError::new(
+                codes::INVALID_MESSAGE,
+                "binary frames are not supported; send JSON text",
+            );
+            return conn.feed_text(protocol::error(None, &e)).await;
+        }
+    };
+    let ctx = conn.ctx.clone();
+    let m = match protocol::parse_client_message(text.as_str(), ctx.cfg.router.max_message_bytes) {
+        Ok(m) => m,
+        Err(r) => {
+            metrics::counter!("gs_router_ws_rejected_total", "code" => r.error.code.clone())
+                .increment(1);
+            return conn.feed_text(protocol::error(r.id, &r.error)).await;
+        }
+    };
+    if let Err(wait) = io.window.hit(Instant::now()) {
+        let e = WireError::new(codes::RATE_LIMITED, "too many messages on this connection")
+            .with_details(json!({"retry_after_secs": wait.as_secs().max(1),
+                "limit": ctx.cfg.limits.ws_messages_per_min_per_conn, "window_secs": 60}));
+        return conn.feed_text(protocol::error(Some(m.id), &e)).await;
+    }
+    handle_message(conn, m, io).await
+}
+
+/// Handles one parsed client message.
+async fn handle_message(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), Closed> {
+    match m.kind.as_str() {
+        protocol::TYPE_HEARTBEAT => {
+            let v = conn.cv;
+            conn.feed_text(protocol::ack(m.id, v)).await
+        }
+        protocol::TYPE_SYNC_REQUEST => sync(conn, m).await,
+        _ => forward(conn, m, io).await,
+    }
+}
+
+/// `sync_request`: the state (or the asked paths) from the owner.
+async fn sync(conn: &mut Conn, m: ClientMessage) -> Result<(), Closed> {
+    let paths = match m.data.get("paths") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(p) => match serde_json::from_value::<Vec<String>>(p.clone()) {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let e = WireError::new(
+                    codes::INVALID_PAYLOAD,
+                    "`paths` must be a list of JSON Pointers",
+                );
+                return conn.feed_text(protocol::error(Some(m.id), &e)).await;
+            }
+        },
+    };
+    let partial = paths.as_ref().is_some_and(|p| !p.is_empty());
+    let r = conn
+        .ctx
+        .forwarder
+        .request(conn.sid, conn.caller, RequestBody::Sync { paths })
+        .await;
+    match r {
+        Ok(ReplyBody::State { view }) => {
+            let version = view.version;
+            let msg = json!({"type": "sync_response", "id": m.id, "data": view});
+            conn.feed_text(msg.to_string()).await?;
+            if !partial && version > conn.cv {
+                conn.cv = version;
+            }
+            conn.feed_text(protocol::ack(m.id, version)).await
+        }
+        Ok(_) => {
+            let e = WireError::new(codes::INTERNAL, "unexpected reply to sync");
+            conn.feed_text(protocol::error(Some(m.id), &e)).await
+        }
+        Err(e) => conn.feed_text(protocol::error(Some(m.id), &e)).await,
+    }
+}
+
+/// A command for the owner: forwarded in its own task (the connection goes on
+/// reading), its answer comes back through `io.acks`.
+async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), Closed> {
+    // The ICD's "combat actions per minute per player", counted across routers.
+    if protocol::is_combat_type(&m.kind) {
+        let who = format!("{}:{}", conn.sid, conn.caller.user_id);
+        let limit = conn.ctx.cfg.limits.combat_actions_per_min_per_player;
+        if let Err(e) = conn
+            .ctx
+            .limiter
+            .check("combat", &who, limit, Duration::from_secs(60))
+            .await
+        {
+            return conn.feed_text(protocol::error(Some(m.id), &e)).await;
+        }
+    }
+    let Ok(permit) = io.inflight.clone().try_acquire_owned() else {
+        let e = WireError::new(
+            codes::TOO_MANY_IN_FLIGHT,
+            "too many commands waiting for their ack on this connection",
+        );
+        return conn.feed_text(protocol::error(Some(m.id), &e)).await;
+    };
+    let forwarder = conn.ctx.forwarder.clone();
+    let (sid, caller, acks) = (conn.sid, conn.caller, io.ack_tx.clone());
+    tokio::spawn(async move {
+        let _permit = permit;
+        let r = forwarder
+            .request(
+                sid,
+                caller,
+                RequestBody::Command {
+                    command_id: m.id,
+                    kind: m.kind,
+                    data: m.data,
+                },
+            )
+            .await;
+        let out = match r {
+            Ok(ReplyBody::Ack { version, .. }) => protocol::ack(m.id, version),
+            Ok(_) => protocol::error(
+                Some(m.id),
+                &WireError::new(codes::INTERNAL, "unexpected reply"),
+            ),
+            Err(e) => protocol::error(Some(m.id), &e),
+        };
+        let _ = acks.send(out).await;
+    });
+    Ok(())
+}
+
+/// Tells the owner the connection is gone (best effort, in the background).
+fn detach(ctx: Arc<RouterCtx>, sid: Uuid, caller: Caller, conn_id: Uuid) {
+    tokio::spawn(async move {
+        let _ = ctx
+            .forwarder
+            .request_until(
+                sid,
+                caller,
+                RequestBody::Detach { conn_id },
+                Instant::now() + DETACH_DEADLINE,
+            )
+            .await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gs_shared::rpc::RawEvent;
+
+    #[test]
+    fn close_frames_carry_code_and_reason() {
+        match close(1008, "not_member") {
+            Message::Close(Some(f)) => {
+                assert_eq!(u16::from(f.code), 1008);
+                assert_eq!(f.reason.as_str(), "not_member");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn raw_events_keep_their_bytes() {
+        let ev = Ev::from_raw(RawEvent {
+            version: 3,
+            json: r#"{"type":"x","version":3,"data":{}}"#.into(),
+        });
+        assert_eq!(ev.version, 3);
+        assert_eq!(ev.json.as_str(), r#"{"type":"x","version":3,"data":{}}"#);
+        assert!(!ev.is_final);
+    }
+}

@@ -43,6 +43,8 @@ const COMBAT_EVENTS: &[&str] = &[
     "condition_removed",
     "concentration_ended",
     "combat_ended",
+    "reaction_declined",
+    "repeat_save",
 ];
 
 pub fn routing_key(kind: &str) -> &'static str {

@@ -219,6 +219,7 @@ pub const COMBAT_TYPES: &[&str] = &[
     "action_declare",
     "move",
     "stand_up",
+    "reaction_decline",
 ];
 
 /// Whether a client message type is a combat action (by its type alone: the router

@@ -908,3 +908,394 @@ async fn check_everyone_agrees(f: &Fixture, t: &Table, end_version: u64) -> Resu
     );
     Ok(())
 }
+
+/// Issue 15 over WebSockets, against the real services: a move through a hostile
+/// creature's reach pauses for its opportunity attack, which the DM makes with the
+/// ogre's reaction before the move goes on; a "save ends" paralysis ends on the
+/// goblin's successful repeat save at the end of its turn; the surprised goblin loses
+/// its first turn. Every client sees the same events and ends with `GET /state`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opportunity_attack_save_ends_and_surprise_over_websockets() -> Result<()> {
+    let mut f = Fixture::start(1, 2, false).await?;
+    let result = run_reactions(&mut f).await;
+    finish(f, result).await
+}
+
+/// Clients of the reactions test, by index.
+const ARIA_PLAYER: usize = 1;
+const CYL_PLAYER: usize = 2;
+
+/// Every session event a client has seen: (version, type, data).
+fn all_events(c: &TrackedClient) -> Vec<(u64, String, Value)> {
+    c.with_view(|v| {
+        v.frames
+            .iter()
+            .filter(|m| m["version"].is_u64())
+            .map(|m| {
+                let kind = m["type"].as_str().unwrap_or("").to_string();
+                (m["version"].as_u64().unwrap_or(0), kind, m["data"].clone())
+            })
+            .collect()
+    })
+}
+
+async fn run_reactions(f: &mut Fixture) -> Result<()> {
+    let created = f
+        .api(0, &f.dm_token)
+        .call(
+            reqwest::Method::POST,
+            "/api/v2/sessions",
+            Some(&json!({"campaign_id": Uuid::new_v4(), "name": "Bridge",
+                         "settings": {"dice_seed": dice_seed()}})),
+        )
+        .await?
+        .ok()?;
+    f.session = created["session_id"].as_str().context("session_id")?.into();
+    f.session_token = created["connection_token"]
+        .as_str()
+        .context("connection_token")?
+        .into();
+    let (aria, cyl, goblin, ogre) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    let pcs = [
+        (
+            aria,
+            json!({"name": "Aria", "max_hp": 300, "ac": 10, "abilities": {"str": 3},
+                      "position": {"x": 0, "y": 0}}),
+        ),
+        (
+            cyl,
+            json!({"name": "Cyl", "max_hp": 300, "ac": 10, "abilities": {"int": 3},
+                     "position": {"x": 0, "y": 6}}),
+        ),
+    ];
+    let mut clients = vec![f.connect(0, "dm", &f.dm_token, &f.session_token).await?];
+    for (i, (id, sheet)) in pcs.into_iter().enumerate() {
+        let (_user, token, st) = f
+            .player(i + 1, json!({"character_id": id, "character": sheet}))
+            .await?;
+        let name = ["aria-player", "cyl-player"][i];
+        clients.push(f.connect(i + 1, name, &token, &st).await?);
+    }
+    let mut t = Table {
+        clients,
+        cast: Cast::new(),
+    };
+    // The ogre stands by the road Aria will take; the goblin (Wisdom +10: it fails a DC
+    // 40 save and always makes a DC 11 one) is far off, and will be surprised.
+    let monsters = [
+        (
+            goblin,
+            json!({"name": "Goblin", "max_hp": 50, "ac": 5, "abilities": {"wis": 10},
+                        "position": {"x": 10, "y": 10}}),
+        ),
+        (
+            ogre,
+            json!({"name": "Ogre", "max_hp": 500, "ac": 5, "abilities": {"str": 4},
+                      "position": {"x": 2, "y": 1}}),
+        ),
+    ];
+    for (id, sheet) in monsters {
+        t.ok(
+            DM,
+            "spawn_character",
+            json!({"character_id": id, "sheet": sheet}),
+        )
+        .await?;
+    }
+    t.ok(DM, "session_start", json!({})).await?;
+    // The DM marks the map: rubble (difficult terrain) on Aria's road, a low wall (half
+    // cover) where the ogre stands.
+    let marks = json!({"squares": [{"x": 1, "y": 0, "difficult": true},
+                                   {"x": 2, "y": 1, "cover": "half"}]});
+    t.ok(DM, "terrain_set", marks).await?;
+    t.ok(
+        DM,
+        "combat_start",
+        json!({"participants": [aria, cyl, goblin, ogre], "surprised": [goblin]}),
+    )
+    .await?;
+
+    let (mut moved, mut held) = (false, false);
+    let end_version = loop {
+        let turn = t.turn()?;
+        let round = turn["round"].as_u64().context("round")?;
+        let seen = all_events(&t.clients[DM]);
+        let saved = seen
+            .iter()
+            .any(|(_, k, d)| k == "repeat_save" && d["ended"] == true);
+        // The goblin's second turn (its first ordinary one) has begun.
+        let goblin_turns = seen
+            .iter()
+            .filter(|(_, k, d)| k == "turn_change" && d["active_character"] == json!(goblin))
+            .count();
+        if moved && held && saved && goblin_turns >= 2 {
+            break t.ok(DM, "combat_end", json!({})).await?;
+        }
+        ensure!(
+            round <= 10,
+            "after 10 rounds: moved {moved}, held {held}, saved {saved}"
+        );
+        let active: Uuid = serde_json::from_value(turn["active_character"].clone())?;
+        let who = if active == aria {
+            ARIA_PLAYER
+        } else if active == cyl {
+            CYL_PLAYER
+        } else {
+            DM
+        };
+        if active == aria && !moved {
+            walk_past_the_ogre(&mut t, aria, ogre).await?;
+            moved = true;
+        } else if active == cyl && !held {
+            let hold = json!({"name": "hold person", "save": {"ability": "wis", "dc": 40},
+                "magical": true,
+                "conditions": [{"condition": "paralyzed", "save_ends": {"ability": "wis", "dc": 11}}]});
+            t.ok(
+                CYL_PLAYER,
+                "action_declare",
+                json!({"character_id": cyl, "action_type": "save", "targets": [goblin],
+                       "details": hold}),
+            )
+            .await?;
+            held = true;
+        }
+        t.ok(who, "end_turn", json!({})).await?;
+    };
+    for c in &t.clients {
+        c.wait_for(&format!("version {end_version}"), WAIT, |v| {
+            v.version >= end_version
+        })
+        .await?;
+    }
+    let seen = all_events(&t.clients[DM]);
+    check_surprise(&seen, goblin)?;
+    check_opportunity_attack(&seen, aria, ogre)?;
+    check_save_ends(&seen, cyl, goblin)?;
+    check_same_view(f, &t, end_version).await?;
+    check_terrain_in_sync(&mut t).await
+}
+
+/// The marks are in the play view of a `sync_response`.
+async fn check_terrain_in_sync(t: &mut Table) -> Result<()> {
+    let c = &mut t.clients[ARIA_PLAYER];
+    let id = c.send("sync_request", json!({"paths": ["/notes"]})).await?;
+    if let Err(e) = c.wait_answer(id, WAIT).await? {
+        bail!("sync_request refused: {e}");
+    }
+    let sync = c
+        .with_view(|v| {
+            v.frames
+                .iter()
+                .find(|m| m["type"] == "sync_response" && m["id"] == json!(id))
+                .cloned()
+        })
+        .context("no sync_response")?;
+    let terrain = &sync["data"]["game"]["play"]["terrain"];
+    ensure!(
+        *terrain == json!({"1,0": {"difficult": true}, "2,1": {"cover": "half"}}),
+        "{terrain}"
+    );
+    Ok(())
+}
+
+/// Aria walks from (0,0) to (4,0) through the ogre's reach (and the rubble on (1,0)):
+/// the move pauses on (3,0);
+/// she may not end her turn meanwhile; the ogre's reaction attack lets it go on.
+async fn walk_past_the_ogre(t: &mut Table, aria: Uuid, ogre: Uuid) -> Result<()> {
+    t.ok(
+        ARIA_PLAYER,
+        "move",
+        json!({"character_id": aria, "to": {"x": 4, "y": 0}}),
+    )
+    .await?;
+    let e = t.refused(ARIA_PLAYER, "end_turn", json!({})).await?;
+    ensure!(e["code"] == "reaction_pending", "{e}");
+    ensure!(e["details"]["waiting"] == json!([ogre]), "{e}");
+    let club = json!({"name": "greatclub", "cost": "reaction", "attack_bonus": 6,
+                      "damage": "2d8+4", "damage_type": "bludgeoning"});
+    t.ok(
+        DM,
+        "action_declare",
+        json!({"character_id": ogre, "action_type": "attack", "targets": [aria], "details": club}),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The surprised goblin's first turn begins (`surprised: true`) and ends at once: the
+/// next events are its end-of-turn saves, if any, and the next creature's turn; its
+/// later turns are ordinary.
+fn check_surprise(seen: &[(u64, String, Value)], goblin: Uuid) -> Result<()> {
+    let turns: Vec<&(u64, String, Value)> = seen
+        .iter()
+        .filter(|(_, k, d)| k == "turn_change" && d["active_character"] == json!(goblin))
+        .collect();
+    let (ver, _, first) = turns.first().context("the goblin never had a turn")?;
+    ensure!(first["surprised"] == true && first["round"] == 1, "{first}");
+    let next = seen
+        .iter()
+        .filter(|(v, _, _)| v > ver)
+        .find(|(_, k, _)| k != "repeat_save")
+        .context("nothing after the surprised turn")?;
+    ensure!(
+        seen.iter()
+            .filter(|(v, _, _)| v > ver && *v < next.0)
+            .all(|(_, k, d)| k == "repeat_save" && d["character_id"] == json!(goblin)),
+        "only the goblin's end-of-turn saves come between its two turn changes"
+    );
+    ensure!(
+        next.1 == "turn_change" && next.2["previous_character"] == json!(goblin),
+        "the surprised turn did not end at once: {next:?}"
+    );
+    ensure!(
+        turns.len() >= 2,
+        "the goblin had no turn after the surprise"
+    );
+    for (_, _, d) in &turns[1..] {
+        ensure!(d.get("surprised").is_none(), "{d}");
+    }
+    println!("the surprised goblin lost its turn at version {ver}");
+    Ok(())
+}
+
+/// `character_moved` (0,0)→(3,0) (10 ft through the rubble + 5 + 5), `opportunity_attack`
+/// naming the ogre, the ogre's reaction attack at 5 ft, then `character_moved`
+/// (3,0)→(4,0), in that order.
+fn check_opportunity_attack(seen: &[(u64, String, Value)], aria: Uuid, ogre: Uuid) -> Result<()> {
+    let i = seen
+        .iter()
+        .position(|(_, k, _)| k == "opportunity_attack")
+        .context("no opportunity_attack")?;
+    let kinds: Vec<&str> = seen[i - 1..i + 4].iter().map(|e| e.1.as_str()).collect();
+    ensure!(
+        kinds
+            == [
+                "character_moved",
+                "opportunity_attack",
+                "action_declare",
+                "action_resolve",
+                "character_moved"
+            ],
+        "{kinds:?}"
+    );
+    let (before, oa, declare, resolve, after) = (
+        &seen[i - 1].2,
+        &seen[i].2,
+        &seen[i + 1].2,
+        &seen[i + 2].2,
+        &seen[i + 3].2,
+    );
+    ensure!(
+        before["to"] == json!({"x": 3, "y": 0}) && before["cost"] == 20,
+        "{before}"
+    );
+    ensure!(
+        oa["character_id"] == json!(aria) && oa["reactors"] == json!([ogre]),
+        "{oa}"
+    );
+    ensure!(
+        oa["from"] == json!({"x": 3, "y": 0}) && oa["to"] == json!({"x": 4, "y": 0}),
+        "{oa}"
+    );
+    ensure!(
+        oa["patch"]["combat"]["opportunity"]["waiting"] == json!([ogre]),
+        "{oa}"
+    );
+    ensure!(
+        declare["cost"] == "reaction" && declare["character_id"] == json!(ogre),
+        "{declare}"
+    );
+    ensure!(
+        outcome(resolve, aria)?["attack"]["distance"] == 5,
+        "{resolve}"
+    );
+    ensure!(
+        after["from"] == json!({"x": 3, "y": 0}) && after["to"] == json!({"x": 4, "y": 0}),
+        "{after}"
+    );
+    ensure!(after["movement_left"] == 5, "{after}");
+    println!("opportunity attack at version {}", seen[i].0);
+    Ok(())
+}
+
+/// The hold fails (DC 40) and paralyses the goblin with `save_ends`; at the end of one of
+/// its turns it repeats the save (DC 11, Wisdom +10), succeeds, and the paralysis ends.
+fn check_save_ends(seen: &[(u64, String, Value)], cyl: Uuid, goblin: Uuid) -> Result<()> {
+    let (_, _, hold) = seen
+        .iter()
+        .find(|(_, k, d)| k == "action_resolve" && d["character_id"] == json!(cyl))
+        .context("the hold was not resolved")?;
+    let o = outcome(hold, goblin)?;
+    ensure!(
+        has(&o["effects"], "save_failed") && o["conditions"] == json!(["paralyzed"]),
+        "{o}"
+    );
+    let i = seen
+        .iter()
+        .position(|(_, k, d)| k == "repeat_save" && d["character_id"] == json!(goblin))
+        .context("no repeat save")?;
+    let r = &seen[i].2;
+    ensure!(
+        r["ended"] == true && r["save"]["success"] == true && r["save"]["dc"] == 11,
+        "{r}"
+    );
+    ensure!(r["conditions"] == json!(["paralyzed"]), "{r}");
+    ensure!(
+        !has(
+            &r["patch"]["characters"][goblin.to_string()]["conditions"],
+            "paralyzed"
+        ),
+        "{r}"
+    );
+    let next = &seen[i + 1];
+    ensure!(
+        next.1 == "turn_change" && next.2["previous_character"] == json!(goblin),
+        "the repeat save is made at the end of the goblin's turn: {next:?}"
+    );
+    println!(
+        "the paralysis ended on a repeat save at version {}",
+        seen[i].0
+    );
+    Ok(())
+}
+
+/// Every client is at `end_version`, saw every event once in order, and holds the play
+/// view of `GET /state`.
+async fn check_same_view(f: &Fixture, t: &Table, end_version: u64) -> Result<()> {
+    let state = f.api(1, &f.dm_token).get_state(&f.session).await?;
+    ensure!(state["version"] == json!(end_version), "GET /state version");
+    let reference = all_events(&t.clients[DM]);
+    for c in &t.clients {
+        let v = c.view();
+        ensure!(
+            v.gaps == 0 && v.duplicates == 0,
+            "{}: gaps or duplicates",
+            c.name
+        );
+        ensure!(
+            v.version == end_version,
+            "{}: at version {}",
+            c.name,
+            v.version
+        );
+        let mine = all_events(c);
+        let tail = &reference[reference.len() - mine.len().min(reference.len())..];
+        ensure!(
+            mine.as_slice() == tail,
+            "{}: events differ from the DM's",
+            c.name
+        );
+        let play = play_view(c)?;
+        ensure!(
+            play == state["game"]["play"],
+            "{}: play view differs from GET /state",
+            c.name
+        );
+    }
+    Ok(())
+}

@@ -1,43 +1,60 @@
 //! Actions: who may act, what it costs, and how attacks, saving throws, damage,
-//! healing and concentration resolve (SRD 5.1, "Combat" and "Spellcasting").
+//! healing and concentration resolve (SRD 5.1, "Combat" and "Spellcasting"). Help,
+//! Hide and Ready are in [`crate::tactics`].
 //!
 //! An `action_declare` produces two events: `action_declare` (the declaration and the
 //! action economy it spends) and `action_resolve` (one outcome per target, every roll).
+//! A reaction that answers a paused move (see [`crate::movement`]) may add the rest of
+//! that move (`character_moved`, maybe another `opportunity_attack`).
 //!
 //! # Who may act
 //!
 //! The character's controller or the DM (`not_your_character`), during combat
 //! (`combat_not_active`, `initiative_pending`), for a participant
-//! (`not_a_participant`) that is not incapacitated or dead (`incapacitated`), on its
-//! own turn (`not_your_turn`) unless the action costs its reaction.
+//! (`not_a_participant`) that is not incapacitated or dead (`incapacitated`) nor
+//! surprised (`surprised`: no action or reaction until its first turn ends, SRD 5.1
+//! "Combat: Surprise"), on its own turn (`not_your_turn`) unless the action costs its
+//! reaction. A creature whose move is paused for opportunity attacks waits for them
+//! (`reaction_pending`), except to react itself.
 //!
 //! # Cost (`details.cost`)
 //!
 //! `action` (default), `bonus_action` or `reaction`, once each per turn
 //! (`no_action_left`, `no_bonus_action_left`, `no_reaction_left`). An Attack action
 //! grants `attacks_per_action` attacks (Extra Attack): further `attack` declarations
-//! that turn use them before needing a new action.
+//! that turn use them before needing a new action; so does an action that makes several
+//! attack rolls (`details.attacks`, e.g. *scorching ray*: 3).
 //!
 //! # Attack (`action_type: "attack"`)
 //!
-//! Per target: d20 + `attack_bonus` (default: the ability modifier — `ability`, else
-//! Str for melee and Dex for ranged — plus the proficiency bonus) against the
-//! target's AC. A natural 1 always misses; a natural 20 always hits and is a critical
-//! hit, which rolls the damage dice twice. Advantage and disadvantage come from
-//! conditions (see [`crate::conditions`]), from `details.advantage` /
-//! `details.disadvantage`, from a ranged attack beyond its normal range or with a
-//! hostile creature within 5 ft; any of each cancel out. Melee reach is
+//! "Making an attack [...] Choose a target" (SRD 5.1, "Combat: Making an Attack"): an
+//! attack has exactly one target; each attack of Extra Attack is declared on its own.
+//! d20 + `attack_bonus` (default: the ability modifier plus the proficiency bonus; the
+//! ability is `details.ability`, else Strength for melee and Dexterity for ranged
+//! attacks, except that a `thrown` melee weapon keeps Strength ("If the weapon is a
+//! melee weapon, you use the same ability modifier for that attack roll [...] that you
+//! would use for a melee attack") and a `finesse` weapon uses the better of Strength
+//! and Dexterity, SRD 5.1 "Equipment: Weapon Properties") plus `details.attack_dice`
+//! (e.g. *bless* `1d4`), against the target's AC plus its cover (SRD 5.1, "Combat:
+//! Cover": +2 half, +5 three-quarters; the target's square, or `details.cover`). A
+//! natural 1 always misses; a natural 20 always hits and is a critical hit, which
+//! rolls the damage dice twice. Advantage and disadvantage come from conditions (see
+//! [`crate::conditions`]), from `details.advantage` / `details.disadvantage`, from
+//! Help, from exhaustion level 3, from a ranged attack beyond its normal range or with
+//! a hostile creature within 5 ft; any of each cancel out. Melee reach is
 //! `details.reach` or the creature's reach (5 ft); a ranged attack
 //! (`details.range: {normal, long}`) cannot go beyond long range (`out_of_range`).
-//! Distances are checked when both creatures are on the grid.
+//! Distances are checked when both creatures are on the grid. A hidden attacker is
+//! revealed by its attack.
 //!
 //! # Saving throw (`action_type: "save"`)
 //!
 //! `details.save: {ability, dc, half_on_success}`. Damage is rolled once for all
-//! targets. Each target rolls d20 + ability modifier + proficiency bonus if
-//! proficient, with the conditions' automatic failures and (dis)advantage; meeting the
-//! DC succeeds. A success takes half damage (per damage type, rounded down) when
-//! `half_on_success`, else none, and avoids the conditions.
+//! targets. Each target rolls its save ([`crate::saves`]: conditions, traits such as
+//! Magic Resistance when `details.magical`, exhaustion, cover on Dexterity saves);
+//! meeting the DC succeeds. A success takes half the damage when `half_on_success`
+//! ("half as much damage": the total rolled is halved, rounded down, then shared out
+//! among its types before resistances), else none, and avoids the conditions.
 //!
 //! # Damage
 //!
@@ -49,8 +66,10 @@
 //!
 //! # Conditions and concentration
 //!
-//! `details.conditions: [{condition, duration?}]` are imposed on a hit or a failed save
-//! (not on an immune creature). With `details.concentration: true` the actor starts
+//! `details.conditions: [{condition, duration?, save_ends?}]` are imposed on a hit or a
+//! failed save (not on an immune creature). `save_ends` (`{ability, dc}`, or `true` for
+//! the action's own save) makes the target repeat the save at the end of each of its
+//! turns ([`crate::combat`]). With `details.concentration: true` the actor starts
 //! concentrating on this action (ending any earlier concentration) and the conditions
 //! last only while it concentrates.
 //!
@@ -59,21 +78,21 @@
 //! `heal` rolls `details.amount` once and heals each target (or grants temporary hit
 //! points with `details.temporary`). `dash` adds the creature's speed to this turn's
 //! movement; `disengage` stops this turn's moves from provoking opportunity attacks;
-//! `dodge` imposes `dodging` until the start of the creature's next turn. `other`
-//! spends the cost and has no mechanics.
+//! `dodge` imposes `dodging` until the start of the creature's next turn (or until it
+//! is incapacitated or its speed drops to 0). `other` spends the cost and has no
+//! mechanics.
 
 use crate::character::{Ability, Character, Concentration, DamageReport, DamageType};
-use crate::combat::not_a_participant;
-use crate::command::{ActionDeclare, ActionType, Cost, Ctx, DurationSpec};
-use crate::conditions::{
-    attack_conditions, save_conditions, Boundary, Condition, Duration, Effect,
-};
+use crate::combat::{not_a_participant, Opportunity};
+use crate::command::{ActionDeclare, ActionType, Cost, Ctx, DurationSpec, SaveEndsSpec};
+use crate::conditions::{attack_conditions, Boundary, Condition, Duration, Effect};
 use crate::dice::{Dice, Mode};
 use crate::error::{codes, Result, RuleError};
-use crate::event::{
-    ActionDeclared, ActionResolved, AttackRoll, ConcentrationCheck, Event, Outcome, SaveRoll,
-};
-use crate::game::{Actor, Game, Scratch};
+use crate::event::{ActionDeclared, ActionResolved, AttackRoll, Event, Outcome};
+use crate::game::{save_ends_of, Actor, Game, Scratch};
+use crate::movement::{answer_opportunity, resume_move};
+use crate::saves::{concentration_check, roll_save, SaveContext};
+use crate::terrain::Cover;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -87,24 +106,48 @@ pub const MAX_PARTS: usize = 10;
 /// `details` of an `action_declare`; which fields matter depends on the type.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
-struct Details {
-    name: Option<String>,
-    cost: Option<Cost>,
+pub(crate) struct Details {
+    pub name: Option<String>,
+    pub cost: Option<Cost>,
     attack_bonus: Option<i32>,
     ability: Option<Ability>,
+    /// A melee weapon that can be thrown: a ranged attack keeping Strength.
+    thrown: bool,
+    /// Strength or Dexterity, whichever is better.
+    finesse: bool,
+    /// Dice added to the attack roll (*bless* `1d4`, *bane* `-1d4`).
+    attack_dice: Option<String>,
+    /// Attack rolls the action makes (a spell such as *scorching ray*: 3); each is
+    /// declared on its own.
+    attacks: Option<u32>,
     damage: Option<String>,
     damage_type: Option<DamageType>,
     extra_damage: Vec<DamagePart>,
     reach: Option<u32>,
     range: Option<Range>,
-    advantage: bool,
-    disadvantage: bool,
+    pub advantage: bool,
+    pub disadvantage: bool,
+    /// The cover the targets have (instead of the cover of their squares).
+    cover: Option<Cover>,
     save: Option<SaveSpec>,
     half_on_success: bool,
+    /// A spell or other magical effect (Magic Resistance applies to its saves).
+    magical: bool,
     conditions: Vec<ConditionSpec>,
-    concentration: bool,
+    pub concentration: bool,
     amount: Option<String>,
     temporary: bool,
+    /// Help: the creature the helped ally's next attack is against.
+    pub against: Option<Uuid>,
+    /// Hide: the DC (the highest passive Perception) and the Stealth bonus.
+    pub dc: Option<i32>,
+    pub bonus: Option<i32>,
+    /// Ready: the action readied, its trigger, and whether it is a spell.
+    pub action: Option<ActionType>,
+    pub trigger: Option<String>,
+    pub spell: bool,
+    /// Releases the readied action (with the reaction).
+    pub readied: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,9 +198,11 @@ struct ConditionSpec {
     condition: Condition,
     #[serde(default)]
     duration: Option<DurationSpec>,
+    #[serde(default)]
+    save_ends: Option<SaveEndsSpec>,
 }
 
-fn bad(message: impl Into<String>) -> RuleError {
+pub(crate) fn bad(message: impl Into<String>) -> RuleError {
     RuleError::new(codes::INVALID_PAYLOAD, message)
 }
 
@@ -171,25 +216,28 @@ impl Details {
         }
         let d: Details = serde_json::from_value(v.clone())
             .map_err(|e| bad(format!("invalid `details`: {e}")))?;
-        if let Some(b) = d.attack_bonus {
-            if !(-20..=30).contains(&b) {
-                return Err(bad("details.attack_bonus is -20 to 30"));
-            }
+        let out = |what: &str| Err(bad(what.to_string()));
+        if d.attack_bonus.is_some_and(|b| !(-20..=30).contains(&b)) {
+            return out("details.attack_bonus is -20 to 30");
         }
-        if let Some(s) = d.save {
-            if !(1..=40).contains(&s.dc) {
-                return Err(bad("details.save.dc is 1 to 40"));
-            }
+        if d.save.is_some_and(|s| !(1..=40).contains(&s.dc))
+            || d.dc.is_some_and(|dc| !(1..=40).contains(&dc))
+        {
+            return out("a DC is 1 to 40");
         }
-        if let Some(r) = d.reach {
-            if !(5..=100).contains(&r) {
-                return Err(bad("details.reach is 5 to 100 ft"));
-            }
+        if d.attacks.is_some_and(|n| !(1..=10).contains(&n)) {
+            return out("details.attacks is 1 to 10");
         }
-        if let Some(r) = d.range {
-            if !(5..=10_000).contains(&r.normal()) || r.long() > 10_000 {
-                return Err(bad("details.range is 5 to 10000 ft"));
-            }
+        if d.bonus.is_some_and(|b| !(-10..=30).contains(&b)) {
+            return out("details.bonus is -10 to 30");
+        }
+        if d.reach.is_some_and(|r| !(5..=100).contains(&r)) {
+            return out("details.reach is 5 to 100 ft");
+        }
+        if d.range
+            .is_some_and(|r| !(5..=10_000).contains(&r.normal()) || r.long() > 10_000)
+        {
+            return out("details.range is 5 to 10000 ft");
         }
         if d.extra_damage.len() > MAX_PARTS || d.conditions.len() > MAX_PARTS {
             return Err(bad(format!(
@@ -197,10 +245,11 @@ impl Details {
             )));
         }
         if d.conditions.iter().any(|c| c.condition == Condition::Dead) {
-            return Err(bad("`dead` is not imposed as a condition"));
+            return out("`dead` is not imposed as a condition");
         }
-        if d.name.as_ref().is_some_and(|n| n.chars().count() > 100) {
-            return Err(bad("details.name is at most 100 characters"));
+        let long = |t: &Option<String>| t.as_ref().is_some_and(|n| n.chars().count() > 100);
+        if long(&d.name) || long(&d.trigger) {
+            return out("details.name and details.trigger are at most 100 characters");
         }
         Ok(d)
     }
@@ -219,6 +268,26 @@ impl Details {
         }
         Ok(parts)
     }
+
+    /// The ability of an attack (module docs: melee Str, ranged Dex, thrown Str,
+    /// finesse the better).
+    fn attack_ability(&self, actor: &Character) -> Ability {
+        if let Some(a) = self.ability {
+            return a;
+        }
+        if self.finesse {
+            return if actor.abilities.dex > actor.abilities.str {
+                Ability::Dex
+            } else {
+                Ability::Str
+            };
+        }
+        if self.range.is_some() && !self.thrown {
+            Ability::Dex
+        } else {
+            Ability::Str
+        }
+    }
 }
 
 impl Game {
@@ -228,6 +297,47 @@ impl Game {
         ctx: &Ctx,
         a: &ActionDeclare,
     ) -> Result<Vec<Event>> {
+        let (details, cost) = self.check_actor(who, a)?;
+        let mut s = Scratch::new(self);
+        let resume = self.spend(&mut s, a, cost, &details)?;
+        self.check_targets(a, &details)?;
+        let action_id = a.action_id.unwrap_or(ctx.command_id);
+        let mut events = vec![Event::ActionDeclare(ActionDeclared {
+            action_id,
+            character_id: a.character_id,
+            action_type: a.action_type,
+            targets: a.targets.clone(),
+            details: a.details.clone(),
+            cost,
+            by: ctx.user_id,
+            patch: s.patch(),
+            timestamp: ctx.timestamp.clone(),
+        })];
+        let mut r = Resolution {
+            s,
+            actor: a.character_id,
+            action_id,
+            details,
+        };
+        let outcomes = r.resolve(a.action_type, &a.targets, cost)?;
+        events.push(Event::ActionResolve(ActionResolved {
+            action_id,
+            character_id: a.character_id,
+            action_type: a.action_type,
+            outcomes,
+            rolls: r.s.rolls(),
+            by: ctx.user_id,
+            patch: r.s.patch(),
+            timestamp: ctx.timestamp.clone(),
+        }));
+        if let Some(o) = resume {
+            resume_move(&mut r.s, ctx, o, &mut events);
+        }
+        Ok(events)
+    }
+
+    /// Who may act, and when (module docs); returns the parsed details and the cost.
+    fn check_actor(&self, who: &Actor, a: &ActionDeclare) -> Result<(Details, Cost)> {
         let (combat, turn) = self.require_turn()?;
         let actor = self.character(a.character_id)?;
         who.require_control(a.character_id)?;
@@ -242,6 +352,12 @@ impl Game {
             )
             .with_details(json!({ "conditions": actor.conditions })));
         }
+        if participant.surprised {
+            return Err(RuleError::new(
+                codes::SURPRISED,
+                "a surprised creature takes no action or reaction until its first turn ends",
+            ));
+        }
         let details = Details::parse(&a.details)?;
         let cost = details.cost.unwrap_or_default();
         let on_turn = turn.character_id == a.character_id;
@@ -252,34 +368,64 @@ impl Game {
             )
             .with_details(json!({ "active_character": turn.character_id })));
         }
-        if cost == Cost::Reaction
-            && matches!(
-                a.action_type,
-                ActionType::Dash | ActionType::Disengage | ActionType::Dodge
-            )
-        {
-            return Err(bad("dash, disengage and dodge are not reactions"));
+        use ActionType::*;
+        let not_reactions = [Dash, Disengage, Dodge, Help, Hide, Ready];
+        if cost == Cost::Reaction && not_reactions.contains(&a.action_type) {
+            return Err(bad(
+                "dash, disengage, dodge, help, hide and ready are not reactions",
+            ));
         }
-        // Spend the cost on the scratch copy.
-        let mut s = Scratch::new(self);
-        let extra_attacks = actor.attacks_per_action.saturating_sub(1);
-        let combat_mut = s.g.combat.as_mut().expect("checked above");
+        if a.action_type == Ready && cost != Cost::Action {
+            return Err(bad("readying takes the action"));
+        }
+        if details.readied {
+            let readied = participant.readied.as_ref();
+            if cost != Cost::Reaction || readied.is_none_or(|r| r.action_type != a.action_type) {
+                return Err(bad(
+                    "`readied` releases a readied action of the same type, with the reaction",
+                ));
+            }
+        }
+        if cost != Cost::Reaction {
+            self.require_no_pending_reactions(a.character_id)?;
+        }
+        Ok((details, cost))
+    }
+
+    /// Spends the cost on the scratch copy; a reaction may release a readied action
+    /// and may answer a paused move (returned when it was the last one waited for).
+    fn spend(
+        &self,
+        s: &mut Scratch,
+        a: &ActionDeclare,
+        cost: Cost,
+        details: &Details,
+    ) -> Result<Option<Opportunity>> {
+        let id = a.character_id;
+        let extra_attacks = self.characters[&id].attacks_per_action.saturating_sub(1);
+        let combat = s.g.combat.as_mut().expect("checked above");
+        let t = combat.turn.as_mut().expect("checked above");
         match cost {
             Cost::Reaction => {
-                if participant.reaction_used {
+                let p = combat.participants.get_mut(&id).expect("a participant");
+                if p.reaction_used {
                     return Err(RuleError::new(
                         codes::NO_REACTION_LEFT,
                         "the reaction is spent until the start of its next turn",
                     ));
                 }
-                combat_mut
-                    .participants
-                    .get_mut(&a.character_id)
-                    .expect("a participant")
-                    .reaction_used = true;
+                p.reaction_used = true;
+                if details.readied {
+                    let r = p.readied.take().expect("checked above");
+                    let holding = s.g.characters[&id].concentration.as_ref();
+                    if r.spell && holding.is_some_and(|c| c.action_id == r.action_id) {
+                        // The held spell is released: its concentration was the holding.
+                        s.g.end_concentration(id);
+                    }
+                }
+                return Ok(answer_opportunity(s, id));
             }
             Cost::BonusAction => {
-                let t = combat_mut.turn.as_mut().expect("checked above");
                 if t.bonus_action_used {
                     return Err(RuleError::new(
                         codes::NO_BONUS_ACTION_LEFT,
@@ -289,7 +435,6 @@ impl Game {
                 t.bonus_action_used = true;
             }
             Cost::Action => {
-                let t = combat_mut.turn.as_mut().expect("checked above");
                 if a.action_type == ActionType::Attack && t.action_used && t.attacks_left > 0 {
                     t.attacks_left -= 1;
                 } else if t.action_used {
@@ -300,107 +445,48 @@ impl Game {
                 } else {
                     t.action_used = true;
                     t.attacks_left = if a.action_type == ActionType::Attack {
-                        extra_attacks
+                        extra_attacks.max(details.attacks.unwrap_or(1) - 1)
                     } else {
                         0
                     };
                 }
             }
         }
-        self.check_targets(a, &details)?;
-        let action_id = a.action_id.unwrap_or(ctx.command_id);
-        let declared = Event::ActionDeclare(ActionDeclared {
-            action_id,
-            character_id: a.character_id,
-            action_type: a.action_type,
-            targets: a.targets.clone(),
-            details: a.details.clone(),
-            cost,
-            by: ctx.user_id,
-            patch: s.patch(),
-            timestamp: ctx.timestamp.clone(),
-        });
-        let mut r = Resolution {
-            s,
-            actor: a.character_id,
-            action_id,
-            details,
-        };
-        let outcomes = match a.action_type {
-            ActionType::Attack => r.attack(&a.targets)?,
-            ActionType::Save => r.save(&a.targets)?,
-            ActionType::Heal => r.heal(&a.targets)?,
-            ActionType::Dash => {
-                let speed = r.s.g.characters[&r.actor].speed;
-                r.turn().movement_bonus += speed;
-                vec![]
-            }
-            ActionType::Disengage => {
-                r.turn().disengaged = true;
-                vec![]
-            }
-            ActionType::Dodge => {
-                r.s.g.add_effect(Effect {
-                    id: 0,
-                    target: r.actor,
-                    condition: Condition::Dodging,
-                    source: Some(r.actor),
-                    concentration: false,
-                    action_id: Some(action_id),
-                    duration: Some(Duration {
-                        rounds: 1,
-                        ends: Boundary::Start,
-                        of: r.actor,
-                    }),
-                });
-                vec![]
-            }
-            ActionType::Other => vec![],
-        };
-        let resolved = Event::ActionResolve(ActionResolved {
-            action_id,
-            character_id: a.character_id,
-            action_type: a.action_type,
-            outcomes,
-            rolls: r.s.rolls(),
-            by: ctx.user_id,
-            patch: r.s.patch(),
-            timestamp: ctx.timestamp.clone(),
-        });
-        Ok(vec![declared, resolved])
+        Ok(None)
     }
 
     /// Targets: the right number, distinct, in play, alive, not the charmer.
     fn check_targets(&self, a: &ActionDeclare, d: &Details) -> Result<()> {
-        let needs_targets = matches!(
-            a.action_type,
-            ActionType::Attack | ActionType::Save | ActionType::Heal
-        );
-        let no_targets = matches!(
-            a.action_type,
-            ActionType::Dash | ActionType::Disengage | ActionType::Dodge
-        );
+        use ActionType::*;
         let invalid = |m: &str| RuleError::new(codes::INVALID_TARGET, m.to_string());
-        if needs_targets && a.targets.is_empty() {
-            return Err(invalid("this action needs at least one target"));
+        let (min, max) = match a.action_type {
+            Attack | Help => (1, 1),
+            Save | Heal => (1, MAX_TARGETS),
+            Dash | Disengage | Dodge | Hide | Ready => (0, 0),
+            Other => (0, MAX_TARGETS),
+        };
+        if a.targets.len() < min || a.targets.len() > max {
+            let why = match (a.action_type, max) {
+                (Attack, _) => {
+                    "an attack has exactly one target (each attack is declared on its own)"
+                }
+                (Help, _) => "help names the one ally helped",
+                (_, 0) => "this action takes no targets",
+                _ => "1 to 20 targets",
+            };
+            return Err(invalid(why));
         }
-        if no_targets && !a.targets.is_empty() {
-            return Err(invalid("this action takes no targets"));
-        }
-        if a.targets.len() > MAX_TARGETS {
-            return Err(invalid(&format!("at most {MAX_TARGETS} targets")));
-        }
-        let harmful = matches!(a.action_type, ActionType::Attack | ActionType::Save);
+        let harmful = matches!(a.action_type, Attack | Save);
         for (i, t) in a.targets.iter().enumerate() {
             if a.targets[..i].contains(t) {
                 return Err(invalid("a target is listed twice"));
             }
             let target = self.character(*t)?;
-            if target.is_dead() && a.action_type != ActionType::Other {
+            if target.is_dead() && a.action_type != Other {
                 return Err(invalid("the target is dead").with_details(json!({ "target_id": t })));
             }
-            if a.action_type == ActionType::Attack && *t == a.character_id {
-                return Err(invalid("a creature does not attack itself"));
+            if matches!(a.action_type, Attack | Help) && *t == a.character_id {
+                return Err(invalid("not on itself"));
             }
             if harmful && self.charmed_by(a.character_id, *t) {
                 return Err(invalid("a charmed creature cannot harm its charmer")
@@ -409,8 +495,8 @@ impl Game {
         }
         // Surface dice errors before anything resolves.
         d.damage_parts()?;
-        if let Some(amount) = &d.amount {
-            Dice::parse(amount)?;
+        for dice in [&d.amount, &d.attack_dice].into_iter().flatten() {
+            Dice::parse(dice)?;
         }
         Ok(())
     }
@@ -428,17 +514,66 @@ impl Game {
         let pb = self.characters.get(&b)?.position?;
         Some(pa.distance(pb))
     }
+
+    /// The cover `target` has against an action: the declared one, else its square's.
+    fn cover_of(&self, target: Uuid, declared: Option<Cover>) -> Cover {
+        declared.unwrap_or_else(|| {
+            self.characters[&target]
+                .position
+                .map_or(Cover::None, |p| self.terrain_at(p).cover)
+        })
+    }
 }
 
 /// Resolving one declared action on the scratch copy.
-struct Resolution {
-    s: Scratch,
-    actor: Uuid,
-    action_id: Uuid,
-    details: Details,
+pub(crate) struct Resolution {
+    pub s: Scratch,
+    pub actor: Uuid,
+    pub action_id: Uuid,
+    pub details: Details,
 }
 
 impl Resolution {
+    fn resolve(&mut self, kind: ActionType, targets: &[Uuid], cost: Cost) -> Result<Vec<Outcome>> {
+        Ok(match kind {
+            ActionType::Attack => vec![self.attack(targets[0])?],
+            ActionType::Save => self.save(targets)?,
+            ActionType::Heal => self.heal(targets)?,
+            ActionType::Help => self.help(targets[0])?,
+            ActionType::Hide => vec![self.hide()],
+            ActionType::Ready => self.ready(cost)?,
+            ActionType::Dash => {
+                let speed = self.s.g.characters[&self.actor].speed_now();
+                self.turn().movement_bonus += speed;
+                vec![]
+            }
+            ActionType::Disengage => {
+                self.turn().disengaged = true;
+                vec![]
+            }
+            ActionType::Dodge => {
+                let (actor, action_id) = (self.actor, self.action_id);
+                self.s.g.add_effect(Effect {
+                    id: 0,
+                    target: actor,
+                    condition: Condition::Dodging,
+                    source: Some(actor),
+                    concentration: false,
+                    action_id: Some(action_id),
+                    duration: Some(Duration {
+                        rounds: 1,
+                        ends: Boundary::Start,
+                        of: actor,
+                        minutes: None,
+                    }),
+                    save_ends: None,
+                });
+                vec![]
+            }
+            ActionType::Other => vec![],
+        })
+    }
+
     fn turn(&mut self) -> &mut crate::combat::Turn {
         self.s
             .g
@@ -448,98 +583,165 @@ impl Resolution {
             .expect("resolving on a turn")
     }
 
-    fn attack(&mut self, targets: &[Uuid]) -> Result<Vec<Outcome>> {
+    /// An empty outcome for `target`.
+    pub(crate) fn outcome(target: Uuid) -> Outcome {
+        Outcome {
+            target_id: target,
+            effects: vec![],
+            damage: DamageReport::default(),
+            conditions: vec![],
+            attack: None,
+            save: None,
+            concentration_check: None,
+            check: None,
+            healed: None,
+            hp: 0,
+            temp_hp: 0,
+        }
+    }
+
+    fn attack(&mut self, t: Uuid) -> Result<Outcome> {
         let parts = self.details.damage_parts()?;
-        let ranged = self.details.range.is_some();
         let actor = self.s.g.characters[&self.actor].clone();
-        let ability =
-            self.details
-                .ability
-                .unwrap_or(if ranged { Ability::Dex } else { Ability::Str });
-        let bonus = self
-            .details
-            .attack_bonus
-            .unwrap_or(actor.abilities.get(ability) + actor.proficiency_bonus);
-        // Check every range before rolling anything.
-        for t in targets {
-            if let Some(d) = self.s.g.distance(self.actor, *t) {
-                let max = match self.details.range {
-                    Some(r) => r.long(),
-                    None => self.details.reach.unwrap_or(actor.reach),
-                };
-                if d > max {
-                    return Err(
-                        RuleError::new(codes::OUT_OF_RANGE, "the target is out of range")
-                            .with_details(json!({ "target_id": t, "distance": d, "range": max })),
-                    );
-                }
-            }
-        }
+        let ranged = self.details.range.is_some();
+        let bonus = self.details.attack_bonus.unwrap_or(
+            actor.abilities.get(self.details.attack_ability(&actor)) + actor.proficiency_bonus,
+        );
+        let distance = self.s.g.distance(self.actor, t);
+        self.check_reach(&actor, t, distance)?;
         self.start_concentration();
-        let mut outcomes = vec![];
-        for t in targets {
-            let target = self.s.g.characters[t].clone();
-            let distance = self.s.g.distance(self.actor, *t);
-            let mut why =
-                attack_conditions(&actor.conditions, &target.conditions, distance, !ranged);
-            if self.details.advantage {
-                why.advantage.push("declared".into());
-            }
-            if self.details.disadvantage {
-                why.disadvantage.push("declared".into());
-            }
-            if let (Some(r), Some(d)) = (self.details.range, distance) {
-                if d > r.normal() {
-                    why.disadvantage.push("beyond_normal_range".into());
-                }
-            }
-            if ranged && self.hostile_within_5ft(&actor) {
-                why.disadvantage.push("hostile_within_5ft".into());
-            }
-            let mode = Mode::from_sources(!why.advantage.is_empty(), !why.disadvantage.is_empty());
-            let d20 = self.s.dice.d20("attack", Some(self.actor), mode, bonus);
-            let hit = d20.kept == 20 || (d20.kept != 1 && d20.total >= target.ac as i32);
-            let critical = hit && (d20.kept == 20 || why.auto_critical);
-            let mut outcome = Outcome {
-                target_id: *t,
-                effects: vec![if hit { "hit" } else { "miss" }.into()],
-                damage: DamageReport::default(),
-                conditions: vec![],
-                attack: Some(AttackRoll {
-                    d20: d20.kept,
-                    bonus,
-                    total: d20.total,
-                    ac: target.ac,
-                    mode,
-                    advantage: why.advantage,
-                    disadvantage: why.disadvantage,
-                    distance,
-                    hit,
-                    critical,
-                }),
-                save: None,
-                concentration_check: None,
-                healed: None,
-                hp: 0,
-                temp_hp: 0,
-            };
-            if critical {
-                outcome.effects.push("critical".into());
-            }
-            if hit {
-                let mut rolled = BTreeMap::new();
-                for (dice, t) in &parts {
-                    let dice = if critical { dice.doubled() } else { *dice };
-                    let n = self.s.dice.roll("damage", Some(self.actor), dice).max(0) as u32;
-                    *rolled.entry(*t).or_insert(0) += n;
-                }
-                self.damage(&mut outcome, rolled, critical, false);
-                self.impose(&mut outcome)?;
-            }
-            self.finish(&mut outcome);
-            outcomes.push(outcome);
+        let target = self.s.g.characters[&t].clone();
+        let (advantage, disadvantage) = self.attack_sources(&actor, &target, distance);
+        let mode = Mode::from_sources(!advantage.is_empty(), !disadvantage.is_empty());
+        let d20 = self.s.dice.d20("attack", Some(self.actor), mode, bonus);
+        let bonus_dice = match &self.details.attack_dice {
+            Some(dice) => Some(self.s.dice.roll(
+                "attack_bonus",
+                Some(self.actor),
+                &Dice::parse(dice)?,
+            )),
+            None => None,
+        };
+        let total = d20.total + bonus_dice.unwrap_or(0);
+        let cover = self.s.g.cover_of(t, self.details.cover);
+        let ac = target.ac + cover.bonus() as u32;
+        let hit = d20.kept == 20 || (d20.kept != 1 && total >= ac as i32);
+        let auto_critical =
+            attack_conditions(&actor.conditions, &target.conditions, distance, !ranged)
+                .auto_critical;
+        let critical = hit && (d20.kept == 20 || auto_critical);
+        let mut outcome = Resolution::outcome(t);
+        outcome
+            .effects
+            .push(if hit { "hit" } else { "miss" }.into());
+        outcome.attack = Some(AttackRoll {
+            d20: d20.kept,
+            bonus,
+            bonus_dice,
+            total,
+            ac,
+            cover,
+            mode,
+            advantage,
+            disadvantage,
+            distance,
+            hit,
+            critical,
+        });
+        if critical {
+            outcome.effects.push("critical".into());
         }
-        Ok(outcomes)
+        if hit {
+            let mut rolled = BTreeMap::new();
+            for (dice, ty) in &parts {
+                let dice = if critical {
+                    dice.doubled()
+                } else {
+                    dice.clone()
+                };
+                let n = self.s.dice.roll("damage", Some(self.actor), &dice).max(0) as u32;
+                *rolled.entry(*ty).or_insert(0) += n;
+            }
+            self.damage(&mut outcome, rolled, critical, false);
+            self.impose(&mut outcome, None)?;
+        }
+        // "If you are hidden [...] you give away your location when the attack hits or
+        // misses" (SRD 5.1, "Combat: Unseen Attackers and Targets").
+        self.s.g.remove_condition(self.actor, Condition::Hidden);
+        self.finish(&mut outcome);
+        Ok(outcome)
+    }
+
+    /// `out_of_range` beyond the melee reach, or beyond a ranged attack's long range.
+    fn check_reach(&self, actor: &Character, t: Uuid, distance: Option<u32>) -> Result<()> {
+        let Some(d) = distance else {
+            return Ok(());
+        };
+        let max = match self.details.range {
+            Some(r) => r.long(),
+            None => self.details.reach.unwrap_or(actor.reach),
+        };
+        if d > max {
+            return Err(
+                RuleError::new(codes::OUT_OF_RANGE, "the target is out of range")
+                    .with_details(json!({ "target_id": t, "distance": d, "range": max })),
+            );
+        }
+        Ok(())
+    }
+
+    /// Why an attack roll on `target` has advantage and disadvantage; consumes the
+    /// Help that applies.
+    fn attack_sources(
+        &mut self,
+        actor: &Character,
+        target: &Character,
+        distance: Option<u32>,
+    ) -> (Vec<String>, Vec<String>) {
+        let ranged = self.details.range.is_some();
+        let mut why = attack_conditions(&actor.conditions, &target.conditions, distance, !ranged);
+        if self.details.advantage {
+            why.advantage.push("declared".into());
+        }
+        if self.details.disadvantage {
+            why.disadvantage.push("declared".into());
+        }
+        if let (Some(r), Some(d)) = (self.details.range, distance) {
+            if d > r.normal() {
+                why.disadvantage.push("beyond_normal_range".into());
+            }
+        }
+        if ranged && self.hostile_within_5ft(actor) {
+            why.disadvantage.push("hostile_within_5ft".into());
+        }
+        if actor.exhaustion >= 3 {
+            why.disadvantage.push("attacker_exhausted".into());
+        }
+        if self.take_help(Some(target.id)) {
+            why.advantage.push("helped".into());
+        }
+        (why.advantage, why.disadvantage)
+    }
+
+    /// Uses up the help given to the actor for an attack on `against` (or, with
+    /// `None`, for an ability check); whether there was one.
+    pub(crate) fn take_help(&mut self, against: Option<Uuid>) -> bool {
+        let actor = self.actor;
+        let Some(c) = self.s.g.combat.as_mut() else {
+            return false;
+        };
+        let helper = c.participants.values_mut().find(|p| {
+            p.help
+                .as_ref()
+                .is_some_and(|h| h.ally == actor && h.against == against)
+        });
+        match helper {
+            Some(p) => {
+                p.help = None;
+                true
+            }
+            None => false,
+        }
     }
 
     fn save(&mut self, targets: &[Uuid]) -> Result<Vec<Outcome>> {
@@ -554,58 +756,46 @@ impl Resolution {
         // Area damage is rolled once for every target.
         let mut rolled = BTreeMap::new();
         for (dice, t) in &parts {
-            let n = self.s.dice.roll("damage", Some(self.actor), *dice).max(0) as u32;
+            let n = self.s.dice.roll("damage", Some(self.actor), dice).max(0) as u32;
             *rolled.entry(*t).or_insert(0) += n;
         }
+        let action_save = (spec.ability, spec.dc, self.details.magical);
         let mut outcomes = vec![];
         for t in targets {
             let target = self.s.g.characters[t].clone();
-            let why = save_conditions(&target.conditions, spec.ability);
-            let bonus = target.save_bonus(spec.ability);
-            let mode = Mode::from_sources(!why.advantage.is_empty(), !why.disadvantage.is_empty());
-            let (d20, total, success) = match why.auto_fail {
-                Some(_) => (None, None, false),
-                None => {
-                    let r = self.s.dice.d20("save", Some(*t), mode, bonus);
-                    (Some(r.kept), Some(r.total), r.total >= spec.dc)
-                }
+            let ctx = SaveContext {
+                magical: self.details.magical,
+                cover: self.s.g.cover_of(*t, self.details.cover),
+                concentration: false,
             };
-            let mut outcome = Outcome {
-                target_id: *t,
-                effects: vec![if success {
+            let roll = roll_save(
+                &mut self.s.dice,
+                "save",
+                &target,
+                spec.ability,
+                spec.dc,
+                ctx,
+            );
+            let success = roll.success;
+            let mut outcome = Resolution::outcome(*t);
+            outcome.effects.push(
+                if success {
                     "save_succeeded"
                 } else {
                     "save_failed"
                 }
-                .into()],
-                damage: DamageReport::default(),
-                conditions: vec![],
-                attack: None,
-                save: Some(SaveRoll {
-                    ability: spec.ability,
-                    dc: spec.dc,
-                    d20,
-                    bonus,
-                    total,
-                    mode,
-                    auto_fail: why.auto_fail,
-                    success,
-                }),
-                concentration_check: None,
-                healed: None,
-                hp: 0,
-                temp_hp: 0,
-            };
+                .into(),
+            );
+            outcome.save = Some(roll);
             if !rolled.is_empty() {
                 if success && half {
-                    let halved = rolled.iter().map(|(t, n)| (*t, n / 2)).collect();
-                    self.damage(&mut outcome, halved, false, true);
+                    self.damage(&mut outcome, halve_total(&rolled), false, true);
                 } else if !success {
                     self.damage(&mut outcome, rolled.clone(), false, false);
                 }
             }
             if !success {
-                self.impose(&mut outcome)?;
+                self.impose(&mut outcome, Some(action_save))?;
             }
             self.finish(&mut outcome);
             outcomes.push(outcome);
@@ -622,21 +812,11 @@ impl Resolution {
         let dice = Dice::parse(amount)?;
         self.check_range(targets)?;
         self.start_concentration();
-        let n = self.s.dice.roll("heal", Some(self.actor), dice).max(0) as u32;
+        let n = self.s.dice.roll("heal", Some(self.actor), &dice).max(0) as u32;
         let mut outcomes = vec![];
         for t in targets {
-            let mut outcome = Outcome {
-                target_id: *t,
-                effects: vec![],
-                damage: DamageReport::default(),
-                conditions: vec![],
-                attack: None,
-                save: None,
-                concentration_check: None,
-                healed: Some(n),
-                hp: 0,
-                temp_hp: 0,
-            };
+            let mut outcome = Resolution::outcome(*t);
+            outcome.healed = Some(n);
             if self.details.temporary {
                 self.s.ch(*t).gain_temp_hp(n);
                 outcome.effects.push("temp_hp_gained".into());
@@ -644,7 +824,7 @@ impl Resolution {
                 let what = self.s.ch(*t).heal(n);
                 outcome.effects.extend(what.into_iter().map(String::from));
             }
-            self.impose(&mut outcome)?;
+            self.impose(&mut outcome, None)?;
             self.finish(&mut outcome);
             outcomes.push(outcome);
         }
@@ -684,7 +864,7 @@ impl Resolution {
     }
 
     /// A concentration action replaces the actor's previous concentration.
-    fn start_concentration(&mut self) {
+    pub(crate) fn start_concentration(&mut self) {
         if !self.details.concentration {
             return;
         }
@@ -733,29 +913,24 @@ impl Resolution {
             outcome.effects.push("concentration_broken".into());
             return;
         }
-        let dc = (total as i32 / 2).max(10);
-        let bonus = target.save_bonus(Ability::Con);
-        let r = self
-            .s
-            .dice
-            .d20("concentration", Some(t), Mode::Normal, bonus);
-        let success = r.total >= dc;
-        outcome.concentration_check = Some(ConcentrationCheck {
-            dc,
-            d20: r.kept,
-            total: r.total,
-            success,
-        });
-        if success {
+        let target = target.clone();
+        let check = concentration_check(&mut self.s.dice, &target, total);
+        if check.success {
             outcome.effects.push("concentration_kept".into());
         } else {
             self.s.g.end_concentration(t);
             outcome.effects.push("concentration_broken".into());
         }
+        outcome.concentration_check = Some(check);
     }
 
-    /// Imposes the action's conditions on the outcome's target.
-    fn impose(&mut self, outcome: &mut Outcome) -> Result<()> {
+    /// Imposes the action's conditions on the outcome's target. `action_save` is the
+    /// save of a save action, `(ability, dc, magical)`, for `save_ends: true`.
+    fn impose(
+        &mut self,
+        outcome: &mut Outcome,
+        action_save: Option<(Ability, i32, bool)>,
+    ) -> Result<()> {
         let t = outcome.target_id;
         for spec in self.details.conditions.clone() {
             let target = &self.s.g.characters[&t];
@@ -781,6 +956,10 @@ impl Resolution {
                 Some(d) => Some(self.s.g.duration(d, t, Some(self.actor))?),
                 None => None,
             };
+            let save_ends = match spec.save_ends {
+                Some(se) => Some(save_ends_of(se, action_save)?),
+                None => None,
+            };
             self.s.g.add_effect(Effect {
                 id: 0,
                 target: t,
@@ -789,6 +968,7 @@ impl Resolution {
                 concentration: self.details.concentration,
                 action_id: Some(self.action_id),
                 duration,
+                save_ends,
             });
             outcome.conditions.push(spec.condition);
         }
@@ -796,9 +976,30 @@ impl Resolution {
     }
 
     /// Records the target's hit points after the action.
-    fn finish(&mut self, outcome: &mut Outcome) {
+    pub(crate) fn finish(&mut self, outcome: &mut Outcome) {
         let c = &self.s.g.characters[&outcome.target_id];
         outcome.hp = c.hp;
         outcome.temp_hp = c.temp_hp;
     }
+}
+
+/// Half of a damage roll (a successful save for half): "half as much damage" is half
+/// the total, rounded down (SRD 5.1, "Spellcasting: Saving Throws"; "Rounding Down"),
+/// shared out among the types so that resistances still apply per type: each type
+/// keeps half its amount rounded down, and the odd points left go to the odd types in
+/// turn (7 fire + 7 cold → 3 fire + 4 cold = 7, not 6).
+pub(crate) fn halve_total(rolled: &BTreeMap<DamageType, u32>) -> BTreeMap<DamageType, u32> {
+    let total: u32 = rolled.values().sum();
+    let mut half: BTreeMap<DamageType, u32> = rolled.iter().map(|(t, n)| (*t, n / 2)).collect();
+    let mut left = total / 2 - half.values().sum::<u32>();
+    for (t, n) in rolled {
+        if left == 0 {
+            break;
+        }
+        if n % 2 == 1 {
+            *half.get_mut(t).expect("same keys") += 1;
+            left -= 1;
+        }
+    }
+    half
 }

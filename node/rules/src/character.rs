@@ -19,6 +19,19 @@
 //!   of at least the hit point maximum kills outright.
 //! * Healing never exceeds the maximum; it wakes an unconscious player character and
 //!   resets its death saves. The dead cannot be healed.
+//!
+//! # Exhaustion (SRD 5.1, appendix A, "Exhaustion")
+//!
+//! `exhaustion` is a level 0–6 whose effects add up: 1 disadvantage on ability checks
+//! (the Hide check is the only one the rules roll); 2 speed halved; 3 disadvantage on
+//! attack rolls and saving throws; 4 hit point maximum halved; 5 speed 0; 6 death.
+//!
+//! # Advantage on saving throws from traits
+//!
+//! `save_advantages` / `save_disadvantages` list what a creature's traits give it
+//! advantage or disadvantage on: an ability (`"dex"`: every Dexterity save), `"magic"`
+//! (saves against spells and magical effects, e.g. Magic Resistance), or
+//! `"concentration"` (the Constitution saves that keep concentration, e.g. War Caster).
 
 use crate::conditions::{Condition, Conditions};
 use crate::error::{codes, Result, RuleError};
@@ -55,6 +68,47 @@ impl Ability {
             Ability::Int => "int",
             Ability::Wis => "wis",
             Ability::Cha => "cha",
+        }
+    }
+}
+
+/// What a trait gives advantage or disadvantage on (`save_advantages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveTag {
+    Str,
+    Dex,
+    Con,
+    Int,
+    Wis,
+    Cha,
+    /// Saves against spells and other magical effects (Magic Resistance).
+    Magic,
+    /// Constitution saves to keep concentration (War Caster).
+    Concentration,
+}
+
+impl SaveTag {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaveTag::Str => "str",
+            SaveTag::Dex => "dex",
+            SaveTag::Con => "con",
+            SaveTag::Int => "int",
+            SaveTag::Wis => "wis",
+            SaveTag::Cha => "cha",
+            SaveTag::Magic => "magic",
+            SaveTag::Concentration => "concentration",
+        }
+    }
+
+    /// Whether the tag applies to a save of `ability`, `magical` or not, made to keep
+    /// `concentration` or not.
+    pub fn applies(self, ability: Ability, magical: bool, concentration: bool) -> bool {
+        match self {
+            SaveTag::Magic => magical,
+            SaveTag::Concentration => concentration,
+            other => other.as_str() == ability.as_str(),
         }
     }
 }
@@ -172,7 +226,22 @@ pub struct Character {
     pub death_saves: DeathSaves,
     /// A player character at 0 hit points with three successful death saves.
     pub stable: bool,
+    /// Exhaustion level, 0–6 (see the module docs).
+    #[serde(default, skip_serializing_if = "is_zero_u8")]
+    pub exhaustion: u8,
+    /// Traits giving advantage on some saving throws (see the module docs).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub save_advantages: BTreeSet<SaveTag>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub save_disadvantages: BTreeSet<SaveTag>,
 }
+
+fn is_zero_u8(n: &u8) -> bool {
+    *n == 0
+}
+
+/// Highest exhaustion level; it kills.
+pub const MAX_EXHAUSTION: i64 = 6;
 
 /// Ability values of a sheet: modifiers (`abilities`) or scores (`ability_scores`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -281,6 +350,13 @@ pub struct Sheet {
     pub immunities: BTreeSet<DamageType>,
     #[serde(default)]
     pub condition_immunities: BTreeSet<Condition>,
+    /// 0–5 (a character enters play alive).
+    #[serde(default)]
+    pub exhaustion: Option<i64>,
+    #[serde(default)]
+    pub save_advantages: BTreeSet<SaveTag>,
+    #[serde(default)]
+    pub save_disadvantages: BTreeSet<SaveTag>,
 }
 
 /// `invalid_character` unless `lo <= v <= hi`.
@@ -391,7 +467,16 @@ impl Character {
             condition_immunities: s.condition_immunities.clone(),
             death_saves: DeathSaves::default(),
             stable: false,
+            exhaustion: in_range(
+                "exhaustion",
+                s.exhaustion.unwrap_or(0),
+                0,
+                MAX_EXHAUSTION - 1,
+            )? as u8,
+            save_advantages: s.save_advantages.clone(),
+            save_disadvantages: s.save_disadvantages.clone(),
         };
+        c.hp = c.hp.min(c.hp_max());
         if c.conditions.contains(&Condition::Unconscious) {
             c.conditions.insert(Condition::Prone);
         }
@@ -418,6 +503,40 @@ impl Character {
 
     pub fn incapacitated(&self) -> bool {
         crate::conditions::incapacitated(&self.conditions)
+    }
+
+    /// The hit point maximum now: halved from exhaustion level 4 (SRD 5.1, appendix A).
+    pub fn hp_max(&self) -> u32 {
+        if self.exhaustion >= 4 {
+            (self.max_hp / 2).max(1)
+        } else {
+            self.max_hp
+        }
+    }
+
+    /// The walking speed now: halved from exhaustion level 2, 0 from level 5, 0 under
+    /// a condition that stops movement.
+    pub fn speed_now(&self) -> u32 {
+        if self.exhaustion >= 5 || crate::conditions::movement_stopper(&self.conditions).is_some() {
+            0
+        } else if self.exhaustion >= 2 {
+            self.speed / 2
+        } else {
+            self.speed
+        }
+    }
+
+    /// Sets the exhaustion level (0–6): level 6 is death; from level 4 the hit points
+    /// are capped at the halved maximum.
+    pub fn set_exhaustion(&mut self, level: u8) {
+        self.exhaustion = level;
+        if level as i64 >= MAX_EXHAUSTION {
+            self.die();
+            return;
+        }
+        if self.hp > self.hp_max() {
+            self.hp = self.hp_max();
+        }
     }
 
     /// Saving throw bonus: ability modifier, plus proficiency if proficient.
@@ -482,7 +601,7 @@ impl Character {
             // Already dying: damage is a failed death save (two on a critical hit),
             // or death when it reaches the hit point maximum.
             self.stable = false;
-            if rest >= self.max_hp {
+            if rest >= self.hp_max() {
                 self.die();
                 what.extend(["instant_death", "dead"]);
             } else {
@@ -505,7 +624,7 @@ impl Character {
         if !self.player_character {
             self.die();
             what.push("dead");
-        } else if overflow >= self.max_hp {
+        } else if overflow >= self.hp_max() {
             self.die();
             what.extend(["instant_death", "dead"]);
         } else {
@@ -521,7 +640,7 @@ impl Character {
     pub fn heal(&mut self, amount: u32) -> Vec<&'static str> {
         let mut what = vec!["healed"];
         let was_down = self.hp == 0;
-        self.hp = (self.hp + amount).min(self.max_hp);
+        self.hp = (self.hp + amount).min(self.hp_max());
         if was_down && self.hp > 0 {
             self.regain_consciousness();
             what.push("conscious");
@@ -593,7 +712,7 @@ impl Character {
     /// Sets hit points directly (DM or hub), with the consequences of crossing 0.
     pub fn set_hp(&mut self, hp: u32) {
         let before = self.hp;
-        self.hp = hp.min(self.max_hp);
+        self.hp = hp.min(self.hp_max());
         if self.hp == 0 && before > 0 {
             if self.player_character {
                 self.add_condition(Condition::Unconscious);
@@ -661,6 +780,17 @@ pub struct CharacterChanges {
     pub immunities: Option<BTreeSet<DamageType>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition_immunities: Option<BTreeSet<Condition>>,
+    /// Exhaustion level 0–6 (6 kills).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "exhaustion_level"
+    )]
+    pub exhaustion: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_advantages: Option<BTreeSet<SaveTag>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_disadvantages: Option<BTreeSet<SaveTag>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions_add: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -688,7 +818,19 @@ impl CharacterChanges {
         }
         if let Some(m) = self.max_hp {
             c.max_hp = in_range("max_hp", m, 1, MAX_HP)? as u32;
-            c.hp = c.hp.min(c.max_hp);
+            c.hp = c.hp.min(c.hp_max());
+        }
+        if let Some(e) = self.exhaustion {
+            let level = in_range("exhaustion", e, 0, MAX_EXHAUSTION)? as u8;
+            if level != c.exhaustion {
+                c.set_exhaustion(level);
+            }
+        }
+        if let Some(s) = &self.save_advantages {
+            c.save_advantages = s.clone();
+        }
+        if let Some(s) = &self.save_disadvantages {
+            c.save_disadvantages = s.clone();
         }
         if let Some(t) = self.temp_hp {
             c.temp_hp = in_range("temp_hp", t, 0, MAX_HP)? as u32;
@@ -725,7 +867,7 @@ impl CharacterChanges {
             c.condition_immunities = s.clone();
         }
         if let Some(h) = self.hp {
-            let hp = in_range("hp", h, 0, i64::from(c.max_hp))? as u32;
+            let hp = in_range("hp", h, 0, i64::from(c.hp_max()))? as u32;
             c.set_hp(hp);
         }
         Ok(())

@@ -16,20 +16,36 @@
 //!    Dead creatures' turns are skipped (their turn boundaries still count for
 //!    durations).
 //! 4. At the start of its turn a dying player character rolls a death save
-//!    (`death_save`).
-//! 5. `combat_end` (DM) clears the combat and every timed effect.
+//!    (`death_save`; with disadvantage from exhaustion level 3).
+//! 5. At the end of its turn a creature repeats the saving throw of each "save ends"
+//!    effect on it (`repeat_save`); a success ends the effect.
+//! 6. `combat_end` (DM) clears the combat and the effects timed in rounds (those timed
+//!    in minutes outlast it).
 //!
 //! `combat_add` (DM) brings more creatures into a running combat; the server rolls
-//! their initiative and they take their place in the order.
+//! their initiative (or, with `settings.allow_client_rolls`, player characters roll
+//! their own) and they take their place in the order once rolled.
+//!
+//! # Surprise (SRD 5.1, "Combat: Surprise")
+//!
+//! "If you're surprised, you can't move or take an action on your first turn of the
+//! combat, and you can't take a reaction until that turn ends." `combat_start` names
+//! the surprised participants (the DM decides who noticed whom). A surprised creature
+//! loses its first turn: the turn begins (`turn_change` with `surprised: true`, its
+//! death save if dying) and ends at once, with its end-of-turn effects; until then it
+//! takes no reaction (`surprised`) and makes no opportunity attack.
 
-use crate::command::Ctx;
-use crate::conditions::Boundary;
+use crate::character::Pos;
+use crate::command::{ActionType, Ctx};
+use crate::conditions::{Boundary, Condition, SaveEnds};
 use crate::dice::Mode;
 use crate::error::{codes, Result, RuleError};
 use crate::event::{
-    CombatEnded, CombatJoined, CombatStarted, DeathSaveRolled, Event, InitiativeRolled, TurnChanged,
+    CombatEnded, CombatJoined, CombatStarted, DeathSaveRolled, Event, InitiativeRolled, RepeatSave,
+    TurnChanged,
 };
 use crate::game::{Actor, Game, Scratch};
+use crate::saves::{roll_save, SaveContext};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::cmp::Reverse;
@@ -55,6 +71,10 @@ pub struct Combat {
     pub order: Vec<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn: Option<Turn>,
+    /// A move paused before leaving hostile creatures' reach (see
+    /// [`crate::movement`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opportunity: Option<Opportunity>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -63,6 +83,53 @@ pub struct Participant {
     pub initiative: Option<Initiative>,
     /// Spent its reaction since the start of its last turn.
     pub reaction_used: bool,
+    /// Surprised, until its first turn ends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub surprised: bool,
+    /// An action readied until the start of its next turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readied: Option<Readied>,
+    /// Help given until the start of its next turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub help: Option<HelpGiven>,
+}
+
+/// A readied action (SRD 5.1, "Actions in Combat: Ready"), released with the reaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Readied {
+    /// The Ready action's id (a readied spell's concentration is on it).
+    pub action_id: Uuid,
+    /// What will be done: `attack`, `save`, `heal` or `other`.
+    pub action_type: ActionType,
+    /// The perceivable circumstance that releases it (free text).
+    pub trigger: String,
+    /// A spell held with concentration.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spell: bool,
+}
+
+/// The Help action (SRD 5.1, "Actions in Combat: Help"): `ally`'s next attack roll
+/// against `against` (or, without one, its next ability check) has advantage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelpGiven {
+    pub ally: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub against: Option<Uuid>,
+}
+
+/// A move paused on `at`, before the step that leaves the reach of `waiting`; it goes
+/// on along `remaining` once each of them has answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Opportunity {
+    pub mover: Uuid,
+    pub at: Pos,
+    /// The squares still to walk (the step out of reach first).
+    pub remaining: Vec<Pos>,
+    /// Reactors that have not answered yet.
+    pub waiting: Vec<Uuid>,
+    /// Every reactor offered the attack at `at` (none is offered it again when the
+    /// move goes on from there).
+    pub offered: Vec<Uuid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,6 +192,13 @@ impl Combat {
         ids
     }
 
+    /// The participants that have rolled, best first: the turn order.
+    fn rolled_order(&self) -> Vec<Uuid> {
+        let mut ids = self.sorted();
+        ids.retain(|id| self.participants[id].initiative.is_some());
+        ids
+    }
+
     fn everyone_rolled(&self) -> bool {
         self.participants.values().all(|p| p.initiative.is_some())
     }
@@ -133,6 +207,11 @@ impl Combat {
     fn active_index(&self) -> Option<usize> {
         let t = self.turn.as_ref()?;
         self.order.iter().position(|id| *id == t.character_id)
+    }
+
+    /// Whether `id` is a participant still surprised (its first turn has not ended).
+    pub fn surprised(&self, id: Uuid) -> bool {
+        self.participants.get(&id).is_some_and(|p| p.surprised)
     }
 }
 
@@ -195,11 +274,18 @@ impl Game {
         Ok(())
     }
 
+    /// Whether the server rolls `id`'s initiative: always, except for player
+    /// characters when `settings.allow_client_rolls` is on (they roll their own).
+    fn server_rolls(&self, id: Uuid) -> bool {
+        !self.allow_client_rolls || !self.characters[&id].player_character
+    }
+
     pub(crate) fn decide_combat_start(
         &self,
         who: &Actor,
         ctx: &Ctx,
         participants: &[Uuid],
+        surprised: &[Uuid],
     ) -> Result<Vec<Event>> {
         who.require_dm("start combat")?;
         if let Some(c) = &self.combat {
@@ -210,6 +296,16 @@ impl Game {
             .with_details(json!({ "combat_id": c.id })));
         }
         self.check_participants(participants)?;
+        if surprised
+            .iter()
+            .enumerate()
+            .any(|(i, id)| !participants.contains(id) || surprised[..i].contains(id))
+        {
+            return Err(RuleError::new(
+                codes::INVALID_PAYLOAD,
+                "`surprised` lists participants, each once",
+            ));
+        }
         let mut s = Scratch::new(self);
         s.g.combat = Some(Combat {
             id: ctx.command_id,
@@ -217,21 +313,28 @@ impl Game {
             turn_number: 0,
             participants: participants
                 .iter()
-                .map(|id| (*id, Participant::default()))
+                .map(|id| {
+                    let p = Participant {
+                        surprised: surprised.contains(id),
+                        ..Default::default()
+                    };
+                    (*id, p)
+                })
                 .collect(),
             order: vec![],
             turn: None,
+            opportunity: None,
         });
         let mut events = vec![Event::CombatStarted(CombatStarted {
             combat_id: ctx.command_id,
             participants: participants.to_vec(),
+            surprised: surprised.to_vec(),
             by: ctx.user_id,
             patch: s.patch(),
             timestamp: ctx.timestamp.clone(),
         })];
         for id in participants {
-            let pc = self.characters[id].player_character;
-            if !self.allow_client_rolls || !pc {
+            if self.server_rolls(*id) {
                 events.push(roll_initiative(&mut s, ctx, *id, None, &BTreeMap::new()));
             }
         }
@@ -276,7 +379,9 @@ impl Game {
             timestamp: ctx.timestamp.clone(),
         })];
         for id in participants {
-            events.push(roll_initiative(&mut s, ctx, *id, None, &BTreeMap::new()));
+            if self.server_rolls(*id) {
+                events.push(roll_initiative(&mut s, ctx, *id, None, &BTreeMap::new()));
+            }
         }
         begin_if_ready(&mut s, ctx, &mut events);
         Ok(events)
@@ -341,12 +446,15 @@ impl Game {
             )
             .with_details(json!({ "active_character": turn.character_id })));
         }
+        self.require_no_pending_reactions(turn.character_id)?;
         let mut s = Scratch::new(self);
         let mut events = vec![];
         advance(&mut s, ctx, &mut events);
         Ok(events)
     }
 
+    /// Ends the combat and the effects timed in rounds; effects timed in minutes, and
+    /// effects without a duration (a grapple, a save-ends condition), stay.
     pub(crate) fn decide_combat_end(&self, who: &Actor, ctx: &Ctx) -> Result<Vec<Event>> {
         who.require_dm("end combat")?;
         let c = self.require_combat()?;
@@ -354,7 +462,7 @@ impl Game {
         let timed: Vec<u64> =
             s.g.effects
                 .values()
-                .filter(|e| e.duration.is_some())
+                .filter(|e| e.duration.is_some_and(|d| d.minutes.is_none()))
                 .map(|e| e.id)
                 .collect();
         for id in &timed {
@@ -412,7 +520,7 @@ fn roll_initiative(
     let combat_id = combat.id;
     if !combat.order.is_empty() {
         // Joining a running combat: take its place; the active creature keeps its turn.
-        combat.order = combat.sorted();
+        combat.order = combat.rolled_order();
         combat.turn_number = combat.active_index().map_or(0, |i| i as u32 + 1);
     }
     Event::InitiativeRoll(InitiativeRolled {
@@ -447,17 +555,42 @@ fn begin_if_ready(s: &mut Scratch, ctx: &Ctx, events: &mut Vec<Event>) {
         first
     };
     start_turn(s, ctx, None, next, ended, events);
+    skip_surprised(s, ctx, events);
 }
 
-/// Ends the active creature's turn and starts the next one's.
+/// Ends the active creature's turn and starts the next one's (then skips the turns
+/// surprised creatures lose).
 fn advance(s: &mut Scratch, ctx: &Ctx, events: &mut Vec<Event>) {
+    end_and_start(s, ctx, events);
+    skip_surprised(s, ctx, events);
+}
+
+/// A surprised creature loses its first turn: it ends as soon as it began.
+fn skip_surprised(s: &mut Scratch, ctx: &Ctx, events: &mut Vec<Event>) {
+    while let Some(c) = &s.g.combat {
+        let active = c.turn.as_ref().expect("a turn").character_id;
+        if !c.surprised(active) {
+            return;
+        }
+        end_and_start(s, ctx, events);
+    }
+}
+
+fn end_and_start(s: &mut Scratch, ctx: &Ctx, events: &mut Vec<Event>) {
     let current =
         s.g.combat
             .as_ref()
             .and_then(|c| c.turn.as_ref())
             .expect("a turn")
             .character_id;
+    repeat_saves(s, ctx, current, events);
     let mut ended = boundary(s, Boundary::End, current);
+    let combat = s.g.combat.as_mut().expect("inside a combat");
+    combat.opportunity = None;
+    if let Some(p) = combat.participants.get_mut(&current) {
+        // "...and you can't take a reaction until that turn ends."
+        p.surprised = false;
+    }
     let next = next_living(s, &mut ended);
     start_turn(s, ctx, Some(current), next, ended, events);
 }
@@ -485,8 +618,10 @@ fn next_living(s: &mut Scratch, ended: &mut Vec<u64>) -> Uuid {
     }
 }
 
-/// Starts `next`'s turn: fresh action economy, its reaction back, effects ending at the
-/// start of its turn expire; then its death save if it is dying.
+/// Starts `next`'s turn: fresh action economy, its reaction back, what it readied or
+/// the help it gave lapses, effects ending at the start of its turn expire; then its
+/// death save if it is dying (SRD 5.1, "Death Saving Throws"; disadvantage from
+/// exhaustion level 3, which covers every saving throw).
 fn start_turn(
     s: &mut Scratch,
     ctx: &Ctx,
@@ -498,10 +633,22 @@ fn start_turn(
     let combat = s.g.combat.as_mut().expect("inside a combat");
     combat.turn = Some(Turn::new(next));
     combat.turn_number = combat.active_index().map_or(0, |i| i as u32 + 1);
+    let mut surprised = false;
+    let mut readied_spell = None;
     if let Some(p) = combat.participants.get_mut(&next) {
         p.reaction_used = false;
+        p.help = None;
+        readied_spell = p.readied.take().filter(|r| r.spell).map(|r| r.action_id);
+        surprised = p.surprised;
     }
     let (combat_id, round, turn_number) = (combat.id, combat.round, combat.turn_number);
+    if let Some(held) = readied_spell {
+        // An unreleased readied spell is lost, and with it the concentration.
+        let holding = s.g.characters[&next].concentration.as_ref();
+        if holding.is_some_and(|c| c.action_id == held) {
+            s.g.end_concentration(next);
+        }
+    }
     ended.extend(boundary(s, Boundary::Start, next));
     events.push(Event::TurnChange(TurnChanged {
         combat_id,
@@ -510,22 +657,83 @@ fn start_turn(
         turn_number,
         previous_character: previous,
         effects_ended: ended,
+        surprised,
         by: ctx.user_id,
         patch: s.patch(),
         timestamp: ctx.timestamp.clone(),
     }));
     if s.g.characters[&next].dying() {
-        let d20 = s.dice.d20("death_save", Some(next), Mode::Normal, 0);
-        let c = s.ch(next);
-        let (result, outcome) = c.death_save(d20.kept);
-        let (successes, failures) = (c.death_saves.successes, c.death_saves.failures);
-        events.push(Event::DeathSave(DeathSaveRolled {
-            character_id: next,
-            roll: d20.kept,
-            result: result.into(),
-            successes,
-            failures,
-            outcome: outcome.into(),
+        death_save(s, ctx, next, events);
+    }
+}
+
+fn death_save(s: &mut Scratch, ctx: &Ctx, who: Uuid, events: &mut Vec<Event>) {
+    let mode = if s.g.characters[&who].exhaustion >= 3 {
+        Mode::Disadvantage
+    } else {
+        Mode::Normal
+    };
+    let d20 = s.dice.d20("death_save", Some(who), mode, 0);
+    let c = s.ch(who);
+    let (result, outcome) = c.death_save(d20.kept);
+    let (successes, failures) = (c.death_saves.successes, c.death_saves.failures);
+    events.push(Event::DeathSave(DeathSaveRolled {
+        character_id: who,
+        roll: d20.kept,
+        result: result.into(),
+        successes,
+        failures,
+        outcome: outcome.into(),
+        rolls: s.rolls(),
+        by: ctx.user_id,
+        patch: s.patch(),
+        timestamp: ctx.timestamp.clone(),
+    }));
+}
+
+/// At the end of `who`'s turn, one repeat save per "save ends" group on it: the
+/// effects of one action (or one DM command) with the same save share it, and a
+/// success ends them all. The dead make no saves.
+fn repeat_saves(s: &mut Scratch, ctx: &Ctx, who: Uuid, events: &mut Vec<Event>) {
+    if s.g.characters.get(&who).is_none_or(|c| c.is_dead()) {
+        return;
+    }
+    type Group = (Option<Uuid>, u64, SaveEnds);
+    let mut groups: Vec<(Group, Vec<u64>, Vec<Condition>)> = vec![];
+    for e in s.g.effects.values().filter(|e| e.target == who) {
+        let Some(save) = e.save_ends else { continue };
+        // Effects of one action group by its id; others stand alone.
+        let key: Group = (
+            e.action_id,
+            if e.action_id.is_some() { 0 } else { e.id },
+            save,
+        );
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => {
+                g.1.push(e.id);
+                g.2.push(e.condition);
+            }
+            None => groups.push((key, vec![e.id], vec![e.condition])),
+        }
+    }
+    for ((_, _, save), effect_ids, conditions) in groups {
+        let saver = s.g.characters[&who].clone();
+        let ctx_save = SaveContext {
+            magical: save.magical,
+            ..Default::default()
+        };
+        let roll = roll_save(&mut s.dice, "save", &saver, save.ability, save.dc, ctx_save);
+        if roll.success {
+            for id in &effect_ids {
+                s.g.end_effect(*id);
+            }
+        }
+        events.push(Event::RepeatSave(RepeatSave {
+            character_id: who,
+            effect_ids,
+            conditions,
+            ended: roll.success,
+            save: roll,
             rolls: s.rolls(),
             by: ctx.user_id,
             patch: s.patch(),

@@ -4,9 +4,10 @@
 //! either refused with a [`crate::RuleError`], or turned into events. Commands are never
 //! stored; the events they produce are.
 
-use crate::character::{CharacterChanges, Pos};
+use crate::character::{Ability, CharacterChanges, Pos};
 use crate::conditions::{Boundary, Condition};
 use crate::error::{codes, Result, RuleError};
+use crate::terrain::TerrainSquare;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -127,9 +128,12 @@ pub enum Command {
         character_id: Uuid,
         position: Pos,
     },
-    /// DM: start combat with these characters; initiative is rolled.
+    /// DM: start combat with these characters; initiative is rolled. `surprised`
+    /// participants lose their first turn.
     CombatStart {
         participants: Vec<Uuid>,
+        #[serde(default)]
+        surprised: Vec<Uuid>,
     },
     /// DM: bring more characters into the running combat.
     CombatAdd {
@@ -150,10 +154,14 @@ pub enum Command {
     EndTurn {},
     /// Declare (and resolve) an action: attack, save, heal, dash, disengage, dodge, other.
     ActionDeclare(ActionDeclare),
-    /// Move a character on the grid.
+    /// Move a character on the grid, step by step: along `path` (the squares between
+    /// its square and `to`, each next to the one before) or, without one, the
+    /// straight line.
     Move {
         character_id: Uuid,
         to: Pos,
+        #[serde(default)]
+        path: Vec<Pos>,
     },
     /// Stand up from prone (costs half the speed).
     StandUp {
@@ -167,6 +175,10 @@ pub enum Command {
         duration: Option<DurationSpec>,
         #[serde(default)]
         source: Option<Uuid>,
+        /// The target repeats this save at the end of each of its turns; a success
+        /// ends the condition.
+        #[serde(default)]
+        save_ends: Option<SaveEndsSpec>,
     },
     /// DM: remove a condition (and every effect imposing it).
     RemoveCondition {
@@ -175,6 +187,19 @@ pub enum Command {
     },
     /// Drop concentration (the controller or the DM; no action needed).
     EndConcentration {
+        character_id: Uuid,
+    },
+    /// DM: mark squares of the battle map as difficult terrain or cover (or clear them).
+    TerrainSet {
+        #[serde(default)]
+        squares: Vec<TerrainSquare>,
+        /// Remove every mark first.
+        #[serde(default)]
+        clear: bool,
+    },
+    /// A creature a paused move waits for lets the opportunity attack pass (its
+    /// controller or the DM).
+    ReactionDecline {
         character_id: Uuid,
     },
     /// DM: restore the session to an earlier version. The node decides it with
@@ -210,6 +235,13 @@ pub enum ActionType {
     Dash,
     Disengage,
     Dodge,
+    /// Help an ally: advantage on its next attack against a creature near the helper,
+    /// or on its next ability check.
+    Help,
+    /// A Dexterity (Stealth) check to become hidden.
+    Hide,
+    /// Ready an action to release with the reaction when a trigger occurs.
+    Ready,
     /// Anything else: spends the action, no mechanics.
     Other,
 }
@@ -223,6 +255,9 @@ impl ActionType {
             ActionType::Dash => "dash",
             ActionType::Disengage => "disengage",
             ActionType::Dodge => "dodge",
+            ActionType::Help => "help",
+            ActionType::Hide => "hide",
+            ActionType::Ready => "ready",
             ActionType::Other => "other",
         }
     }
@@ -239,14 +274,33 @@ pub enum Cost {
     Reaction,
 }
 
-/// A duration as clients write it: `{rounds, ends: "start"|"end", of}` where `of` is
-/// `"target"` (default), `"actor"` (the creature imposing it) or a character id.
+/// A duration as clients write it: `{rounds, ends: "start"|"end", of}` or
+/// `{minutes, ends, of}`, where `of` is `"target"` (default), `"actor"` (the creature
+/// imposing it) or a character id, and `ends` defaults to `"end"`. A minute is 10
+/// rounds; a duration in minutes outlasts the combat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DurationSpec {
+    #[serde(default)]
     pub rounds: u32,
+    #[serde(default)]
+    pub minutes: Option<u32>,
+    #[serde(default = "end_boundary")]
     pub ends: Boundary,
     #[serde(default)]
     pub of: TurnOf,
+}
+
+fn end_boundary() -> Boundary {
+    Boundary::End
+}
+
+/// `save_ends` as clients write it: `{ability, dc}`, or (in an action's condition spec)
+/// `true` for the action's own saving throw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SaveEndsSpec {
+    Same(bool),
+    Save { ability: Ability, dc: i32 },
 }
 
 /// Whose turn a duration counts.
@@ -303,6 +357,8 @@ pub const CLIENT_TYPES: &[&str] = &[
     "apply_condition",
     "remove_condition",
     "end_concentration",
+    "terrain_set",
+    "reaction_decline",
     "rollback",
 ];
 
@@ -352,6 +408,8 @@ impl Command {
             Command::ApplyCondition { .. } => "apply_condition",
             Command::RemoveCondition { .. } => "remove_condition",
             Command::EndConcentration { .. } => "end_concentration",
+            Command::TerrainSet { .. } => "terrain_set",
+            Command::ReactionDecline { .. } => "reaction_decline",
             Command::Rollback { .. } => "rollback",
         }
     }
@@ -368,6 +426,7 @@ impl Command {
                 | Command::ActionDeclare(_)
                 | Command::Move { .. }
                 | Command::StandUp { .. }
+                | Command::ReactionDecline { .. }
         )
     }
 }

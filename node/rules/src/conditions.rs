@@ -24,18 +24,42 @@
 //! | restrained | disadvantage | advantage | disadvantage on Dex | speed 0 |
 //! | stunned | | advantage | fails Str/Dex | incapacitated, speed 0 |
 //! | unconscious | | advantage; a hit within 5 ft is critical | fails Str/Dex | incapacitated, speed 0, falls prone |
-//! | dodging (Dodge action) | | disadvantage | advantage on Dex | until the start of its next turn |
+//! | dodging (Dodge action) | | disadvantage | advantage on Dex | until the start of its next turn; ends when incapacitated or at speed 0 |
+//! | hidden (Hide action) | advantage | disadvantage | | ends after it attacks |
 //! | dead | | | | cannot act or be targeted |
 //!
+//! "Dodging" and "hidden" are not SRD conditions but the states the Dodge and Hide
+//! actions leave (SRD 5.1, "Actions in Combat"), modelled as conditions so that they
+//! expire and show like one. Exhaustion is a level on the character (see
+//! [`crate::character::Character::exhaustion`]).
+//!
+//! Rules kept after every event ([`crate::game::Game`]'s `settle`):
+//!
+//! * Dodge: "You lose this benefit if you are incapacitated or if your speed drops to
+//!   0" (SRD 5.1, "Actions in Combat: Dodge").
+//! * Grappled: "The condition ends if the grappler is incapacitated" (SRD 5.1, appendix
+//!   A, "Grappled"); the grappler is the effect's source.
+//!
 //! Simplifications, on purpose: frightened imposes disadvantage whether or not the source
-//! is in sight; exhaustion is not modelled (use the state document).
+//! is in sight; a grapple does not end when the grappler moves away (dragging is the
+//! DM's, with `place_character`).
 //!
 //! # Durations
 //!
 //! An effect may last `rounds` turn boundaries of a named creature: it ends at the
 //! `rounds`-th start (or end) of that creature's turn after it was imposed. "Until the
-//! start of your next turn" is `{rounds: 1, ends: "start", of: you}`. Durations tick
-//! only in combat; ending combat ends every timed effect.
+//! start of your next turn" is `{rounds: 1, ends: "start", of: you}`. A duration in
+//! minutes counts 10 rounds a minute (SRD 5.1, "Combat: The Order of Combat": a round is
+//! 6 seconds). Durations tick only in combat; ending combat ends the effects measured
+//! in rounds, while those measured in minutes outlast it (the DM ends them, or their
+//! concentration does).
+//!
+//! # Save ends
+//!
+//! An effect may end on a saving throw the target repeats at the end of each of its
+//! turns (`save_ends: {ability, dc}`; e.g. SRD 5.1 *hold person*: "At the end of each of
+//! its turns, the target can make another Wisdom saving throw. On a success, the spell
+//! ends on the target."). See [`crate::combat`].
 
 use crate::character::Ability;
 use serde::{Deserialize, Serialize};
@@ -61,13 +85,15 @@ pub enum Condition {
     Unconscious,
     /// The Dodge action, modelled as a condition so that it can expire like one.
     Dodging,
+    /// A successful Hide action: unseen until it attacks or is found.
+    Hidden,
     /// Not a 5e condition: a dead creature (0 hit points for a monster, three failed
     /// death saves or massive damage for a player character).
     Dead,
 }
 
 impl Condition {
-    pub const ALL: [Condition; 16] = [
+    pub const ALL: [Condition; 17] = [
         Condition::Blinded,
         Condition::Charmed,
         Condition::Deafened,
@@ -83,6 +109,7 @@ impl Condition {
         Condition::Stunned,
         Condition::Unconscious,
         Condition::Dodging,
+        Condition::Hidden,
         Condition::Dead,
     ];
 
@@ -103,6 +130,7 @@ impl Condition {
             Condition::Stunned => "stunned",
             Condition::Unconscious => "unconscious",
             Condition::Dodging => "dodging",
+            Condition::Hidden => "hidden",
             Condition::Dead => "dead",
         }
     }
@@ -190,6 +218,7 @@ pub fn attack_conditions(
             Condition::Prone => dis(&mut out, "attacker_prone"),
             Condition::Restrained => dis(&mut out, "attacker_restrained"),
             Condition::Invisible => adv(&mut out, "attacker_invisible"),
+            Condition::Hidden => adv(&mut out, "attacker_hidden"),
             _ => {}
         }
     }
@@ -203,6 +232,7 @@ pub fn attack_conditions(
             Condition::Unconscious => adv(&mut out, "target_unconscious"),
             Condition::Invisible => dis(&mut out, "target_invisible"),
             Condition::Dodging => dis(&mut out, "target_dodging"),
+            Condition::Hidden => dis(&mut out, "target_hidden"),
             Condition::Prone if within_5 => adv(&mut out, "target_prone_within_5ft"),
             Condition::Prone => dis(&mut out, "target_prone_beyond_5ft"),
             _ => {}
@@ -254,6 +284,21 @@ pub struct Duration {
     pub rounds: u32,
     pub ends: Boundary,
     pub of: Uuid,
+    /// The duration was given in minutes (10 rounds each): the effect outlasts the
+    /// combat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minutes: Option<u32>,
+}
+
+/// A saving throw the target repeats at the end of each of its turns; a success ends
+/// the effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveEnds {
+    pub ability: Ability,
+    pub dc: i32,
+    /// The effect is magical (a spell): Magic Resistance applies to the repeat save.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub magical: bool,
 }
 
 /// A condition imposed on a creature, with where it came from and when it ends.
@@ -273,6 +318,8 @@ pub struct Effect {
     pub action_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_ends: Option<SaveEnds>,
 }
 
 #[cfg(test)]

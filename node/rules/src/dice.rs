@@ -15,8 +15,13 @@
 //!
 //! # Expressions
 //!
-//! `NdS`, `NdS+M`, `NdS-M`, `dS` (one die) and a flat `M`, with 1 ≤ N ≤ [`MAX_DICE`],
-//! S one of [`SIDES`] and |M| ≤ [`MAX_MODIFIER`]. Anything else is `invalid_dice`.
+//! As the SRD 5.1 writes dice ("Using Ability Scores" and the spell and monster texts:
+//! `2d6 + 3`, "roll 4d6 and add the three highest"), a sum of terms: dice `NdS` (or `dS`, one die), dice keeping the highest or lowest
+//! few `NdSkhK` / `NdSklK` (`4d6kh3`: roll four d6, keep the three highest; `k` alone
+//! means `kh`), and flat numbers, joined by `+` or `-`: `2d6+3`, `1d20+1d4`,
+//! `1d8+1d6-1`, `4d6kh3`, `5`. At most [`MAX_TERMS`] dice terms and [`MAX_DICE`] dice in
+//! all; S is one of [`SIDES`]; the flat numbers add up to at most [`MAX_MODIFIER`] in
+//! absolute value. Anything else is `invalid_dice`.
 
 use crate::error::{codes, Result, RuleError};
 use serde::{Deserialize, Serialize};
@@ -53,23 +58,80 @@ pub fn session_seed(session_id: Uuid, settings: &Value) -> u64 {
     }
 }
 
-/// A parsed dice expression.
+/// How many dice a term keeps (`kh`/`kl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dice {
-    /// Number of dice; 0 for a flat number.
+pub enum Keep {
+    Highest(u32),
+    Lowest(u32),
+}
+
+/// One dice term of an expression: `count` dice of `sides` sides, maybe keeping only
+/// some of them, added or (`negative`) subtracted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Term {
     pub count: u32,
     pub sides: u32,
+    pub keep: Option<Keep>,
+    pub negative: bool,
+}
+
+impl Term {
+    /// A plain `NdS` term.
+    pub const fn plain(count: u32, sides: u32) -> Term {
+        Term {
+            count,
+            sides,
+            keep: None,
+            negative: false,
+        }
+    }
+
+    /// The sum of the kept faces (with the term's sign).
+    fn value(&self, faces: &[u32]) -> i32 {
+        let mut sorted = faces.to_vec();
+        sorted.sort_unstable();
+        let kept: &[u32] = match self.keep {
+            None => &sorted,
+            Some(Keep::Highest(k)) => &sorted[sorted.len().saturating_sub(k as usize)..],
+            Some(Keep::Lowest(k)) => &sorted[..(k as usize).min(sorted.len())],
+        };
+        let sum = kept.iter().map(|&f| f as i32).sum::<i32>();
+        if self.negative {
+            -sum
+        } else {
+            sum
+        }
+    }
+}
+
+impl std::fmt::Display for Term {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}d{}", self.count, self.sides)?;
+        match self.keep {
+            None => Ok(()),
+            Some(Keep::Highest(k)) => write!(f, "kh{k}"),
+            Some(Keep::Lowest(k)) => write!(f, "kl{k}"),
+        }
+    }
+}
+
+/// A parsed dice expression: dice terms plus a flat modifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dice {
+    pub terms: Vec<Term>,
     pub modifier: i32,
 }
 
 impl Dice {
-    pub const D20: Dice = Dice {
-        count: 1,
-        sides: 20,
-        modifier: 0,
-    };
+    /// `NdS+M` (the common case).
+    pub fn simple(count: u32, sides: u32, modifier: i32) -> Dice {
+        Dice {
+            terms: vec![Term::plain(count, sides)],
+            modifier,
+        }
+    }
 
-    /// Parses `2d6+3`, `1d8`, `3d4-1`, `d20` or `5`.
+    /// Parses an expression (see the module docs): `2d6+3`, `1d20+1d4`, `4d6kh3`, `5`.
     pub fn parse(text: &str) -> Result<Dice> {
         let bad = |why: &str| {
             RuleError::new(codes::INVALID_DICE, format!("invalid dice {text:?}: {why}"))
@@ -77,78 +139,171 @@ impl Dice {
         };
         let s: String = text.chars().filter(|c| !c.is_whitespace()).collect();
         let s = s.to_ascii_lowercase();
-        if s.is_empty() {
-            return Err(bad("empty"));
+        if s.is_empty() || s.len() > MAX_TEXT {
+            return Err(bad("empty or too long"));
         }
-        let number = |t: &str| -> Option<u32> {
-            (!t.is_empty() && t.len() <= 6 && t.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| t.parse().ok())
-                .flatten()
+        let mut dice = Dice {
+            terms: vec![],
+            modifier: 0,
         };
-        let Some(d) = s.find('d') else {
-            // A flat number, possibly signed.
-            let (neg, digits) = match s.strip_prefix('-') {
-                Some(rest) => (true, rest),
-                None => (false, s.strip_prefix('+').unwrap_or(&s)),
-            };
-            let n = number(digits).ok_or_else(|| bad("expected NdS+M or a number"))? as i32;
-            if n > MAX_MODIFIER {
-                return Err(bad("modifier too large"));
-            }
-            return Ok(Dice {
-                count: 0,
-                sides: 0,
-                modifier: if neg { -n } else { n },
-            });
-        };
-        let count = match &s[..d] {
-            "" => 1,
-            c => number(c).ok_or_else(|| bad("bad number of dice"))?,
-        };
-        let rest = &s[d + 1..];
-        let split = rest.find(['+', '-']).unwrap_or(rest.len());
-        let sides = number(&rest[..split]).ok_or_else(|| bad("bad number of sides"))?;
-        let modifier = if split == rest.len() {
-            0
-        } else {
-            let m = number(&rest[split + 1..]).ok_or_else(|| bad("bad modifier"))?;
-            if m > MAX_MODIFIER as u32 {
-                return Err(bad("modifier too large"));
-            }
-            if rest.as_bytes()[split] == b'-' {
-                -(m as i32)
+        let mut modifier: i64 = 0;
+        for (negative, token) in split_terms(&s).ok_or_else(|| bad("expected terms like 2d6+3"))? {
+            if token.contains('d') {
+                let mut term = parse_term(token).map_err(|why| bad(&why))?;
+                term.negative = negative;
+                dice.terms.push(term);
             } else {
-                m as i32
+                let n = number(token).ok_or_else(|| bad("expected NdS+M or a number"))?;
+                modifier += if negative {
+                    -i64::from(n)
+                } else {
+                    i64::from(n)
+                };
+                if modifier.abs() > i64::from(MAX_MODIFIER) {
+                    return Err(bad("modifier too large"));
+                }
             }
-        };
-        if count == 0 || count > MAX_DICE {
-            return Err(bad(&format!("between 1 and {MAX_DICE} dice")));
         }
-        if !SIDES.contains(&sides) {
-            return Err(bad(&format!("dice have {SIDES:?} sides")));
+        dice.modifier = modifier as i32;
+        if dice.terms.len() > MAX_TERMS {
+            return Err(bad(&format!("at most {MAX_TERMS} dice terms")));
         }
-        Ok(Dice {
-            count,
-            sides,
-            modifier,
-        })
+        if dice.dice_count() > MAX_DICE {
+            return Err(bad(&format!("at most {MAX_DICE} dice")));
+        }
+        Ok(dice)
     }
 
-    /// The same expression with twice the dice (a critical hit).
-    pub fn doubled(self) -> Dice {
+    /// How many dice the expression rolls.
+    pub fn dice_count(&self) -> u32 {
+        self.terms.iter().map(|t| t.count).sum()
+    }
+
+    /// The expression as a critical hit rolls it: every die twice (a term keeping some
+    /// of its dice is rolled twice, as two terms), the modifier once.
+    pub fn doubled(&self) -> Dice {
+        let mut terms = vec![];
+        for t in &self.terms {
+            match t.keep {
+                None => terms.push(Term {
+                    count: t.count * 2,
+                    ..*t
+                }),
+                Some(_) => terms.extend([*t, *t]),
+            }
+        }
         Dice {
-            count: self.count * 2,
-            ..self
+            terms,
+            modifier: self.modifier,
         }
     }
+
+    /// The dice without the flat modifier (`2d6`, `1d20+1d4`; `0` for a flat number).
+    pub fn dice_text(&self) -> String {
+        if self.terms.is_empty() {
+            return "0".into();
+        }
+        let mut out = String::new();
+        for (i, t) in self.terms.iter().enumerate() {
+            match (i, t.negative) {
+                (_, true) => out.push('-'),
+                (0, false) => {}
+                (_, false) => out.push('+'),
+            }
+            out.push_str(&t.to_string());
+        }
+        out
+    }
+}
+
+/// Longest expression text accepted (before removing spaces).
+const MAX_TEXT: usize = 200;
+/// Most dice terms in one expression.
+pub const MAX_TERMS: usize = 10;
+
+/// A decimal number of at most six digits.
+fn number(t: &str) -> Option<u32> {
+    (!t.is_empty() && t.len() <= 6 && t.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| t.parse().ok())
+        .flatten()
+}
+
+/// Splits `a+b-c` into signed tokens; `None` on an empty token (`2d6+`, `++1`).
+fn split_terms(s: &str) -> Option<Vec<(bool, &str)>> {
+    let (negative, body) = match s.as_bytes().first()? {
+        b'-' => (true, &s[1..]),
+        b'+' => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let mut out = vec![];
+    let mut sign = negative;
+    let mut rest = body;
+    loop {
+        let end = rest.find(['+', '-']).unwrap_or(rest.len());
+        let token = &rest[..end];
+        if token.is_empty() {
+            return None;
+        }
+        out.push((sign, token));
+        if end == rest.len() {
+            return Some(out);
+        }
+        sign = rest.as_bytes()[end] == b'-';
+        rest = &rest[end + 1..];
+    }
+}
+
+/// `NdS`, `dS`, `NdSkhK`, `NdSklK`, `NdSkK`.
+fn parse_term(token: &str) -> std::result::Result<Term, String> {
+    let d = token.find('d').expect("the caller checked");
+    let count = match &token[..d] {
+        "" => 1,
+        c => number(c).ok_or("bad number of dice")?,
+    };
+    let rest = &token[d + 1..];
+    let (sides, keep) = match rest.find('k') {
+        None => (rest, None),
+        Some(k) => (&rest[..k], Some(&rest[k + 1..])),
+    };
+    let sides = number(sides).ok_or("bad number of sides")?;
+    if count == 0 || count > MAX_DICE {
+        return Err(format!("between 1 and {MAX_DICE} dice"));
+    }
+    if !SIDES.contains(&sides) {
+        return Err(format!("dice have {SIDES:?} sides"));
+    }
+    let keep = match keep {
+        None => None,
+        Some(k) => {
+            let (high, n) = match k.strip_prefix('l') {
+                Some(n) => (false, n),
+                None => (true, k.strip_prefix('h').unwrap_or(k)),
+            };
+            let n = number(n).ok_or("bad number of dice kept")?;
+            if n == 0 || n > count {
+                return Err("keep 1 to N of N dice".into());
+            }
+            Some(if high {
+                Keep::Highest(n)
+            } else {
+                Keep::Lowest(n)
+            })
+        }
+    };
+    Ok(Term {
+        count,
+        sides,
+        keep,
+        negative: false,
+    })
 }
 
 impl std::fmt::Display for Dice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.count == 0 {
+        if self.terms.is_empty() {
             return write!(f, "{}", self.modifier);
         }
-        write!(f, "{}d{}", self.count, self.sides)?;
+        write!(f, "{}", self.dice_text())?;
         match self.modifier {
             0 => Ok(()),
             m if m > 0 => write!(f, "+{m}"),
@@ -243,19 +398,20 @@ impl Roller {
         }
     }
 
-    /// Rolls an expression; returns the total (which may be negative).
-    pub fn roll(&mut self, purpose: &str, who: Option<Uuid>, dice: Dice) -> i32 {
-        let faces: Vec<u32> = (0..dice.count).map(|_| self.die(dice.sides)).collect();
-        let total = faces.iter().map(|&f| f as i32).sum::<i32>() + dice.modifier;
+    /// Rolls an expression; returns the total (which may be negative). The record
+    /// lists every face rolled, dropped ones included, term by term.
+    pub fn roll(&mut self, purpose: &str, who: Option<Uuid>, dice: &Dice) -> i32 {
+        let mut faces = vec![];
+        let mut total = dice.modifier;
+        for t in &dice.terms {
+            let these: Vec<u32> = (0..t.count).map(|_| self.die(t.sides)).collect();
+            total += t.value(&these);
+            faces.extend(these);
+        }
         self.rolls.push(Roll {
             purpose: purpose.into(),
             character_id: who,
-            // The dice without the modifier ("2d6"; "0" for a flat number).
-            dice: Dice {
-                modifier: 0,
-                ..dice
-            }
-            .to_string(),
+            dice: dice.dice_text(),
             faces,
             modifier: dice.modifier,
             total,
@@ -331,15 +487,15 @@ mod tests {
             ("100d100", (100, 100, 0)),
         ];
         for (text, (count, sides, modifier)) in ok {
-            assert_eq!(
-                Dice::parse(text).unwrap(),
+            let want = if count == 0 {
                 Dice {
-                    count,
-                    sides,
-                    modifier
-                },
-                "{text}"
-            );
+                    terms: vec![],
+                    modifier,
+                }
+            } else {
+                Dice::simple(count, sides, modifier)
+            };
+            assert_eq!(Dice::parse(text).unwrap(), want, "{text}");
         }
         for text in [
             "",
@@ -354,9 +510,15 @@ mod tests {
             "1d6+1001",
             "abc",
             "2x6",
-            "1d20+1d4",
             "-",
             "99999999999d6",
+            // Several terms and keeping dice: bounds still hold.
+            "4d6kh5",
+            "4d6kh0",
+            "4d6kx",
+            "60d6+50d6",
+            "1d4+1d4+1d4+1d4+1d4+1d4+1d4+1d4+1d4+1d4+1d4",
+            "600+600",
         ] {
             assert_eq!(
                 Dice::parse(text).unwrap_err().code,
@@ -366,6 +528,53 @@ mod tests {
         }
         assert_eq!(Dice::parse("3d4-1").unwrap().to_string(), "3d4-1");
         assert_eq!(Dice::parse("2d6").unwrap().doubled().to_string(), "4d6");
+    }
+
+    /// Several terms and keep-highest/lowest (SRD 5.1 "Using This Document: Dice": roll
+    /// the dice of each term and add them; "4d6, drop the lowest" for ability scores).
+    #[test]
+    fn several_terms_and_keeping_dice() {
+        let d = Dice::parse("1d20+1d4").unwrap();
+        assert_eq!(
+            d.terms,
+            vec![Term::plain(1, 20), Term::plain(1, 4)],
+            "{d:?}"
+        );
+        assert_eq!(d.to_string(), "1d20+1d4");
+        let d = Dice::parse("4d6kh3").unwrap();
+        assert_eq!(d.terms[0].keep, Some(Keep::Highest(3)));
+        assert_eq!(Dice::parse("4d6k3").unwrap(), d);
+        assert_eq!(Dice::parse("2d20kl1").unwrap().to_string(), "2d20kl1");
+        let d = Dice::parse("1d8 + 1d6 - 1d4 + 2 - 1").unwrap();
+        assert_eq!((d.to_string(), d.dice_count()), ("1d8+1d6-1d4+1".into(), 3));
+        assert_eq!(Dice::parse("-1d4").unwrap().dice_text(), "-1d4");
+        // A critical hit doubles every die; a keeping term is rolled twice.
+        assert_eq!(
+            Dice::parse("1d8+1d6+3").unwrap().doubled().to_string(),
+            "2d8+2d6+3"
+        );
+        assert_eq!(
+            Dice::parse("4d6kh3").unwrap().doubled().to_string(),
+            "4d6kh3+4d6kh3"
+        );
+        // Rolling: every face is recorded; the total keeps only the kept dice.
+        let mut r = Roller::new(11, 0);
+        for _ in 0..50 {
+            let total = r.roll("damage", None, &Dice::parse("4d6kh3").unwrap());
+            let roll = r.take_rolls().pop().unwrap();
+            let mut faces = roll.faces.clone();
+            faces.sort_unstable();
+            assert_eq!(faces.len(), 4);
+            assert_eq!(total, faces[1..].iter().sum::<u32>() as i32);
+            let total = r.roll("attack", None, &Dice::parse("1d20-1d4+2").unwrap());
+            let roll = r.take_rolls().pop().unwrap();
+            assert_eq!(
+                total,
+                roll.faces[0] as i32 - roll.faces[1] as i32 + 2,
+                "{roll:?}"
+            );
+            assert_eq!((roll.dice.as_str(), roll.modifier), ("1d20-1d4", 2));
+        }
     }
 
     #[test]

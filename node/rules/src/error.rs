@@ -49,6 +49,11 @@ pub mod codes {
     /// A frightened creature moving closer to the source of its fear.
     pub const MOVEMENT_BLOCKED: &str = "movement_blocked";
     pub const SQUARE_OCCUPIED: &str = "square_occupied";
+    /// A move is paused for opportunity attacks: the mover waits until the creatures
+    /// it provoked have reacted or declined (`details.waiting`).
+    pub const REACTION_PENDING: &str = "reaction_pending";
+    /// A surprised creature takes no action or reaction until its first turn ends.
+    pub const SURPRISED: &str = "surprised";
     pub const NOT_ON_MAP: &str = "not_on_map";
     /// A rollback's `to_version` is not an earlier version of the session.
     pub const INVALID_VERSION: &str = "invalid_version";

@@ -9,9 +9,10 @@
 
 use crate::character::{Ability, CharacterChanges, DamageReport, Pos};
 use crate::command::{ActionType, Cost};
-use crate::conditions::{Condition, Duration};
+use crate::conditions::{Condition, Duration, SaveEnds};
 use crate::dice::{Mode, Roll};
 use crate::state::{SessionRole, Status};
+use crate::terrain::{Cover, TerrainSquare};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -106,6 +107,12 @@ pub enum Event {
     ConditionRemoved(ConditionRemoved),
     ConcentrationEnded(ConcentrationEnded),
     CombatEnded(CombatEnded),
+    /// The DM marked squares of the battle map (difficult terrain, cover).
+    TerrainChanged(TerrainChanged),
+    /// A creature waiting to make an opportunity attack let it pass.
+    ReactionDeclined(ReactionDeclined),
+    /// The repeat saving throw that may end a "save ends" effect.
+    RepeatSave(RepeatSave),
     /// A DM's rollback: the document and play state of an earlier version.
     StateRestored(StateRestored),
 }
@@ -137,6 +144,11 @@ pub struct CharacterUpdated {
     /// Effects that ended because a condition was removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub effects_ended: Vec<u64>,
+    /// The Constitution save of a concentrating creature that lost hit points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concentration_check: Option<ConcentrationCheck>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rolls: Vec<Roll>,
     pub by: Uuid,
     #[serde(default, skip_serializing_if = "patch_field::skip")]
     pub patch: Value,
@@ -159,6 +171,9 @@ pub struct CharacterPlaced {
 pub struct CombatStarted {
     pub combat_id: Uuid,
     pub participants: Vec<Uuid>,
+    /// Participants surprised: each loses its first turn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub surprised: Vec<Uuid>,
     pub by: Uuid,
     #[serde(default, skip_serializing_if = "patch_field::skip")]
     pub patch: Value,
@@ -205,6 +220,10 @@ pub struct TurnChanged {
     /// this one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub effects_ended: Vec<u64>,
+    /// The active creature is surprised: it loses this turn, which ends at once (the
+    /// next `turn_change` follows in the same command).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub surprised: bool,
     pub by: Uuid,
     #[serde(default, skip_serializing_if = "patch_field::skip")]
     pub patch: Value,
@@ -276,6 +295,9 @@ pub struct Outcome {
     pub save: Option<SaveRoll>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concentration_check: Option<ConcentrationCheck>,
+    /// An ability check (the Hide action's Dexterity (Stealth) check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckRoll>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healed: Option<u32>,
     /// The target's hit points after the action.
@@ -288,8 +310,14 @@ pub struct AttackRoll {
     /// The kept d20.
     pub d20: u32,
     pub bonus: i32,
+    /// Extra dice added to the roll (`details.attack_dice`, e.g. *bless* `1d4`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bonus_dice: Option<i32>,
     pub total: i32,
+    /// The armour class to meet: the target's AC plus its cover.
     pub ac: u32,
+    #[serde(default, skip_serializing_if = "Cover::is_none")]
+    pub cover: Cover,
     pub mode: Mode,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub advantage: Vec<String>,
@@ -312,8 +340,34 @@ pub struct SaveRoll {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<i32>,
     pub mode: Mode,
+    /// Sources of advantage and disadvantage (conditions, traits, exhaustion).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advantage: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disadvantage: Vec<String>,
+    /// Cover added to a Dexterity save (included in `bonus`).
+    #[serde(default, skip_serializing_if = "Cover::is_none")]
+    pub cover: Cover,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_fail: Option<Condition>,
+    pub success: bool,
+}
+
+/// An ability check against a DC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckRoll {
+    pub ability: Ability,
+    /// The skill, e.g. `stealth`.
+    pub skill: String,
+    pub dc: i32,
+    pub d20: u32,
+    pub bonus: i32,
+    pub total: i32,
+    pub mode: Mode,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advantage: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disadvantage: Vec<String>,
     pub success: bool,
 }
 
@@ -324,6 +378,16 @@ pub struct ConcentrationCheck {
     pub d20: u32,
     pub total: i32,
     pub success: bool,
+    #[serde(default, skip_serializing_if = "is_normal")]
+    pub mode: Mode,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advantage: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disadvantage: Vec<String>,
+}
+
+fn is_normal(m: &Mode) -> bool {
+    *m == Mode::Normal
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -331,9 +395,14 @@ pub struct CharacterMoved {
     pub character_id: Uuid,
     pub from: Pos,
     pub to: Pos,
-    /// Feet between `from` and `to`.
+    /// The squares entered between `from` and `to` when they are not the straight
+    /// line (a move with a `path`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<Pos>,
+    /// Feet walked: 5 per square entered.
     pub distance: u32,
-    /// Feet of movement spent (double while crawling prone); 0 out of combat.
+    /// Feet of movement spent (a step costs 5 ft, +5 into difficult terrain, +5 while
+    /// crawling prone); 0 out of combat.
     pub cost: u32,
     /// Movement left this turn, in combat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -356,14 +425,24 @@ pub struct StoodUp {
     pub timestamp: String,
 }
 
-/// A move left hostile creatures' reach: each may use its reaction to attack
-/// (`action_declare` with `details.cost = "reaction"`). Declared, not automated.
+/// A move is about to leave hostile creatures' reach: it pauses on `from`, before the
+/// step to `to`, until each reactor has answered (an `action_declare` with
+/// `details.cost = "reaction"`, or `reaction_decline`); then the rest of the move
+/// (`remaining`) is walked. The patch records the pause (`combat.opportunity`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OpportunityAttack {
     pub character_id: Uuid,
+    /// The square the mover stands on (still within the reactors' reach).
     pub from: Pos,
+    /// The square it steps to next (out of their reach).
     pub to: Pos,
     pub reactors: Vec<Uuid>,
+    /// Where the move ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Pos>,
+    /// The squares still to walk, `to` first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remaining: Vec<Pos>,
     pub by: Uuid,
     #[serde(default, skip_serializing_if = "patch_field::skip")]
     pub patch: Value,
@@ -381,6 +460,8 @@ pub struct ConditionApplied {
     pub duration: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_ends: Option<SaveEnds>,
     pub by: Uuid,
     #[serde(default, skip_serializing_if = "patch_field::skip")]
     pub patch: Value,
@@ -427,6 +508,47 @@ pub struct CombatEnded {
     pub timestamp: String,
 }
 
+/// `terrain_set`: squares marked (or cleared) on the battle map.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TerrainChanged {
+    pub squares: Vec<TerrainSquare>,
+    /// Every mark was removed first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cleared: bool,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// `reaction_decline`: `character_id` lets `mover` leave its reach unpunished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReactionDeclined {
+    pub character_id: Uuid,
+    pub mover: Uuid,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
+/// At the end of its turn, a creature repeats the saving throw of a "save ends"
+/// effect; a success ends it (and every effect of the same action and save).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RepeatSave {
+    pub character_id: Uuid,
+    pub effect_ids: Vec<u64>,
+    pub conditions: Vec<Condition>,
+    pub save: SaveRoll,
+    /// The effects ended (the save succeeded).
+    pub ended: bool,
+    pub rolls: Vec<Roll>,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
+}
+
 /// The state document, metadata and play state of version `to_version`; members and
 /// lifecycle status stay as they are, and the dice stream continues (no roll repeats).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -466,6 +588,9 @@ impl Event {
             Event::ConditionRemoved(_) => "condition_removed",
             Event::ConcentrationEnded(_) => "concentration_ended",
             Event::CombatEnded(_) => "combat_ended",
+            Event::TerrainChanged(_) => "terrain_changed",
+            Event::ReactionDeclined(_) => "reaction_declined",
+            Event::RepeatSave(_) => "repeat_save",
             Event::StateRestored(_) => "state_restored",
         }
     }
@@ -495,6 +620,9 @@ impl Event {
             Event::ConditionRemoved(e) => &e.timestamp,
             Event::ConcentrationEnded(e) => &e.timestamp,
             Event::CombatEnded(e) => &e.timestamp,
+            Event::TerrainChanged(e) => &e.timestamp,
+            Event::ReactionDeclined(e) => &e.timestamp,
+            Event::RepeatSave(e) => &e.timestamp,
             Event::StateRestored(e) => &e.timestamp,
         }
     }
@@ -524,6 +652,9 @@ impl Event {
             Event::ConditionRemoved(e) => e.by,
             Event::ConcentrationEnded(e) => e.by,
             Event::CombatEnded(e) => e.by,
+            Event::TerrainChanged(e) => e.by,
+            Event::ReactionDeclined(e) => e.by,
+            Event::RepeatSave(e) => e.by,
             Event::StateRestored(e) => e.by,
         }
     }
@@ -554,6 +685,9 @@ impl Event {
             Event::ConditionRemoved(e) => &e.patch,
             Event::ConcentrationEnded(e) => &e.patch,
             Event::CombatEnded(e) => &e.patch,
+            Event::TerrainChanged(e) => &e.patch,
+            Event::ReactionDeclined(e) => &e.patch,
+            Event::RepeatSave(e) => &e.patch,
             Event::StateRestored(e) => &e.patch,
         })
     }
@@ -564,6 +698,8 @@ impl Event {
             Event::InitiativeRoll(e) => &e.rolls,
             Event::DeathSave(e) => &e.rolls,
             Event::ActionResolve(e) => &e.rolls,
+            Event::CharacterUpdated(e) => &e.rolls,
+            Event::RepeatSave(e) => &e.rolls,
             _ => &[],
         }
     }

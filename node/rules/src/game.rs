@@ -16,20 +16,27 @@
 //! # Invariants kept after every event (`Game::settle`)
 //!
 //! * A creature that is incapacitated (or dead) is not concentrating.
+//! * A creature that is incapacitated or whose speed is 0 is not dodging (SRD 5.1,
+//!   "Actions in Combat: Dodge").
+//! * A creature whose grappler is incapacitated is not grappled by it (SRD 5.1,
+//!   appendix A, "Grappled").
+//! * A readied spell is held only while its caster concentrates on it (SRD 5.1,
+//!   "Actions in Combat: Ready").
 //! * An effect's condition is in its target's `conditions`.
 //! * The dice counter only grows, also across rollbacks, so no roll is ever repeated.
 
 use crate::character::{Character, CharacterChanges, Concentration, Pos};
 use crate::combat::Combat;
-use crate::command::{Command, Ctx, DurationSpec, JoinRequest};
-use crate::conditions::{Condition, Duration, Effect};
+use crate::command::{Command, Ctx, DurationSpec, JoinRequest, SaveEndsSpec};
+use crate::conditions::{Condition, Duration, Effect, SaveEnds};
 use crate::dice::{self, Roll, Roller};
 use crate::error::{codes, Result, RuleError};
 use crate::event::{
     CharacterPlaced, CharacterSpawned, CharacterUpdated, ConcentrationEnded, ConditionApplied,
-    ConditionRemoved, Event,
+    ConditionRemoved, Event, TerrainChanged,
 };
 use crate::patch;
+use crate::terrain::{self, Terrain, TerrainSquare};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -37,6 +44,8 @@ use uuid::Uuid;
 
 /// Longest duration, in rounds, of an effect.
 pub const MAX_DURATION_ROUNDS: u32 = 1_000;
+/// Longest duration, in minutes, of an effect (10 rounds a minute).
+pub const MAX_DURATION_MINUTES: u32 = MAX_DURATION_ROUNDS / 10;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -55,6 +64,10 @@ pub struct Game {
     pub next_effect_id: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub combat: Option<Combat>,
+    /// Marked squares of the battle map (difficult terrain, cover), keyed `"x,y"`
+    /// ([`terrain::key`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub terrain: BTreeMap<String, Terrain>,
 }
 
 /// Who issues a play command, as the rules see it.
@@ -371,19 +384,69 @@ impl Game {
         ended
     }
 
-    /// Restores the invariants: incapacitated creatures stop concentrating.
+    /// Restores the invariants (module docs): incapacitated creatures stop
+    /// concentrating and dodging, creatures at speed 0 stop dodging, grapples of
+    /// incapacitated grapplers end, readied spells without concentration are lost.
     pub(crate) fn settle(&mut self) {
         loop {
-            let Some(id) = self
+            if let Some(id) = self
                 .characters
                 .values()
                 .find(|c| c.concentration.is_some() && c.incapacitated())
                 .map(|c| c.id)
-            else {
-                return;
-            };
-            self.end_concentration(id);
+            {
+                self.end_concentration(id);
+                continue;
+            }
+            if let Some(id) = self
+                .characters
+                .values()
+                .find(|c| c.has(Condition::Dodging) && (c.incapacitated() || c.speed_now() == 0))
+                .map(|c| c.id)
+            {
+                self.remove_condition(id, Condition::Dodging);
+                continue;
+            }
+            let loose = self.effects.values().find(|e| {
+                e.condition == Condition::Grappled
+                    && e.source
+                        .is_some_and(|g| self.characters.get(&g).is_none_or(|g| g.incapacitated()))
+            });
+            if let Some(id) = loose.map(|e| e.id) {
+                self.end_effect(id);
+                continue;
+            }
+            self.drop_lost_readied_spells();
+            return;
         }
+    }
+
+    /// Ends the readied spells whose casters no longer concentrate on them.
+    fn drop_lost_readied_spells(&mut self) {
+        let Some(combat) = self.combat.as_mut() else {
+            return;
+        };
+        for (id, p) in combat.participants.iter_mut() {
+            let held = |r: &crate::combat::Readied| {
+                !r.spell
+                    || self
+                        .characters
+                        .get(id)
+                        .and_then(|c| c.concentration.as_ref())
+                        .is_some_and(|c| c.action_id == r.action_id)
+            };
+            if p.readied.as_ref().is_some_and(|r| !held(r)) {
+                p.readied = None;
+            }
+        }
+    }
+
+    /// The marks of a square (none if unmarked).
+    pub fn terrain_at(&self, p: Pos) -> Terrain {
+        self.terrain
+            .get(&terrain::key(p))
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Whether a living creature other than `except` stands on `pos`.
@@ -419,9 +482,10 @@ impl Game {
                 character_id,
                 position,
             } => self.decide_place(who, ctx, *character_id, *position),
-            Command::CombatStart { participants } => {
-                self.decide_combat_start(who, ctx, participants)
-            }
+            Command::CombatStart {
+                participants,
+                surprised,
+            } => self.decide_combat_start(who, ctx, participants, surprised),
             Command::CombatAdd { participants } => self.decide_combat_add(who, ctx, participants),
             Command::CombatEnd {} => self.decide_combat_end(who, ctx),
             Command::InitiativeRoll {
@@ -431,22 +495,37 @@ impl Game {
             } => self.decide_initiative(who, ctx, *character_id, *roll, modifiers),
             Command::EndTurn {} => self.decide_end_turn(who, ctx),
             Command::ActionDeclare(a) => self.decide_action(who, ctx, a),
-            Command::Move { character_id, to } => self.decide_move(who, ctx, *character_id, *to),
+            Command::Move {
+                character_id,
+                to,
+                path,
+            } => self.decide_move(who, ctx, *character_id, *to, path),
             Command::StandUp { character_id } => self.decide_stand_up(who, ctx, *character_id),
             Command::ApplyCondition {
                 character_id,
                 condition,
                 duration,
                 source,
-            } => {
-                self.decide_apply_condition(who, ctx, *character_id, *condition, *duration, *source)
-            }
+                save_ends,
+            } => self.decide_apply_condition(
+                who,
+                ctx,
+                *character_id,
+                *condition,
+                (*duration, *source, *save_ends),
+            ),
             Command::RemoveCondition {
                 character_id,
                 condition,
             } => self.decide_remove_condition(who, ctx, *character_id, *condition),
             Command::EndConcentration { character_id } => {
                 self.decide_end_concentration(who, ctx, *character_id)
+            }
+            Command::TerrainSet { squares, clear } => {
+                self.decide_terrain(who, ctx, squares, *clear)
+            }
+            Command::ReactionDecline { character_id } => {
+                self.decide_reaction_decline(who, ctx, *character_id)
             }
             other => Err(RuleError::new(
                 codes::INVALID_PAYLOAD,
@@ -481,7 +560,10 @@ impl Game {
     }
 
     /// `character_update` and hub syncs. A change that changes nothing emits nothing,
-    /// so a redelivered hub event is harmless.
+    /// so a redelivered hub event is harmless. Hit points lost this way are damage to
+    /// a concentrating creature: it makes the Constitution save that keeps concentration
+    /// (SRD 5.1, "Spellcasting: Concentration": "Whenever you take damage while you are
+    /// concentrating on a spell, you must make a Constitution saving throw").
     fn decide_update(
         &self,
         ctx: &Ctx,
@@ -489,7 +571,7 @@ impl Game {
         changes: &CharacterChanges,
         source: &str,
     ) -> Result<Vec<Event>> {
-        self.character(id)?;
+        let before = self.character(id)?.hp;
         if changes.conditions_remove.contains(&Condition::Dead) {
             return Err(RuleError::new(
                 codes::INVALID_PAYLOAD,
@@ -509,6 +591,23 @@ impl Game {
                 s.ch(id).add_condition(*c);
             }
         }
+        let lost = before.saturating_sub(s.g.characters[&id].hp);
+        let target = &s.g.characters[&id];
+        let concentration_check = if changes.hp.is_some()
+            && lost > 0
+            && target.concentration.is_some()
+            && !target.incapacitated()
+        {
+            let target = target.clone();
+            let check = crate::saves::concentration_check(&mut s.dice, &target, lost);
+            if !check.success {
+                s.g.end_concentration(id);
+            }
+            Some(check)
+        } else {
+            None
+        };
+        let rolls = s.rolls();
         let patch = s.patch();
         if patch::is_empty(&patch) {
             return Ok(vec![]);
@@ -518,6 +617,8 @@ impl Game {
             changes: changes.clone(),
             source: source.into(),
             effects_ended,
+            concentration_check,
+            rolls,
             by: ctx.user_id,
             patch,
             timestamp: ctx.timestamp.clone(),
@@ -543,15 +644,57 @@ impl Game {
         })])
     }
 
+    /// `terrain_set` (DM, any time): marks squares as difficult terrain or cover, or
+    /// clears them (see [`crate::terrain`]).
+    fn decide_terrain(
+        &self,
+        who: &Actor,
+        ctx: &Ctx,
+        squares: &[TerrainSquare],
+        clear: bool,
+    ) -> Result<Vec<Event>> {
+        who.require_dm("mark the battle map")?;
+        terrain::check_squares(squares, clear)?;
+        let mut s = Scratch::new(self);
+        if clear {
+            s.g.terrain.clear();
+        }
+        for sq in squares {
+            if sq.terrain().is_plain() {
+                s.g.terrain.remove(&terrain::key(sq.pos()));
+            } else {
+                s.g.terrain.insert(terrain::key(sq.pos()), sq.terrain());
+            }
+        }
+        if s.g.terrain.len() > terrain::MAX_TERRAIN_SQUARES {
+            return Err(RuleError::new(
+                codes::INVALID_PAYLOAD,
+                format!(
+                    "at most {} marked squares on a map",
+                    terrain::MAX_TERRAIN_SQUARES
+                ),
+            ));
+        }
+        Ok(vec![Event::TerrainChanged(TerrainChanged {
+            squares: squares.to_vec(),
+            cleared: clear,
+            by: ctx.user_id,
+            patch: s.patch(),
+            timestamp: ctx.timestamp.clone(),
+        })])
+    }
+
+    /// `apply_condition` (DM). With a source, a duration or `save_ends`, an effect
+    /// records the condition (`ended` = `(duration, source, save_ends)`).
     fn decide_apply_condition(
         &self,
         who: &Actor,
         ctx: &Ctx,
         id: Uuid,
         condition: Condition,
-        duration: Option<DurationSpec>,
-        source: Option<Uuid>,
+        ended: (Option<DurationSpec>, Option<Uuid>, Option<SaveEndsSpec>),
     ) -> Result<Vec<Event>> {
+        let (duration, source, save_ends) = ended;
         who.require_dm("impose conditions")?;
         let target = self.character(id)?;
         if condition == Condition::Dead {
@@ -576,8 +719,12 @@ impl Game {
             Some(d) => Some(self.duration(d, id, source)?),
             None => None,
         };
+        let save_ends = match save_ends {
+            None => None,
+            Some(spec) => Some(save_ends_of(spec, None)?),
+        };
         let mut s = Scratch::new(self);
-        let effect_id = if duration.is_some() || source.is_some() {
+        let effect_id = if duration.is_some() || source.is_some() || save_ends.is_some() {
             Some(s.g.add_effect(Effect {
                 id: 0,
                 target: id,
@@ -586,6 +733,7 @@ impl Game {
                 concentration: false,
                 action_id: None,
                 duration,
+                save_ends,
             }))
         } else {
             s.ch(id).add_condition(condition);
@@ -597,31 +745,40 @@ impl Game {
             effect_id,
             duration,
             source,
+            save_ends,
             by: ctx.user_id,
             patch: s.patch(),
             timestamp: ctx.timestamp.clone(),
         })])
     }
 
-    /// A client's duration, checked and resolved to a creature.
+    /// A client's duration, checked and resolved to a creature: `rounds` (1–1000) or
+    /// `minutes` (1–100, ten rounds each), not both.
     pub(crate) fn duration(
         &self,
         d: DurationSpec,
         target: Uuid,
         actor: Option<Uuid>,
     ) -> Result<Duration> {
-        if d.rounds == 0 || d.rounds > MAX_DURATION_ROUNDS {
-            return Err(RuleError::new(
-                codes::INVALID_PAYLOAD,
-                format!("duration.rounds is 1 to {MAX_DURATION_ROUNDS}"),
-            ));
-        }
+        let rounds = match (d.rounds, d.minutes) {
+            (r, None) if (1..=MAX_DURATION_ROUNDS).contains(&r) => r,
+            (0, Some(m)) if (1..=MAX_DURATION_MINUTES).contains(&m) => m * 10,
+            _ => {
+                return Err(RuleError::new(
+                    codes::INVALID_PAYLOAD,
+                    format!(
+                        "a duration is rounds (1 to {MAX_DURATION_ROUNDS}) or minutes (1 to {MAX_DURATION_MINUTES})"
+                    ),
+                ))
+            }
+        };
         let of = d.of.resolve(target, actor);
         self.character(of)?;
         Ok(Duration {
-            rounds: d.rounds,
+            rounds,
             ends: d.ends,
             of,
+            minutes: d.minutes,
         })
     }
 
@@ -692,6 +849,30 @@ pub(crate) fn check_in_bounds(p: Pos) -> Result<()> {
             crate::character::MAX_COORD
         ),
     ))
+}
+
+/// A `save_ends` spec resolved: `{ability, dc}` as given, or `true` for `action_save`
+/// (the saving throw of the action imposing the condition).
+pub(crate) fn save_ends_of(
+    spec: SaveEndsSpec,
+    action_save: Option<(crate::character::Ability, i32, bool)>,
+) -> Result<SaveEnds> {
+    match (spec, action_save) {
+        (SaveEndsSpec::Save { ability, dc }, _) if (1..=40).contains(&dc) => Ok(SaveEnds {
+            ability,
+            dc,
+            magical: action_save.is_some_and(|a| a.2),
+        }),
+        (SaveEndsSpec::Same(true), Some((ability, dc, magical))) => Ok(SaveEnds {
+            ability,
+            dc,
+            magical,
+        }),
+        _ => Err(RuleError::new(
+            codes::INVALID_PAYLOAD,
+            "save_ends is {ability, dc} (DC 1 to 40), or true in a save action",
+        )),
+    }
 }
 
 pub(crate) fn occupied_error(by: Uuid) -> RuleError {

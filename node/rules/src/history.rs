@@ -126,9 +126,11 @@ pub fn summary(event: &Event) -> String {
         ),
         Event::StoodUp(e) => format!("{} stood up", e.character_id),
         Event::OpportunityAttack(e) => format!(
-            "{} provoked opportunity attacks from {} creature(s)",
+            "{} provoked opportunity attacks from {} creature(s) at ({}, {}); the move waits",
             e.character_id,
-            e.reactors.len()
+            e.reactors.len(),
+            e.from.x,
+            e.from.y
         ),
         Event::ConditionApplied(e) => {
             format!("{} is {}", e.character_id, e.condition.as_str())
@@ -140,6 +142,32 @@ pub fn summary(event: &Event) -> String {
             format!("{} stopped concentrating ({})", e.character_id, e.reason)
         }
         Event::CombatEnded(e) => format!("combat ended after {} round(s)", e.rounds),
+        Event::TerrainChanged(e) => format!(
+            "terrain: {} square(s) marked{}",
+            e.squares.len(),
+            if e.cleared {
+                " (map cleared first)"
+            } else {
+                ""
+            }
+        ),
+        Event::ReactionDeclined(e) => {
+            format!("{} lets {} leave its reach", e.character_id, e.mover)
+        }
+        Event::RepeatSave(e) => format!(
+            "{} repeats its save against {}: {}",
+            e.character_id,
+            e.conditions
+                .iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if e.ended {
+                "success, it ends"
+            } else {
+                "failure"
+            }
+        ),
         Event::StateRestored(e) => format!("rolled back to version {}", e.to_version),
     }
 }

@@ -18,13 +18,17 @@
 //! * [`conditions`]: the 5e conditions, their mechanical effects, timed effects.
 //! * [`combat`]: initiative, turn order, rounds, action economy, turn boundaries.
 //! * [`actions`]: attacks, saving throws, damage, healing, concentration.
-//! * [`movement`]: the grid, movement, opportunity attacks.
+//! * [`tactics`]: the Help, Hide and Ready actions.
+//! * [`saves`]: saving throws (conditions, traits, exhaustion, cover).
+//! * [`movement`]: the grid, step-by-step movement, opportunity attacks.
+//! * [`terrain`]: difficult terrain and cover on the battle map.
 //! * [`dice`]: the seeded counter-based dice and dice expressions.
 //! * [`history`]: audit-log entries.
 //! * [`error`]: [`RuleError`] and its stable codes.
 //!
 //! The wire contract of play (every message and event) is `docs/protocol.md`, part
-//! "Game messages".
+//! "Game messages"; `docs/rules.md` maps each SRD 5.1 rule to its code and scenario
+//! test (`tests/scenarios.rs`).
 
 pub mod actions;
 pub mod character;
@@ -39,7 +43,10 @@ pub mod history;
 pub mod movement;
 pub mod patch;
 pub mod pointer;
+pub mod saves;
 pub mod state;
+pub mod tactics;
+pub mod terrain;
 
 pub use command::{Command, Ctx};
 pub use error::{Result, RuleError};

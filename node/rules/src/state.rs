@@ -203,6 +203,7 @@ impl SessionState {
             Command::SpawnCharacter { .. }
                 | Command::CharacterUpdate { .. }
                 | Command::PlaceCharacter { .. }
+                | Command::TerrainSet { .. }
         );
         if !setup && self.status != Status::Active {
             return Err(RuleError::new(

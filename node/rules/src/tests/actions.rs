@@ -479,7 +479,13 @@ fn death_saves_at_the_start_of_the_turn() {
     for (face, result, out) in rows {
         let mut t = Table::new();
         let all = t.all();
-        t.ok(t.dm, Command::CombatStart { participants: all });
+        t.ok(
+            t.dm,
+            Command::CombatStart {
+                participants: all,
+                surprised: vec![],
+            },
+        );
         let order = t.s.game.combat.as_ref().unwrap().order.clone();
         let victim = t.pcs[0];
         let i = order.iter().position(|x| *x == victim).unwrap();
@@ -517,6 +523,7 @@ fn death_saves_at_the_start_of_the_turn() {
         t.dm,
         Command::CombatStart {
             participants: vec![victim, t.goblins[0]],
+            surprised: vec![],
         },
     );
     t.ok(
@@ -739,6 +746,7 @@ fn incapacitation_and_voluntary_end_of_concentration() {
             condition: Condition::Stunned,
             duration: None,
             source: None,
+            save_ends: None,
         },
     );
     assert!(t.ch(c).concentration.is_none());

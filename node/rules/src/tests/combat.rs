@@ -22,6 +22,7 @@ fn combat_start_rolls_initiative_and_starts_round_one() {
         t.dm,
         Command::CombatStart {
             participants: all.clone(),
+            surprised: vec![],
         },
     );
     assert_eq!(
@@ -76,6 +77,7 @@ fn ties_break_by_modifier_then_id() {
             modifier,
         }),
         reaction_used: false,
+        ..Default::default()
     };
     let (a, b, c, d) = (
         Uuid::from_u128(4),
@@ -95,6 +97,7 @@ fn ties_break_by_modifier_then_id() {
         ]),
         order: vec![],
         turn: None,
+        opportunity: None,
     };
     // b has the higher modifier; a and d tie completely and go by id.
     assert_eq!(combat.initiative_order(), vec![b, d, a, c]);
@@ -114,16 +117,32 @@ fn combat_start_errors() {
         (t.dm, vec![Uuid::from_u128(12345)], codes::UNKNOWN_CHARACTER),
     ];
     for (user, participants, code) in cases {
-        assert_eq!(t.err(user, Command::CombatStart { participants }), code);
+        assert_eq!(
+            t.err(
+                user,
+                Command::CombatStart {
+                    participants,
+                    surprised: vec![]
+                }
+            ),
+            code
+        );
     }
     t.ok(
         t.dm,
         Command::CombatStart {
             participants: all.clone(),
+            surprised: vec![],
         },
     );
     assert_eq!(
-        t.err(t.dm, Command::CombatStart { participants: all }),
+        t.err(
+            t.dm,
+            Command::CombatStart {
+                participants: all,
+                surprised: vec![]
+            }
+        ),
         codes::COMBAT_ALREADY_ACTIVE
     );
 }
@@ -137,13 +156,20 @@ fn combat_requires_an_active_session() {
         t.err(
             t.dm,
             Command::CombatStart {
-                participants: all.clone()
+                participants: all.clone(),
+                surprised: vec![]
             }
         ),
         codes::SESSION_NOT_ACTIVE
     );
     t.ok(t.dm, Command::SessionResume {});
-    t.ok(t.dm, Command::CombatStart { participants: all });
+    t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     t.ok(t.dm, Command::SessionPause {});
     let active = t.active();
     for (user, cmd) in [
@@ -189,7 +215,13 @@ fn commands_without_combat() {
 fn turns_advance_and_rounds_count() {
     let mut t = Table::new();
     let all = t.all();
-    t.ok(t.dm, Command::CombatStart { participants: all });
+    t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     let order = t.s.game.combat.as_ref().unwrap().order.clone();
     for round in 1..=2u32 {
         for (i, id) in order.iter().enumerate() {
@@ -229,7 +261,13 @@ fn turns_advance_and_rounds_count() {
 fn dead_creatures_are_skipped() {
     let mut t = Table::new();
     let all = t.all();
-    t.ok(t.dm, Command::CombatStart { participants: all });
+    t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     let order = t.s.game.combat.as_ref().unwrap().order.clone();
     // Kill the second creature in the order (a goblin or PC alike: hp 0 + dead).
     let victim = order[1];
@@ -254,7 +292,13 @@ fn client_rolls_when_allowed() {
     let mut t = Table::with_settings(json!({"dice_seed": 7, "allow_client_rolls": true}));
     let all = t.all();
     let [a, b, c] = t.pcs;
-    let events = t.ok(t.dm, Command::CombatStart { participants: all });
+    let events = t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     // Monsters are rolled by the server; the players roll their own.
     assert_eq!(
         kinds(&events),
@@ -308,6 +352,7 @@ fn client_rolls_are_refused_by_default() {
         t.dm,
         Command::CombatStart {
             participants: vec![t.goblins[0]],
+            surprised: vec![],
         },
     );
     t.ok(
@@ -329,6 +374,7 @@ fn client_rolls_are_refused_by_default() {
         t.dm,
         Command::CombatStart {
             participants: vec![t.goblins[0]],
+            surprised: vec![],
         },
     );
     // Not a participant.
@@ -348,6 +394,7 @@ fn client_rolls_disabled_code() {
         t.dm,
         Command::CombatStart {
             participants: vec![a, t.goblins[0]],
+            surprised: vec![],
         },
     );
     // Flip the setting off in the state to reach the check (settings are fixed at creation).
@@ -368,6 +415,7 @@ fn combat_add_joins_the_order() {
         t.dm,
         Command::CombatStart {
             participants: vec![a, b],
+            surprised: vec![],
         },
     );
     let active = t.active();
@@ -468,7 +516,13 @@ fn action_economy_table() {
 fn reaction_returns_at_start_of_own_turn() {
     let mut t = Table::new();
     let all = t.all();
-    t.ok(t.dm, Command::CombatStart { participants: all });
+    t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     let order = t.s.game.combat.as_ref().unwrap().order.clone();
     let (first, second) = (order[0], order[1]);
     t.s.game
@@ -491,6 +545,7 @@ fn non_participants_cannot_act() {
         t.dm,
         Command::CombatStart {
             participants: vec![a, t.goblins[0]],
+            surprised: vec![],
         },
     );
     t.set_turn(a);
@@ -552,7 +607,13 @@ fn dash_disengage_dodge() {
 fn combat_summary_for_redis() {
     let mut t = Table::new();
     let all = t.all();
-    t.ok(t.dm, Command::CombatStart { participants: all });
+    t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     let m = t.s.game.combat_summary().unwrap();
     assert_eq!(m["round"], "1");
     assert_eq!(m["turn"], "1");

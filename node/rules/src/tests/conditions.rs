@@ -17,6 +17,7 @@ fn apply(c: Uuid, condition: Condition) -> Command {
         condition,
         duration: None,
         source: None,
+        save_ends: None,
     }
 }
 
@@ -54,6 +55,7 @@ fn apply_condition_errors() {
         condition: Condition::Charmed,
         duration: None,
         source: Some(Uuid::from_u128(2)),
+        save_ends: None,
     };
     assert_eq!(t.err(t.dm, bad_source), codes::UNKNOWN_CHARACTER);
     let zero = Command::ApplyCondition {
@@ -63,8 +65,10 @@ fn apply_condition_errors() {
             rounds: 0,
             ends: Boundary::End,
             of: TurnOf::default(),
+            minutes: None,
         }),
         source: None,
+        save_ends: None,
     };
     assert_eq!(t.err(t.dm, zero), codes::INVALID_PAYLOAD);
     assert_eq!(
@@ -86,7 +90,13 @@ fn apply_condition_errors() {
 fn durations_end_at_the_named_turn_boundary() {
     let mut t = Table::new();
     let all = t.all();
-    t.ok(t.dm, Command::CombatStart { participants: all });
+    t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     let order = t.s.game.combat.as_ref().unwrap().order.clone();
     let (x, y) = (order[1], order[3]);
     // Blinded until the end of x's next turn (1 end boundary); poisoned until the
@@ -98,8 +108,10 @@ fn durations_end_at_the_named_turn_boundary() {
             rounds: 1,
             ends: Boundary::End,
             of: TurnOf::Named(Named::Target),
+            minutes: None,
         }),
         source: None,
+        save_ends: None,
     };
     let poison = Command::ApplyCondition {
         character_id: x,
@@ -108,8 +120,10 @@ fn durations_end_at_the_named_turn_boundary() {
             rounds: 2,
             ends: Boundary::Start,
             of: TurnOf::Character(y),
+            minutes: None,
         }),
         source: Some(y),
+        save_ends: None,
     };
     let e1 = t.ok(t.dm, blind);
     let e2 = t.ok(t.dm, poison);
@@ -141,7 +155,13 @@ fn combat_end_ends_timed_effects_only() {
     let mut t = Table::new();
     let (a, g) = (t.pcs[0], t.goblins[0]);
     let all = t.all();
-    t.ok(t.dm, Command::CombatStart { participants: all });
+    t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     t.ok(
         t.dm,
         Command::ApplyCondition {
@@ -151,8 +171,10 @@ fn combat_end_ends_timed_effects_only() {
                 rounds: 10,
                 ends: Boundary::End,
                 of: TurnOf::Named(Named::Actor),
+                minutes: None,
             }),
             source: Some(a),
+            save_ends: None,
         },
     );
     t.ok(t.dm, apply(g, Condition::Prone));
@@ -176,6 +198,7 @@ fn overlapping_effects_keep_the_condition() {
                 condition: Condition::Frightened,
                 duration: None,
                 source: Some(src),
+                save_ends: None,
             },
         );
     }
@@ -249,6 +272,7 @@ fn speed_zero_conditions_forbid_moving() {
         let mv = Command::Move {
             character_id: a,
             to: Pos { x: 0, y: -1 },
+            path: vec![],
         };
         let stops = matches!(
             cond,
@@ -286,6 +310,7 @@ fn charmed_cannot_attack_the_charmer() {
             condition: Condition::Charmed,
             duration: None,
             source: Some(g0),
+            save_ends: None,
         },
     );
     assert_eq!(
@@ -312,11 +337,13 @@ fn frightened_cannot_approach_the_source() {
             condition: Condition::Frightened,
             duration: None,
             source: Some(g),
+            save_ends: None,
         },
     );
     let to = |x, y| Command::Move {
         character_id: a,
         to: Pos { x, y },
+        path: vec![],
     };
     assert_eq!(t.err(t.players[0], to(1, 0)), codes::MOVEMENT_BLOCKED);
     // Sideways at the same distance, or away, is fine.
@@ -355,6 +382,7 @@ fn prone_crawling_and_standing_up() {
         Command::Move {
             character_id: a,
             to: Pos { x: 0, y: -1 },
+            path: vec![],
         },
     );
     let Event::CharacterMoved(m) = &e[0] else {

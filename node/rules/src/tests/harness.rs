@@ -214,6 +214,7 @@ impl Table {
             self.dm,
             Command::CombatStart {
                 participants: participants.to_vec(),
+                surprised: vec![],
             },
         );
         self.set_turn(active);

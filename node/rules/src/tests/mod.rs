@@ -9,4 +9,5 @@ mod conditions;
 mod harness;
 mod movement;
 mod property;
+mod scenarios;
 mod session;

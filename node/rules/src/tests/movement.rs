@@ -13,6 +13,7 @@ fn mv(c: Uuid, x: i32, y: i32) -> Command {
     Command::Move {
         character_id: c,
         to: Pos { x, y },
+        path: vec![],
     }
 }
 
@@ -134,6 +135,7 @@ fn leaving_reach_provokes_opportunity_attacks() {
                         condition: Condition::Stunned,
                         duration: None,
                         source: None,
+                        save_ends: None,
                     },
                 );
             }
@@ -148,10 +150,16 @@ fn leaving_reach_provokes_opportunity_attacks() {
         assert_eq!(reactors.is_some(), provokes, "{setup} → ({x},{y})");
         if provokes {
             assert_eq!(reactors.unwrap(), vec![g]);
-            // The goblin takes its opportunity attack with its reaction.
-            t.place(a, 0, 0);
+            // The move paused before the step out of reach: Aria is still within the
+            // goblin's reach, so its opportunity attack (its reaction) is in range.
+            assert_eq!(t.ch(a).position, Some(Pos { x: 0, y: 0 }));
             let d = json!({"cost": "reaction", "attack_bonus": 4, "damage": "1d6+2", "damage_type": "slashing"});
-            t.resolve(g, ActionType::Attack, &[a], d.clone());
+            let e = t.act(g, ActionType::Attack, &[a], d.clone()).unwrap();
+            // Then the move goes on.
+            let Some(Event::CharacterMoved(m)) = e.last() else {
+                panic!("{e:?}")
+            };
+            assert_eq!(m.to, Pos { x, y });
             assert_eq!(
                 t.act_err(g, ActionType::Attack, &[a], d),
                 codes::NO_REACTION_LEFT

@@ -1,6 +1,9 @@
 //! The replay property. A table (a DM, three players with characters, two monsters,
 //! an observer) receives random command sequences — valid and invalid, from the right
-//! and the wrong users, including rollbacks and hub syncs. Then:
+//! and the wrong users, including rollbacks and hub syncs, and every rule of issue 15:
+//! paths, paused moves and their answers (reactions, `reaction_decline`), terrain,
+//! surprise, save ends, exhaustion and save traits, Help/Hide/Ready, cover, dice with
+//! several terms, minute durations. Then:
 //!
 //! 1. replaying the recorded events from `SessionState::empty`, through their stored
 //!    form (`to_parts`/`from_parts`), reproduces exactly the live state; so does a
@@ -13,11 +16,12 @@
 #![allow(clippy::manual_is_multiple_of)]
 
 use super::harness::*;
-use crate::character::{CharacterChanges, Pos};
-use crate::command::{ActionType, Command, Ctx, DurationSpec, Named, TurnOf};
+use crate::character::{Ability, CharacterChanges, Pos, SaveTag};
+use crate::command::{ActionType, Command, Ctx, DurationSpec, Named, SaveEndsSpec, TurnOf};
 use crate::conditions::{Boundary, Condition};
 use crate::event::Event;
 use crate::state::SessionState;
+use crate::terrain::{Cover, TerrainSquare};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, RngSeed};
 use serde_json::{json, Value};
@@ -32,8 +36,17 @@ struct Op {
     n: u16,
 }
 
+/// Kinds of op (see `step`).
+const KINDS: u8 = 36;
+
 fn op() -> impl Strategy<Value = Op> {
-    (0u8..28, any::<u8>(), any::<u8>(), any::<u8>(), any::<u16>())
+    (
+        0u8..KINDS,
+        any::<u8>(),
+        any::<u8>(),
+        any::<u8>(),
+        any::<u16>(),
+    )
         .prop_map(|(kind, who, a, b, n)| Op { kind, who, a, b, n })
 }
 
@@ -47,7 +60,7 @@ enum Step {
 }
 
 fn attack_details(n: u16) -> Value {
-    let mut d = match n % 6 {
+    let mut d = match n % 9 {
         0 => sword(),
         1 => {
             json!({"attack_bonus": 4, "damage": "1d6+2", "damage_type": "piercing", "range": {"normal": 30, "long": 120}})
@@ -57,8 +70,17 @@ fn attack_details(n: u16) -> Value {
         4 => {
             json!({"attack_bonus": 9, "damage": "30", "damage_type": "force", "extra_damage": [{"dice": "1d4", "type": "cold"}]})
         }
-        _ => {
+        5 => {
             json!({"damage": "1d4", "damage_type": "bludgeoning", "conditions": [{"condition": "grappled"}]})
+        }
+        6 => {
+            json!({"damage": "1d6+1d4", "damage_type": "slashing", "range": {"normal": 20, "long": 60},
+            "thrown": true, "finesse": n % 2 == 0, "attack_dice": "1d4", "cover": "half"})
+        }
+        7 => json!({"attack_bonus": 3, "damage": "4d6kh3", "damage_type": "cold",
+            "conditions": [{"condition": "restrained", "save_ends": {"ability": "str", "dc": 12}}]}),
+        _ => {
+            json!({"attack_bonus": 2, "damage": "1d8", "damage_type": "piercing", "readied": true})
         }
     };
     d["cost"] = json!(["action", "bonus_action", "reaction", "action"][(n / 7 % 4) as usize]);
@@ -66,7 +88,7 @@ fn attack_details(n: u16) -> Value {
 }
 
 fn save_details(n: u16) -> Value {
-    match n % 4 {
+    match n % 6 {
         0 => {
             json!({"save": {"ability": "dex", "dc": 13, "half_on_success": true}, "damage": "3d6", "damage_type": "fire"})
         }
@@ -76,7 +98,101 @@ fn save_details(n: u16) -> Value {
         2 => {
             json!({"save": {"ability": "str", "dc": 11}, "conditions": [{"condition": "prone"}], "range": 30})
         }
-        _ => json!({"save": {"ability": "con", "dc": 50}}),
+        3 => json!({"save": {"ability": "con", "dc": 50}}),
+        4 => json!({"name": "hold", "save": {"ability": "wis", "dc": 14}, "magical": true,
+            "conditions": [{"condition": "paralyzed", "save_ends": true,
+                            "duration": {"minutes": 1, "of": "target"}}], "concentration": n % 3 == 0}),
+        _ => {
+            json!({"save": {"ability": "dex", "dc": 12, "half_on_success": true}, "cover": "three_quarters",
+            "damage": "2d6", "damage_type": "fire", "extra_damage": [{"dice": "1d6+1d4", "type": "cold"}]})
+        }
+    }
+}
+
+/// Help, Hide, Ready and the release of a readied action.
+fn tactic(actor: Uuid, target: Uuid, other: Uuid, n: u16) -> Command {
+    match n % 5 {
+        0 => action(
+            actor,
+            ActionType::Help,
+            &[target],
+            json!({"against": other}),
+        ),
+        1 => action(
+            actor,
+            ActionType::Help,
+            &[target],
+            json!({"cost": "bonus_action"}),
+        ),
+        2 => action(
+            actor,
+            ActionType::Hide,
+            &[],
+            json!({"dc": 5 + n % 15, "cost": if n % 2 == 0 { "action" } else { "bonus_action" }}),
+        ),
+        3 => action(
+            actor,
+            ActionType::Ready,
+            &[],
+            json!({"action": (["attack", "save", "heal", "other"][(n / 5 % 4) as usize]),
+            "trigger": "it moves", "spell": n % 3 == 0, "name": "held"}),
+        ),
+        _ => {
+            let kind = [ActionType::Attack, ActionType::Other][(n / 5 % 2) as usize];
+            let targets: &[Uuid] = if kind == ActionType::Attack {
+                &[target]
+            } else {
+                &[]
+            };
+            action(
+                actor,
+                kind,
+                targets,
+                json!({"cost": "reaction", "readied": true, "damage": "1d6", "damage_type": "fire"}),
+            )
+        }
+    }
+}
+
+/// A walk of 1 to 6 steps from `from` (sometimes through others' squares).
+fn path(from: Pos, n: u16) -> (Vec<Pos>, Pos) {
+    let steps = 1 + (n % 6) as usize;
+    let mut at = from;
+    let mut squares = vec![];
+    for i in 0..steps {
+        let d = (n >> (3 + i * 2)) % 8;
+        let (dx, dy) = [
+            (1, 0),
+            (1, 1),
+            (0, 1),
+            (-1, 1),
+            (-1, 0),
+            (-1, -1),
+            (0, -1),
+            (1, -1),
+        ][d as usize];
+        at = Pos {
+            x: at.x + dx,
+            y: at.y + dy,
+        };
+        squares.push(at);
+    }
+    let to = squares.pop().expect("at least one step");
+    (squares, to)
+}
+
+fn terrain(n: u16) -> Command {
+    let squares = (0..(n % 4))
+        .map(|i| TerrainSquare {
+            x: ((n >> (2 + i)) % 7) as i32 - 2,
+            y: ((n >> (5 + i)) % 5) as i32 - 2 + i as i32 * 5,
+            difficult: (n >> i) % 2 == 0,
+            cover: [Cover::None, Cover::Half, Cover::ThreeQuarters][((n >> (8 + i)) % 3) as usize],
+        })
+        .collect();
+    Command::TerrainSet {
+        squares,
+        clear: n % 11 == 0,
     }
 }
 
@@ -84,6 +200,84 @@ fn step(t: &Table, op: &Op, actor: Uuid, target: Uuid, other: Uuid) -> Step {
     let n = op.n;
     let pos = t.ch(actor).position.unwrap_or(Pos { x: 0, y: 0 });
     match op.kind {
+        28 => {
+            let (path, to) = path(pos, n);
+            Step::Cmd(Command::Move {
+                character_id: actor,
+                to,
+                path: if n % 5 == 0 { vec![] } else { path },
+            })
+        }
+        // Next to the nearest hostile creature (to provoke when leaving it later).
+        29 => {
+            let me = t.ch(actor);
+            let hostile =
+                t.s.game
+                    .characters
+                    .values()
+                    .filter(|c| c.side != me.side && !c.is_dead());
+            let at = hostile
+                .filter_map(|c| c.position)
+                .min_by_key(|p| (p.distance(pos), p.x, p.y))
+                .unwrap_or(pos);
+            let (dx, dy) = [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, -1)][(n % 6) as usize];
+            Step::Cmd(Command::Move {
+                character_id: actor,
+                to: Pos {
+                    x: at.x + dx,
+                    y: at.y + dy,
+                },
+                path: vec![],
+            })
+        }
+        30 => Step::Cmd(Command::ReactionDecline {
+            character_id: actor,
+        }),
+        31 => Step::Dm(terrain(n)),
+        32 | 33 => Step::Cmd(tactic(actor, target, other, n)),
+        34 => Step::Dm(Command::ApplyCondition {
+            character_id: target,
+            condition: Condition::ALL[(n % 16) as usize],
+            duration: (n % 3 == 0).then_some(DurationSpec {
+                rounds: 0,
+                minutes: Some(1 + (n / 3 % 2) as u32),
+                ends: Boundary::End,
+                of: TurnOf::default(),
+            }),
+            source: (n % 2 == 0).then_some(actor),
+            save_ends: Some(SaveEndsSpec::Save {
+                ability: [Ability::Str, Ability::Dex, Ability::Wis][(n / 7 % 3) as usize],
+                dc: 8 + (n % 10) as i32,
+            }),
+        }),
+        35 => match n % 3 {
+            0 => Step::Dm(Command::CombatStart {
+                participants: t
+                    .s
+                    .game
+                    .characters
+                    .values()
+                    .filter(|c| !c.is_dead())
+                    .map(|c| c.id)
+                    .collect(),
+                surprised: vec![actor, target],
+            }),
+            1 => Step::Dm(Command::CharacterUpdate {
+                character_id: target,
+                changes: CharacterChanges {
+                    exhaustion: Some((n / 3 % 7) as i64),
+                    ..Default::default()
+                },
+            }),
+            _ => Step::Dm(Command::CharacterUpdate {
+                character_id: target,
+                changes: CharacterChanges {
+                    save_advantages: Some([SaveTag::Magic, SaveTag::Concentration].into()),
+                    save_disadvantages: Some([SaveTag::Dex].into()),
+                    ..Default::default()
+                },
+            }),
+        },
         0 | 1 => Step::Cmd(Command::EndTurn {}),
         2..=4 => Step::Cmd(action(
             actor,
@@ -120,6 +314,7 @@ fn step(t: &Table, op: &Op, actor: Uuid, target: Uuid, other: Uuid) -> Step {
                     x: pos.x + dx,
                     y: pos.y + dy,
                 },
+                path: vec![],
             })
         }
         10 => Step::Cmd(Command::StandUp {
@@ -139,12 +334,14 @@ fn step(t: &Table, op: &Op, actor: Uuid, target: Uuid, other: Uuid) -> Step {
                 } else {
                     TurnOf::Character(other)
                 },
+                minutes: None,
             });
             Step::Dm(Command::ApplyCondition {
                 character_id: target,
                 condition,
                 duration,
                 source: (n % 5 == 0).then_some(actor),
+                save_ends: None,
             })
         }
         12 => Step::Dm(Command::RemoveCondition {
@@ -164,6 +361,7 @@ fn step(t: &Table, op: &Op, actor: Uuid, target: Uuid, other: Uuid) -> Step {
                 .filter(|c| !c.is_dead())
                 .map(|c| c.id)
                 .collect(),
+            surprised: vec![],
         }),
         14 => {
             let mut ids: Vec<Uuid> =
@@ -177,7 +375,10 @@ fn step(t: &Table, op: &Op, actor: Uuid, target: Uuid, other: Uuid) -> Step {
             if ids.is_empty() {
                 ids.push(actor);
             }
-            Step::Dm(Command::CombatStart { participants: ids })
+            Step::Dm(Command::CombatStart {
+                participants: ids,
+                surprised: vec![],
+            })
         }
         15 => Step::Dm(Command::CombatEnd {}),
         16 => Step::Dm(Command::CombatAdd {
@@ -282,6 +483,12 @@ fn run(seed: u64, ops: &[Op]) -> Result<(Vec<&'static str>, usize), TestCaseErro
         });
         if let (Some(c), true) = (active.or(unrolled), op.a % 4 != 0) {
             actor = c;
+        }
+        // ...or, while a move is paused, with a creature it waits for.
+        if let Some(r) = t.s.game.waiting_reactors().first() {
+            if op.a % 3 != 0 {
+                actor = *r;
+            }
         }
         // ...and usually against the nearest living creature.
         if op.b % 2 == 0 {
@@ -390,11 +597,11 @@ proptest! {
 /// reach shows up as a count, not as silence.
 #[test]
 fn a_long_fixed_run_accepts_and_refuses_plenty() {
-    let ops: Vec<Op> = (0..400u32)
+    let ops: Vec<Op> = (0..1500u32)
         .map(|i| {
             let x = crate::dice::draw(99, u64::from(i));
             Op {
-                kind: (x % 28) as u8,
+                kind: (x % u64::from(KINDS)) as u8,
                 who: (x >> 8) as u8,
                 a: (x >> 16) as u8,
                 b: (x >> 24) as u8,
@@ -414,7 +621,47 @@ fn a_long_fixed_run_accepts_and_refuses_plenty() {
         "character_updated",
         "combat_started",
         "combat_ended",
+        "terrain_changed",
+        "repeat_save",
     ] {
         assert!(kinds.contains(&k), "no {k} in {kinds:?}");
     }
+}
+
+/// A fixed run that stays in combat and moves a lot (no pauses of the session, few
+/// ends of combat), so that moves pause for opportunity attacks and are answered by
+/// reactions and declines; the replay property holds through all of it.
+#[test]
+fn a_fixed_run_of_paused_moves_replays() {
+    // Start combat, approach hostiles, walk off, react, decline, act, end turns.
+    const MIX: &[u8] = &[
+        24, 29, 29, 28, 28, 28, 30, 30, 2, 3, 4, 0, 1, 31, 32, 33, 34,
+    ];
+    let ops: Vec<Op> = (0..1500u32)
+        .map(|i| {
+            let x = crate::dice::draw(7, u64::from(i));
+            Op {
+                kind: MIX[(x % MIX.len() as u64) as usize],
+                who: (x >> 8) as u8 | 1,
+                a: (x >> 16) as u8,
+                b: (x >> 24) as u8,
+                n: (x >> 32) as u16,
+            }
+        })
+        .collect();
+    let (kinds, _) = run(11, &ops).unwrap();
+    for k in [
+        "opportunity_attack",
+        "reaction_declined",
+        "character_moved",
+        "action_resolve",
+        "terrain_changed",
+    ] {
+        assert!(kinds.contains(&k), "no {k} in {kinds:?}");
+    }
+    // Some pause was answered by a reaction that let the move go on.
+    let resumed = kinds
+        .windows(3)
+        .any(|w| w == ["action_declare", "action_resolve", "character_moved"]);
+    assert!(resumed, "no move resumed after an opportunity attack");
 }

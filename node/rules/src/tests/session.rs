@@ -74,6 +74,7 @@ fn join_errors() {
         Command::Move {
             character_id: c,
             to: crate::character::Pos { x: 9, y: 9 },
+            path: vec![],
         },
     );
     assert_eq!(t.ch(c).position, Some(crate::character::Pos { x: 9, y: 9 }));
@@ -95,6 +96,7 @@ fn rejoining_keeps_the_state_in_play() {
         Command::Move {
             character_id: a,
             to: crate::character::Pos { x: 0, y: -3 },
+            path: vec![],
         },
     );
     t.ok(p, join(Some(a), None));
@@ -103,6 +105,7 @@ fn rejoining_keeps_the_state_in_play() {
         Command::Move {
             character_id: a,
             to: crate::character::Pos { x: 0, y: -4 },
+            path: vec![],
         },
     );
 }
@@ -142,6 +145,7 @@ fn spawn_errors_and_setup_before_start() {
     // But combat needs an active session.
     let start = Command::CombatStart {
         participants: vec![Uuid::from_u128(0x77)],
+        surprised: vec![],
     };
     assert_eq!(
         s.decide(&ctx(dm), &start).unwrap_err().code,
@@ -292,6 +296,30 @@ fn every_client_type_parses() {
         ),
         ("end_concentration", json!({"character_id": id})),
         ("rollback", json!({"to_version": 3})),
+        (
+            "combat_start",
+            json!({"participants": [id], "surprised": [id]}),
+        ),
+        (
+            "move",
+            json!({"character_id": id, "to": {"x": 2, "y": 1}, "path": [{"x": 1, "y": 1}]}),
+        ),
+        (
+            "apply_condition",
+            json!({"character_id": id, "condition": "paralyzed",
+            "duration": {"minutes": 1}, "save_ends": {"ability": "wis", "dc": 13}}),
+        ),
+        (
+            "terrain_set",
+            json!({"squares": [{"x": 1, "y": 2, "difficult": true, "cover": "half"}]}),
+        ),
+        ("terrain_set", json!({"clear": true})),
+        ("reaction_decline", json!({"character_id": id})),
+        (
+            "action_declare",
+            json!({"character_id": id, "action_type": "ready",
+            "details": {"action": "attack", "trigger": "it moves"}}),
+        ),
     ];
     for (kind, data) in samples {
         let c = Command::from_client(kind, data).unwrap_or_else(|e| panic!("{kind}: {e}"));
@@ -312,6 +340,10 @@ fn every_client_type_parses() {
             json!({"character_id": id, "to": {"x": 1.5, "y": 1}}),
         ),
         ("initiative_roll", json!({"character_id": id, "roll": -1})),
+        (
+            "terrain_set",
+            json!({"squares": [{"x": 1, "y": 2, "cover": "full"}]}),
+        ),
     ] {
         assert_eq!(
             Command::from_client(kind, data).unwrap_err().code,
@@ -335,7 +367,13 @@ fn rollback_restores_document_and_play() {
     );
     let all = t.all();
     t.place(g, 1, 0);
-    t.ok(t.dm, Command::CombatStart { participants: all });
+    t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     let v = t.s.version;
     let snapshot = t.s.clone();
     // Things happen: damage, notes, a condition, a new monster joins the fight (dice).
@@ -357,6 +395,7 @@ fn rollback_restores_document_and_play() {
             condition: Condition::Prone,
             duration: None,
             source: None,
+            save_ends: None,
         },
     );
     t.ok(
@@ -498,7 +537,13 @@ fn patches_let_clients_mirror_the_play_view() {
     t.place(g, 1, 0);
     let mut view = t.s.game.view();
     let all = t.all();
-    let mut events = t.ok(t.dm, Command::CombatStart { participants: all });
+    let mut events = t.ok(
+        t.dm,
+        Command::CombatStart {
+            participants: all,
+            surprised: vec![],
+        },
+    );
     let active = t.active();
     events.extend(t.ok(t.owner(active), Command::EndTurn {}));
     let active = t.active();

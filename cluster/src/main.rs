@@ -21,6 +21,11 @@ use gs_shared::config::Config;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
+/// mimalloc instead of glibc's malloc: the services allocate many small, short-lived
+/// buffers per message (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "cluster",

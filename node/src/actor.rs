@@ -177,7 +177,7 @@ impl Batch {
 /// Whether a test hook's marker appears in these events (never when the hook is off:
 /// an empty marker).
 fn mentions(events: &[RawEvent], marker: &str) -> bool {
-    !marker.is_empty() && events.iter().any(|e| e.json.contains(marker))
+    !marker.is_empty() && events.iter().any(|e| e.json.as_str().contains(marker))
 }
 
 pub struct Actor {
@@ -197,7 +197,14 @@ pub struct Actor {
     last_combat: Option<std::collections::BTreeMap<String, String>>,
     /// Hub events the `fault_hub_fail_once` test hook has refused.
     hook_refused: std::collections::HashSet<Uuid>,
+    /// `gs.session.{id}.events`.
+    events_subject: async_nats::Subject,
+    /// When `updated_at` was last written to the Redis meta key.
+    meta_touched: Instant,
 }
+
+/// How often at most a busy session's `updated_at` is written to Redis.
+const META_TOUCH_EVERY: Duration = Duration::from_secs(1);
 
 /// Entry point of an actor task: activate, serve, stop. Always leaves the registry.
 pub async fn run(
@@ -308,7 +315,7 @@ async fn activate(
             Ok(Created::New) => {
                 let rendered = RawEvent {
                     version: 1,
-                    json: render(&kind, 1, &data),
+                    json: render(&kind, 1, &data).into(),
                 };
                 let actor = Actor::new(
                     ctx.clone(),
@@ -439,7 +446,7 @@ pub async fn load_state_at(
 fn render_stored(e: &StoredEvent) -> RawEvent {
     RawEvent {
         version: e.seq,
-        json: render(&e.kind, e.seq, &e.data),
+        json: render(&e.kind, e.seq, &e.data).into(),
     }
 }
 
@@ -485,6 +492,7 @@ impl Actor {
         dedupe.complete = complete;
         let snapshot_every = ctx.cfg.node.snapshot_every.max(1);
         let last_snapshot = state.version / snapshot_every * snapshot_every;
+        let events_subject = ctx.subjects.session_events(&id).into();
         Actor {
             ctx,
             id,
@@ -498,6 +506,8 @@ impl Actor {
             last_activity: Instant::now(),
             last_combat: None,
             hook_refused: Default::default(),
+            events_subject,
+            meta_touched: Instant::now(),
             state,
         }
     }
@@ -868,7 +878,10 @@ impl Actor {
                 correlation: Some(command_id),
                 combat_id,
             });
-            b.rendered.push(RawEvent { version, json });
+            b.rendered.push(RawEvent {
+                version,
+                json: json.into(),
+            });
         }
         if n > 0 {
             self.dedupe.insert(command_id, self.state.version);
@@ -949,7 +962,7 @@ impl Actor {
         let snapshot =
             (self.state.version / every > self.last_snapshot / every).then(|| SnapshotRow {
                 seq: self.state.version,
-                state: serde_json::to_value(&self.state).expect("state serialises"),
+                state: serde_json::value::to_raw_value(&self.state).expect("state serialises"),
             });
         let snap_seq = snapshot.as_ref().map(|s| s.seq);
         let characters = crate::outbox::characters(&batch.rows);
@@ -1016,7 +1029,8 @@ impl Actor {
                     .increment(batch.rendered.len() as u64);
                 if batch.status.is_some() {
                     self.cache_meta();
-                } else {
+                } else if self.meta_touched.elapsed() >= META_TOUCH_EVERY {
+                    self.meta_touched = Instant::now();
                     self.ctx.cache.touch_meta(self.id, &self.state.updated_at);
                 }
                 self.cache_combat();
@@ -1269,11 +1283,7 @@ impl Actor {
         if let Err(e) = self
             .ctx
             .nats
-            .publish_with_headers(
-                self.ctx.subjects.session_events(&self.id),
-                headers,
-                ev.json.clone().into(),
-            )
+            .publish_with_headers(self.events_subject.clone(), headers, ev.json.bytes())
             .await
         {
             // Routers fill the gap from the log when the next event arrives.
@@ -1397,7 +1407,8 @@ impl Actor {
                         events: vec![],
                         snapshot: Some(SnapshotRow {
                             seq: state.version,
-                            state: serde_json::to_value(&state).expect("state serialises"),
+                            state: serde_json::value::to_raw_value(&state)
+                                .expect("state serialises"),
                         }),
                         prune_before: Some(last_snapshot),
                         status: None,

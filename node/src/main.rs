@@ -4,6 +4,11 @@
 use clap::Parser;
 use std::path::PathBuf;
 
+/// mimalloc instead of glibc's malloc: the services allocate many small, short-lived
+/// buffers per message (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "gs-node", about = "Game Session Service worker node")]
 struct Args {

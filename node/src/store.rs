@@ -32,11 +32,12 @@ pub struct EventRow {
     pub combat_id: Option<Uuid>,
 }
 
-/// A snapshot of a session's state at `seq`.
+/// A snapshot of a session's state at `seq`, serialised once (straight from the state,
+/// without an intermediate JSON value).
 #[derive(Debug, Clone)]
 pub struct SnapshotRow {
     pub seq: u64,
-    pub state: Value,
+    pub state: Box<serde_json::value::RawValue>,
 }
 
 /// Everything one actor wants written atomically.
@@ -667,7 +668,10 @@ async fn insert_snapshots(
     let now = chrono::Utc::now().naive_utc();
     let ids: Vec<Uuid> = snaps.iter().map(|_| Uuid::now_v7()).collect();
     let sessions: Vec<Uuid> = snaps.iter().map(|(i, _)| i.session).collect();
-    let states: Vec<&Value> = snaps.iter().map(|(_, s)| &s.state).collect();
+    let states: Vec<tokio_postgres::types::Json<&serde_json::value::RawValue>> = snaps
+        .iter()
+        .map(|(_, s)| tokio_postgres::types::Json(&*s.state))
+        .collect();
     let versions: Vec<String> = snaps.iter().map(|(_, s)| s.seq.to_string()).collect();
     let times: Vec<NaiveDateTime> = snaps.iter().map(|_| now).collect();
     let seqs: Vec<i64> = snaps.iter().map(|(_, s)| s.seq as i64).collect();

@@ -85,6 +85,8 @@ pub struct Conn {
     ws: Socket,
     /// Frames are in the write buffer, not yet flushed.
     unflushed: bool,
+    /// Events buffered since the last flush (counted once per flush).
+    sent: u64,
 }
 
 impl Conn {
@@ -105,6 +107,10 @@ impl Conn {
             return Ok(());
         }
         self.unflushed = false;
+        if self.sent > 0 {
+            metrics::counter!("gs_router_events_sent_total").increment(self.sent);
+            self.sent = 0;
+        }
         self.ws.flush().await.map_err(|_| Closed)
     }
 
@@ -119,7 +125,7 @@ impl Conn {
         self.feed(Message::Text(ev.json.clone())).await?;
         self.cv = ev.version;
         self.ended |= ev.is_final;
-        metrics::counter!("gs_router_events_sent_total").increment(1);
+        self.sent += 1;
         Ok(())
     }
 
@@ -313,6 +319,7 @@ async fn open(
         ended: false,
         ws,
         unflushed: false,
+        sent: 0,
     };
     let established = json!({
         "type": "connection_established",

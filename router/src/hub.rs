@@ -50,7 +50,8 @@ impl Ev {
 
     /// An event from a node's reply.
     pub fn from_raw(raw: RawEvent) -> Ev {
-        Ev::new(raw.version, raw.json.into())
+        let json = Utf8Bytes::try_from(raw.json.bytes()).expect("SharedJson holds UTF-8");
+        Ev::new(raw.version, json)
     }
 }
 

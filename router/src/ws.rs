@@ -33,7 +33,8 @@ pub type Socket = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgrad
 
 /// Read buffer of a socket: client messages are small (at most
 /// `router.max_message_bytes`); a larger frame grows the buffer for its own length.
-const READ_BUFFER: usize = 4 * 1024;
+/// tungstenite zero-fills this much on every read attempt, so it stays small.
+const READ_BUFFER: usize = 1024;
 /// Frames written in one wake-up are buffered up to this much before a write, then
 /// flushed together.
 const WRITE_BUFFER: usize = 64 * 1024;

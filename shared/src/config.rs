@@ -288,7 +288,7 @@ impl Default for NodeConfig {
             actor_batch_max: 256,
             commit_batch_max: 2048,
             committers: 2,
-            snapshot_every: 100,
+            snapshot_every: 1000,
             recent_events: 1024,
             dedupe_window: 10_000,
             lock_ttl_ms: 2000,

@@ -256,7 +256,15 @@ pub fn heartbeat() -> String {
 /// A session event as clients receive it. Rendered once, by the owner, both when the
 /// event is new and when it is read back from the log, so the bytes are identical.
 pub fn render_event(kind: &str, version: u64, data: &Value) -> String {
-    json!({"type": kind, "version": version, "data": data}).to_string()
+    use std::io::Write;
+    // Written directly, type first: no intermediate object that would copy `data`.
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(br#"{"type":"#);
+    serde_json::to_writer(&mut out, kind).expect("a string serialises");
+    write!(out, r#","version":{version},"data":"#).expect("writing to a Vec");
+    serde_json::to_writer(&mut out, data).expect("a JSON value serialises");
+    out.push(b'}');
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 /// The part of an event a router needs to order it, without parsing the payload.
@@ -307,6 +315,18 @@ mod tests {
             assert_eq!(r.error.code, code, "{text}");
             assert_eq!(r.id.is_some(), has_id, "{text}");
         }
+    }
+
+    #[test]
+    fn events_render_type_first_and_parse_back() {
+        let data = json!({"changes": [{"path": "/a\"b", "value": 1}], "timestamp": "t"});
+        let text = render_event("state_update", 12, &data);
+        assert!(text.starts_with(r#"{"type":"state_update","version":12,"data":"#));
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "state_update", "version": 12, "data": data})
+        );
     }
 
     #[test]

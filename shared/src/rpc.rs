@@ -194,7 +194,54 @@ pub struct SessionView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawEvent {
     pub version: u64,
-    pub json: String,
+    pub json: SharedJson,
+}
+
+/// JSON text (a rendered event) shared without copying: a clone is a reference count,
+/// and the same bytes go to NATS, to the recent-events buffer and to every client.
+/// Always valid UTF-8 (built from a `String`). On the wire, a JSON string.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedJson(bytes::Bytes);
+
+impl SharedJson {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("SharedJson holds UTF-8")
+    }
+
+    /// The bytes (shared, not copied).
+    pub fn bytes(&self) -> bytes::Bytes {
+        self.0.clone()
+    }
+}
+
+impl From<String> for SharedJson {
+    fn from(s: String) -> Self {
+        SharedJson(bytes::Bytes::from(s))
+    }
+}
+
+impl From<&str> for SharedJson {
+    fn from(s: &str) -> Self {
+        SharedJson(bytes::Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for SharedJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for SharedJson {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(SharedJson::from)
+    }
 }
 
 /// How a (re)connecting client catches up.
@@ -275,6 +322,20 @@ mod tests {
         };
         let s = serde_json::to_string(&rep).unwrap();
         assert_eq!(serde_json::from_str::<NodeReply>(&s).unwrap(), rep);
+    }
+
+    #[test]
+    fn raw_events_carry_their_json_as_a_string() {
+        let ev = RawEvent {
+            version: 2,
+            json: r#"{"type":"x","version":2}"#.into(),
+        };
+        let s = serde_json::to_string(&ev).unwrap();
+        assert_eq!(
+            s,
+            r#"{"version":2,"json":"{\"type\":\"x\",\"version\":2}"}"#
+        );
+        assert_eq!(serde_json::from_str::<RawEvent>(&s).unwrap(), ev);
     }
 
     #[test]

@@ -373,8 +373,15 @@ impl Command {
             )
             .with_details(serde_json::json!({ "known": CLIENT_TYPES })));
         }
-        let tagged = serde_json::json!({ "type": kind, "data": data });
-        serde_json::from_value(tagged).map_err(|e| {
+        // The tag first, then the payload: serde reads the payload straight into the
+        // variant (a JSON object would put `data` first and make serde buffer it).
+        let entries = [
+            (Value::String("type".into()), Value::String(kind.into())),
+            (Value::String("data".into()), data),
+        ];
+        let tagged =
+            serde::de::value::MapDeserializer::<_, serde_json::Error>::new(entries.into_iter());
+        Command::deserialize(tagged).map_err(|e| {
             RuleError::new(
                 codes::INVALID_PAYLOAD,
                 format!("invalid `data` for {kind:?}: {e}"),

@@ -123,6 +123,8 @@ enum Waiting {
         reply: Reply,
         version: u64,
         duplicate: bool,
+        /// The router learns of it from the event's `Gs-Ack` header: no reply.
+        by_event: bool,
     },
     Joined {
         reply: Reply,
@@ -140,17 +142,47 @@ enum Waiting {
     },
 }
 
+/// Who sent a command, and how it wants its answer.
+struct Origin {
+    reply: Reply,
+    user: Uuid,
+    role: Role,
+    command_id: Uuid,
+    /// A join: answered with the player's view.
+    join: bool,
+    /// A client command whose router takes the ack from the event (`Gs-Ack`).
+    ack_by_event: bool,
+}
+
+impl Origin {
+    fn new(reply: Reply, user: Uuid, role: Role, command_id: Uuid) -> Origin {
+        Origin {
+            reply,
+            user,
+            role,
+            command_id,
+            join: false,
+            ack_by_event: false,
+        }
+    }
+}
+
 impl Waiting {
     /// The answer to an applied command: the join's answer (the player's view) or an
-    /// ack with the version it produced (or produced the first time, for a duplicate).
-    fn applied(reply: Reply, user: Uuid, join: bool, version: u64, duplicate: bool) -> Waiting {
-        if join {
-            Waiting::Joined { reply, user }
+    /// ack with the version it produced (or produced the first time, for a duplicate:
+    /// no event carries that ack, so it is always a reply).
+    fn applied(o: Origin, version: u64, duplicate: bool) -> Waiting {
+        if o.join {
+            Waiting::Joined {
+                reply: o.reply,
+                user: o.user,
+            }
         } else {
             Waiting::Ack {
-                reply,
+                reply: o.reply,
                 version,
                 duplicate,
+                by_event: o.ack_by_event && !duplicate,
             }
         }
     }
@@ -160,6 +192,8 @@ impl Waiting {
 struct Batch {
     rows: Vec<EventRow>,
     rendered: Vec<RawEvent>,
+    /// Events that carry a command's ack (`Gs-Ack`): index in `rendered`, command id.
+    acks_on: Vec<(usize, Uuid)>,
     waiting: Vec<Waiting>,
     status: Option<(String, chrono::NaiveDateTime)>,
     final_event: bool,
@@ -288,7 +322,7 @@ async fn activate(
             creator,
             protocol::timestamp_now(),
         );
-        let (kind, data) = ev.to_parts();
+        let (kind, data_json) = (ev.kind().to_string(), ev.data_json());
         let new = NewSession {
             id,
             campaign_id,
@@ -297,14 +331,14 @@ async fn activate(
             created_by: creator,
             created_at: now.naive_utc(),
         };
-        // Version 1 is an event like any other: it has its outbox row too.
+        // Version 1 is an event like any other: the hub publishes it too.
         let mut state = SessionState::empty(id);
         state.apply(&ev);
         let row = EventRow {
             id: Uuid::now_v7(),
             seq: 1,
             kind: kind.clone(),
-            data: data.clone(),
+            data_json: data_json.clone(),
             command_id: None,
             user_id: Some(creator),
             created_at: now.naive_utc(),
@@ -315,7 +349,7 @@ async fn activate(
             Ok(Created::New) => {
                 let rendered = RawEvent {
                     version: 1,
-                    json: render(&kind, 1, &data).into(),
+                    json: render(&kind, 1, &data_json).into(),
                 };
                 let actor = Actor::new(
                     ctx.clone(),
@@ -383,7 +417,7 @@ async fn activate(
             // Routers fill gaps when they see a newer version; republishing the newest
             // event makes them notice one whose broadcast died with the old owner.
             if let Some(last) = actor.recent.back().cloned() {
-                actor.publish(&last).await;
+                actor.publish(&last, None).await;
             }
             actor.cache_meta();
             // Outbox rows the previous owner committed but did not get confirmed.
@@ -446,23 +480,24 @@ pub async fn load_state_at(
 fn render_stored(e: &StoredEvent) -> RawEvent {
     RawEvent {
         version: e.seq,
-        json: render(&e.kind, e.seq, &e.data).into(),
+        json: render(&e.kind, e.seq, &e.data.to_string()).into(),
     }
 }
 
 /// An event as clients receive it: the stored data, minus what clients must not see
 /// (the dice seed in `session_created`'s settings: it would predict every roll).
-/// Deterministic, so a live event and the same event read back from the log render
-/// to the same bytes.
-fn render(kind: &str, version: u64, data: &Value) -> String {
-    if kind == "session_created" && data["settings"].get("dice_seed").is_some() {
-        let mut data = data.clone();
-        if let Some(settings) = data["settings"].as_object_mut() {
-            settings.remove("dice_seed");
+/// A live event and the same event read back from the log are the same JSON (their
+/// keys may come in another order).
+fn render(kind: &str, version: u64, data_json: &str) -> String {
+    if kind == "session_created" && data_json.contains("dice_seed") {
+        if let Ok(mut data) = serde_json::from_str::<Value>(data_json) {
+            if let Some(settings) = data["settings"].as_object_mut() {
+                settings.remove("dice_seed");
+            }
+            return protocol::render_event(kind, version, &data);
         }
-        return protocol::render_event(kind, version, &data);
     }
-    protocol::render_event(kind, version, data)
+    protocol::render_event_raw(kind, version, data_json)
 }
 
 impl Actor {
@@ -633,26 +668,29 @@ impl Actor {
                     command_id,
                     kind,
                     data,
+                    ack_by_event,
                 } => {
-                    let cmd = Command::from_client(&kind, data);
+                    let origin = Origin {
+                        ack_by_event,
+                        ..Origin::new(reply, user, role, command_id)
+                    };
+                    let cmd = Command::from_client_json(&kind, data.get());
                     if let Ok(Command::Rollback { to_version }) = cmd {
                         // A rollback needs the past state, replayed from the log.
-                        let Some(reply) =
-                            self.answer_duplicate(&mut b, reply, user, command_id, false)
-                        else {
+                        let Some(origin) = self.answer_duplicate(&mut b, origin) else {
                             continue;
                         };
                         if let Some(stop) = self.flush(&mut b).await {
-                            reply.send(&self.ctx, self.stopped_reply(stop)).await;
+                            origin.reply.send(&self.ctx, self.stopped_reply(stop)).await;
                             self.refuse_rest(rest, stop).await;
                             return Some(stop);
                         }
                         let events = self
                             .decide_rollback(user, role, command_id, to_version)
                             .await;
-                        self.stage_events(&mut b, reply, user, command_id, events, false);
+                        self.stage_events(&mut b, origin, events);
                     } else {
-                        self.stage(&mut b, reply, user, role, command_id, cmd, false);
+                        self.stage(&mut b, origin, cmd);
                     }
                 }
                 RequestBody::SaveState {
@@ -661,7 +699,7 @@ impl Actor {
                     metadata,
                 } => {
                     let cmd = Ok(Command::SaveState { state, metadata });
-                    self.stage(&mut b, reply, user, role, command_id, cmd, false);
+                    self.stage(&mut b, Origin::new(reply, user, role, command_id), cmd);
                 }
                 RequestBody::Join { command_id, data } => {
                     let cmd = serde_json::from_value::<JoinRequest>(data)
@@ -672,7 +710,11 @@ impl Actor {
                                 format!("invalid join body: {e}"),
                             )
                         });
-                    self.stage(&mut b, reply, user, role, command_id, cmd, true);
+                    let origin = Origin {
+                        join: true,
+                        ..Origin::new(reply, user, role, command_id)
+                    };
+                    self.stage(&mut b, origin, cmd);
                 }
                 RequestBody::Create { .. } => {
                     // The session exists and is ours: a retried create.
@@ -708,15 +750,8 @@ impl Actor {
                     // Applied by the system, as an admin; the event id is the command
                     // id, so a redelivered hub event is answered from memory.
                     let cmd = crate::hub::command_for(&kind, &payload);
-                    self.stage(
-                        &mut b,
-                        reply,
-                        Uuid::nil(),
-                        Role::Admin,
-                        event_id,
-                        cmd,
-                        false,
-                    );
+                    let origin = Origin::new(reply, Uuid::nil(), Role::Admin, event_id);
+                    self.stage(&mut b, origin, cmd);
                 }
                 RequestBody::Detach { conn_id } => {
                     if let Some((user, _)) = self.connections.remove(&conn_id) {
@@ -770,38 +805,28 @@ impl Actor {
     }
 
     /// Decides one command and stages its events (applied in memory, not yet durable).
-    #[allow(clippy::too_many_arguments)]
-    fn stage(
-        &mut self,
-        b: &mut Batch,
-        reply: Reply,
-        user: Uuid,
-        role: Role,
-        command_id: Uuid,
-        cmd: Result<Command, gs_rules::RuleError>,
-        join: bool,
-    ) {
-        let Some(reply) = self.answer_duplicate(b, reply, user, command_id, join) else {
+    fn stage(&mut self, b: &mut Batch, o: Origin, cmd: Result<Command, gs_rules::RuleError>) {
+        let Some(o) = self.answer_duplicate(b, o) else {
             return;
         };
         let cmd = match cmd {
             Ok(c) => c,
             Err(e) => {
                 b.waiting.push(Waiting::Refused {
-                    reply,
+                    reply: o.reply,
                     error: e.into_wire(),
                 });
                 return;
             }
         };
         let ctx = Ctx {
-            user_id: user,
-            admin: role == Role::Admin,
-            command_id,
+            user_id: o.user,
+            admin: o.role == Role::Admin,
+            command_id: o.command_id,
             timestamp: protocol::timestamp_now(),
         };
         let events = self.state.decide(&ctx, &cmd).map_err(IntoWire::into_wire);
-        self.stage_events(b, reply, user, command_id, events, join);
+        self.stage_events(b, o, events);
     }
 
     /// Answers the requests left in a batch when the actor stops in its middle.
@@ -813,88 +838,87 @@ impl Actor {
     }
 
     /// A retry of a command already committed (or staged in this batch) is answered
-    /// with its original version; otherwise the reply is handed back.
-    fn answer_duplicate(
-        &self,
-        b: &mut Batch,
-        reply: Reply,
-        user: Uuid,
-        command_id: Uuid,
-        join: bool,
-    ) -> Option<Reply> {
-        let Some(&version) = self.dedupe.map.get(&command_id) else {
-            return Some(reply);
+    /// with its original version; otherwise the origin is handed back.
+    fn answer_duplicate(&self, b: &mut Batch, o: Origin) -> Option<Origin> {
+        let Some(&version) = self.dedupe.map.get(&o.command_id) else {
+            return Some(o);
         };
         metrics::counter!("gs_node_commands_deduplicated_total").increment(1);
-        b.needs_barrier |= join;
-        b.waiting
-            .push(Waiting::applied(reply, user, join, version, true));
+        b.needs_barrier |= o.join;
+        b.waiting.push(Waiting::applied(o, version, true));
         None
     }
 
     /// Applies decided events in memory and stages their rows for the next commit.
-    fn stage_events(
-        &mut self,
-        b: &mut Batch,
-        reply: Reply,
-        user: Uuid,
-        command_id: Uuid,
-        events: Result<Vec<Event>, WireError>,
-        join: bool,
-    ) {
+    fn stage_events(&mut self, b: &mut Batch, o: Origin, events: Result<Vec<Event>, WireError>) {
         let events = match events {
             Ok(ev) => ev,
             Err(e) => {
                 metrics::counter!("gs_node_commands_refused_total", "code" => e.code.clone())
                     .increment(1);
-                b.waiting.push(Waiting::Refused { reply, error: e });
+                b.waiting.push(Waiting::Refused {
+                    reply: o.reply,
+                    error: e,
+                });
                 return;
             }
         };
         let now = chrono::Utc::now().naive_utc();
         let n = events.len();
         for (i, ev) in events.iter().enumerate() {
-            // The combat an event belongs to is the one running when it happened.
-            let combat = crate::outbox::current_combat(&self.state);
-            self.state.apply(ev);
-            let version = self.state.version;
-            let (kind, data) = ev.to_parts();
-            let json = render(&kind, version, &data);
-            let combat_id = crate::outbox::combat_of(&kind, &data, combat);
-            if let Event::SessionStatusChanged { status, .. } = ev {
-                b.status = Some((status.as_str().to_string(), now));
-            }
-            b.final_event |= ev.is_final();
-            b.rows.push(EventRow {
-                // Time-ordered ids: the primary key index grows at its end.
-                id: Uuid::now_v7(),
-                seq: version,
-                kind,
-                data,
-                // The id goes on the command's last event: its version is the ack's.
-                command_id: (i + 1 == n).then_some(command_id),
-                user_id: Some(user),
-                created_at: now,
-                correlation: Some(command_id),
-                combat_id,
-            });
-            b.rendered.push(RawEvent {
-                version,
-                json: json.into(),
-            });
+            let last = i + 1 == n;
+            self.stage_event(b, &o, ev, last, now);
         }
         if n > 0 {
-            self.dedupe.insert(command_id, self.state.version);
+            self.dedupe.insert(o.command_id, self.state.version);
+            if o.ack_by_event && !o.join {
+                b.acks_on.push((b.rendered.len() - 1, o.command_id));
+            }
         } else {
-            b.needs_barrier |= join;
+            b.needs_barrier |= o.join;
         }
-        b.waiting.push(Waiting::applied(
-            reply,
-            user,
-            join,
-            self.state.version,
-            false,
-        ));
+        let version = self.state.version;
+        b.waiting.push(Waiting::applied(o, version, false));
+    }
+
+    /// Applies one event and stages its row and rendering.
+    fn stage_event(
+        &mut self,
+        b: &mut Batch,
+        o: &Origin,
+        ev: &Event,
+        last: bool,
+        now: chrono::NaiveDateTime,
+    ) {
+        // The combat an event belongs to is the one running when it happened.
+        let combat = crate::outbox::current_combat(&self.state);
+        self.state.apply(ev);
+        let version = self.state.version;
+        let kind = ev.kind().to_string();
+        let data_json = ev.data_json();
+        let json = render(&kind, version, &data_json);
+        let combat_id = crate::outbox::combat_of(&kind, &data_json, combat);
+        if let Event::SessionStatusChanged { status, .. } = ev {
+            b.status = Some((status.as_str().to_string(), now));
+        }
+        b.final_event |= ev.is_final();
+        b.rows.push(EventRow {
+            // Time-ordered ids: the primary key index grows at its end.
+            id: Uuid::now_v7(),
+            seq: version,
+            kind,
+            data_json,
+            // The id goes on the command's last event: its version is the ack's.
+            command_id: last.then_some(o.command_id),
+            user_id: Some(o.user),
+            created_at: now,
+            correlation: Some(o.command_id),
+            combat_id,
+        });
+        b.rendered.push(RawEvent {
+            version,
+            json: json.into(),
+        });
     }
 
     /// A rollback: the cheap checks, then the state at `to_version` (replayed from the
@@ -1017,8 +1041,10 @@ impl Actor {
                 if let Some(s) = snap_seq {
                     self.last_snapshot = s;
                 }
-                for ev in &batch.rendered {
-                    self.publish(ev).await;
+                let mut acks = batch.acks_on.iter().peekable();
+                for (i, ev) in batch.rendered.iter().enumerate() {
+                    let ack = acks.next_if(|(at, _)| *at == i).map(|(_, id)| *id);
+                    self.publish(ev, ack).await;
                     self.recent.push_back(ev.clone());
                 }
                 self.ctx.hub.committed(self.id, item.events);
@@ -1095,7 +1121,7 @@ impl Actor {
         }
         self.dedupe.complete = complete;
         if let Some(last) = self.recent.back().cloned() {
-            self.publish(&last).await;
+            self.publish(&last, None).await;
         }
         Ok(())
     }
@@ -1103,10 +1129,13 @@ impl Actor {
     async fn answer(&self, waiting: Vec<Waiting>) {
         for w in waiting {
             let (reply, answer) = match w {
+                // Its event carried the ack.
+                Waiting::Ack { by_event: true, .. } => continue,
                 Waiting::Ack {
                     reply,
                     version,
                     duplicate,
+                    ..
                 } => (
                     reply,
                     NodeReply::Ok {
@@ -1277,9 +1306,13 @@ impl Actor {
         Ok(stored.iter().map(render_stored).collect())
     }
 
-    async fn publish(&self, ev: &RawEvent) {
+    /// Publishes an event for the routers; `ack`: the command whose ack it carries.
+    async fn publish(&self, ev: &RawEvent, ack: Option<Uuid>) {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(protocol::VERSION_HEADER, ev.version.to_string().as_str());
+        if let Some(id) = ack {
+            headers.insert(protocol::ACK_HEADER, id.to_string().as_str());
+        }
         if let Err(e) = self
             .ctx
             .nats

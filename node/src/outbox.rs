@@ -18,7 +18,9 @@
 
 use crate::store::{EventRow, HubRow};
 use gs_rules::SessionState;
-use serde_json::{json, Value};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -55,16 +57,26 @@ pub fn routing_key(kind: &str) -> &'static str {
     }
 }
 
+/// The fields of an event's data this module reads (the rest is skipped unparsed).
+#[derive(Deserialize, Default)]
+struct Probe {
+    #[serde(default)]
+    combat_id: Option<Uuid>,
+    #[serde(default)]
+    character_id: Option<Uuid>,
+}
+
+fn probe(data_json: &str) -> Probe {
+    serde_json::from_str(data_json).unwrap_or_default()
+}
+
 /// The combat a combat event belongs to: its own `combat_id`, else the session's
 /// current combat. `None` for other events.
-pub fn combat_of(kind: &str, data: &Value, current: Option<Uuid>) -> Option<Uuid> {
+pub fn combat_of(kind: &str, data_json: &str, current: Option<Uuid>) -> Option<Uuid> {
     if routing_key(kind) != COMBAT_CHANGED {
         return None;
     }
-    data["combat_id"]
-        .as_str()
-        .and_then(|s| Uuid::parse_str(s).ok())
-        .or(current)
+    probe(data_json).combat_id.or(current)
 }
 
 /// The current combat of a session, for [`combat_of`].
@@ -72,36 +84,67 @@ pub fn current_combat(state: &SessionState) -> Option<Uuid> {
     state.game.combat.as_ref().map(|c| c.id)
 }
 
-/// One event's hub payload.
-pub fn payload(session: Uuid, e: &HubRow) -> Value {
-    let mut details = e.data.clone();
-    if let Value::Object(m) = &mut details {
+/// One event's hub payload (JSON text) and its `timestamp` (JSON text).
+struct Payload {
+    text: String,
+    timestamp: String,
+}
+
+/// The event's data for the hub (`details`): without the play-state patch and without
+/// the dice seed. Only the top level is parsed (values stay text).
+fn details(kind: &str, data_json: &str) -> (String, String) {
+    let timestamp_of = |m: &BTreeMap<&str, &RawValue>| {
+        m.get("timestamp")
+            .map(|t| t.get().to_string())
+            .unwrap_or_default()
+    };
+    if kind != "session_created" {
+        if let Ok(mut m) = serde_json::from_str::<BTreeMap<&str, &RawValue>>(data_json) {
+            let ts = timestamp_of(&m);
+            let text = match m.remove("patch") {
+                Some(_) => serde_json::to_string(&m).expect("a map of JSON serialises"),
+                None => data_json.to_string(),
+            };
+            return (text, ts);
+        }
+    }
+    // The seed sits one level down (and any key with an escape needs the full parse).
+    let mut v: Value = serde_json::from_str(data_json).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
         m.remove("patch");
         if let Some(Value::Object(s)) = m.get_mut("settings") {
             s.remove("dice_seed");
         }
     }
-    let timestamp = e.data["timestamp"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| {
+    let ts = v.get("timestamp").map(Value::to_string).unwrap_or_default();
+    (v.to_string(), ts)
+}
+
+/// One event's hub payload.
+fn payload(session: Uuid, e: &HubRow) -> Payload {
+    let (details, mut timestamp) = details(&e.kind, &e.data_json);
+    if timestamp.is_empty() || timestamp == "null" {
+        timestamp = Value::from(
             e.created_at
                 .and_utc()
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        });
-    let mut payload = json!({
-        "event_id": e.id,
-        "session_id": session,
-        "version": e.seq,
-        "change_type": e.kind,
-        "details": details,
-        "timestamp": timestamp,
-        "correlation_id": e.correlation,
-    });
-    if routing_key(&e.kind) == COMBAT_CHANGED {
-        payload["combat_id"] = json!(e.combat_id);
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
+        .to_string();
     }
-    payload
+    let uuid_or_null = |u: Option<Uuid>| u.map_or("null".to_string(), |u| format!("\"{u}\""));
+    let mut text = format!(
+        r#"{{"event_id":"{}","session_id":"{session}","version":{},"change_type":{},"details":{details},"timestamp":{timestamp},"correlation_id":{}"#,
+        e.id,
+        e.seq,
+        Value::from(e.kind.as_str()),
+        uuid_or_null(e.correlation),
+    );
+    if routing_key(&e.kind) == COMBAT_CHANGED {
+        text.push_str(r#","combat_id":"#);
+        text.push_str(&uuid_or_null(e.combat_id));
+    }
+    text.push('}');
+    Payload { text, timestamp }
 }
 
 /// One message for the broker.
@@ -142,27 +185,24 @@ fn message(session: Uuid, key: &'static str, run: &[HubRow]) -> HubMessage {
         return HubMessage {
             routing_key: key,
             message_id: last.id,
-            body: payload(session, last).to_string().into_bytes(),
+            body: payload(session, last).text.into_bytes(),
             last_seq: last.seq,
         };
     }
     let first = run[0].seq;
     let id = Uuid::new_v5(&session, format!("{first}-{}", last.seq).as_bytes());
-    let events: Vec<Value> = run.iter().map(|e| payload(session, e)).collect();
-    let timestamp = events[events.len() - 1]["timestamp"].clone();
-    let body = json!({
-        "event_id": id,
-        "session_id": session,
-        "change_type": BATCH,
-        "from_version": first,
-        "version": last.seq,
-        "details": {"events": events},
-        "timestamp": timestamp,
-    });
+    let payloads: Vec<Payload> = run.iter().map(|e| payload(session, e)).collect();
+    let events: Vec<&str> = payloads.iter().map(|p| p.text.as_str()).collect();
+    let body = format!(
+        r#"{{"event_id":"{id}","session_id":"{session}","change_type":"{BATCH}","from_version":{first},"version":{},"details":{{"events":[{}]}},"timestamp":{}}}"#,
+        last.seq,
+        events.join(","),
+        payloads[payloads.len() - 1].timestamp,
+    );
     HubMessage {
         routing_key: key,
         message_id: id,
-        body: body.to_string().into_bytes(),
+        body: body.into_bytes(),
         last_seq: last.seq,
     }
 }
@@ -172,8 +212,7 @@ pub fn characters(events: &[EventRow]) -> Vec<Uuid> {
     let mut out: Vec<Uuid> = events
         .iter()
         .filter(|e| e.kind == "player_joined" || e.kind == "character_spawned")
-        .filter_map(|e| e.data["character_id"].as_str())
-        .filter_map(|s| Uuid::parse_str(s).ok())
+        .filter_map(|e| probe(&e.data_json).character_id)
         .collect();
     out.sort();
     out.dedup();
@@ -189,13 +228,14 @@ pub fn combat_summary(state: &SessionState) -> Option<BTreeMap<String, String>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn row(seq: u64, kind: &str, data: Value) -> HubRow {
         HubRow {
             id: Uuid::new_v4(),
             seq,
             kind: kind.into(),
-            data,
+            data_json: data.to_string(),
             created_at: chrono::Utc::now().naive_utc(),
             correlation: Some(Uuid::nil()),
             combat_id: None,
@@ -211,20 +251,22 @@ mod tests {
             "turn_change",
             json!({"combat_id": c, "patch": {"x": 1}, "timestamp": "t2"}),
         );
-        turn.combat_id = combat_of("turn_change", &turn.data, None);
+        turn.combat_id = combat_of("turn_change", &turn.data_json, None);
         let created = row(
             9,
             "session_created",
             json!({"settings": {"dice_seed": 5, "a": 1}, "timestamp": "t3"}),
         );
-        let p = payload(session, &turn);
+        let p: Value = serde_json::from_str(&payload(session, &turn).text).unwrap();
         assert_eq!(routing_key("turn_change"), COMBAT_CHANGED);
         assert_eq!(p["combat_id"], json!(c));
-        assert!(p["details"].get("patch").is_none());
+        assert_eq!(p["details"], json!({"combat_id": c, "timestamp": "t2"}));
+        assert_eq!(p["timestamp"], "t2");
+        assert_eq!(p["correlation_id"], json!(Uuid::nil()));
         assert_eq!(p["event_id"], json!(turn.id));
         assert_eq!(p["version"], json!(8));
         assert_eq!(p["session_id"], json!(session));
-        let p = payload(session, &created);
+        let p: Value = serde_json::from_str(&payload(session, &created).text).unwrap();
         assert_eq!(routing_key("session_created"), STATE_CHANGED);
         assert_eq!(p["details"]["settings"], json!({"a": 1}));
         assert!(p.get("combat_id").is_none());
@@ -233,8 +275,8 @@ mod tests {
     #[test]
     fn combat_events_without_their_own_id_take_the_current_combat() {
         let c = Uuid::new_v4();
-        assert_eq!(combat_of("death_save", &json!({}), Some(c)), Some(c));
-        assert_eq!(combat_of("state_update", &json!({}), Some(c)), None);
+        assert_eq!(combat_of("death_save", "{}", Some(c)), Some(c));
+        assert_eq!(combat_of("state_update", "{}", Some(c)), None);
     }
 
     #[test]
@@ -288,7 +330,7 @@ mod tests {
             id: Uuid::new_v4(),
             seq: 7,
             kind: kind.into(),
-            data,
+            data_json: data.to_string(),
             command_id: None,
             user_id: None,
             created_at: chrono::Utc::now().naive_utc(),

@@ -507,18 +507,20 @@ async fn handle_message(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Resul
 
 /// `sync_request`: the state (or the asked paths) from the owner.
 async fn sync(conn: &mut Conn, m: ClientMessage) -> Result<(), Closed> {
-    let paths = match m.data.get("paths") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(p) => match serde_json::from_value::<Vec<String>>(p.clone()) {
-            Ok(p) => Some(p),
-            Err(_) => {
-                let e = WireError::new(
-                    codes::INVALID_PAYLOAD,
-                    "`paths` must be a list of JSON Pointers",
-                );
-                return conn.feed_text(protocol::error(Some(m.id), &e)).await;
-            }
-        },
+    #[derive(serde::Deserialize)]
+    struct SyncData {
+        #[serde(default)]
+        paths: Option<Vec<String>>,
+    }
+    let paths = match m.data.parse::<SyncData>() {
+        Ok(d) => d.paths,
+        Err(_) => {
+            let e = WireError::new(
+                codes::INVALID_PAYLOAD,
+                "`paths` must be a list of JSON Pointers",
+            );
+            return conn.feed_text(protocol::error(Some(m.id), &e)).await;
+        }
     };
     let partial = paths.as_ref().is_some_and(|p| !p.is_empty());
     let r = conn
@@ -569,19 +571,25 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
     };
     let forwarder = conn.ctx.forwarder.clone();
     let (sid, caller, acks) = (conn.sid, conn.caller, io.ack_tx.clone());
+    // This connection's hub follows the session: the ack comes with the event.
+    let (waiting, by_event) = conn.ctx.hubs.acks.wait(m.id);
     tokio::spawn(async move {
         let _permit = permit;
-        let r = forwarder
-            .request(
-                sid,
-                caller,
-                RequestBody::Command {
-                    command_id: m.id,
-                    kind: m.kind,
-                    data: m.data,
-                },
-            )
-            .await;
+        let request = forwarder.request(
+            sid,
+            caller,
+            RequestBody::Command {
+                command_id: m.id,
+                kind: m.kind,
+                data: m.data,
+                ack_by_event: true,
+            },
+        );
+        let r = tokio::select! {
+            r = request => r,
+            Ok(version) = by_event => Ok(ReplyBody::Ack { version, duplicate: false }),
+        };
+        drop(waiting);
         let out = match r {
             Ok(ReplyBody::Ack { version, .. }) => protocol::ack(m.id, version),
             Ok(_) => protocol::error(

@@ -14,7 +14,7 @@ use crate::sequencer::Sequencer;
 use futures::StreamExt;
 use gs_shared::auth::Role;
 use gs_shared::forward::Forwarder;
-use gs_shared::protocol::VERSION_HEADER;
+use gs_shared::protocol::{ACK_HEADER, VERSION_HEADER};
 use gs_shared::rpc::{Caller, RawEvent, ReplyBody, RequestBody, Subjects};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -27,6 +27,47 @@ use uuid::Uuid;
 const FILL_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How often a persisting gap is asked for again.
 const FILL_RETRY: Duration = Duration::from_millis(100);
+
+/// Commands waiting for their ack from an event (`Gs-Ack`, see
+/// `RequestBody::Command::ack_by_event`): command id → the waiting forward.
+#[derive(Default)]
+pub struct AckWaiters {
+    waiting: Mutex<HashMap<Uuid, tokio::sync::oneshot::Sender<u64>>>,
+}
+
+impl AckWaiters {
+    /// Waits for `command`'s ack; the guard stops waiting when dropped.
+    pub fn wait(self: &Arc<Self>, command: Uuid) -> (AckWait, tokio::sync::oneshot::Receiver<u64>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting.lock().unwrap().insert(command, tx);
+        (
+            AckWait {
+                waiters: self.clone(),
+                command,
+            },
+            rx,
+        )
+    }
+
+    /// An event carried `command`'s ack at `version`.
+    fn acked(&self, command: Uuid, version: u64) {
+        if let Some(tx) = self.waiting.lock().unwrap().remove(&command) {
+            let _ = tx.send(version);
+        }
+    }
+}
+
+/// Removes its waiter when dropped.
+pub struct AckWait {
+    waiters: Arc<AckWaiters>,
+    command: Uuid,
+}
+
+impl Drop for AckWait {
+    fn drop(&mut self) {
+        self.waiters.waiting.lock().unwrap().remove(&self.command);
+    }
+}
 
 /// One event as delivered to clients: the owner's rendering, shared by every
 /// connection that sends it (a clone is a reference count, not a copy).
@@ -156,6 +197,7 @@ pub struct Hubs {
     subjects: Subjects,
     forwarder: Forwarder,
     recent_cap: usize,
+    pub acks: Arc<AckWaiters>,
 }
 
 impl Hubs {
@@ -171,6 +213,7 @@ impl Hubs {
             subjects,
             forwarder,
             recent_cap: recent_cap.max(16),
+            acks: Arc::new(AckWaiters::default()),
         }
     }
 
@@ -208,7 +251,12 @@ impl Hubs {
         }
         hubs.retain(|_, w| w.strong_count() > 0);
         hubs.insert(session, Arc::downgrade(&hub));
-        let task = tokio::spawn(run_hub(Arc::downgrade(&hub), sub, self.forwarder.clone()));
+        let task = tokio::spawn(run_hub(
+            Arc::downgrade(&hub),
+            sub,
+            self.forwarder.clone(),
+            self.acks.clone(),
+        ));
         *hub.task.lock().unwrap() = Some(task);
         Ok(hub)
     }
@@ -231,7 +279,12 @@ pub fn router_caller() -> Caller {
     }
 }
 
-async fn run_hub(hub: Weak<Hub>, mut sub: async_nats::Subscriber, forwarder: Forwarder) {
+async fn run_hub(
+    hub: Weak<Hub>,
+    mut sub: async_nats::Subscriber,
+    forwarder: Forwarder,
+    acks: Arc<AckWaiters>,
+) {
     let mut retry = tokio::time::interval(FILL_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -247,7 +300,15 @@ async fn run_hub(hub: Weak<Hub>, mut sub: async_nats::Subscriber, forwarder: For
                     .and_then(|v| v.as_str().parse::<u64>().ok())
                     .or_else(|| serde_json::from_str::<serde_json::Value>(json.as_str()).ok()?["version"].as_u64());
                 let Some(version) = version else { continue };
+                let ack = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(ACK_HEADER))
+                    .and_then(|v| Uuid::parse_str(v.as_str()).ok());
                 hub.offer(version, Ev::new(version, json));
+                if let Some(command) = ack {
+                    acks.acked(command, version);
+                }
                 if hub.gap().is_some() {
                     fill(&hub, &forwarder).await;
                 }

@@ -136,8 +136,13 @@ pub struct RabbitConfig {
     pub max_redeliveries: u32,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
-    /// Outbox rows published per relay round.
+    /// Events read back from the log per session and relay pass (after a restart, a
+    /// takeover or an outage).
     pub outbox_batch: i64,
+    /// Shortest time between two publishing passes of a node's relay: events committed
+    /// meanwhile go out together (one message per session and routing key), at the
+    /// price of at most this much extra delay on the hub.
+    pub publish_interval_ms: u64,
     /// Whether the node runs the hub relay at all.
     pub enabled: bool,
 }
@@ -156,6 +161,7 @@ impl Default for RabbitConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5000,
             outbox_batch: 256,
+            publish_interval_ms: 50,
             enabled: true,
         }
     }

@@ -11,6 +11,7 @@
 //! clients byte for byte.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -113,12 +114,52 @@ impl std::fmt::Display for WireError {
 
 impl std::error::Error for WireError {}
 
+/// A JSON object as received, kept as text: the router checks the envelope and passes
+/// the payload on without building a JSON value; the owner reads it straight into the
+/// command it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<RawValue>);
+
+impl RawJson {
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// `{}`.
+    pub fn empty_object() -> RawJson {
+        RawJson(RawValue::from_string("{}".into()).expect("{} is JSON"))
+    }
+
+    /// The JSON of a value.
+    pub fn of(v: &impl Serialize) -> RawJson {
+        RawJson(serde_json::value::to_raw_value(v).expect("a value serialises"))
+    }
+
+    /// Reads it as `T`.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(self.get())
+    }
+
+    /// As a JSON value (for code that inspects it freely).
+    pub fn to_value(&self) -> Value {
+        self.parse().unwrap_or(Value::Null)
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
 /// A parsed client → server message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientMessage {
     pub id: Uuid,
     pub kind: String,
-    pub data: Value,
+    /// Always a JSON object (`{}` when the message had none).
+    pub data: RawJson,
 }
 
 /// A client message that could not be accepted, with the id when it could be read.
@@ -130,6 +171,24 @@ pub struct Rejected {
 
 /// Longest accepted `type`.
 pub const MAX_TYPE_LEN: usize = 64;
+
+/// The envelope's fields, as text; every other top-level field is ignored.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+fn rejected(id: Option<Uuid>, code: &str, message: impl Into<String>) -> Rejected {
+    Rejected {
+        id,
+        error: WireError::new(code, message),
+    }
+}
 
 /// Parses and checks the envelope of a client message. The payload (`data`) is checked
 /// by whoever handles the type.
@@ -147,58 +206,52 @@ pub fn parse_client_message(text: &str, max_bytes: usize) -> Result<ClientMessag
             .with_details(json!({"limit": max_bytes, "size": text.len()})),
         });
     }
-    let value: Value = serde_json::from_str(text).map_err(|e| Rejected {
-        id: None,
-        error: WireError::new(codes::MALFORMED_JSON, format!("not valid JSON: {e}")),
+    let env: Envelope = serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => rejected(
+            None,
+            codes::INVALID_MESSAGE,
+            "a message must be a JSON object",
+        ),
+        _ => rejected(None, codes::MALFORMED_JSON, format!("not valid JSON: {e}")),
     })?;
-    let Value::Object(mut obj) = value else {
-        return Err(Rejected {
-            id: None,
-            error: WireError::new(codes::INVALID_MESSAGE, "a message must be a JSON object"),
-        });
-    };
-    let id = match obj.get("id") {
-        Some(Value::String(s)) => Uuid::parse_str(s).map_err(|_| Rejected {
-            id: None,
-            error: WireError::new(codes::INVALID_MESSAGE, "`id` must be a UUID"),
-        })?,
+    let id = match env.id.map(|r| serde_json::from_str::<String>(r.get())) {
+        Some(Ok(s)) => Uuid::parse_str(&s)
+            .map_err(|_| rejected(None, codes::INVALID_MESSAGE, "`id` must be a UUID"))?,
         _ => {
-            return Err(Rejected {
-                id: None,
-                error: WireError::new(
-                    codes::INVALID_MESSAGE,
-                    "every message needs an `id` (a UUID string)",
-                ),
-            })
+            return Err(rejected(
+                None,
+                codes::INVALID_MESSAGE,
+                "every message needs an `id` (a UUID string)",
+            ))
         }
     };
-    let kind = match obj.get("type") {
-        Some(Value::String(s))
+    let kind = match env.kind.map(|r| serde_json::from_str::<String>(r.get())) {
+        Some(Ok(s))
             if !s.is_empty()
                 && s.len() <= MAX_TYPE_LEN
                 && s.bytes()
                     .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.') =>
         {
-            s.clone()
+            s
         }
         _ => {
-            return Err(Rejected {
-                id: Some(id),
-                error: WireError::new(
-                    codes::INVALID_MESSAGE,
-                    "`type` must be a lowercase identifier such as \"state_update\"",
-                ),
-            })
+            return Err(rejected(
+                Some(id),
+                codes::INVALID_MESSAGE,
+                "`type` must be a lowercase identifier such as \"state_update\"",
+            ))
         }
     };
-    let data = match obj.remove("data") {
-        None | Some(Value::Null) => Value::Object(Default::default()),
-        Some(v @ Value::Object(_)) => v,
+    let data = match env.data {
+        None => RawJson::empty_object(),
+        Some(r) if r.get() == "null" => RawJson::empty_object(),
+        Some(r) if r.get().starts_with('{') => RawJson(r.to_owned()),
         Some(_) => {
-            return Err(Rejected {
-                id: Some(id),
-                error: WireError::new(codes::INVALID_MESSAGE, "`data` must be a JSON object"),
-            })
+            return Err(rejected(
+                Some(id),
+                codes::INVALID_MESSAGE,
+                "`data` must be a JSON object",
+            ))
         }
     };
     Ok(ClientMessage { id, kind, data })
@@ -256,15 +309,20 @@ pub fn heartbeat() -> String {
 /// A session event as clients receive it. Rendered once, by the owner, both when the
 /// event is new and when it is read back from the log, so the bytes are identical.
 pub fn render_event(kind: &str, version: u64, data: &Value) -> String {
-    use std::io::Write;
-    // Written directly, type first: no intermediate object that would copy `data`.
-    let mut out = Vec::with_capacity(128);
-    out.extend_from_slice(br#"{"type":"#);
-    serde_json::to_writer(&mut out, kind).expect("a string serialises");
-    write!(out, r#","version":{version},"data":"#).expect("writing to a Vec");
-    serde_json::to_writer(&mut out, data).expect("a JSON value serialises");
-    out.push(b'}');
-    String::from_utf8(out).expect("serde_json writes UTF-8")
+    render_event_raw(kind, version, &data.to_string())
+}
+
+/// [`render_event`] from the data's JSON text (written once, also for the log).
+pub fn render_event_raw(kind: &str, version: u64, data_json: &str) -> String {
+    use std::fmt::Write;
+    // Type first, then the version, then the data as is.
+    let mut out = String::with_capacity(48 + kind.len() + data_json.len());
+    out.push_str(r#"{"type":"#);
+    out.push_str(&Value::from(kind).to_string());
+    write!(out, r#","version":{version},"data":"#).expect("writing to a String");
+    out.push_str(data_json);
+    out.push('}');
+    out
 }
 
 /// The part of an event a router needs to order it, without parsing the payload.
@@ -275,6 +333,10 @@ pub struct EventHeader {
 
 /// NATS header carrying an event's version, so routers can sequence without parsing.
 pub const VERSION_HEADER: &str = "Gs-Version";
+
+/// NATS header on the last event of a command sent with `ack_by_event`: the command's
+/// id. The router answers the command with the event's version.
+pub const ACK_HEADER: &str = "Gs-Ack";
 
 #[cfg(test)]
 mod tests {
@@ -341,7 +403,7 @@ mod tests {
         let id = Uuid::new_v4();
         let m =
             parse_client_message(&format!(r#"{{"id":"{id}","type":"heartbeat"}}"#), 100).unwrap();
-        assert_eq!(m.data, json!({}));
+        assert_eq!(m.data.get(), "{}");
     }
 
     #[test]

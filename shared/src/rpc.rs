@@ -85,8 +85,11 @@ impl NodeRequest {
     }
 }
 
+/// On the wire `{"op": …, "args": {…}}`, the tag first: serde then reads the arguments
+/// straight into the variant (an internally tagged enum would buffer the whole request
+/// first, a measurable cost per command).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "op", content = "args", rename_all = "snake_case")]
 pub enum RequestBody {
     /// `POST /sessions`: the router chose the id; a retry of the same create is a no-op.
     Create {
@@ -100,7 +103,13 @@ pub enum RequestBody {
     Command {
         command_id: Uuid,
         kind: String,
-        data: Value,
+        /// The message's `data` as the client sent it (a JSON object).
+        data: crate::protocol::RawJson,
+        /// The router follows the session's events and takes an applied command's ack
+        /// from its last event (NATS header `Gs-Ack`): the owner sends no reply then
+        /// (refusals, duplicates and errors are still replies).
+        #[serde(default)]
+        ack_by_event: bool,
     },
     /// `POST /sessions/{id}/state`: replaces the state document.
     SaveState {
@@ -307,13 +316,14 @@ mod tests {
             body: RequestBody::Command {
                 command_id: Uuid::new_v4(),
                 kind: "state_update".into(),
-                data: json!({"changes": []}),
+                data: crate::protocol::RawJson::of(&json!({"changes": []})),
+                ack_by_event: true,
             },
             deadline_ms: Some(wall_ms() + 5000),
         };
         assert!(!req.expired());
         let s = serde_json::to_string(&req).unwrap();
-        assert!(s.contains(r#""op":"command""#));
+        assert!(s.contains(r#""body":{"op":"command","args":{"#), "{s}");
         assert_eq!(serde_json::from_str::<NodeRequest>(&s).unwrap(), req);
 
         let rep = NodeReply::Err {

@@ -389,6 +389,22 @@ impl Command {
         })
     }
 
+    /// [`Command::from_client`] from the payload's JSON text, read straight into the
+    /// command (no intermediate JSON value).
+    pub fn from_client_json(kind: &str, data: &str) -> Result<Command> {
+        if !CLIENT_TYPES.contains(&kind) {
+            return Command::from_client(kind, Value::Null);
+        }
+        // The tag first: serde then reads the payload straight into the variant.
+        let tagged = format!(r#"{{"type":{},"data":{data}}}"#, Value::from(kind));
+        serde_json::from_str(&tagged).map_err(|e| {
+            RuleError::new(
+                codes::INVALID_PAYLOAD,
+                format!("invalid `data` for {kind:?}: {e}"),
+            )
+        })
+    }
+
     /// The wire name of the command.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -715,6 +715,22 @@ impl Event {
         }
     }
 
+    /// The event's data as JSON text (the `data` of [`Event::to_parts`]), written
+    /// straight from the event without building a JSON value first. Key order follows
+    /// the fields' declaration (`to_parts` sorts keys); the JSON is the same.
+    pub fn data_json(&self) -> String {
+        // Adjacently tagged: serde writes `{"type":<kind>,"data":<data>}`.
+        let full = serde_json::to_string(self).expect("events serialise");
+        let head = format!(
+            r#"{{"type":{},"data":"#,
+            serde_json::to_string(self.kind()).expect("a string serialises")
+        );
+        match full.strip_prefix(&head).and_then(|d| d.strip_suffix('}')) {
+            Some(data) => data.to_string(),
+            None => self.to_parts().1.to_string(),
+        }
+    }
+
     /// Rebuilds an event from its stored parts.
     pub fn from_parts(kind: &str, data: Value) -> Result<Event, serde_json::Error> {
         serde_json::from_value(serde_json::json!({ "type": kind, "data": data }))

@@ -145,7 +145,9 @@ impl Hub {
 
     /// Publishes until the connection fails; returns why.
     pub(super) async fn publish_loop(&self, ctx: &NodeCtx, ch: &Channel) -> String {
+        let interval = Duration::from_millis(self.cfg.publish_interval_ms);
         loop {
+            let started = Instant::now();
             let ready = std::mem::take(&mut self.outbound.lock().unwrap().ready);
             if ready.is_empty() {
                 if !ch.status().connected() {
@@ -156,6 +158,11 @@ impl Hub {
             }
             if let Err(e) = self.pass(ctx, ch, ready).await {
                 return e;
+            }
+            // What is committed meanwhile goes out together with the next pass.
+            let rest = interval.saturating_sub(started.elapsed());
+            if !rest.is_zero() {
+                tokio::time::sleep(rest).await;
             }
         }
     }

@@ -554,6 +554,9 @@ fn run(seed: u64, ops: &[Op]) -> Result<(Vec<&'static str>, usize), TestCaseErro
     prop_assert_eq!(t.s.version as usize, t.log.len());
     for e in &t.log {
         let (k, d) = e.to_parts();
+        // The text form the node stores is the same JSON.
+        let text: serde_json::Value = serde_json::from_str(&e.data_json()).unwrap();
+        prop_assert_eq!(&text, &d, "data_json differs from to_parts");
         prop_assert_eq!(
             &Event::from_parts(&k, d).unwrap(),
             e,

@@ -9,6 +9,8 @@
 //! `gs_fence_rows` statement trigger (migration V3) makes the same check inside
 //! PostgreSQL for every insert into the session tables, whoever sends it.
 
+mod batch;
+
 use crate::error::{NodeError, Result};
 use chrono::NaiveDateTime;
 use deadpool_postgres::Pool;
@@ -21,7 +23,9 @@ pub struct EventRow {
     pub id: Uuid,
     pub seq: u64,
     pub kind: String,
-    pub data: Value,
+    /// The event's data as JSON text, written once: the same text goes to the log, to
+    /// clients (in the rendered event) and to the hub.
+    pub data_json: String,
     /// The command id, on the command's last event only (exactly-once record).
     pub command_id: Option<Uuid>,
     pub user_id: Option<Uuid>,
@@ -74,7 +78,7 @@ pub struct HubRow {
     pub id: Uuid,
     pub seq: u64,
     pub kind: String,
-    pub data: Value,
+    pub data_json: String,
     pub created_at: NaiveDateTime,
     pub correlation: Option<Uuid>,
     pub combat_id: Option<Uuid>,
@@ -86,12 +90,43 @@ impl From<EventRow> for HubRow {
             id: e.id,
             seq: e.seq,
             kind: e.kind,
-            data: e.data,
+            data_json: e.data_json,
             created_at: e.created_at,
             correlation: e.correlation,
             combat_id: e.combat_id,
         }
     }
+}
+
+/// JSON text sent as a `json`/`jsonb` parameter as it is (PostgreSQL parses it once),
+/// instead of serialising a `serde_json::Value` again.
+#[derive(Debug)]
+pub struct JsonText<'a>(pub &'a str);
+
+impl tokio_postgres::types::ToSql for JsonText<'_> {
+    fn to_sql(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        use bytes::BufMut;
+        if *ty == tokio_postgres::types::Type::JSONB {
+            // jsonb's binary input: a format version, then the text.
+            out.put_u8(1);
+        }
+        out.put_slice(self.0.as_bytes());
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        matches!(
+            *ty,
+            tokio_postgres::types::Type::JSON | tokio_postgres::types::Type::JSONB
+        )
+    }
+
+    tokio_postgres::types::to_sql_checked!();
 }
 
 /// The advisory-lock key of a session: the first 64 bits of its id (the same as the
@@ -197,7 +232,7 @@ impl Store {
                 &event.id,
                 &s.id,
                 &event.kind,
-                &event.data,
+                &JsonText(&event.data_json),
                 &s.created_at,
                 &s.created_by,
                 &event.correlation,
@@ -362,40 +397,17 @@ impl Store {
         items: &[&CommitItem],
         anchor_every: u64,
     ) -> std::result::Result<Vec<Result<(), CommitError>>, BatchError> {
-        let mut client = self
+        let client = self
             .pool
             .get()
             .await
             .map_err(|e| BatchError::Pool(e.to_string()))?;
-        let tx = client.transaction().await?;
-        let fenced = fence(&tx, items).await?;
-        let live: Vec<&CommitItem> = items
-            .iter()
-            .zip(&fenced)
-            .filter(|(_, f)| !**f)
-            .map(|(i, _)| *i)
-            .collect();
-        if !live.is_empty() {
-            insert_events(&tx, &live).await?;
-            insert_snapshots(&tx, &live, anchor_every).await?;
-            for item in live.iter().filter(|i| !i.characters.is_empty()) {
-                let stmt = tx.prepare_cached(INSERT_CHARACTERS).await?;
-                tx.execute(&stmt, &[&item.characters, &item.session])
-                    .await?;
-            }
-            for item in &live {
-                if let Some((status, at)) = &item.status {
-                    let stmt = tx.prepare_cached(UPDATE_STATUS).await?;
-                    tx.execute(&stmt, &[&item.session, status, at, &(item.epoch as i64)])
-                        .await?;
-                }
-            }
+        let r = batch::write(&client, items, anchor_every).await;
+        if r.is_err() {
+            // Its transaction may still be open: the connection is not reused.
+            drop(deadpool_postgres::Object::take(client));
         }
-        tx.commit().await?;
-        Ok(fenced
-            .into_iter()
-            .map(|f| if f { Err(CommitError::Fenced) } else { Ok(()) })
-            .collect())
+        r
     }
 
     /// The hub cursor of a session: every event up to it has been confirmed by the
@@ -416,7 +428,7 @@ impl Store {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT id, seq, event_type, event_data, created_at, correlation_id, combat_id \
+                "SELECT id, seq, event_type, event_data::text, created_at, correlation_id, combat_id \
                  FROM session_events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                 &[&session, &(after as i64), &(limit as i64)],
             )
@@ -427,7 +439,7 @@ impl Store {
                 id: r.get(0),
                 seq: r.get::<_, i64>(1) as u64,
                 kind: r.get(2),
-                data: r.get(3),
+                data_json: r.get(3),
                 created_at: r.get(4),
                 correlation: r.get(5),
                 combat_id: r.get(6),
@@ -570,157 +582,6 @@ impl BatchError {
         }
     }
 }
-
-/// Takes each session's advisory lock (shared, in key order so that no two writers
-/// wait for each other in a circle) and returns, per item, whether its epoch is stale
-/// (or its session gone). A new statement after the locks: it sees every epoch bump
-/// committed before they were granted.
-async fn fence(
-    tx: &deadpool_postgres::Transaction<'_>,
-    items: &[&CommitItem],
-) -> std::result::Result<Vec<bool>, BatchError> {
-    let mut sessions: Vec<Uuid> = items.iter().map(|i| i.session).collect();
-    sessions.sort();
-    sessions.dedup();
-    let mut keys: Vec<i64> = sessions.iter().map(lock_key).collect();
-    keys.sort();
-    keys.dedup();
-    let stmt = tx.prepare_cached(LOCK_SESSIONS).await?;
-    tx.execute(&stmt, &[&keys]).await?;
-    let stmt = tx.prepare_cached(SESSION_EPOCHS).await?;
-    let rows = tx.query(&stmt, &[&sessions]).await?;
-    let epochs: std::collections::HashMap<Uuid, i64> =
-        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(items
-        .iter()
-        .map(|i| epochs.get(&i.session) != Some(&(i.epoch as i64)))
-        .collect())
-}
-
-async fn insert_events(
-    tx: &deadpool_postgres::Transaction<'_>,
-    items: &[&CommitItem],
-) -> std::result::Result<(), BatchError> {
-    let n: usize = items.iter().map(|i| i.events.len()).sum();
-    if n == 0 {
-        return Ok(());
-    }
-    let mut ids = Vec::with_capacity(n);
-    let mut sessions = Vec::with_capacity(n);
-    let mut kinds = Vec::with_capacity(n);
-    let mut datas = Vec::with_capacity(n);
-    let mut times = Vec::with_capacity(n);
-    let mut seqs = Vec::with_capacity(n);
-    let mut epochs = Vec::with_capacity(n);
-    let mut commands = Vec::with_capacity(n);
-    let mut users = Vec::with_capacity(n);
-    let mut correlations = Vec::with_capacity(n);
-    let mut combats = Vec::with_capacity(n);
-    for item in items {
-        for e in &item.events {
-            ids.push(e.id);
-            sessions.push(item.session);
-            kinds.push(e.kind.as_str());
-            datas.push(&e.data);
-            times.push(e.created_at);
-            seqs.push(e.seq as i64);
-            epochs.push(item.epoch as i64);
-            commands.push(e.command_id);
-            users.push(e.user_id);
-            correlations.push(e.correlation);
-            combats.push(e.combat_id);
-        }
-    }
-    let stmt = tx.prepare_cached(INSERT_EVENTS).await?;
-    tx.execute(
-        &stmt,
-        &[
-            &ids,
-            &sessions,
-            &kinds,
-            &datas,
-            &times,
-            &seqs,
-            &epochs,
-            &commands,
-            &users,
-            &correlations,
-            &combats,
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
-/// Inserts the items' snapshots and prunes the ones they make redundant.
-async fn insert_snapshots(
-    tx: &deadpool_postgres::Transaction<'_>,
-    items: &[&CommitItem],
-    anchor_every: u64,
-) -> std::result::Result<(), BatchError> {
-    let snaps: Vec<(&CommitItem, &SnapshotRow)> = items
-        .iter()
-        .filter_map(|i| i.snapshot.as_ref().map(|s| (*i, s)))
-        .collect();
-    if snaps.is_empty() {
-        return Ok(());
-    }
-    let now = chrono::Utc::now().naive_utc();
-    let ids: Vec<Uuid> = snaps.iter().map(|_| Uuid::now_v7()).collect();
-    let sessions: Vec<Uuid> = snaps.iter().map(|(i, _)| i.session).collect();
-    let states: Vec<tokio_postgres::types::Json<&serde_json::value::RawValue>> = snaps
-        .iter()
-        .map(|(_, s)| tokio_postgres::types::Json(&*s.state))
-        .collect();
-    let versions: Vec<String> = snaps.iter().map(|(_, s)| s.seq.to_string()).collect();
-    let times: Vec<NaiveDateTime> = snaps.iter().map(|_| now).collect();
-    let seqs: Vec<i64> = snaps.iter().map(|(_, s)| s.seq as i64).collect();
-    let epochs: Vec<i64> = snaps.iter().map(|(i, _)| i.epoch as i64).collect();
-    let stmt = tx.prepare_cached(INSERT_SNAPSHOTS).await?;
-    tx.execute(
-        &stmt,
-        &[&ids, &sessions, &states, &versions, &times, &seqs, &epochs],
-    )
-    .await?;
-    let prune: Vec<(Uuid, i64)> = items
-        .iter()
-        .filter_map(|i| i.prune_before.map(|p| (i.session, p as i64)))
-        .collect();
-    if !prune.is_empty() {
-        let ids: Vec<Uuid> = prune.iter().map(|p| p.0).collect();
-        let before: Vec<i64> = prune.iter().map(|p| p.1).collect();
-        let stmt = tx.prepare_cached(PRUNE_SNAPSHOTS).await?;
-        tx.execute(&stmt, &[&ids, &before, &(anchor_every.max(1) as i64)])
-            .await?;
-    }
-    Ok(())
-}
-
-const LOCK_SESSIONS: &str =
-    "SELECT count(pg_advisory_xact_lock_shared(k)) FROM unnest($1::int8[]) AS k";
-
-const SESSION_EPOCHS: &str = "SELECT id, owner_epoch FROM sessions WHERE id = ANY($1)";
-
-const INSERT_EVENTS: &str = "INSERT INTO session_events \
-    (id, session_id, event_type, event_data, created_at, seq, epoch, command_id, user_id, \
-     correlation_id, combat_id) \
-    SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::varchar[], $4::jsonb[], \
-    $5::timestamp[], $6::int8[], $7::int8[], $8::uuid[], $9::uuid[], $10::uuid[], $11::uuid[])";
-
-const INSERT_SNAPSHOTS: &str = "INSERT INTO session_states \
-    (id, session_id, state, version, created_at, seq, epoch) \
-    SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[], $4::varchar[], \
-    $5::timestamp[], $6::int8[], $7::int8[])";
-
-const PRUNE_SNAPSHOTS: &str = "DELETE FROM session_states s \
-    USING unnest($1::uuid[], $2::int8[]) AS v(id, before) \
-    WHERE s.session_id = v.id AND s.seq < v.before AND s.seq % $3 <> 0";
-
-const INSERT_CHARACTERS: &str = "INSERT INTO session_characters (character_id, session_id) \
-    SELECT c, $2 FROM UNNEST($1::uuid[]) AS c ON CONFLICT DO NOTHING";
-
-const UPDATE_STATUS: &str = "UPDATE sessions SET status = $2, updated_at = $3 \
-    WHERE id = $1 AND owner_epoch = $4";
 
 #[cfg(test)]
 mod tests {

@@ -672,8 +672,9 @@ pub struct IdleReport {
     pub kib_per_connection: f64,
 }
 
-/// Members per session in the idle measurement.
-const IDLE_PER_SESSION: usize = 100;
+/// Members per session in the idle measurement (the SRD's table: a DM and up to nine
+/// players).
+const IDLE_PER_SESSION: usize = 10;
 
 /// Opens `n` WebSockets on router 0 (sessions of [`IDLE_PER_SESSION`] members) and
 /// measures the router's resident memory before and after.

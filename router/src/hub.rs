@@ -23,6 +23,11 @@ use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
+/// Events a hub's broadcast holds for its slowest connection (allocated up front, per
+/// session): a connection further behind catches up from the hub's recent-events
+/// buffer (`router.recent_events`) instead.
+const FANOUT_CAPACITY: usize = 128;
+
 /// How long the hub waits for the owner to fill a gap per attempt.
 const FILL_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How often a persisting gap is asked for again.
@@ -233,7 +238,7 @@ impl Hubs {
             .nats
             .subscribe(self.subjects.session_events(&session))
             .await?;
-        let (tx, _) = broadcast::channel(self.recent_cap);
+        let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
         let hub = Arc::new(Hub {
             session,
             tx,

@@ -179,7 +179,15 @@ fn pos(u: &mut Unstructured) -> Value {
 fn small(u: &mut Unstructured, lo: i64, hi: i64) -> Value {
     if u.ratio(1, 12).unwrap_or(false) {
         return json!(*u
-            .choose(&[i64::MIN, -1, 0, i64::MAX, 1 << 40])
+            .choose(&[
+                i64::MIN,
+                -1,
+                0,
+                i64::MAX,
+                1 << 40,
+                i64::from(i32::MIN),
+                i64::from(i32::MAX)
+            ])
             .unwrap_or(&0));
     }
     json!(u.int_in_range(lo..=hi).unwrap_or(lo))
@@ -615,6 +623,13 @@ impl Table {
 
     /// Sends one command as `who` and checks the invariants of one step.
     pub fn step(&mut self, who: u8, kind: &str, data: &Value, t: &mut Trace) {
+        if std::env::var_os("GS_FUZZ_VERBOSE").is_some() {
+            let text = data.to_string();
+            eprintln!(
+                "step {who} {kind} {}",
+                &text[..text.floor_char_boundary(300)]
+            );
+        }
         let cmd = match self.decode(kind, data) {
             Ok(c) => c,
             Err(code) => {

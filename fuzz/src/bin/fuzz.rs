@@ -42,12 +42,13 @@ struct Args {
     corpus: PathBuf,
     crashes: PathBuf,
     worker: Option<PathBuf>,
+    replay: Vec<PathBuf>,
 }
 
 fn usage() -> ! {
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     eprintln!(
-        "usage: fuzz --target <{}|all> [--seconds N] [--seed S] [--corpus DIR] [--crashes DIR]",
+        "usage: fuzz --target <{}|all> [--seconds N] [--seed S] [--corpus DIR] [--crashes DIR] [--replay FILE]...",
         names.join("|")
     );
     std::process::exit(2)
@@ -62,6 +63,7 @@ fn parse_args() -> Args {
         corpus: root.join("corpus"),
         crashes: root.join("crashes"),
         worker: None,
+        replay: vec![],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,6 +75,7 @@ fn parse_args() -> Args {
             "--corpus" => a.corpus = val().into(),
             "--crashes" => a.crashes = val().into(),
             "--worker" => a.worker = Some(val().into()),
+            "--replay" => a.replay.push(val().into()),
             _ => usage(),
         }
     }
@@ -84,6 +87,24 @@ fn parse_args() -> Args {
 
 fn main() {
     let args = parse_args();
+    if !args.replay.is_empty() {
+        // Runs the files through the target, uncaught: the panic and its message show.
+        let t = target(&args.target).unwrap_or_else(|| usage());
+        let files = args.replay.clone();
+        std::thread::Builder::new()
+            .stack_size(STACK)
+            .spawn(move || {
+                for f in files {
+                    let input = std::fs::read(&f).expect("read the input");
+                    t(&input);
+                    println!("{}: ok", f.display());
+                }
+            })
+            .expect("spawn")
+            .join()
+            .ok();
+        return;
+    }
     if let Some(current) = &args.worker {
         worker(&args, current);
         return;

@@ -172,7 +172,9 @@ impl Pos {
     }
 
     pub fn in_bounds(self) -> bool {
-        self.x.abs() <= MAX_COORD && self.y.abs() <= MAX_COORD
+        // `unsigned_abs`: `i32::MIN.abs()` overflows (found by fuzzing: a move to
+        // y = -2147483648 passed the check and planned a 2^31-square walk).
+        self.x.unsigned_abs() <= MAX_COORD as u32 && self.y.unsigned_abs() <= MAX_COORD as u32
     }
 }
 

@@ -421,7 +421,10 @@ impl Game {
         }
         if modifiers.len() > MAX_CLIENT_MODIFIERS
             || modifiers.iter().any(|(k, v)| {
-                k.is_empty() || k.len() > 30 || v.abs() > MAX_CLIENT_MODIFIER || k == "dex"
+                k.is_empty()
+                    || k.len() > 30
+                    || v.unsigned_abs() > MAX_CLIENT_MODIFIER as u32
+                    || k == "dex"
             })
         {
             return Err(RuleError::new(

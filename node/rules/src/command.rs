@@ -60,7 +60,9 @@ pub struct Change {
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(Null)`).
-fn present<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+pub(crate) fn present<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
 }
 

@@ -22,10 +22,20 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppliedChange {
     pub path: String,
-    /// The new value; absent for a removal.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The new value; absent for a removal. An explicit `null` is a value: it must
+    /// read back as `Some(Null)`, or replaying the stored event would skip the change
+    /// (found by fuzzing: `"value": null` was read back as absent).
+    #[serde(
+        default,
+        deserialize_with = "crate::command::present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub value: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::command::present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub previous: Option<Value>,
     #[serde(default, skip_serializing_if = "is_set")]
     pub op: crate::command::ChangeOp,

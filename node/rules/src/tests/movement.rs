@@ -190,3 +190,32 @@ fn place_character_is_for_the_dm() {
         (Some(Pos { x: 0, y: 2 }), Pos { x: 3, y: 3 })
     );
 }
+
+/// Found by fuzzing: `i32::MIN.abs()` overflowed in the bounds check, so a move (or a
+/// placement) to y = -2147483648 passed it and planned a walk of 2^31 squares (a node
+/// out of memory in release builds, a panic in debug builds).
+#[test]
+fn coordinates_at_i32_min_are_out_of_bounds() {
+    let mut t = Table::new();
+    let a = t.pcs[0];
+    let p = t.players[0];
+    for (x, y) in [
+        (0, i32::MIN),
+        (i32::MIN, 0),
+        (i32::MIN, i32::MIN),
+        (12, i32::MAX),
+    ] {
+        assert_eq!(t.err(p, mv(a, x, y)), codes::INVALID_PAYLOAD, "{x} {y}");
+        let place = Command::PlaceCharacter {
+            character_id: a,
+            position: Pos { x, y },
+        };
+        assert_eq!(t.err(t.dm, place), codes::INVALID_PAYLOAD, "{x} {y}");
+    }
+    assert!(!Pos { x: 0, y: i32::MIN }.in_bounds());
+    assert!(Pos {
+        x: -10_000,
+        y: 10_000
+    }
+    .in_bounds());
+}

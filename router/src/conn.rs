@@ -89,6 +89,9 @@ pub struct Conn {
     unflushed: bool,
     /// Events buffered since the last flush (counted once per flush).
     sent: u64,
+    /// The session's DM (or an admin acting as one): its combat actions, mostly its
+    /// monsters', have their own budget.
+    dm: bool,
 }
 
 impl Conn {
@@ -337,6 +340,7 @@ async fn open(
         ws,
         unflushed: false,
         sent: 0,
+        dm: role == "dm",
     };
     let established = json!({
         "type": "connection_established",
@@ -573,11 +577,16 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
     // The ICD's "combat actions per minute per player", counted across routers.
     if protocol::is_combat_type(&m.kind) {
         let who = format!("{}:{}", conn.sid, conn.caller.user_id);
-        let limit = conn.ctx.cfg.limits.combat_actions_per_min_per_player;
+        let limits = &conn.ctx.cfg.limits;
+        let (scope, limit) = if conn.dm {
+            ("combat_dm", limits.combat_actions_per_min_per_dm)
+        } else {
+            ("combat", limits.combat_actions_per_min_per_player)
+        };
         if let Err(e) = conn
             .ctx
             .limiter
-            .check("combat", &who, limit, Duration::from_secs(60))
+            .check(scope, &who, limit, Duration::from_secs(60))
             .await
         {
             return conn.feed_text(protocol::error(Some(m.id), &e)).await;

@@ -164,7 +164,12 @@ impl PartialEq for RawJson {
 /// A parsed client → server message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientMessage {
+    /// The envelope's `id`; for a message without one (an ICD client's), a
+    /// `state_update`'s `data.update_id`, else an id the router made up.
     pub id: Uuid,
+    /// The message had no envelope `id`: its sender follows the ICD alone and gets
+    /// no `ack` (its own change comes back as the event carrying its `update_id`).
+    pub anonymous: bool,
     pub kind: String,
     /// Always a JSON object (`{}` when the message had none).
     pub data: RawJson,
@@ -281,14 +286,18 @@ pub fn parse_client_message(
         ),
         _ => rejected(None, codes::MALFORMED_JSON, format!("not valid JSON: {e}")),
     })?;
-    let id = match env.id.map(|r| serde_json::from_str::<String>(r.get())) {
-        Some(Ok(s)) => Uuid::parse_str(&s)
-            .map_err(|_| rejected(None, codes::INVALID_MESSAGE, "`id` must be a UUID"))?,
-        _ => {
+    let (id, anonymous) = match env.id.map(|r| serde_json::from_str::<String>(r.get())) {
+        Some(Ok(s)) => (
+            Uuid::parse_str(&s)
+                .map_err(|_| rejected(None, codes::INVALID_MESSAGE, "`id` must be a UUID"))?,
+            false,
+        ),
+        None => (icd_message_id(env.kind, env.data), true),
+        Some(Err(_)) => {
             return Err(rejected(
                 None,
                 codes::INVALID_MESSAGE,
-                "every message needs an `id` (a UUID string)",
+                "`id` must be a UUID string (or absent)",
             ))
         }
     };
@@ -326,7 +335,30 @@ pub fn parse_client_message(
         id: Some(id),
         error,
     })?;
-    Ok(ClientMessage { id, kind, data })
+    Ok(ClientMessage {
+        id,
+        anonymous,
+        kind,
+        data,
+    })
+}
+
+/// The id of a message without an envelope `id`: a `state_update`'s `data.update_id`
+/// (so a resend of the same update takes effect once), else a new one.
+fn icd_message_id(kind: Option<&RawValue>, data: Option<&RawValue>) -> Uuid {
+    #[derive(Deserialize)]
+    struct UpdateId {
+        #[serde(default)]
+        update_id: Option<String>,
+    }
+    let is_update = kind.is_some_and(|k| k.get() == r#""state_update""#);
+    is_update
+        .then_some(data)
+        .flatten()
+        .and_then(|d| serde_json::from_str::<UpdateId>(d.get()).ok())
+        .and_then(|d| d.update_id)
+        .and_then(|s| Uuid::parse_str(&s).ok())
+        .unwrap_or_else(Uuid::new_v4)
 }
 
 /// Message types the router answers itself; everything else goes to the session owner.
@@ -477,7 +509,6 @@ mod tests {
         let cases: Vec<(String, &str, bool)> = vec![
             ("{nope".into(), codes::MALFORMED_JSON, false),
             ("[1,2]".into(), codes::INVALID_MESSAGE, false),
-            (r#"{"type":"x"}"#.into(), codes::INVALID_MESSAGE, false),
             (
                 r#"{"id":"12","type":"x"}"#.into(),
                 codes::INVALID_MESSAGE,
@@ -501,6 +532,17 @@ mod tests {
             assert_eq!(r.error.code, code, "{text}");
             assert_eq!(r.id.is_some(), has_id, "{text}");
         }
+        // Without an envelope id (the ICD's messages): a state_update's update_id is
+        // its id; anything else gets a new one.
+        let update = Uuid::new_v4();
+        let icd = format!(
+            r#"{{"type":"state_update","data":{{"update_id":"{update}","changes":[],"timestamp":"t"}}}}"#
+        );
+        let m = parse_client_message(&icd, 1024, 64).unwrap();
+        assert_eq!((m.id, m.anonymous), (update, true));
+        let m = parse_client_message(r#"{"type":"sync_request"}"#, 1024, 64).unwrap();
+        assert!(m.anonymous && !m.id.is_nil());
+        assert!(!parse_client_message(&ok, 1024, 64).unwrap().anonymous);
     }
 
     #[test]

@@ -227,8 +227,7 @@ impl Conn {
     /// The user is no longer a member: the answers still due (their `leave` among
     /// them), then `connection_error` `not_member` and close 4403.
     async fn close_removed(&mut self, io: &mut ConnIo) {
-        metrics::counter!("gs_router_ws_revoked_total", "code" => codes::NOT_MEMBER)
-            .increment(1);
+        metrics::counter!("gs_router_ws_revoked_total", "code" => codes::NOT_MEMBER).increment(1);
         self.answer_in_flight(io).await;
         let err = WireError::new(
             codes::NOT_MEMBER,
@@ -299,10 +298,12 @@ enum Step {
     Expired,
 }
 
-/// When a token expiring at `exp` (unix seconds) stops being accepted: `exp` plus
-/// the leeway, as a timer deadline.
+/// When a token expiring at `exp` (unix seconds) stops being accepted, as a timer
+/// deadline: once `exp` plus the leeway has passed, i.e. at the next whole second (the
+/// handshake compares whole seconds and still accepts it during second `exp + leeway`).
 fn expiry_deadline(exp: u64, leeway_secs: u64) -> tokio::time::Instant {
-    let at = std::time::UNIX_EPOCH + Duration::from_secs(exp.saturating_add(leeway_secs));
+    let at = std::time::UNIX_EPOCH
+        + Duration::from_secs(exp.saturating_add(leeway_secs).saturating_add(1));
     let left = at
         .duration_since(std::time::SystemTime::now())
         .unwrap_or(Duration::ZERO);

@@ -247,9 +247,7 @@ fn jwk_key(jwk: &Jwk) -> Result<PublicKey, String> {
     }
     let alg = match &jwk.algorithm {
         AlgorithmParameters::RSA(_) => Algorithm::RS256,
-        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
-            Algorithm::ES256
-        }
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
         _ => return Err("unsupported key type (RSA or EC P-256 only)".into()),
     };
     if let Some(declared) = jwk.common.key_algorithm {
@@ -263,11 +261,7 @@ fn jwk_key(jwk: &Jwk) -> Result<PublicKey, String> {
 
 impl PublicKeys {
     /// Loads the key files; an error names the file that could not be used.
-    pub fn load(
-        pem: &[String],
-        jwks: &str,
-        check_every: Duration,
-    ) -> Result<PublicKeys, String> {
+    pub fn load(pem: &[String], jwks: &str, check_every: Duration) -> Result<PublicKeys, String> {
         let keys = PublicKeys {
             pem: pem.iter().map(PathBuf::from).collect(),
             jwks: (!jwks.is_empty()).then(|| PathBuf::from(jwks)),
@@ -306,8 +300,8 @@ impl PublicKeys {
         let stamps = self.stamps();
         let mut by_kid = HashMap::new();
         for path in &self.pem {
-            let text = std::fs::read(path)
-                .map_err(|e| format!("public key {}: {e}", path.display()))?;
+            let text =
+                std::fs::read(path).map_err(|e| format!("public key {}: {e}", path.display()))?;
             let key = pem_key(&text).map_err(|e| format!("public key {}: {e}", path.display()))?;
             by_kid.insert(pem_kid(path), key);
         }
@@ -316,8 +310,7 @@ impl PublicKeys {
             struct RawSet {
                 keys: Vec<serde_json::Value>,
             }
-            let text =
-                std::fs::read(path).map_err(|e| format!("JWKS {}: {e}", path.display()))?;
+            let text = std::fs::read(path).map_err(|e| format!("JWKS {}: {e}", path.display()))?;
             let raw: RawSet = serde_json::from_slice(&text)
                 .map_err(|e| format!("JWKS {}: not a JWK set: {e}", path.display()))?;
             for (i, v) in raw.keys.into_iter().enumerate() {
@@ -360,7 +353,8 @@ impl PublicKeys {
             }
             *last = Instant::now();
         }
-        if self.stamps() == self.set.read().unwrap().stamps {
+        let unchanged = self.stamps() == self.set.read().unwrap().stamps;
+        if unchanged {
             return false;
         }
         match self.read_files() {
@@ -402,12 +396,14 @@ impl PublicKeys {
                 }
             }
         };
-        let found = lookup(&self.set.read().unwrap()).or_else(|| {
-            // Perhaps a rotation this router has not seen yet.
-            self.refresh(UNKNOWN_KID_RECHECK)
-                .then(|| lookup(&self.set.read().unwrap()))
-                .flatten()
-        });
+        // (Each read guard is dropped before a refresh may take the write lock.)
+        let current = Arc::clone(&self.set.read().unwrap());
+        let mut found = lookup(&current);
+        if found.is_none() && self.refresh(UNKNOWN_KID_RECHECK) {
+            // Perhaps a rotation this router had not seen yet.
+            let current = Arc::clone(&self.set.read().unwrap());
+            found = lookup(&current);
+        }
         let key = found.ok_or_else(|| match kid {
             Some(k) => AuthError::Invalid(format!("unknown key id {k:?}")),
             None => AuthError::Invalid("the token names no key id (`kid`)".into()),
@@ -652,10 +648,14 @@ fn map_jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {
     use jsonwebtoken::errors::ErrorKind;
     match e.kind() {
         ErrorKind::ExpiredSignature => AuthError::Expired,
-        ErrorKind::ImmatureSignature => AuthError::Invalid("the token is not valid yet (nbf)".into()),
+        ErrorKind::ImmatureSignature => {
+            AuthError::Invalid("the token is not valid yet (nbf)".into())
+        }
         ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience (aud)".into()),
         ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer (iss)".into()),
-        ErrorKind::MissingRequiredClaim(c) => AuthError::Invalid(format!("the `{c}` claim is required")),
+        ErrorKind::MissingRequiredClaim(c) => {
+            AuthError::Invalid(format!("the `{c}` claim is required"))
+        }
         other => AuthError::Invalid(format!("{other:?}")),
     }
 }
@@ -758,7 +758,9 @@ mod tests {
         // Within the leeway.
         let lenient = Authority::new("test-secret-0123456789abcdef", 3600, 30);
         c.nbf = Some(now_secs() + 10);
-        lenient.verify_access(Some(&lenient.mint_claims(c))).unwrap();
+        lenient
+            .verify_access(Some(&lenient.mint_claims(c)))
+            .unwrap();
     }
 
     #[test]
@@ -772,10 +774,22 @@ mod tests {
         plain.verify_access(Some(&plain.sign(&c))).unwrap();
         // Configured: wrong values are refused ...
         for (aud, iss, why) in [
-            (Some(serde_json::json!("someone-else")), Some("https://auth.test"), "aud"),
-            (Some(serde_json::json!(["a", "b"])), Some("https://auth.test"), "aud"),
+            (
+                Some(serde_json::json!("someone-else")),
+                Some("https://auth.test"),
+                "aud",
+            ),
+            (
+                Some(serde_json::json!(["a", "b"])),
+                Some("https://auth.test"),
+                "aud",
+            ),
             (None, Some("https://auth.test"), "aud"),
-            (Some(serde_json::json!("gss")), Some("https://evil.test"), "iss"),
+            (
+                Some(serde_json::json!("gss")),
+                Some("https://evil.test"),
+                "iss",
+            ),
             (Some(serde_json::json!("gss")), None, "iss"),
         ] {
             c.aud = aud.clone();
@@ -820,15 +834,28 @@ mod tests {
         // Refused: another key under a known kid, an unknown kid, the kid of a key of
         // another algorithm, expired, and RS256 where no keys are configured.
         let cases = [
-            sign_with(Algorithm::RS256, Some("test-rsa-1"), "rsa-other.key.pem", &c),
+            sign_with(
+                Algorithm::RS256,
+                Some("test-rsa-1"),
+                "rsa-other.key.pem",
+                &c,
+            ),
             sign_with(Algorithm::RS256, Some("test-rsa-2"), "rsa-2.key.pem", &c),
             sign_with(Algorithm::RS256, Some("ec-1"), "rsa-1.key.pem", &c),
             sign_with(Algorithm::ES256, Some("test-rsa-1"), "ec-1.key.pem", &c),
         ];
         for t in &cases {
-            assert_eq!(a.verify_access(Some(t)).unwrap_err().code(), "invalid_token");
+            assert_eq!(
+                a.verify_access(Some(t)).unwrap_err().code(),
+                "invalid_token"
+            );
         }
-        let old = sign_with(Algorithm::RS256, Some("test-rsa-1"), "rsa-1.key.pem", &claims(-120));
+        let old = sign_with(
+            Algorithm::RS256,
+            Some("test-rsa-1"),
+            "rsa-1.key.pem",
+            &claims(-120),
+        );
         assert_eq!(a.verify_access(Some(&old)).unwrap_err(), AuthError::Expired);
         assert_eq!(
             auth().verify_access(Some(&rs)).unwrap_err().code(),
@@ -849,7 +876,10 @@ mod tests {
             "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0",
             rs.split('.').nth(1).unwrap()
         );
-        assert_eq!(a.verify_access(Some(&none)).unwrap_err().code(), "invalid_token");
+        assert_eq!(
+            a.verify_access(Some(&none)).unwrap_err().code(),
+            "invalid_token"
+        );
         // A session token is never accepted from a public key.
         let mut st = serde_json::to_value(&c).unwrap();
         st["typ"] = "session".into();
@@ -880,8 +910,13 @@ mod tests {
         let tmp = dir.join("jwks.json.new");
         std::fs::copy(fixture("jwks-2.json"), &tmp).unwrap();
         std::fs::rename(&tmp, &file).unwrap();
-        assert!(a.public_keys().unwrap().reload_now());
+        // The unknown kid makes the verifier look at the files again (the last check
+        // being more than UNKNOWN_KID_RECHECK old).
+        let keys = a.public_keys().unwrap();
+        *keys.last_check.lock().unwrap() =
+            Instant::now().checked_sub(UNKNOWN_KID_RECHECK * 2).unwrap();
         a.verify_access(Some(&new)).unwrap();
+        assert!(!keys.reload_now(), "already loaded");
         a.verify_access(Some(&old)).unwrap();
         let _ = std::fs::remove_dir_all(dir);
     }

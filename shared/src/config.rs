@@ -555,7 +555,10 @@ mod tests {
     #[test]
     fn passwords_in_urls_are_redacted() {
         for (url, want) in [
-            ("redis://:s3cret@10.0.0.1:6379/0", "redis://:***@10.0.0.1:6379/0"),
+            (
+                "redis://:s3cret@10.0.0.1:6379/0",
+                "redis://:***@10.0.0.1:6379/0",
+            ),
             (
                 "amqp://guest:guest@127.0.0.1:5672/%2f",
                 "amqp://guest:***@127.0.0.1:5672/%2f",
@@ -578,7 +581,10 @@ mod tests {
         // Inside any text, every URL.
         let e = "Redis at redis://:pw1@a:1: refused; NATS at nats://u:pw2@b:2 (\"amqp://x:pw3@c\")";
         let r = redact_secrets(e);
-        assert!(!r.contains("pw1") && !r.contains("pw2") && !r.contains("pw3"), "{r}");
+        assert!(
+            !r.contains("pw1") && !r.contains("pw2") && !r.contains("pw3"),
+            "{r}"
+        );
         assert_eq!(
             r,
             "Redis at redis://:***@a:1: refused; NATS at nats://u:***@b:2 (\"amqp://x:***@c\")"

@@ -120,19 +120,35 @@ async fn access_tokens_are_checked_by_issuer_audience_nbf_and_key() -> Result<()
         let mut c = external(dm, Role::Dm);
         c.aud = Some(json!("another-service"));
         let wrong_aud = f.cluster.auth.mint_claims(c.clone());
-        assert_eq!(get_state(f, &wrong_aud).await?, (401, "invalid_token".into()));
+        assert_eq!(
+            get_state(f, &wrong_aud).await?,
+            (401, "invalid_token".into())
+        );
         c.aud = Some(json!([]));
         let no_aud = f.cluster.auth.mint_claims(c);
         assert_eq!(get_state(f, &no_aud).await?, (401, "invalid_token".into()));
         let mut c = external(dm, Role::Dm);
         c.iss = Some("https://evil.example.test".into());
         let wrong_iss = f.cluster.auth.mint_claims(c);
-        assert_eq!(get_state(f, &wrong_iss).await?, (401, "invalid_token".into()));
+        assert_eq!(
+            get_state(f, &wrong_iss).await?,
+            (401, "invalid_token".into())
+        );
 
         // RS256 with the JWKS file's key; ES256 with the PEM key (kid = file name).
-        let rs = sign(Algorithm::RS256, "test-rsa-1", "rsa-1.key.pem", &external(dm, Role::Dm))?;
+        let rs = sign(
+            Algorithm::RS256,
+            "test-rsa-1",
+            "rsa-1.key.pem",
+            &external(dm, Role::Dm),
+        )?;
         assert_eq!(get_state(f, &rs).await?.0, 200);
-        let es = sign(Algorithm::ES256, "ec-1", "ec-1.key.pem", &external(dm, Role::Dm))?;
+        let es = sign(
+            Algorithm::ES256,
+            "ec-1",
+            "ec-1.key.pem",
+            &external(dm, Role::Dm),
+        )?;
         assert_eq!(get_state(f, &es).await?.0, 200);
         // ... and it opens a WebSocket like any access token.
         let ws = ws_connect(
@@ -157,7 +173,12 @@ async fn access_tokens_are_checked_by_issuer_audience_nbf_and_key() -> Result<()
             &external(dm, Role::Dm),
         )?;
         assert_eq!(get_state(f, &forged).await?, (401, "invalid_token".into()));
-        let next = sign(Algorithm::RS256, "test-rsa-2", "rsa-2.key.pem", &external(dm, Role::Dm))?;
+        let next = sign(
+            Algorithm::RS256,
+            "test-rsa-2",
+            "rsa-2.key.pem",
+            &external(dm, Role::Dm),
+        )?;
         assert_eq!(get_state(f, &next).await?, (401, "invalid_token".into()));
         let mut c = external(dm, Role::Dm);
         c.aud = Some(json!("another-service"));
@@ -239,7 +260,8 @@ async fn metrics_and_cluster_view_need_an_admin_token() -> Result<()> {
 /// Waits for the `connection_error` and the close of a socket whose authorisation
 /// ended; returns (error code, close code).
 async fn revoked(c: &TrackedClient) -> Result<(String, u16)> {
-    c.wait_for("the close", WAIT, |v| v.closed.is_some()).await?;
+    c.wait_for("the close", WAIT, |v| v.closed.is_some())
+        .await?;
     let v = c.view();
     let code = v
         .connection_error
@@ -272,10 +294,17 @@ async fn a_socket_is_closed_when_a_token_expires() -> Result<()> {
         let short_ttl = Authority::new(&f.cluster.base.auth.jwt_secret, 4, 0);
         let sid = Uuid::parse_str(&f.session)?;
         let mut b = f
-            .connect(0, "short-session", &f.dm_token, &short_ttl.mint_session(f.dm, sid))
+            .connect(
+                0,
+                "short-session",
+                &f.dm_token,
+                &short_ttl.mint_session(f.dm, sid),
+            )
             .await?;
         // A socket with lasting tokens, to see that only the expired ones close.
-        let mut c = f.connect(0, "lasting", &f.dm_token, &f.session_token).await?;
+        let mut c = f
+            .connect(0, "lasting", &f.dm_token, &f.session_token)
+            .await?;
 
         // While the tokens are valid the sockets work.
         for cl in [&mut a, &mut b] {
@@ -290,7 +319,11 @@ async fn a_socket_is_closed_when_a_token_expires() -> Result<()> {
         let after = c.wait_answer(id, WAIT).await?.expect("acked");
         assert!(c.view().closed.is_none());
         for cl in [&a, &b] {
-            assert!(cl.view().version < after, "{}: got an event after expiry", cl.name);
+            assert!(
+                cl.view().version < after,
+                "{}: got an event after expiry",
+                cl.name
+            );
         }
         // A new socket with the expired token is refused at the handshake.
         let again = ws_connect(
@@ -333,7 +366,12 @@ async fn a_member_who_leaves_is_disconnected_on_every_router() -> Result<()> {
             assert_eq!(revoked(c).await?, ("not_member".into(), 4403), "{}", c.name);
             let v = c.view();
             // Their own departure is the last event they got.
-            assert_eq!(v.events.last(), Some(&(left_at, "player_left".into())), "{}", c.name);
+            assert_eq!(
+                v.events.last(),
+                Some(&(left_at, "player_left".into())),
+                "{}",
+                c.name
+            );
         }
         let left = p1
             .view()
@@ -361,8 +399,16 @@ async fn a_member_who_leaves_is_disconnected_on_every_router() -> Result<()> {
         }
 
         // Their old tokens no longer open the session.
-        let ws = ws_connect(&f.ws(0), &f.session, &token, &st, None, TokenStyle::Headers, None)
-            .await?;
+        let ws = ws_connect(
+            &f.ws(0),
+            &f.session,
+            &token,
+            &st,
+            None,
+            TokenStyle::Headers,
+            None,
+        )
+        .await?;
         let again = TrackedClient::new("again", ws, true, None);
         again
             .wait_for("the refusal", WAIT, |v| v.closed.is_some())

@@ -52,6 +52,7 @@ impl ClusterSpec {
         base.limits.ws_connects_per_min_per_ip = 100_000;
         base.limits.ws_messages_per_min_per_conn = 100_000;
         base.limits.combat_actions_per_min_per_player = 100_000;
+        base.limits.combat_actions_per_min_per_dm = 100_000;
         base.limits.sessions_created_per_hour_per_user = 100_000;
         base.limits.state_updates_per_min_per_session = 100_000;
         base.limits.joins_per_min_per_session = 100_000;

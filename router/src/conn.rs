@@ -48,6 +48,8 @@ const FINAL_ANSWERS_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a connection's detach may take (best effort, after close).
 const DETACH_DEADLINE: Duration = Duration::from_secs(2);
+/// Rounds of one catch-up (each answer holds at most half a MiB of events).
+const CATCH_UP_ROUNDS: usize = 16;
 
 /// Decrements the connection count when a connection task ends, however it ends.
 struct ConnGuard(Arc<RouterCtx>);
@@ -104,6 +106,9 @@ pub struct Conn {
     unflushed: bool,
     /// Events buffered since the last flush (counted once per flush).
     sent: u64,
+    /// The session's DM (or an admin acting as one): its combat actions, mostly its
+    /// monsters', have their own budget.
+    dm: bool,
 }
 
 impl Conn {
@@ -165,8 +170,20 @@ impl Conn {
         self.send_event(&ev).await
     }
 
-    /// Brings the client up to `up_to` from the hub's buffer or the owner.
+    /// Brings the client up to `up_to` from the hub's buffer or the owner (whose
+    /// answers are bounded in size: asked again while they make progress).
     async fn catch_up(&mut self, up_to: u64) -> Result<(), Closed> {
+        for _ in 0..CATCH_UP_ROUNDS {
+            let before = self.cv;
+            self.catch_up_once(up_to).await?;
+            if self.cv >= up_to || self.cv == before {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn catch_up_once(&mut self, up_to: u64) -> Result<(), Closed> {
         let events = match self.hub.recent_range(self.cv, up_to) {
             Some(evs) => evs,
             None => {
@@ -383,6 +400,9 @@ async fn open(
                 Err(e) => e,
                 _ => WireError::new(codes::INTERNAL, "unexpected reply to attach"),
             };
+            // The owner may have registered the connection before the answer was lost:
+            // undo it, or the session would count a client that is not there.
+            detach(ctx.clone(), sid, caller, conn_id);
             let _ = ws
                 .feed(Message::text(protocol::connection_error(&err)))
                 .await;
@@ -402,6 +422,7 @@ async fn open(
         ws,
         unflushed: false,
         sent: 0,
+        dm: role == "dm",
     };
     let established = json!({
         "type": "connection_established",
@@ -574,7 +595,11 @@ async fn on_frame(
         }
     };
     let ctx = conn.ctx.clone();
-    let m = match protocol::parse_client_message(text.as_str(), ctx.cfg.router.max_message_bytes) {
+    let m = match protocol::parse_client_message(
+        text.as_str(),
+        ctx.cfg.router.max_message_bytes,
+        ctx.cfg.document.max_json_depth,
+    ) {
         Ok(m) => m,
         Err(r) => {
             metrics::counter!("gs_router_ws_rejected_total", "code" => r.error.code.clone())
@@ -650,11 +675,16 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
     // The ICD's "combat actions per minute per player", counted across routers.
     if protocol::is_combat_type(&m.kind) {
         let who = format!("{}:{}", conn.sid, conn.caller.user_id);
-        let limit = conn.ctx.cfg.limits.combat_actions_per_min_per_player;
+        let limits = &conn.ctx.cfg.limits;
+        let (scope, limit) = if conn.dm {
+            ("combat_dm", limits.combat_actions_per_min_per_dm)
+        } else {
+            ("combat", limits.combat_actions_per_min_per_player)
+        };
         if let Err(e) = conn
             .ctx
             .limiter
-            .check("combat", &who, limit, Duration::from_secs(60))
+            .check(scope, &who, limit, Duration::from_secs(60))
             .await
         {
             return conn.feed_text(protocol::error(Some(m.id), &e)).await;

@@ -12,6 +12,16 @@
 //! into the socket's write buffer, and the buffer is flushed once: one `write` for a
 //! burst instead of one per frame. Events are shared bytes ([`crate::hub::Ev`]):
 //! sending one to many clients copies nothing.
+//!
+//! **Live authorisation.** The socket is authorised by two tokens and a membership,
+//! and stays so only while all three hold: when the earlier `exp` of the access and
+//! the connection token (plus `auth.leeway_secs`) passes, the client gets
+//! `connection_error` `token_expired` and close 4401; when the session's event stream
+//! carries a `player_left` for this user (they left, or were removed, through any
+//! router), the client gets that event, the answers still due, then `connection_error`
+//! `not_member` and close 4403, and nothing of the session after it. The protocol has
+//! no token refresh message: a client reconnects with fresh tokens (and
+//! `last_version`).
 
 use crate::api::caller;
 use crate::hub::{Ev, Hub};
@@ -20,7 +30,7 @@ use crate::ws::Socket;
 use crate::RouterCtx;
 use futures::{SinkExt, StreamExt};
 use gs_shared::auth::Claims;
-use gs_shared::protocol::{self, codes, ClientMessage, WireError};
+use gs_shared::protocol::{self, close_codes, codes, ClientMessage, WireError};
 use gs_shared::rpc::{Caller, ReplyBody, RequestBody, Resume};
 use serde_json::json;
 use std::sync::atomic::Ordering;
@@ -84,6 +94,13 @@ pub struct Conn {
     cv: u64,
     /// The client has been sent the session's final event (or found it ended).
     ended: bool,
+    /// The connection is open and following the stream live (after [`open`]): a
+    /// `player_left` for this user now ends it. (One replayed on resume does not: the
+    /// attach just proved the user is a member again.)
+    live: bool,
+    /// The client has been sent the `player_left` of its own user: nothing more of the
+    /// session is sent, and the connection closes (4403).
+    removed: bool,
     ws: Socket,
     /// Frames are in the write buffer, not yet flushed.
     unflushed: bool,
@@ -127,16 +144,20 @@ impl Conn {
 
     /// Buffers the next event of the stream (`ev.version` must be `cv + 1`).
     async fn send_event(&mut self, ev: &Ev) -> Result<(), Closed> {
+        if self.removed {
+            return Ok(());
+        }
         self.feed(Message::Text(ev.json.clone())).await?;
         self.cv = ev.version;
         self.ended |= ev.is_final;
+        self.removed |= self.live && ev.left == Some(self.caller.user_id);
         self.sent += 1;
         Ok(())
     }
 
     /// Buffers `ev` after anything between the client's version and it.
     async fn deliver(&mut self, ev: Ev) -> Result<(), Closed> {
-        if ev.version <= self.cv {
+        if ev.version <= self.cv || self.removed {
             return Ok(());
         }
         if ev.version > self.cv + 1 {
@@ -216,6 +237,48 @@ impl Conn {
     /// The session ended: every message still gets its answer (the one that ended it
     /// among them, bounded by [`FINAL_ANSWERS_WAIT`]), then a normal close.
     async fn close_ended(&mut self, io: &mut ConnIo) {
+        self.answer_in_flight(io).await;
+        let _ = self.send_now(close(1000, "session ended")).await;
+    }
+
+    /// The user is no longer a member: the answers still due (their `leave` among
+    /// them), then `connection_error` `not_member` and close 4403.
+    async fn close_removed(&mut self, io: &mut ConnIo) {
+        metrics::counter!("gs_router_ws_revoked_total", "code" => codes::NOT_MEMBER).increment(1);
+        self.answer_in_flight(io).await;
+        let err = WireError::new(
+            codes::NOT_MEMBER,
+            "you are no longer a member of this session",
+        );
+        let _ = self.feed_text(protocol::connection_error(&err)).await;
+        let _ = self
+            .send_now(close(close_codes::NOT_MEMBER, codes::NOT_MEMBER))
+            .await;
+    }
+
+    /// The access or the connection token expired: `connection_error`
+    /// `token_expired` and close 4401, at once (answers already here go first;
+    /// commands still in flight are resent by the client after reconnecting, with the
+    /// same ids).
+    async fn close_expired(&mut self, io: &mut ConnIo) {
+        metrics::counter!("gs_router_ws_revoked_total", "code" => codes::TOKEN_EXPIRED)
+            .increment(1);
+        while let Ok(out) = io.acks.try_recv() {
+            let _ = self.feed_text(out).await;
+        }
+        let err = WireError::new(
+            codes::TOKEN_EXPIRED,
+            "the access or connection token expired; reconnect with fresh tokens",
+        );
+        let _ = self.feed_text(protocol::connection_error(&err)).await;
+        let _ = self
+            .send_now(close(close_codes::TOKEN_EXPIRED, codes::TOKEN_EXPIRED))
+            .await;
+    }
+
+    /// Buffers the answers of the commands still in flight, waiting for them at most
+    /// [`FINAL_ANSWERS_WAIT`].
+    async fn answer_in_flight(&mut self, io: &mut ConnIo) {
         let until = tokio::time::Instant::now() + FINAL_ANSWERS_WAIT;
         while io.inflight.available_permits() < io.max_inflight {
             match tokio::time::timeout_at(until, io.acks.recv()).await {
@@ -230,7 +293,6 @@ impl Conn {
         while let Ok(out) = io.acks.try_recv() {
             let _ = self.feed_text(out).await;
         }
-        let _ = self.send_now(close(1000, "session ended")).await;
     }
 }
 
@@ -250,15 +312,32 @@ enum Step {
     Event(Result<Ev, broadcast::error::RecvError>),
     Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
     Heartbeat,
+    Expired,
 }
 
-/// Serves one client socket until it closes, the session ends or the router stops.
+/// When a token expiring at `exp` (unix seconds) stops being accepted, as a timer
+/// deadline: once `exp` plus the leeway has passed, i.e. at the next whole second (the
+/// handshake compares whole seconds and still accepts it during second `exp + leeway`).
+fn expiry_deadline(exp: u64, leeway_secs: u64) -> tokio::time::Instant {
+    let at = std::time::UNIX_EPOCH
+        + Duration::from_secs(exp.saturating_add(leeway_secs).saturating_add(1));
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    // Far-future expiries are capped (a timer wants a representable instant).
+    tokio::time::Instant::now() + left.min(Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// Serves one client socket until it closes, the session ends, its authorisation
+/// ends (`expires`: the earlier `exp` of its tokens, unix seconds; or the user leaves)
+/// or the router stops.
 pub async fn run(
     ctx: Arc<RouterCtx>,
     ws: Socket,
     sid: Uuid,
     claims: Claims,
     last_version: Option<u64>,
+    expires: u64,
 ) {
     let _guard = ConnGuard::new(ctx.clone());
     let conn_id = Uuid::new_v4();
@@ -268,7 +347,8 @@ pub async fn run(
         return detach(ctx, sid, caller, conn_id);
     };
     if !conn.ended {
-        serve(&mut conn, &mut events).await;
+        let deadline = expiry_deadline(expires, ctx.auth.leeway_secs());
+        serve(&mut conn, &mut events, deadline).await;
     }
     detach(ctx, sid, caller, conn_id);
 }
@@ -337,6 +417,8 @@ async fn open(
         hub: hub.clone(),
         cv: 0,
         ended: false,
+        live: false,
+        removed: false,
         ws,
         unflushed: false,
         sent: 0,
@@ -361,6 +443,7 @@ async fn open(
     }
     conn.flush().await.ok()?;
     hub.seed(conn.cv);
+    conn.live = true;
     Some((conn, events))
 }
 
@@ -389,8 +472,12 @@ async fn resume_client(
     }
 }
 
-/// The connection's main loop.
-async fn serve(conn: &mut Conn, events: &mut broadcast::Receiver<Ev>) {
+/// The connection's main loop; `expires`: when its tokens stop being valid.
+async fn serve(
+    conn: &mut Conn,
+    events: &mut broadcast::Receiver<Ev>,
+    expires: tokio::time::Instant,
+) {
     let ctx = conn.ctx.clone();
     let max_inflight = ctx.cfg.router.max_inflight_per_connection.max(1);
     let (ack_tx, acks) = mpsc::channel::<Outbound>(max_inflight * 2);
@@ -411,11 +498,14 @@ async fn serve(conn: &mut Conn, events: &mut broadcast::Receiver<Ev>) {
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
     let mut shutdown = ctx.shutdown.clone();
+    let expiry = tokio::time::sleep_until(expires);
+    tokio::pin!(expiry);
 
     loop {
         let step = tokio::select! {
             biased;
             _ = shutdown.changed() => Step::Shutdown,
+            _ = &mut expiry => Step::Expired,
             Some(out) = io.acks.recv() => Step::Answer(out),
             frame = conn.ws.next() => Step::Frame(frame),
             ev = events.recv() => Step::Event(ev),
@@ -430,8 +520,16 @@ async fn serve(conn: &mut Conn, events: &mut broadcast::Receiver<Ev>) {
             Step::Frame(frame) => on_frame(conn, frame, &mut io).await,
             Step::Event(ev) => conn.on_event(ev).await,
             Step::Heartbeat => conn.feed_text(protocol::heartbeat()).await,
+            Step::Expired => {
+                conn.close_expired(&mut io).await;
+                return;
+            }
         };
         if r.is_err() || drain_ready(conn, events, &mut io).await.is_err() {
+            return;
+        }
+        if conn.removed {
+            conn.close_removed(&mut io).await;
             return;
         }
         if conn.ended {
@@ -464,7 +562,7 @@ async fn drain_ready(
             }
             Err(broadcast::error::TryRecvError::Closed) => return Err(Closed),
         }
-        if conn.ended {
+        if conn.ended || conn.removed {
             return Ok(());
         }
     }

@@ -82,15 +82,20 @@ pub struct Ev {
     pub json: Utf8Bytes,
     /// The session ended with this event: connections close after sending it.
     pub is_final: bool,
+    /// A `player_left` event: the user who is no longer a member. Their connections
+    /// close after sending it.
+    pub left: Option<Uuid>,
 }
 
 impl Ev {
     pub fn new(version: u64, json: Utf8Bytes) -> Ev {
         let is_final = is_final_event(json.as_str());
+        let left = left_member(json.as_str());
         Ev {
             version,
             json,
             is_final,
+            left,
         }
     }
 
@@ -109,6 +114,19 @@ pub fn is_final_event(json: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(json)
         .map(|v| v["data"]["status"] == "ended")
         .unwrap_or(false)
+}
+
+/// The user a `player_left` event removes from the session (whether they left or were
+/// removed), if `json` is one.
+pub fn left_member(json: &str) -> Option<Uuid> {
+    if !json.contains("\"player_left\"") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    if v["type"] != "player_left" {
+        return None;
+    }
+    Uuid::parse_str(v["data"]["user_id"].as_str()?).ok()
 }
 
 struct HubState {
@@ -426,6 +444,22 @@ mod tests {
             vec![5, 6, 7],
             "6 still reaches the hub's other clients"
         );
+    }
+
+    #[test]
+    fn departures_are_recognised() {
+        let u = Uuid::new_v4();
+        let left = format!(
+            r#"{{"type":"player_left","version":4,"data":{{"user_id":"{u}","timestamp":"t"}}}}"#
+        );
+        assert_eq!(left_member(&left), Some(u));
+        assert_eq!(Ev::new(4, left.clone().into()).left, Some(u));
+        // The words inside another event are not a departure.
+        let update = format!(
+            r#"{{"type":"state_update","version":5,"data":{{"changes":[{{"path":"/x","value":"player_left"}}],"user_id":"{u}"}}}}"#
+        );
+        assert_eq!(left_member(&update), None);
+        assert_eq!(left_member(r#"{"type":"player_joined"}"#), None);
     }
 
     #[test]

@@ -101,6 +101,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         (base, ws)
     };
 
+    tracing::info!(
+        router = %id,
+        nats = %gs_shared::config::redact_url(&cfg.nats.url),
+        redis = %gs_shared::config::redact_url(&cfg.redis.url),
+        "starting router"
+    );
+    let auth = Authority::load(&cfg.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+    if let Some(keys) = auth.public_keys() {
+        tracing::info!(kids = ?keys.kids(), "external token issuers' public keys loaded");
+    }
+
     let redis = gs_shared::connect::redis(&cfg).await?;
     let nats = gs_shared::connect::nats(&cfg, &id).await?;
     let subjects = Subjects::new(&cfg.nats.subject_prefix);
@@ -133,7 +144,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ctx = Arc::new(RouterCtx {
-        auth: Authority::from_config(&cfg.auth),
+        auth,
         cfg: cfg.clone(),
         id: id.clone(),
         cluster: cluster.clone(),

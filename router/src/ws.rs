@@ -10,7 +10,9 @@
 //! 128 KiB read buffer is zero-filled on every read and held by every idle
 //! connection), and the connection's permit (`router.max_connections`, taken by the
 //! accept loop) moves into the socket's task, so a WebSocket counts against the limit
-//! for its whole life. The socket itself is served by [`crate::conn`].
+//! for its whole life. The socket itself is served by [`crate::conn`], which also
+//! keeps checking the authorisation while the socket is open (the tokens' expiry,
+//! the user's membership).
 
 use crate::api::{self, authenticate, error_reply, parse_session_id, token_of};
 use crate::server::{ConnPermit, PeerAddr};
@@ -107,7 +109,9 @@ pub fn route(ctx: Arc<RouterCtx>) -> impl Filter<Extract = (Response,), Error = 
                     ));
                 };
                 match accept(&ctx, &id, &headers, &query, peer).await {
-                    Ok((sid, claims, last_version)) => upgrade(ctx, up, sid, claims, last_version),
+                    Ok((sid, claims, last_version, expires)) => {
+                        upgrade(ctx, up, sid, claims, last_version, expires)
+                    }
                     Err(e) => {
                         metrics::counter!("gs_router_ws_refused_total", "code" => e.code.clone())
                             .increment(1);
@@ -125,6 +129,7 @@ fn upgrade(
     sid: Uuid,
     claims: Claims,
     last_version: Option<u64>,
+    expires: u64,
 ) -> Response {
     let Upgrade {
         key,
@@ -139,7 +144,7 @@ fn upgrade(
             Ok(upgraded) => {
                 let io = hyper_util::rt::TokioIo::new(upgraded);
                 let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                crate::conn::run(ctx, socket, sid, claims, last_version).await;
+                crate::conn::run(ctx, socket, sid, claims, last_version, expires).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -155,14 +160,16 @@ fn upgrade(
     res
 }
 
-/// Checks everything that can be checked before the upgrade.
+/// Checks everything that can be checked before the upgrade. Besides the session,
+/// the caller and `last_version`, returns when the connection's authorisation ends:
+/// the earlier `exp` of its two tokens (unix seconds).
 async fn accept(
     ctx: &RouterCtx,
     id: &str,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
     peer: Option<PeerAddr>,
-) -> Result<(Uuid, Claims, Option<u64>), WireError> {
+) -> Result<(Uuid, Claims, Option<u64>, u64), WireError> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -172,9 +179,11 @@ async fn accept(
     let claims = authenticate(ctx, token_of(&header("authorization"), query))?;
     let sid = parse_session_id(id)?;
     let st = header("x-session-token").or_else(|| query.get("session_token").cloned());
-    ctx.auth
+    let session = ctx
+        .auth
         .verify_session(st.as_deref(), claims.sub, sid)
         .map_err(|e| WireError::new(e.code(), e.to_string()))?;
+    let expires = claims.exp.min(session.exp);
     let last_version = match query.get("last_version") {
         Some(v) => Some(v.parse::<u64>().map_err(|_| {
             WireError::new(
@@ -195,7 +204,7 @@ async fn accept(
             Duration::from_secs(60),
         )
         .await?;
-    Ok((sid, claims, last_version))
+    Ok((sid, claims, last_version, expires))
 }
 
 #[cfg(test)]

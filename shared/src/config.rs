@@ -176,8 +176,23 @@ pub struct AuthConfig {
     pub jwt_secret: String,
     /// Lifetime of the connection tokens handed out by create and join.
     pub session_token_ttl_secs: u64,
-    /// Clock skew tolerated when checking `exp`.
+    /// Clock skew tolerated when checking `exp` and `nbf`.
     pub leeway_secs: u64,
+    /// Required `iss` of access tokens; empty = not checked.
+    pub issuer: String,
+    /// Required `aud` of access tokens (one of the token's audiences); empty = not
+    /// checked.
+    pub audience: String,
+    /// PEM public keys (RSA for RS256, EC P-256 for ES256) of external token issuers;
+    /// a key's `kid` is its file name up to the first dot.
+    pub public_keys_pem: Vec<String>,
+    /// A JWKS file (`{"keys": [...]}`) of external token issuers' public keys; empty =
+    /// none.
+    pub jwks_file: String,
+    /// How often (at most) routers check whether the key files changed (and re-read
+    /// them); a token with an unknown `kid` triggers a check at once (at most once a
+    /// second).
+    pub keys_check_ms: u64,
 }
 
 impl Default for AuthConfig {
@@ -186,6 +201,11 @@ impl Default for AuthConfig {
             jwt_secret: String::new(),
             session_token_ttl_secs: 24 * 3600,
             leeway_secs: 5,
+            issuer: String::new(),
+            audience: String::new(),
+            public_keys_pem: Vec::new(),
+            jwks_file: String::new(),
+            keys_check_ms: 2000,
         }
     }
 }
@@ -486,6 +506,47 @@ impl Config {
     }
 }
 
+/// `url` with the password of its user-info replaced by `***`
+/// (`redis://:pw@host` → `redis://:***@host`, `amqp://user:pw@host` →
+/// `amqp://user:***@host`). Every URL that is logged or put in an error goes through
+/// this (or [`redact_secrets`]). A URL without a password is returned as it is.
+pub fn redact_url(url: &str) -> String {
+    redact_secrets(url)
+}
+
+/// `text` with the password of every `scheme://user:password@` in it replaced by `***`
+/// (for error messages of libraries that may quote a URL).
+pub fn redact_secrets(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', '?', '#' or whitespace (or quote).
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Milliseconds to a `Duration`: the config keeps plain integers for readability.
 pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -530,6 +591,45 @@ mod tests {
             toml::from_str(include_str!("../../config/example.toml")).expect("example parses");
         let defaults = serde_json::to_value(Config::default()).unwrap();
         assert_eq!(serde_json::to_value(example).unwrap(), defaults);
+    }
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        for (url, want) in [
+            (
+                "redis://:s3cret@10.0.0.1:6379/0",
+                "redis://:***@10.0.0.1:6379/0",
+            ),
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://guest:***@127.0.0.1:5672/%2f",
+            ),
+            (
+                "postgres://app:p%40ss:w@db:5432/session_db",
+                "postgres://app:***@db:5432/session_db",
+            ),
+            ("nats://user:pw@nats:4222", "nats://user:***@nats:4222"),
+            ("rediss://u:pw@h", "rediss://u:***@h"),
+            // Nothing to hide.
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("amqp://guest@host/%2f", "amqp://guest@host/%2f"),
+            ("redis://host?password=x", "redis://host?password=x"),
+            ("not a url", "not a url"),
+            ("", ""),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+        // Inside any text, every URL.
+        let e = "Redis at redis://:pw1@a:1: refused; NATS at nats://u:pw2@b:2 (\"amqp://x:pw3@c\")";
+        let r = redact_secrets(e);
+        assert!(
+            !r.contains("pw1") && !r.contains("pw2") && !r.contains("pw3"),
+            "{r}"
+        );
+        assert_eq!(
+            r,
+            "Redis at redis://:***@a:1: refused; NATS at nats://u:***@b:2 (\"amqp://x:***@c\")"
+        );
     }
 
     #[test]

@@ -56,6 +56,18 @@ pub mod codes {
     pub const INTERNAL: &str = "internal_error";
 }
 
+/// WebSocket close codes the server uses besides the standard ones (1000 session
+/// ended, 1001 router shutting down, 1008 refused after the upgrade, 1011 cannot
+/// subscribe). 4000–4999 are for applications (RFC 6455 §7.4.2).
+pub mod close_codes {
+    /// The access or connection token expired while the socket was open (after a
+    /// `connection_error` `token_expired`): reconnect with fresh tokens.
+    pub const TOKEN_EXPIRED: u16 = 4401;
+    /// The user is no longer a member of the session (left or was removed; after a
+    /// `connection_error` `not_member`).
+    pub const NOT_MEMBER: u16 = 4403;
+}
+
 /// An error as it appears on the wire (`error` events, REST error bodies, node replies).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireError {

@@ -12,10 +12,29 @@
 //! into the socket's write buffer, and the buffer is flushed once: one `write` for a
 //! burst instead of one per frame. Events are shared bytes ([`crate::hub::Ev`]):
 //! sending one to many clients copies nothing.
+//!
+//! **Limits** (see `docs/security.md`, "Connection limits"):
+//!
+//! * the socket holds a [`Slot`] (its place under `router.max_connections` and the
+//!   per-user and per-IP caps) for its whole life, and gives it back *before* the
+//!   socket is closed, so a client that sees its socket close can connect again at
+//!   once;
+//! * a client that sends nothing (no message, ping or pong) for
+//!   `router.ws_idle_timeout_ms` is closed with 4408 (`idle_timeout`); the server
+//!   pings with each heartbeat, so a live WebSocket stack answers by itself;
+//! * **slow consumers:** a socket's outbound backlog is the session's events it has not
+//!   been given yet, kept once in the hub's buffer (no per-socket copy). While a write
+//!   blocks (the client does not read, its TCP window is full), the connection watches
+//!   the hub's newest version; a client that falls more than
+//!   `router.max_outbound_queue` events behind, or whose write stays blocked for
+//!   `router.ws_idle_timeout_ms`, is closed with 4008 (`slow_consumer`, close frame
+//!   when it still fits). The hub's broadcast never waits for anyone, so the other
+//!   clients of the session are not slowed.
 
 use crate::api::caller;
 use crate::hub::{Ev, Hub};
-use crate::limits::LocalWindow;
+use crate::limits::{LocalWindow, SocketSlot};
+use crate::server::ConnPermit;
 use crate::ws::Socket;
 use crate::RouterCtx;
 use futures::{SinkExt, StreamExt};
@@ -23,10 +42,12 @@ use gs_shared::auth::Claims;
 use gs_shared::protocol::{self, codes, ClientMessage, WireError};
 use gs_shared::rpc::{Caller, ReplyBody, RequestBody, Resume};
 use serde_json::json;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -38,6 +59,31 @@ const FINAL_ANSWERS_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a connection's detach may take (best effort, after close).
 const DETACH_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Close code and `connection_error` code of a client idle too long.
+pub const CLOSE_IDLE: u16 = 4408;
+/// Close code of a slow consumer.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+/// How long the router tries to send the `connection_error` and close frame of a
+/// connection it ends itself (a client that does not read may never take them).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What an open socket holds for its whole life: its place under
+/// `router.max_connections` and under the per-user and per-IP caps.
+pub struct Slot {
+    _permit: Option<ConnPermit>,
+    _place: SocketSlot,
+}
+
+impl Slot {
+    pub fn new(permit: Option<ConnPermit>, place: SocketSlot) -> Slot {
+        Slot {
+            _permit: permit,
+            _place: place,
+        }
+    }
+}
 
 /// Decrements the connection count when a connection task ends, however it ends.
 struct ConnGuard(Arc<RouterCtx>);
@@ -73,7 +119,26 @@ fn close(code: u16, reason: &str) -> Message {
     }))
 }
 
+/// Why the router ends a connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    SlowConsumer,
+}
+
+/// What bounds a blocked write.
+#[derive(Debug, Clone, Copy)]
+struct WriteBound {
+    /// The client's version, and how far the hub may move past it (`None`: not
+    /// watched, e.g. while the connection opens).
+    backlog: Option<(u64, u64)>,
+    /// How long one write may stay blocked.
+    stall: Option<Duration>,
+}
+
 pub struct Conn {
+    /// Given back first when the connection is dropped (fields drop in order), before
+    /// the socket closes.
+    slot: Option<Slot>,
     ctx: Arc<RouterCtx>,
     sid: Uuid,
     caller: Caller,
@@ -87,6 +152,58 @@ pub struct Conn {
     unflushed: bool,
     /// Events buffered since the last flush (counted once per flush).
     sent: u64,
+    /// The hub's newest version (watched while a write blocks).
+    newest: watch::Receiver<u64>,
+    /// `router.max_outbound_queue`.
+    max_behind: u64,
+    /// Whether the backlog is watched (once the client has been brought up to date).
+    live: bool,
+    /// `router.ws_idle_timeout_ms`: also the longest a write may block.
+    idle: Option<Duration>,
+    /// When the client last sent a frame (any: message, ping, pong, close).
+    last_heard: tokio::time::Instant,
+    /// Set when the router ends the connection itself.
+    stop: Option<Stop>,
+}
+
+/// Runs `op` (a write to the socket); a write that blocks is bounded by `bound`.
+async fn bounded<F>(
+    op: F,
+    newest: &mut watch::Receiver<u64>,
+    bound: WriteBound,
+) -> Result<(), Option<Stop>>
+where
+    F: Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
+{
+    tokio::pin!(op);
+    // Most writes complete at once: no timer, no watch.
+    if let Poll::Ready(r) = futures::poll!(op.as_mut()) {
+        return r.map_err(|_| None);
+    }
+    let behind = async {
+        match bound.backlog {
+            Some((cv, max)) => loop {
+                if newest.borrow_and_update().saturating_sub(cv) > max {
+                    return;
+                }
+                if newest.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let stalled = async {
+        match bound.stall {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = op => r.map_err(|_| None),
+        _ = behind => Err(Some(Stop::SlowConsumer)),
+        _ = stalled => Err(Some(Stop::SlowConsumer)),
+    }
 }
 
 impl Conn {
@@ -94,7 +211,55 @@ impl Conn {
     /// the buffer is full).
     async fn feed(&mut self, msg: Message) -> Result<(), Closed> {
         self.unflushed = true;
-        self.ws.feed(msg).await.map_err(|_| Closed)
+        let bound = self.write_bound();
+        let r = bounded(self.ws.feed(msg), &mut self.newest, bound).await;
+        self.written(r)
+    }
+
+    fn write_bound(&self) -> WriteBound {
+        WriteBound {
+            backlog: self.live.then_some((self.cv, self.max_behind)),
+            stall: self.idle,
+        }
+    }
+
+    fn written(&mut self, r: Result<(), Option<Stop>>) -> Result<(), Closed> {
+        r.map_err(|stop| {
+            self.stop = self.stop.or(stop);
+            Closed
+        })
+    }
+
+    /// Closes a slow consumer when the router holds more of the session's events for
+    /// it than `router.max_outbound_queue` (it lagged while its writes blocked).
+    fn check_backlog(&mut self, newest: u64) -> Result<(), Closed> {
+        if self.live && newest.saturating_sub(self.cv) > self.max_behind {
+            self.stop = Some(Stop::SlowConsumer);
+            return Err(Closed);
+        }
+        Ok(())
+    }
+
+    /// Gives the socket's places back (before it is closed).
+    fn release(&mut self) {
+        self.slot = None;
+    }
+
+    /// Ends the connection from the router's side: gives its places back, then sends
+    /// `connection_error` and a close frame if the client takes them within
+    /// [`CLOSE_GRACE`].
+    async fn close_with(&mut self, close_code: u16, code: &str, message: String) {
+        self.release();
+        self.live = false;
+        self.idle = None;
+        metrics::counter!("gs_router_ws_closed_by_router_total", "code" => code.to_string())
+            .increment(1);
+        let err = WireError::new(code, message);
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            self.feed_text(protocol::connection_error(&err)).await?;
+            self.send_now(close(close_code, code)).await
+        })
+        .await;
     }
 
     async fn feed_text(&mut self, text: String) -> Result<(), Closed> {
@@ -111,7 +276,9 @@ impl Conn {
             metrics::counter!("gs_router_events_sent_total").increment(self.sent);
             self.sent = 0;
         }
-        self.ws.flush().await.map_err(|_| Closed)
+        let bound = self.write_bound();
+        let r = bounded(self.ws.flush(), &mut self.newest, bound).await;
+        self.written(r)
     }
 
     /// Sends one frame now.
@@ -135,6 +302,7 @@ impl Conn {
             return Ok(());
         }
         if ev.version > self.cv + 1 {
+            self.check_backlog(ev.version)?;
             self.catch_up(ev.version - 1).await?;
             if ev.version != self.cv + 1 {
                 // Could not fill the gap now; the next event (or a retry) will.
@@ -188,7 +356,10 @@ impl Conn {
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 metrics::counter!("gs_router_client_lagged_total").increment(n);
                 match self.hub.last_version() {
-                    Some(last) => self.catch_up(last).await,
+                    Some(last) => {
+                        self.check_backlog(last)?;
+                        self.catch_up(last).await
+                    }
                     None => Ok(()),
                 }
             }
@@ -213,6 +384,7 @@ impl Conn {
         while let Ok(out) = io.acks.try_recv() {
             let _ = self.feed_text(out).await;
         }
+        self.release();
         let _ = self.send_now(close(1000, "session ended")).await;
     }
 }
@@ -233,6 +405,7 @@ enum Step {
     Event(Result<Ev, broadcast::error::RecvError>),
     Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
     Heartbeat,
+    IdleCheck,
 }
 
 /// Serves one client socket until it closes, the session ends or the router stops.
@@ -242,17 +415,33 @@ pub async fn run(
     sid: Uuid,
     claims: Claims,
     last_version: Option<u64>,
+    slot: Slot,
 ) {
     let _guard = ConnGuard::new(ctx.clone());
     let conn_id = Uuid::new_v4();
     let caller = caller(&claims);
-    let Some((mut conn, mut events)) = open(&ctx, ws, sid, &claims, conn_id, last_version).await
+    let Some((mut conn, mut events)) =
+        open(&ctx, ws, sid, &claims, conn_id, last_version, slot).await
     else {
         return detach(ctx, sid, caller, conn_id);
     };
     if !conn.ended {
         serve(&mut conn, &mut events).await;
     }
+    if conn.stop == Some(Stop::SlowConsumer) {
+        metrics::counter!("gs_router_slow_consumers_total").increment(1);
+        let max = conn.max_behind;
+        conn.close_with(
+            CLOSE_SLOW_CONSUMER,
+            codes::SLOW_CONSUMER,
+            format!(
+                "the client does not read: more than {max} events behind, or a write blocked too long"
+            ),
+        )
+        .await;
+    }
+    // The socket's places were given back first (see `Conn::slot`).
+    drop(conn);
     detach(ctx, sid, caller, conn_id);
 }
 
@@ -265,11 +454,13 @@ async fn open(
     claims: &Claims,
     conn_id: Uuid,
     last_version: Option<u64>,
+    slot: Slot,
 ) -> Option<(Conn, broadcast::Receiver<Ev>)> {
     let caller = caller(claims);
     let hub = match ctx.hubs.join(sid).await {
         Ok(h) => h,
         Err(e) => {
+            drop(slot);
             let err = WireError::new(codes::SERVICE_UNAVAILABLE, format!("cannot subscribe: {e}"));
             let _ = ws
                 .feed(Message::text(protocol::connection_error(&err)))
@@ -303,6 +494,7 @@ async fn open(
                 Err(e) => e,
                 _ => WireError::new(codes::INTERNAL, "unexpected reply to attach"),
             };
+            drop(slot);
             let _ = ws
                 .feed(Message::text(protocol::connection_error(&err)))
                 .await;
@@ -310,7 +502,11 @@ async fn open(
             return None;
         }
     };
+    let idle = Some(ctx.cfg.router.ws_idle_timeout_ms)
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
     let mut conn = Conn {
+        slot: Some(slot),
         ctx: ctx.clone(),
         sid,
         caller,
@@ -320,6 +516,12 @@ async fn open(
         ws,
         unflushed: false,
         sent: 0,
+        newest: hub.watch_newest(),
+        max_behind: ctx.cfg.router.max_outbound_queue.max(1),
+        live: false,
+        idle,
+        last_heard: tokio::time::Instant::now(),
+        stop: None,
     };
     let established = json!({
         "type": "connection_established",
@@ -336,10 +538,12 @@ async fn open(
     resume_client(&mut conn, resume, last_version).await.ok()?;
     if conn.ended {
         // An ended session: the client has its final state; nothing more will come.
+        conn.release();
         let _ = conn.feed(close(1000, "session ended")).await;
     }
     conn.flush().await.ok()?;
     hub.seed(conn.cv);
+    conn.live = true;
     Some((conn, events))
 }
 
@@ -390,6 +594,11 @@ async fn serve(conn: &mut Conn, events: &mut broadcast::Receiver<Ev>) {
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
     let mut shutdown = ctx.shutdown.clone();
+    // Checks, at `last_heard + idle`, whether the client said anything since.
+    let idle = conn.idle;
+    let idle_check = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(idle_check);
+    conn.last_heard = tokio::time::Instant::now();
 
     loop {
         let step = tokio::select! {
@@ -399,16 +608,40 @@ async fn serve(conn: &mut Conn, events: &mut broadcast::Receiver<Ev>) {
             frame = conn.ws.next() => Step::Frame(frame),
             ev = events.recv() => Step::Event(ev),
             _ = heartbeat.tick() => Step::Heartbeat,
+            _ = &mut idle_check, if idle.is_some() => Step::IdleCheck,
         };
         let r = match step {
             Step::Shutdown => {
+                conn.release();
                 let _ = conn.send_now(close(1001, "router shutting down")).await;
                 return;
             }
             Step::Answer(out) => conn.feed_text(out).await,
             Step::Frame(frame) => on_frame(conn, frame, &mut io).await,
             Step::Event(ev) => conn.on_event(ev).await,
-            Step::Heartbeat => conn.feed_text(protocol::heartbeat()).await,
+            Step::Heartbeat => match conn.feed_text(protocol::heartbeat()).await {
+                // A ping too: a live WebSocket stack answers it by itself (not idle).
+                Ok(()) => conn.feed(Message::Ping(Default::default())).await,
+                Err(e) => Err(e),
+            },
+            Step::IdleCheck => {
+                let idle = idle.expect("checked only with an idle timeout");
+                let due = conn.last_heard + idle;
+                if tokio::time::Instant::now() >= due {
+                    conn.close_with(
+                        CLOSE_IDLE,
+                        codes::IDLE_TIMEOUT,
+                        format!(
+                            "nothing received from the client for {} s (send heartbeats)",
+                            idle.as_secs_f64()
+                        ),
+                    )
+                    .await;
+                    return;
+                }
+                idle_check.as_mut().reset(due);
+                Ok(())
+            }
         };
         if r.is_err() || drain_ready(conn, events, &mut io).await.is_err() {
             return;
@@ -456,7 +689,10 @@ async fn on_frame(
     io: &mut ConnIo,
 ) -> Result<(), Closed> {
     let msg = match frame {
-        Some(Ok(m)) => m,
+        Some(Ok(m)) => {
+            conn.last_heard = tokio::time::Instant::now();
+            m
+        }
         Some(Err(e)) => {
             tracing::debug!(error = %e, "websocket read error");
             return Err(Closed);

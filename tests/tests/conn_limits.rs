@@ -7,7 +7,7 @@
 use anyhow::{bail, Context, Result};
 use cluster::client::{client_ws_config, ws_connect, TokenStyle, TrackedClient, WsStream};
 use cluster::harness::ClusterSpec;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use gs_tests::{finish, set, Fixture, WAIT};
 use serde_json::{json, Value};
 use std::time::Duration;

@@ -235,6 +235,75 @@ pub struct Actor {
     events_subject: async_nats::Subject,
     /// When `updated_at` was last written to the Redis meta key.
     meta_touched: Instant,
+    /// The session's own rate limits (saves and joins per minute).
+    quotas: Quotas,
+}
+
+/// A session's per-minute quotas of the ICD (`POST /state` saves, joins), kept by its
+/// owner: it sees every command of the session whatever router sent it, and only
+/// after the rules allowed it. A new owner starts with fresh windows.
+#[derive(Debug, Default)]
+struct Quotas {
+    saves: Window,
+    joins: Window,
+}
+
+/// A fixed one-minute window.
+#[derive(Debug, Default)]
+struct Window {
+    start: Option<Instant>,
+    count: u32,
+}
+
+impl Window {
+    /// Counts one use; refuses (counting nothing) past `limit` (0: no limit).
+    fn hit(&mut self, limit: u32, now: Instant) -> Result<(), Duration> {
+        if limit == 0 {
+            return Ok(());
+        }
+        let start = match self.start {
+            Some(s) if now.duration_since(s) < QUOTA_WINDOW => s,
+            _ => {
+                self.count = 0;
+                *self.start.insert(now)
+            }
+        };
+        if self.count >= limit {
+            return Err(QUOTA_WINDOW.saturating_sub(now.duration_since(start)));
+        }
+        self.count += 1;
+        Ok(())
+    }
+}
+
+const QUOTA_WINDOW: Duration = Duration::from_secs(60);
+
+impl Quotas {
+    /// Counts an allowed command against its quota, if it has one.
+    fn hit(
+        &mut self,
+        cmd: &Command,
+        limits: &gs_shared::config::LimitsConfig,
+        now: Instant,
+    ) -> Result<(), WireError> {
+        let (window, limit, what) = match cmd {
+            Command::SaveState { .. } => (
+                &mut self.saves,
+                limits.state_updates_per_min_per_session,
+                "state saves",
+            ),
+            Command::Join(_) => (&mut self.joins, limits.joins_per_min_per_session, "joins"),
+            _ => return Ok(()),
+        };
+        window.hit(limit, now).map_err(|wait| {
+            WireError::new(
+                codes::RATE_LIMITED,
+                format!("too many {what} in this session; retry shortly"),
+            )
+            .with_details(json!({"retry_after_secs": wait.as_secs().max(1),
+                "limit": limit, "window_secs": QUOTA_WINDOW.as_secs()}))
+        })
+    }
 }
 
 /// How often at most a busy session's `updated_at` is written to Redis.
@@ -265,6 +334,9 @@ pub async fn run(
         }
         Err(e) => {
             tracing::info!(session = %id, error = %e, "activation failed");
+            if let NodeError::Corrupt(reason) = &e {
+                ctx.registry.quarantine(id, reason.clone());
+            }
             ctx.registry.remove(&ctx, &id, gen);
             inbox.close();
             let err = e.to_wire();
@@ -310,9 +382,12 @@ async fn activate(
         let now = chrono::Utc::now();
         // Every session gets a secret dice seed unless its creator chose one: a seed
         // derived from the (public) session id would let anyone predict the rolls.
+        // Routers let only admins choose one; a `null` (or anything not a number) is
+        // no choice.
         if let Some(m) = settings.as_object_mut() {
-            m.entry("dice_seed")
-                .or_insert_with(|| json!(Uuid::new_v4().as_u64_pair().0));
+            if !m.get("dice_seed").is_some_and(Value::is_u64) {
+                m.insert("dice_seed".into(), json!(Uuid::new_v4().as_u64_pair().0));
+            }
         }
         let ev = SessionState::creation(
             id,
@@ -403,7 +478,7 @@ async fn activate(
                 .rev()
                 .map(render_stored)
                 .collect();
-            let actor = Actor::new(
+            let mut actor = Actor::new(
                 ctx.clone(),
                 id,
                 gen,
@@ -419,7 +494,10 @@ async fn activate(
             if let Some(last) = actor.recent.back().cloned() {
                 actor.publish(&last, None).await;
             }
+            // A new owner rewrites every ICD key (the combat key too, deleted when
+            // there is no combat): what a previous owner left may be stale.
             actor.cache_meta();
+            actor.rewrite_combat_cache();
             // Outbox rows the previous owner committed but did not get confirmed.
             ctx.hub.dirty(id);
             Ok(actor)
@@ -477,6 +555,36 @@ pub async fn load_state_at(
     Ok((state, loaded.events))
 }
 
+/// The rules' bounds on the state document, from the configuration.
+fn doc_limits(c: &gs_shared::config::DocumentConfig) -> gs_rules::limits::DocLimits {
+    gs_rules::limits::DocLimits {
+        max_path_depth: c.max_path_depth,
+        max_path_bytes: c.max_path_bytes,
+        max_depth: c.max_depth,
+        max_value_bytes: c.max_value_bytes,
+        max_document_bytes: c.max_document_bytes,
+        max_keys_per_object: c.max_keys_per_object,
+    }
+}
+
+/// Bytes of events in one reply (NATS caps a message at 1 MiB by default; the
+/// largest single event, a `state_restored` with a whole document, stays well under).
+const MAX_EVENTS_REPLY_BYTES: usize = 512 * 1024;
+
+/// The first events of `events` that fit in [`MAX_EVENTS_REPLY_BYTES`] (at least one).
+fn within_budget(events: impl Iterator<Item = RawEvent>) -> Vec<RawEvent> {
+    let mut total = 0;
+    let mut out = Vec::new();
+    for e in events {
+        total += e.json.as_str().len();
+        if total > MAX_EVENTS_REPLY_BYTES && !out.is_empty() {
+            break;
+        }
+        out.push(e);
+    }
+    out
+}
+
 fn render_stored(e: &StoredEvent) -> RawEvent {
     RawEvent {
         version: e.seq,
@@ -528,6 +636,8 @@ impl Actor {
         let snapshot_every = ctx.cfg.node.snapshot_every.max(1);
         let last_snapshot = state.version / snapshot_every * snapshot_every;
         let events_subject = ctx.subjects.session_events(&id).into();
+        let mut state = state;
+        state.limits = doc_limits(&ctx.cfg.document);
         Actor {
             ctx,
             id,
@@ -543,6 +653,7 @@ impl Actor {
             hook_refused: Default::default(),
             events_subject,
             meta_touched: Instant::now(),
+            quotas: Quotas::default(),
             state,
         }
     }
@@ -825,7 +936,16 @@ impl Actor {
             command_id: o.command_id,
             timestamp: protocol::timestamp_now(),
         };
-        let events = self.state.decide(&ctx, &cmd).map_err(IntoWire::into_wire);
+        let mut events = self.state.decide(&ctx, &cmd).map_err(IntoWire::into_wire);
+        // The session's quotas count only what its members were allowed to do and
+        // that changes something: an outsider's refused saves or joins use none.
+        if let Ok(ev) = &events {
+            if !ev.is_empty() {
+                if let Err(e) = self.quotas.hit(&cmd, &self.ctx.cfg.limits, Instant::now()) {
+                    events = Err(e);
+                }
+            }
+        }
         self.stage_events(b, o, events);
     }
 
@@ -1106,6 +1226,7 @@ impl Actor {
         let window = self.ctx.cfg.node.dedupe_window as u64;
         let commands = self.ctx.store.recent_commands(self.id, window).await?;
         self.state = state;
+        self.state.limits = doc_limits(&self.ctx.cfg.document);
         self.recent = events
             .iter()
             .rev()
@@ -1239,7 +1360,14 @@ impl Actor {
                 let resume = match last_version {
                     Some(lv) if *lv <= version && version - lv <= *replay_limit => {
                         match self.events_since(*lv, *replay_limit).await {
-                            Ok(events) => Resume::Events { events },
+                            // All of them fitted in one reply.
+                            Ok(events)
+                                if *lv == version
+                                    || events.last().is_some_and(|e| e.version == version) =>
+                            {
+                                Resume::Events { events }
+                            }
+                            Ok(_) => Resume::Full { view: self.view() },
                             Err(e) => return NodeReply::err(e.to_wire()),
                         }
                     }
@@ -1281,7 +1409,9 @@ impl Actor {
         }
     }
 
-    /// Events after `after`, from memory when possible, else from the log.
+    /// Events after `after`, from memory when possible, else from the log; at most
+    /// `limit` of them and [`MAX_EVENTS_REPLY_BYTES`] in all (at least one), so the
+    /// reply fits in a NATS message: the asker asks again from where it ends.
     async fn events_since(&self, after: u64, limit: u64) -> Result<Vec<RawEvent>, NodeError> {
         let limit = limit.clamp(1, 10_000) as usize;
         if after >= self.state.version {
@@ -1289,13 +1419,13 @@ impl Actor {
         }
         if let Some(first) = self.recent.front() {
             if first.version <= after + 1 {
-                return Ok(self
-                    .recent
-                    .iter()
-                    .filter(|e| e.version > after)
-                    .take(limit)
-                    .cloned()
-                    .collect());
+                return Ok(within_budget(
+                    self.recent
+                        .iter()
+                        .filter(|e| e.version > after)
+                        .take(limit)
+                        .cloned(),
+                ));
             }
         }
         let stored = self
@@ -1303,7 +1433,7 @@ impl Actor {
             .store
             .events_after(self.id, after, limit as u64)
             .await?;
-        Ok(stored.iter().map(render_stored).collect())
+        Ok(within_budget(stored.iter().map(render_stored)))
     }
 
     /// Publishes an event for the routers; `ack`: the command whose ack it carries.
@@ -1379,6 +1509,15 @@ impl Actor {
                 .combat(self.id, now.clone().unwrap_or_default());
             self.last_combat = now;
         }
+    }
+
+    /// Writes the combat key whatever it holds now.
+    fn rewrite_combat_cache(&mut self) {
+        let now = crate::outbox::combat_summary(&self.state);
+        self.ctx
+            .cache
+            .combat(self.id, now.clone().unwrap_or_default());
+        self.last_combat = now;
     }
 
     fn created_at(&self) -> String {

@@ -63,7 +63,10 @@ impl NodeError {
             NodeError::SessionNotFound(_) => {
                 WireError::new(codes::SESSION_NOT_FOUND, "no such session")
             }
-            NodeError::Corrupt(_) => WireError::new(codes::INTERNAL, "internal error"),
+            NodeError::Corrupt(_) => WireError::new(
+                codes::SESSION_QUARANTINED,
+                "the session's stored data cannot be loaded; it is set aside for an operator",
+            ),
             other => WireError::new(
                 codes::SERVICE_UNAVAILABLE,
                 format!("a dependency is unavailable: {other}"),

@@ -4,10 +4,11 @@
 use crate::actor::{self, Control, Envelope};
 use crate::NodeCtx;
 use gs_shared::protocol::{codes, WireError};
-use gs_shared::rpc::NodeReply;
+use gs_shared::rpc::{NodeReply, ReplyBody, RequestBody};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
@@ -22,9 +23,37 @@ pub struct Registry {
     actors: Mutex<HashMap<Uuid, Entry>>,
     next_gen: AtomicU64,
     draining: AtomicBool,
+    /// Sessions whose stored data could not be loaded, with why and since when: their
+    /// requests are refused at once (`session_quarantined`) instead of activating, and
+    /// failing, again on every request.
+    quarantined: Mutex<HashMap<Uuid, (String, Instant)>>,
 }
 
+/// How long a session whose data could not be loaded stays quarantined before the
+/// next request tries again (an operator may have repaired it meanwhile).
+pub const QUARANTINE: Duration = Duration::from_secs(300);
+
 impl Registry {
+    /// Sets a session aside: its stored data cannot be loaded (`reason`).
+    pub fn quarantine(&self, session: Uuid, reason: String) {
+        metrics::counter!("gs_node_sessions_quarantined_total").increment(1);
+        tracing::error!(%session, %reason, "session quarantined: its stored data cannot be loaded");
+        self.quarantined
+            .lock()
+            .unwrap()
+            .insert(session, (reason, Instant::now()));
+    }
+
+    /// Why a session is quarantined, while it is.
+    fn quarantine_reason(&self, session: &Uuid) -> Option<String> {
+        let mut q = self.quarantined.lock().unwrap();
+        if q.is_empty() {
+            return None;
+        }
+        q.retain(|_, (_, since)| since.elapsed() < QUARANTINE);
+        q.get(session).map(|(r, _)| r.clone())
+    }
+
     /// Routes a request to its session's actor, starting one if this node is the
     /// session's place on the ring. Never blocks: a full inbox answers `overloaded`.
     pub async fn dispatch(&self, ctx: &Arc<NodeCtx>, env: Envelope) {
@@ -44,6 +73,26 @@ impl Registry {
                 },
             };
             env.reply.send(ctx, reply).await;
+            return;
+        }
+        if let Some(reason) = self.quarantine_reason(&sid) {
+            let error = WireError::new(
+                codes::SESSION_QUARANTINED,
+                "the session's stored data cannot be loaded; it is set aside for an operator",
+            )
+            .with_details(serde_json::json!({ "reason": reason }));
+            env.reply.send(ctx, NodeReply::err(error)).await;
+            return;
+        }
+        // A connection leaving a session that is not running has nothing to undo: no
+        // activation for it.
+        if matches!(env.req.body, RequestBody::Detach { .. })
+            && !self.actors.lock().unwrap().contains_key(&sid)
+        {
+            let done = NodeReply::Ok {
+                body: ReplyBody::Done,
+            };
+            env.reply.send(ctx, done).await;
             return;
         }
         let mut env = env;

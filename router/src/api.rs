@@ -69,9 +69,14 @@ pub fn parse_session_id(s: &str) -> Result<Uuid, WireError> {
         .map_err(|_| WireError::new(codes::BAD_REQUEST, "the session id must be a UUID"))
 }
 
-fn parse_body(body: &Bytes) -> Result<Value, WireError> {
+/// A REST body: a JSON object, checked as client messages are
+/// ([`protocol::check_json_text`]: nesting, U+0000).
+fn parse_body(ctx: &RouterCtx, body: &Bytes) -> Result<Value, WireError> {
     if body.is_empty() {
         return Ok(json!({}));
+    }
+    if let Ok(text) = std::str::from_utf8(body) {
+        gs_shared::protocol::check_json_text(text, ctx.cfg.document.max_json_depth)?;
     }
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         WireError::new(
@@ -242,7 +247,7 @@ async fn create_session(
     body: Bytes,
 ) -> Result<Response, WireError> {
     let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
-    let body = parse_body(&body)?;
+    let body = parse_body(&ctx, &body)?;
     let campaign_id = body
         .get("campaign_id")
         .and_then(Value::as_str)
@@ -270,6 +275,15 @@ async fn create_session(
             ))
         }
     };
+    // The dice seed is the service's secret (it predicts every roll): only an admin
+    // may fix one, for a replayable test table.
+    if !settings["dice_seed"].is_null() && claims.role != Role::Admin {
+        return Err(WireError::new(
+            codes::FORBIDDEN,
+            "`settings.dice_seed` may only be set by an admin (the service chooses a secret seed)",
+        )
+        .with_details(json!({"field": "settings.dice_seed"})));
+    }
     ctx.limiter
         .check(
             "create",
@@ -318,11 +332,13 @@ async fn join_session(
 ) -> Result<Response, WireError> {
     let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
     let id = parse_session_id(&id)?;
-    let body = parse_body(&body)?;
+    let body = parse_body(&ctx, &body)?;
+    // Per user here (an outsider spends only its own allowance); the session's own
+    // quota is kept by its owner, counting only what the rules allowed.
     ctx.limiter
         .check(
             "join",
-            &id.to_string(),
+            &format!("{id}:{}", claims.sub),
             ctx.cfg.limits.joins_per_min_per_session,
             Duration::from_secs(60),
         )
@@ -386,7 +402,7 @@ async fn save_state(
 ) -> Result<Response, WireError> {
     let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
     let id = parse_session_id(&id)?;
-    let body = parse_body(&body)?;
+    let body = parse_body(&ctx, &body)?;
     let state = match body.get("state") {
         Some(v @ Value::Object(_)) => v.clone(),
         _ => {
@@ -411,10 +427,12 @@ async fn save_state(
             .map_err(|_| WireError::new(codes::BAD_REQUEST, "Idempotency-Key must be a UUID"))?,
         None => Uuid::new_v4(),
     };
+    // Per user here (an outsider spends only its own allowance); the session's own
+    // quota is kept by its owner, counting only what the rules allowed.
     ctx.limiter
         .check(
             "state",
-            &id.to_string(),
+            &format!("{id}:{}", claims.sub),
             ctx.cfg.limits.state_updates_per_min_per_session,
             Duration::from_secs(60),
         )

@@ -59,6 +59,8 @@ const FINAL_ANSWERS_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a connection's detach may take (best effort, after close).
 const DETACH_DEADLINE: Duration = Duration::from_secs(2);
+/// Rounds of one catch-up (each answer holds at most half a MiB of events).
+const CATCH_UP_ROUNDS: usize = 16;
 
 /// Close code and `connection_error` code of a client idle too long.
 pub const CLOSE_IDLE: u16 = 4408;
@@ -312,8 +314,20 @@ impl Conn {
         self.send_event(&ev).await
     }
 
-    /// Brings the client up to `up_to` from the hub's buffer or the owner.
+    /// Brings the client up to `up_to` from the hub's buffer or the owner (whose
+    /// answers are bounded in size: asked again while they make progress).
     async fn catch_up(&mut self, up_to: u64) -> Result<(), Closed> {
+        for _ in 0..CATCH_UP_ROUNDS {
+            let before = self.cv;
+            self.catch_up_once(up_to).await?;
+            if self.cv >= up_to || self.cv == before {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn catch_up_once(&mut self, up_to: u64) -> Result<(), Closed> {
         let events = match self.hub.recent_range(self.cv, up_to) {
             Some(evs) => evs,
             None => {
@@ -495,6 +509,9 @@ async fn open(
                 _ => WireError::new(codes::INTERNAL, "unexpected reply to attach"),
             };
             drop(slot);
+            // The owner may have registered the connection before the answer was lost:
+            // undo it, or the session would count a client that is not there.
+            detach(ctx.clone(), sid, caller, conn_id);
             let _ = ws
                 .feed(Message::text(protocol::connection_error(&err)))
                 .await;
@@ -712,7 +729,11 @@ async fn on_frame(
         }
     };
     let ctx = conn.ctx.clone();
-    let m = match protocol::parse_client_message(text.as_str(), ctx.cfg.router.max_message_bytes) {
+    let m = match protocol::parse_client_message(
+        text.as_str(),
+        ctx.cfg.router.max_message_bytes,
+        ctx.cfg.document.max_json_depth,
+    ) {
         Ok(m) => m,
         Err(r) => {
             metrics::counter!("gs_router_ws_rejected_total", "code" => r.error.code.clone())

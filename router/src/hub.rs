@@ -342,8 +342,24 @@ async fn run_hub(
     }
 }
 
-/// Asks the owner for the missing range and offers what comes back.
+/// Rounds of [`fill_once`] in one fill: an answer holds at most half a MiB of events,
+/// so a long gap takes several.
+const FILL_ROUNDS: usize = 16;
+
+/// Asks the owner for the missing range and offers what comes back, again while the
+/// answers make progress.
 async fn fill(hub: &Hub, forwarder: &Forwarder) {
+    for _ in 0..FILL_ROUNDS {
+        let before = hub.gap();
+        fill_once(hub, forwarder).await;
+        let after = hub.gap();
+        if after.is_none() || after == before {
+            return;
+        }
+    }
+}
+
+async fn fill_once(hub: &Hub, forwarder: &Forwarder) {
     let Some((after, up_to)) = hub.gap() else {
         return;
     };

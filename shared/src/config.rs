@@ -38,6 +38,7 @@ pub struct Config {
     pub node: NodeConfig,
     pub membership: MembershipConfig,
     pub limits: LimitsConfig,
+    pub document: DocumentConfig,
     pub log: LogConfig,
 }
 
@@ -381,6 +382,43 @@ impl Default for LimitsConfig {
             sessions_created_per_hour_per_user: 10,
             state_updates_per_min_per_session: 60,
             joins_per_min_per_session: 30,
+        }
+    }
+}
+
+/// Bounds on what clients send and on each session's state document (the node's
+/// rules enforce the document's; the router checks `max_json_depth` and the
+/// characters PostgreSQL refuses at the edge). Documented in `docs/security.md`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DocumentConfig {
+    /// Nesting of any client message or Message Hub payload (serde_json's own limit
+    /// is 128; the document's `max_depth` plus the envelope must stay below this).
+    pub max_json_depth: usize,
+    /// Tokens in one JSON Pointer.
+    pub max_path_depth: usize,
+    /// Bytes of one JSON Pointer.
+    pub max_path_bytes: usize,
+    /// Nesting of the state document (the root object is 1).
+    pub max_depth: usize,
+    /// Serialised bytes of one change's value (and of `POST /state`'s metadata).
+    pub max_value_bytes: usize,
+    /// Serialised bytes of the whole state document (well under NATS's 1 MiB).
+    pub max_document_bytes: usize,
+    /// Members of any one object in the document.
+    pub max_keys_per_object: usize,
+}
+
+impl Default for DocumentConfig {
+    fn default() -> Self {
+        Self {
+            max_json_depth: 64,
+            max_path_depth: 32,
+            max_path_bytes: 1024,
+            max_depth: 48,
+            max_value_bytes: 64 * 1024,
+            max_document_bytes: 256 * 1024,
+            max_keys_per_object: 1000,
         }
     }
 }

@@ -80,141 +80,55 @@ impl Forwarder {
         .expect("requests serialise")
         .into();
         let started = Instant::now();
-        let mut hint: Option<String> = None;
+        let mut policy = RetryPolicy::default();
         let mut backoff = FIRST_BACKOFF;
-        let mut attempts = 0u32;
-        let mut last_error = String::from("no node available");
-        let mut redirects = 0u32;
-        // Whether an earlier attempt may still take effect (it timed out, its node
-        // died with it, or the node could not tell whether its commit landed).
-        let mut maybe_pending = false;
         loop {
             if Instant::now() >= deadline {
                 metrics::counter!("gs_router_forward_failed_total", "op" => op).increment(1);
-                let outcome = if maybe_pending {
-                    "unknown"
-                } else {
-                    "not_applied"
-                };
-                return Err(WireError::new(
-                    codes::SERVICE_UNAVAILABLE,
-                    format!("the session's owner could not be reached in time ({last_error})"),
-                )
-                .with_details(serde_json::json!({"attempts": attempts, "outcome": outcome})));
+                return Err(policy.deadline_passed());
             }
-            attempts += 1;
-            let target = hint
-                .take()
+            let target = policy
+                .take_hint()
                 .filter(|h| self.cluster.is_alive(h))
                 .or_else(|| self.cluster.owner(&session));
-            if let Some(node) = target {
-                // The last attempt may run into the grace period: its answer is still
-                // the truth about the command.
-                let remaining =
-                    (deadline + DEADLINE_GRACE).saturating_duration_since(Instant::now());
-                let timeout = self
-                    .attempt_timeout
-                    .min(remaining)
-                    .max(Duration::from_millis(1));
-                let req = async_nats::Request::new()
-                    .payload(payload.clone())
-                    .timeout(Some(timeout));
-                // A request in flight to a node that dies is never answered: give up on
-                // it as soon as the member table drops the node, not at the timeout.
-                let mut ring = self.cluster.ring_changes();
-                let node_gone = async {
-                    loop {
-                        if ring.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                        if !self.cluster.is_alive(&node) {
-                            return;
-                        }
-                    }
-                };
-                let outcome = tokio::select! {
-                    r = self.nats.send_request(self.subjects.node_rpc(&node), req) => r,
-                    _ = node_gone => {
-                        metrics::counter!("gs_router_forward_abandoned_total").increment(1);
-                        tracing::debug!(%session, op, %node, "node left the cluster; retrying elsewhere");
-                        // It may have committed before dying; a retry finds out.
-                        maybe_pending = true;
-                        backoff = FIRST_BACKOFF;
-                        continue;
-                    }
-                };
-                tracing::debug!(%session, op, attempt = attempts, %node, ok = outcome.is_ok(),
-                    error = outcome.as_ref().err().map(|e| e.to_string()), "forward attempt");
-                match outcome {
-                    Ok(msg) => {
-                        match serde_json::from_slice::<NodeReply>(&msg.payload) {
-                            Ok(NodeReply::Ok { body }) => {
-                                metrics::histogram!("gs_router_forward_seconds", "op" => op)
-                                    .record(started.elapsed().as_secs_f64());
-                                if attempts > 1 {
-                                    metrics::counter!("gs_router_forward_retried_total", "op" => op)
-                                    .increment(1);
-                                }
-                                return Ok(body);
-                            }
-                            Ok(NodeReply::Err { error, owner }) if error.is_retryable() => {
-                                tracing::debug!(%session, op, %node, code = %error.code, "retryable answer");
-                                last_error = format!("{node}: {}", error.message);
-                                maybe_pending = error.details["outcome"] == "unknown";
-                                hint = owner;
-                            }
-                            // The node refused it as too late (after looking for it among
-                            // the commands it had applied): it was not applied.
-                            Ok(NodeReply::Err { error, .. })
-                                if error.code == codes::DEADLINE_EXCEEDED && !maybe_pending =>
-                            {
-                                return Err(WireError::new(
-                                codes::SERVICE_UNAVAILABLE,
-                                "the session's owner could not apply the command in time",
-                            )
-                            .with_details(serde_json::json!({"attempts": attempts, "outcome": "not_applied"})));
-                            }
-                            Ok(NodeReply::Err { error, .. })
-                                if error.code == codes::DEADLINE_EXCEEDED =>
-                            {
-                                return Err(WireError::new(
-                                    codes::SERVICE_UNAVAILABLE,
-                                    "the session's owner could not be reached in time",
-                                )
-                                .with_details(
-                                    serde_json::json!({"attempts": attempts, "outcome": "unknown"}),
-                                ));
-                            }
-                            Ok(NodeReply::Err { error, .. }) => return Err(error),
-                            Err(e) => {
-                                return Err(WireError::new(
-                                    codes::INTERNAL,
-                                    format!("bad reply from {node}: {e}"),
-                                ))
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        if e.kind() == async_nats::client::RequestErrorKind::NoResponders {
-                            // Never delivered. The node's NATS connection is gone: have
-                            // the cluster check.
-                            self.cluster.suspect(&node).await;
-                        } else {
-                            // Timed out (or lost): the node may still apply it.
-                            maybe_pending = true;
-                        }
-                        last_error = format!("{node}: {e}");
-                    }
+            let attempt = match target {
+                Some(node) => {
+                    let attempt = self.attempt(session, op, &node, &payload, deadline).await;
+                    tracing::debug!(%session, op, attempt = policy.attempts + 1, %node,
+                        result = ?attempt.kind(), "forward attempt");
+                    Some((node, attempt))
                 }
+                None => None,
+            };
+            let next = match attempt {
+                Some((node, attempt)) => {
+                    if matches!(attempt, Attempt::NoResponders) {
+                        // Never delivered. The node's NATS connection is gone: have
+                        // the cluster check.
+                        self.cluster.suspect(&node).await;
+                    }
+                    policy.observe(&node, attempt)
+                }
+                None => policy.no_node(),
+            };
+            match next {
+                Next::Done(result) => {
+                    if result.is_ok() {
+                        metrics::histogram!("gs_router_forward_seconds", "op" => op)
+                            .record(started.elapsed().as_secs_f64());
+                        if policy.attempts > 1 {
+                            metrics::counter!("gs_router_forward_retried_total", "op" => op)
+                                .increment(1);
+                        }
+                    }
+                    return result;
+                }
+                Next::RetryNow => {
+                    backoff = FIRST_BACKOFF;
+                    continue;
+                }
+                Next::Backoff => {}
             }
-            // A node that named the owner (a planned handoff, a ring change) is taken
-            // at its word at once; only a few times in a row, so two nodes that
-            // disagree about the ring cannot bounce a request between them.
-            if hint.is_some() && redirects < MAX_IMMEDIATE_REDIRECTS {
-                redirects += 1;
-                continue;
-            }
-            redirects = 0;
             // Wait out the backoff, or less if the ring changes meanwhile (a failed
             // node just left, a new one joined): that is what a retry waits for.
             // Attempts go on until the deadline itself; the last one may run into the
@@ -226,6 +140,386 @@ impl Forwarder {
                 _ = ring.changed() => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One attempt at `node`: what became of it.
+    async fn attempt(
+        &self,
+        session: Uuid,
+        op: &'static str,
+        node: &str,
+        payload: &bytes::Bytes,
+        deadline: Instant,
+    ) -> Attempt {
+        // The last attempt may run into the grace period: its answer is still the
+        // truth about the command.
+        let remaining = (deadline + DEADLINE_GRACE).saturating_duration_since(Instant::now());
+        let timeout = self
+            .attempt_timeout
+            .min(remaining)
+            .max(Duration::from_millis(1));
+        let req = async_nats::Request::new()
+            .payload(payload.clone())
+            .timeout(Some(timeout));
+        // A request in flight to a node that dies is never answered: give up on it as
+        // soon as the member table drops the node, not at the timeout.
+        let mut ring = self.cluster.ring_changes();
+        let node_gone = async {
+            loop {
+                if ring.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                if !self.cluster.is_alive(node) {
+                    return;
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            r = self.nats.send_request(self.subjects.node_rpc(node), req) => r,
+            _ = node_gone => {
+                metrics::counter!("gs_router_forward_abandoned_total").increment(1);
+                tracing::debug!(%session, op, %node, "node left the cluster; retrying elsewhere");
+                return Attempt::NodeGone;
+            }
+        };
+        match outcome {
+            Ok(msg) => match serde_json::from_slice::<NodeReply>(&msg.payload) {
+                Ok(reply) => Attempt::Answered(reply),
+                Err(e) => Attempt::BadReply(e.to_string()),
+            },
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                Attempt::NoResponders
+            }
+            Err(e) => Attempt::Lost(e.to_string()),
+        }
+    }
+}
+
+/// What became of one attempt.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The node answered.
+    Answered(NodeReply),
+    /// No node listens on the subject: the request was never delivered.
+    NoResponders,
+    /// Timed out or lost in flight: the node may still apply it.
+    Lost(String),
+    /// The node left the cluster while the request was in flight: it may have
+    /// committed before it died.
+    NodeGone,
+    /// The answer could not be decoded.
+    BadReply(String),
+}
+
+impl Attempt {
+    fn kind(&self) -> &'static str {
+        match self {
+            Attempt::Answered(NodeReply::Ok { .. }) => "ok",
+            Attempt::Answered(NodeReply::Err { .. }) => "refused",
+            Attempt::NoResponders => "no_responders",
+            Attempt::Lost(_) => "lost",
+            Attempt::NodeGone => "node_gone",
+            Attempt::BadReply(_) => "bad_reply",
+        }
+    }
+}
+
+/// What the forwarder does after an attempt.
+#[derive(Debug)]
+pub enum Next {
+    /// Answer the caller with this.
+    Done(Result<ReplyBody, WireError>),
+    /// Try again at once (a node named the owner, or the target left).
+    RetryNow,
+    /// Try again after the backoff (or a ring change).
+    Backoff,
+}
+
+/// The forwarder's decisions, without I/O: which answers end a request, which are
+/// retried and how soon, and — across every attempt — whether the command may have
+/// taken effect, so that a request that finally fails says `outcome: "unknown"` if any
+/// attempt might have applied it (and `"not_applied"` only if none could have).
+#[derive(Debug, Default)]
+pub struct RetryPolicy {
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Whether some earlier attempt may still take (or have taken) effect: it timed
+    /// out, its node died with it, or the node could not tell whether its commit
+    /// landed. Once set it stays set: a later refusal says nothing about an earlier
+    /// attempt.
+    maybe_pending: bool,
+    /// The owner a `not_owner` answer named, for the next attempt.
+    hint: Option<String>,
+    /// Redirects followed without a pause, in a row.
+    redirects: u32,
+    last_error: Option<String>,
+}
+
+impl RetryPolicy {
+    /// The node to try next, if an answer named one.
+    pub fn take_hint(&mut self) -> Option<String> {
+        self.hint.take()
+    }
+
+    /// Whether a command sent so far may have taken effect.
+    pub fn maybe_pending(&self) -> bool {
+        self.maybe_pending
+    }
+
+    /// No node could be chosen (none alive).
+    pub fn no_node(&mut self) -> Next {
+        self.attempts += 1;
+        if self.last_error.is_none() {
+            self.last_error = Some("no node available".into());
+        }
+        self.redirects = 0;
+        Next::Backoff
+    }
+
+    /// Decides what follows `attempt` at `node`.
+    pub fn observe(&mut self, node: &str, attempt: Attempt) -> Next {
+        self.attempts += 1;
+        match attempt {
+            Attempt::Answered(NodeReply::Ok { body }) => Next::Done(Ok(body)),
+            Attempt::Answered(NodeReply::Err { error, owner }) if error.is_retryable() => {
+                self.last_error = Some(format!("{node}: {}", error.message));
+                self.maybe_pending |= error.details["outcome"] == "unknown";
+                self.hint = owner;
+                self.after_retryable()
+            }
+            // The node refused it as too late after looking for it among the commands
+            // it had applied: this attempt did not apply it; an earlier one may have.
+            Attempt::Answered(NodeReply::Err { error, .. })
+                if error.code == codes::DEADLINE_EXCEEDED =>
+            {
+                let (message, outcome) = if self.maybe_pending {
+                    (
+                        "the session's owner could not be reached in time",
+                        "unknown",
+                    )
+                } else {
+                    (
+                        "the session's owner could not apply the command in time",
+                        "not_applied",
+                    )
+                };
+                Next::Done(Err(WireError::new(codes::SERVICE_UNAVAILABLE, message)
+                    .with_details(
+                        serde_json::json!({"attempts": self.attempts, "outcome": outcome}),
+                    )))
+            }
+            Attempt::Answered(NodeReply::Err { error, .. }) => Next::Done(Err(error)),
+            Attempt::BadReply(e) => Next::Done(Err(WireError::new(
+                codes::INTERNAL,
+                format!("bad reply from {node}: {e}"),
+            ))),
+            Attempt::NoResponders => {
+                self.last_error = Some(format!("{node}: no responders"));
+                self.after_retryable()
+            }
+            Attempt::Lost(e) => {
+                self.maybe_pending = true;
+                self.last_error = Some(format!("{node}: {e}"));
+                self.after_retryable()
+            }
+            Attempt::NodeGone => {
+                self.maybe_pending = true;
+                self.last_error = Some(format!("{node}: left the cluster"));
+                Next::RetryNow
+            }
+        }
+    }
+
+    /// A node that named the owner (a planned handoff, a ring change) is taken at its
+    /// word at once; only a few times in a row, so two nodes that disagree about the
+    /// ring cannot bounce a request between them.
+    fn after_retryable(&mut self) -> Next {
+        if self.hint.is_some() && self.redirects < MAX_IMMEDIATE_REDIRECTS {
+            self.redirects += 1;
+            return Next::RetryNow;
+        }
+        self.redirects = 0;
+        Next::Backoff
+    }
+
+    /// The deadline passed without an answer that ends the request.
+    pub fn deadline_passed(&self) -> WireError {
+        let outcome = if self.maybe_pending {
+            "unknown"
+        } else {
+            "not_applied"
+        };
+        let last = self.last_error.as_deref().unwrap_or("no node available");
+        WireError::new(
+            codes::SERVICE_UNAVAILABLE,
+            format!("the session's owner could not be reached in time ({last})"),
+        )
+        .with_details(serde_json::json!({"attempts": self.attempts, "outcome": outcome}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: &str, outcome: Option<&str>, owner: Option<&str>) -> Attempt {
+        let mut error = WireError::new(code, "refused");
+        if let Some(o) = outcome {
+            error = error.with_details(serde_json::json!({ "outcome": o }));
+        }
+        Attempt::Answered(NodeReply::Err {
+            error,
+            owner: owner.map(str::to_string),
+        })
+    }
+
+    fn ack() -> Attempt {
+        Attempt::Answered(NodeReply::Ok {
+            body: ReplyBody::Ack {
+                version: 7,
+                duplicate: false,
+            },
+        })
+    }
+
+    fn outcome_of(e: &WireError) -> &str {
+        e.details["outcome"].as_str().unwrap()
+    }
+
+    /// The sequence: a timeout (the command may be pending), then `not_owner`,
+    /// then `service_unavailable` with nothing said about the outcome: the failure must
+    /// still say "unknown", never "not_applied" (a client would resend under a new id
+    /// and apply it twice).
+    #[test]
+    fn pending_outcome_survives_later_refusals() {
+        let mut p = RetryPolicy::default();
+        assert!(matches!(
+            p.observe("n1", Attempt::Lost("timed out".into())),
+            Next::Backoff
+        ));
+        assert!(matches!(
+            p.observe("n1", refused(codes::NOT_OWNER, None, Some("n2"))),
+            Next::RetryNow
+        ));
+        assert_eq!(p.take_hint().as_deref(), Some("n2"));
+        assert!(matches!(
+            p.observe("n2", refused(codes::SERVICE_UNAVAILABLE, None, None)),
+            Next::Backoff
+        ));
+        assert!(p.maybe_pending());
+        let e = p.deadline_passed();
+        assert_eq!(e.code, codes::SERVICE_UNAVAILABLE);
+        assert_eq!(outcome_of(&e), "unknown");
+        assert_eq!(e.details["attempts"], 3);
+    }
+
+    #[test]
+    fn node_gone_then_deadline_refusal_is_unknown() {
+        let mut p = RetryPolicy::default();
+        assert!(matches!(p.observe("n1", Attempt::NodeGone), Next::RetryNow));
+        match p.observe("n2", refused(codes::DEADLINE_EXCEEDED, None, None)) {
+            Next::Done(Err(e)) => assert_eq!(outcome_of(&e), "unknown"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_only_are_not_applied() {
+        let mut p = RetryPolicy::default();
+        p.observe("n1", Attempt::NoResponders);
+        p.observe("n1", refused(codes::NOT_OWNER, None, None));
+        p.observe("n2", refused(codes::OVERLOADED, None, None));
+        assert!(!p.maybe_pending());
+        assert_eq!(outcome_of(&p.deadline_passed()), "not_applied");
+        match p.observe("n2", refused(codes::DEADLINE_EXCEEDED, None, None)) {
+            Next::Done(Err(e)) => assert_eq!(outcome_of(&e), "not_applied"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_node_unsure_of_its_commit_makes_the_outcome_unknown() {
+        let mut p = RetryPolicy::default();
+        p.observe(
+            "n1",
+            refused(codes::SERVICE_UNAVAILABLE, Some("unknown"), None),
+        );
+        // A later refusal that knows nothing of it does not clear it.
+        p.observe(
+            "n1",
+            refused(codes::SERVICE_UNAVAILABLE, Some("not_applied"), None),
+        );
+        assert_eq!(outcome_of(&p.deadline_passed()), "unknown");
+    }
+
+    #[test]
+    fn success_and_final_refusals_end_the_request() {
+        let mut p = RetryPolicy::default();
+        p.observe("n1", Attempt::Lost("timed out".into()));
+        assert!(matches!(p.observe("n1", ack()), Next::Done(Ok(_))));
+        let mut p = RetryPolicy::default();
+        match p.observe("n1", refused("conflict", None, None)) {
+            Next::Done(Err(e)) => assert_eq!(e.code, "conflict"),
+            other => panic!("{other:?}"),
+        }
+        let mut p = RetryPolicy::default();
+        assert!(matches!(
+            p.observe("n1", Attempt::BadReply("eof".into())),
+            Next::Done(Err(_))
+        ));
+    }
+
+    /// Redirects are followed at once only a few times in a row, so two nodes that
+    /// disagree about the ring cannot bounce a request between them.
+    #[test]
+    fn immediate_redirects_are_bounded() {
+        let mut p = RetryPolicy::default();
+        let mut immediate = 0;
+        for i in 0..10 {
+            let other = if i % 2 == 0 { "n2" } else { "n1" };
+            match p.observe("n", refused(codes::NOT_OWNER, None, Some(other))) {
+                Next::RetryNow => immediate += 1,
+                Next::Backoff => break,
+                Next::Done(r) => panic!("{r:?}"),
+            }
+            p.take_hint();
+        }
+        assert_eq!(immediate, MAX_IMMEDIATE_REDIRECTS);
+    }
+
+    /// Seeded random sequences of attempts: once an attempt may have applied the
+    /// command, every failure reported afterwards says "unknown".
+    #[test]
+    fn pending_is_monotone_over_random_sequences() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2000 {
+            let mut p = RetryPolicy::default();
+            let mut pending = false;
+            for _ in 0..8 {
+                let a = match next() % 6 {
+                    0 => Attempt::Lost("timeout".into()),
+                    1 => Attempt::NodeGone,
+                    2 => Attempt::NoResponders,
+                    3 => refused(codes::NOT_OWNER, None, Some("n2")),
+                    4 => refused(codes::SERVICE_UNAVAILABLE, Some("unknown"), None),
+                    _ => refused(codes::OVERLOADED, None, None),
+                };
+                pending |= matches!(a, Attempt::Lost(_) | Attempt::NodeGone)
+                    || matches!(&a, Attempt::Answered(NodeReply::Err { error, .. })
+                        if error.details["outcome"] == "unknown");
+                p.observe("n1", a);
+                p.take_hint();
+                assert_eq!(p.maybe_pending(), pending);
+            }
+            let expected = if pending { "unknown" } else { "not_applied" };
+            assert_eq!(outcome_of(&p.deadline_passed()), expected);
         }
     }
 }

@@ -23,6 +23,10 @@ pub mod codes {
     pub const MESSAGE_TOO_LARGE: &str = "message_too_large";
     pub const UNKNOWN_TYPE: &str = "unknown_type";
     pub const INVALID_PAYLOAD: &str = "invalid_payload";
+    /// A bound on messages or the state document (`details.limit` names it).
+    pub const LIMIT_EXCEEDED: &str = "limit_exceeded";
+    /// A string holds a character the service cannot store (U+0000).
+    pub const UNSUPPORTED_CHARACTER: &str = "unsupported_character";
     // --- auth
     pub const MISSING_TOKEN: &str = "missing_token";
     pub const INVALID_TOKEN: &str = "invalid_token";
@@ -45,6 +49,9 @@ pub mod codes {
     pub const SLOW_CONSUMER: &str = "slow_consumer";
     // --- state
     pub const SESSION_NOT_FOUND: &str = "session_not_found";
+    /// The session's stored data cannot be loaded; it is set aside (a node metric and
+    /// log line tell operators) and refused until repaired.
+    pub const SESSION_QUARANTINED: &str = "session_quarantined";
     pub const NOT_FOUND: &str = "not_found";
     pub const CONFLICT: &str = "conflict";
     pub const INVALID_PATH: &str = "invalid_path";
@@ -97,13 +104,14 @@ impl WireError {
             | codes::INVALID_PAYLOAD
             | codes::INVALID_PATH
             | codes::BAD_REQUEST
+            | codes::UNSUPPORTED_CHARACTER
             | codes::UNKNOWN_TYPE => 400,
             codes::MISSING_TOKEN | codes::INVALID_TOKEN | codes::TOKEN_EXPIRED => 401,
             codes::FORBIDDEN | codes::WRONG_SESSION | codes::WRONG_USER | codes::NOT_MEMBER => 403,
             codes::SESSION_NOT_FOUND | codes::NOT_FOUND => 404,
             codes::CONFLICT => 409,
-            codes::MESSAGE_TOO_LARGE => 413,
             codes::IDLE_TIMEOUT => 408,
+            codes::MESSAGE_TOO_LARGE | codes::LIMIT_EXCEEDED => 413,
             codes::RATE_LIMITED
             | codes::TOO_MANY_IN_FLIGHT
             | codes::TOO_MANY_CONNECTIONS
@@ -112,7 +120,7 @@ impl WireError {
             | codes::OVERLOADED
             | codes::SERVICE_UNAVAILABLE
             | codes::DEADLINE_EXCEEDED => 503,
-            codes::INTERNAL => 500,
+            codes::INTERNAL | codes::SESSION_QUARANTINED => 500,
             // Rule violations (not_your_turn, ...) are client mistakes about game state.
             _ => 422,
         }
@@ -203,9 +211,60 @@ fn rejected(id: Option<Uuid>, code: &str, message: impl Into<String>) -> Rejecte
     }
 }
 
-/// Parses and checks the envelope of a client message. The payload (`data`) is checked
-/// by whoever handles the type.
-pub fn parse_client_message(text: &str, max_bytes: usize) -> Result<ClientMessage, Rejected> {
+/// Checks JSON text for what the service cannot hold, without parsing it: nesting
+/// deeper than `max_depth` (`limit_exceeded`, limit `max_json_depth`) and the
+/// character U+0000 in any string or member name (`unsupported_character`:
+/// PostgreSQL's jsonb refuses it). Text that is not JSON passes; the parser that
+/// follows reports it.
+pub fn check_json_text(text: &str, max_depth: usize) -> Result<(), WireError> {
+    let b = text.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    if b[i] == b'\\' {
+                        if b.get(i + 1) == Some(&b'u') && b.get(i + 2..i + 6) == Some(b"0000") {
+                            return Err(WireError::new(
+                                UNSUPPORTED,
+                                "strings may not contain U+0000 (\\u0000)",
+                            ));
+                        }
+                        i += 1;
+                    }
+                    i += 1;
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(WireError::new(
+                        codes::LIMIT_EXCEEDED,
+                        format!("JSON may nest at most {max_depth} levels"),
+                    )
+                    .with_details(json!({"limit": "max_json_depth", "max": max_depth})));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+const UNSUPPORTED: &str = codes::UNSUPPORTED_CHARACTER;
+
+/// Parses and checks the envelope of a client message: its size, the envelope, then
+/// the payload's text ([`check_json_text`]: nesting, U+0000). The payload's contents
+/// are checked by whoever handles the type.
+pub fn parse_client_message(
+    text: &str,
+    max_bytes: usize,
+    max_depth: usize,
+) -> Result<ClientMessage, Rejected> {
     if text.len() > max_bytes {
         return Err(Rejected {
             id: None,
@@ -220,6 +279,14 @@ pub fn parse_client_message(text: &str, max_bytes: usize) -> Result<ClientMessag
         });
     }
     let env: Envelope = serde_json::from_str(text).map_err(|e| match e.classify() {
+        // Nested past serde_json's own limit (128): no id can be read.
+        serde_json::error::Category::Syntax if e.to_string().contains("recursion limit") => {
+            rejected(
+                None,
+                codes::LIMIT_EXCEEDED,
+                format!("JSON may nest at most {max_depth} levels"),
+            )
+        }
         serde_json::error::Category::Data => rejected(
             None,
             codes::INVALID_MESSAGE,
@@ -267,6 +334,11 @@ pub fn parse_client_message(text: &str, max_bytes: usize) -> Result<ClientMessag
             ))
         }
     };
+    // The payload sits one level inside the envelope.
+    check_json_text(data.get(), max_depth.saturating_sub(1)).map_err(|error| Rejected {
+        id: Some(id),
+        error,
+    })?;
     Ok(ClientMessage { id, kind, data })
 }
 
@@ -356,10 +428,62 @@ mod tests {
     use super::*;
 
     #[test]
+    fn json_text_checks_nesting_and_nul_without_parsing() {
+        assert!(check_json_text(r#"{"a":[1,{"b":"x"}]}"#, 3).is_ok());
+        let e = check_json_text(r#"{"a":[1,{"b":"x"}]}"#, 2).unwrap_err();
+        assert_eq!(e.code, codes::LIMIT_EXCEEDED);
+        assert_eq!(e.details["limit"], "max_json_depth");
+        // Brackets inside strings are text, not nesting.
+        assert!(check_json_text(r#"{"a":"[[[[{{{{"}"#, 1).is_ok());
+        assert!(check_json_text(r#"{"a":"\"[[["}"#, 1).is_ok());
+        for nul in [
+            r#"{"a":"x\u0000"}"#,
+            r#"{"k\u0000":1}"#,
+            r#"{"a":["\\\u0000"]}"#,
+        ] {
+            assert_eq!(
+                check_json_text(nul, 8).unwrap_err().code,
+                codes::UNSUPPORTED_CHARACTER,
+                "{nul}"
+            );
+        }
+        // An escaped backslash followed by the text u0000 is not U+0000.
+        assert!(check_json_text(r#"{"a":"\\u0000"}"#, 8).is_ok());
+        assert!(check_json_text(r#"{"a":"\u0001"}"#, 8).is_ok());
+        // Through the envelope parser: refused before anything else reads it.
+        let deep = format!(
+            r#"{{"id":"{}","type":"x","data":{{"v":{}1{}}}}}"#,
+            Uuid::nil(),
+            "[".repeat(70),
+            "]".repeat(70)
+        );
+        let r = parse_client_message(&deep, 100_000, 64).unwrap_err();
+        assert_eq!(r.error.code, codes::LIMIT_EXCEEDED);
+        assert_eq!(r.id, Some(Uuid::nil()), "the id is reported when readable");
+        let deeper = deep
+            .replace(&"[".repeat(70), &"[".repeat(200))
+            .replace(&"]".repeat(70), &"]".repeat(200));
+        let r = parse_client_message(&deeper, 100_000, 64).unwrap_err();
+        assert_eq!(
+            (r.id, r.error.code.as_str()),
+            (Some(Uuid::nil()), codes::LIMIT_EXCEEDED)
+        );
+        let nul = format!(
+            r#"{{"id":"{}","type":"x","data":{{"v":"\u0000"}}}}"#,
+            Uuid::nil()
+        );
+        let r = parse_client_message(&nul, 100_000, 64).unwrap_err();
+        assert_eq!(
+            (r.id, r.error.code.as_str()),
+            (Some(Uuid::nil()), codes::UNSUPPORTED_CHARACTER)
+        );
+    }
+
+    #[test]
     fn envelope_table() {
         let id = Uuid::new_v4();
         let ok = format!(r#"{{"id":"{id}","type":"state_update","data":{{"changes":[]}}}}"#);
-        let m = parse_client_message(&ok, 1024).unwrap();
+        let m = parse_client_message(&ok, 1024, 64).unwrap();
         assert_eq!(m.id, id);
         assert_eq!(m.kind, "state_update");
 
@@ -386,7 +510,7 @@ mod tests {
             ("x".repeat(2000), codes::MESSAGE_TOO_LARGE, false),
         ];
         for (text, code, has_id) in cases {
-            let r = parse_client_message(&text, 1024).unwrap_err();
+            let r = parse_client_message(&text, 1024, 64).unwrap_err();
             assert_eq!(r.error.code, code, "{text}");
             assert_eq!(r.id.is_some(), has_id, "{text}");
         }
@@ -414,8 +538,8 @@ mod tests {
     #[test]
     fn missing_data_is_an_empty_object() {
         let id = Uuid::new_v4();
-        let m =
-            parse_client_message(&format!(r#"{{"id":"{id}","type":"heartbeat"}}"#), 100).unwrap();
+        let m = parse_client_message(&format!(r#"{{"id":"{id}","type":"heartbeat"}}"#), 100, 64)
+            .unwrap();
         assert_eq!(m.data.get(), "{}");
     }
 

@@ -12,6 +12,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use cluster::client::TrackedClient;
+use gs_shared::auth::Role;
 use gs_tests::{finish, Fixture, WAIT};
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -276,7 +277,9 @@ async fn run(f: &mut Fixture) -> Result<()> {
     // A session of our own, with a fixed dice seed (the fixture's has none). The rest
     // of the fixture (joins, connections) then works on it.
     let created = f
-        .api(0, &f.dm_token)
+        // Only an admin may fix the dice seed: the DM creates it with an admin token
+        // (same user, so the session's DM is the fixture's DM).
+        .api(0, &f.cluster.token(f.dm, Role::Admin))
         .call(
             reqwest::Method::POST,
             "/api/v2/sessions",
@@ -941,7 +944,9 @@ fn all_events(c: &TrackedClient) -> Vec<(u64, String, Value)> {
 
 async fn run_reactions(f: &mut Fixture) -> Result<()> {
     let created = f
-        .api(0, &f.dm_token)
+        // Only an admin may fix the dice seed: the DM creates it with an admin token
+        // (same user, so the session's DM is the fixture's DM).
+        .api(0, &f.cluster.token(f.dm, Role::Admin))
         .call(
             reqwest::Method::POST,
             "/api/v2/sessions",

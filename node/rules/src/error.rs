@@ -17,6 +17,8 @@ pub mod codes {
     pub const INVALID_TRANSITION: &str = "invalid_transition";
     pub const CHARACTER_TAKEN: &str = "character_taken";
     pub const TOO_MANY_CHANGES: &str = "too_many_changes";
+    /// A bound on the state document (`details.limit` names it; `rules::limits`).
+    pub const LIMIT_EXCEEDED: &str = "limit_exceeded";
 
     // Play (docs/protocol.md, "Game messages").
     /// A character sheet or character change is invalid.

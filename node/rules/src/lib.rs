@@ -12,6 +12,8 @@
 //! * [`state`]: [`SessionState`] with `decide` (command → events) and `apply`
 //!   (event → state); lifecycle, roster and the state document.
 //! * [`pointer`](mod@pointer): JSON Pointer (RFC 6901) on the state document.
+//! * [`limits`]: bounds on the state document (depth, sizes, width), checked by
+//!   `decide`.
 //! * [`game`]: rules-managed play state ([`game::Game`]): how play commands are
 //!   decided on a scratch copy and applied as merge patches ([`patch`]).
 //! * [`character`]: characters in play, sheets, hit points, damage, healing.
@@ -40,6 +42,7 @@ pub mod error;
 pub mod event;
 pub mod game;
 pub mod history;
+pub mod limits;
 pub mod movement;
 pub mod patch;
 pub mod pointer;

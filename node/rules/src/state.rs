@@ -11,6 +11,7 @@ use crate::command::{ChangeOp, Command, Ctx, JoinRequest, StateUpdate, MAX_CHANG
 use crate::error::{codes, Result, RuleError};
 use crate::event::{AppliedChange, Event, StateRestored};
 use crate::game::{Actor, Game};
+use crate::limits::{self, DocLimits, SizeCache};
 use crate::pointer;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -86,9 +87,22 @@ pub struct SessionState {
     pub version: u64,
     /// Timestamp of the last event.
     pub updated_at: String,
+    /// Bounds on the state document, checked by `decide` (set by the node from its
+    /// configuration; not stored).
+    #[serde(skip)]
+    pub limits: DocLimits,
+    /// The document's serialised size, kept up to date by `apply` once measured.
+    #[serde(skip)]
+    doc_size: SizeCache,
 }
 
 impl SessionState {
+    /// The document's size as kept (measuring it when unknown).
+    #[cfg(test)]
+    pub(crate) fn doc_size_for_tests(&self) -> usize {
+        self.doc_size.get_or_measure(&self.doc)
+    }
+
     /// The state before its first event.
     pub fn empty(id: Uuid) -> Self {
         SessionState {
@@ -321,7 +335,18 @@ impl SessionState {
             Event::StateUpdate {
                 changes, metadata, ..
             } => {
+                let mut size = self.doc_size.known();
                 for c in changes {
+                    let value = match (c.op, &c.value) {
+                        (ChangeOp::Remove, _) => Some(None),
+                        (ChangeOp::Set, Some(v)) => Some(Some(v)),
+                        (ChangeOp::Set, None) => None,
+                    };
+                    if let (Some(n), Some(value)) = (size, value) {
+                        size = limits::size_delta(&self.doc, &c.path, value)
+                            .ok()
+                            .and_then(|(d, _)| n.checked_add_signed(d));
+                    }
                     let r = match (c.op, &c.value) {
                         (ChangeOp::Remove, _) => {
                             pointer::remove(&mut self.doc, &c.path).map(|_| ())
@@ -333,6 +358,7 @@ impl SessionState {
                     };
                     debug_assert!(r.is_ok(), "a decided change failed to apply: {r:?}");
                 }
+                self.doc_size.set(size);
                 if let Some(m) = metadata {
                     self.metadata = m.clone();
                 }
@@ -363,6 +389,7 @@ impl SessionState {
             }
             Event::StateRestored(e) => {
                 self.doc = e.doc.clone();
+                self.doc_size.set(None);
                 self.metadata = e.metadata.clone();
             }
             // Play events change only the play state (below).
@@ -394,8 +421,10 @@ impl SessionState {
         // Validate against a scratch copy only when changes can see each other's effect.
         let mut scratch: Option<Value> = (u.changes.len() > 1).then(|| self.doc.clone());
         let mut applied = Vec::with_capacity(u.changes.len());
+        let mut size = self.doc_size.get_or_measure(&self.doc);
         for (i, c) in u.changes.iter().enumerate() {
             let doc = scratch.as_ref().unwrap_or(&self.doc);
+            size = self.check_limits(i, doc, c, size)?;
             let previous = pointer::get(doc, &c.path)
                 .map_err(|e| path_error(i, e))?
                 .cloned();
@@ -479,6 +508,55 @@ impl SessionState {
         }])
     }
 
+    /// The document's bounds for change `i` of an update, against `doc` (the document
+    /// as the earlier changes left it) of `size` bytes; returns the size after it.
+    fn check_limits(
+        &self,
+        i: usize,
+        doc: &Value,
+        c: &crate::command::Change,
+        size: usize,
+    ) -> Result<usize> {
+        let at = |e: RuleError| {
+            let mut details = e.details.clone();
+            details["index"] = json!(i);
+            RuleError {
+                message: format!("change {i}: {}", e.message),
+                details,
+                ..e
+            }
+        };
+        let l = &self.limits;
+        let tokens = l.check_path(&c.path).map_err(at)?;
+        let value = match c.op {
+            ChangeOp::Set => c.value.as_ref(),
+            ChangeOp::Remove => None,
+        };
+        if let Some(v) = value {
+            l.check_value(tokens, v).map_err(at)?;
+        }
+        // Malformed paths and missing parents are reported by the change itself.
+        let Ok((delta, members)) = limits::size_delta(doc, &c.path, value) else {
+            return Ok(size);
+        };
+        if members > l.max_keys_per_object {
+            return Err(at(limits::exceeded(
+                "max_keys_per_object",
+                l.max_keys_per_object,
+                members,
+                format!(
+                    "an object may have at most {} members",
+                    l.max_keys_per_object
+                ),
+            )));
+        }
+        let after = size.saturating_add_signed(delta);
+        if delta > 0 {
+            l.check_document(after).map_err(at)?;
+        }
+        Ok(after)
+    }
+
     fn decide_save(&self, ctx: &Ctx, state: &Value, metadata: &Value) -> Result<Vec<Event>> {
         self.require_member(ctx)?;
         if !self.is_dm(ctx) {
@@ -494,6 +572,10 @@ impl SessionState {
                 "`state` must be an object",
             ));
         }
+        let l = &self.limits;
+        l.check_shape(0, state)?;
+        l.check_document(limits::json_len(state))?;
+        l.check_value(1, metadata)?;
         Ok(vec![Event::StateUpdate {
             update_id: ctx.command_id,
             user_id: ctx.user_id,

@@ -3,6 +3,7 @@
 //! requeued through a retry queue, or dead-lettered with the reason).
 
 use super::*;
+use gs_shared::protocol;
 
 impl HubConnection {
     pub(super) async fn consume_loop(&self, hub: &Arc<Hub>, ctx: &Arc<NodeCtx>) -> String {
@@ -170,6 +171,12 @@ async fn relay(
     key: &str,
     delivery: &lapin::message::Delivery,
 ) -> Verdict {
+    // Nothing the service could not store or relay (deep nesting, U+0000) goes on.
+    if let Ok(text) = std::str::from_utf8(&delivery.data) {
+        if let Err(e) = protocol::check_json_text(text, ctx.cfg.document.max_json_depth) {
+            return Verdict::Poison(format!("the payload is refused: {e}"));
+        }
+    }
     let payload: Value = match serde_json::from_slice(&delivery.data) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => return Verdict::Poison("the payload is not a JSON object".into()),

@@ -306,7 +306,16 @@ impl Store {
                 &[&session, &at],
             )
             .await?;
-        let snapshot = snap.map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Value>(1)));
+        let snapshot = match snap {
+            Some(r) => {
+                let seq = r.get::<_, i64>(0) as u64;
+                let state = r.try_get::<_, Value>(1).map_err(|e| {
+                    NodeError::Corrupt(format!("snapshot {seq} of {session} cannot be read: {e}"))
+                })?;
+                Some((seq, state))
+            }
+            None => None,
+        };
         let after = snapshot.as_ref().map(|(s, _)| *s).unwrap_or(0);
         let limit = (at as u64).saturating_sub(after);
         let events = self.events_after(session, after, limit).await?;
@@ -332,7 +341,7 @@ impl Store {
                 ],
             )
             .await?;
-        Ok(rows.iter().map(row_to_event).collect())
+        rows.iter().map(|r| row_to_event(session, r)).collect()
     }
 
     /// Events with `seq < before` (all when `None`), newest first, at most `limit`.
@@ -352,7 +361,7 @@ impl Store {
                 &[&session, &before, &(limit as i64)],
             )
             .await?;
-        Ok(rows.iter().map(row_to_event).collect())
+        rows.iter().map(|r| row_to_event(session, r)).collect()
     }
 
     /// The `(command_id, seq)` of the newest `limit` commands of a session: the
@@ -533,15 +542,21 @@ impl Store {
     }
 }
 
-fn row_to_event(r: &tokio_postgres::Row) -> StoredEvent {
-    StoredEvent {
-        seq: r.get::<_, i64>(0) as u64,
+/// An event row. Its data is decoded fallibly (serde_json's nesting limit applies):
+/// a row that cannot be read is `Corrupt`, never a panic.
+fn row_to_event(session: Uuid, r: &tokio_postgres::Row) -> Result<StoredEvent> {
+    let seq = r.get::<_, i64>(0) as u64;
+    let data = r
+        .try_get(2)
+        .map_err(|e| NodeError::Corrupt(format!("event {seq} of {session} cannot be read: {e}")))?;
+    Ok(StoredEvent {
+        seq,
         kind: r.get(1),
-        data: r.get(2),
+        data,
         command_id: r.get(3),
         user_id: r.get(4),
         created_at: r.get(5),
-    }
+    })
 }
 
 /// Why a group commit failed as a whole.

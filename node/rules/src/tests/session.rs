@@ -558,3 +558,107 @@ fn patches_let_clients_mirror_the_play_view() {
     }
     assert_eq!(view, t.s.game.view());
 }
+
+fn update(changes: serde_json::Value) -> Command {
+    Command::from_client("state_update", json!({ "changes": changes })).unwrap()
+}
+
+/// The document's bounds (issue 10): each refused with `limit_exceeded`, nothing
+/// changed (`Table::err` checks the state is untouched).
+#[test]
+fn the_document_keeps_its_bounds() {
+    let mut t = Table::new();
+    let dm = t.dm;
+    t.s.limits.max_document_bytes = 4096;
+    // Path depth and bytes.
+    let deep = "/a".repeat(33);
+    assert_eq!(
+        t.err(dm, update(json!([{"path": deep, "value": 1}]))),
+        codes::LIMIT_EXCEEDED
+    );
+    let long = format!("/{}", "k".repeat(2000));
+    assert_eq!(
+        t.err(dm, update(json!([{"path": long, "value": 1}]))),
+        codes::LIMIT_EXCEEDED
+    );
+    // Depth of path + value.
+    let mut v = json!(1);
+    for _ in 0..40 {
+        v = json!([v]);
+    }
+    let path = "/p".repeat(9);
+    assert_eq!(
+        t.err(dm, update(json!([{"path": path, "value": v}]))),
+        codes::LIMIT_EXCEEDED
+    );
+    // Width of an object, in a value and by adding members one by one.
+    t.s.limits.max_keys_per_object = 3;
+    let wide = json!({"a": 1, "b": 2, "c": 3, "d": 4});
+    assert_eq!(
+        t.err(dm, update(json!([{"path": "/w", "value": wide}]))),
+        codes::LIMIT_EXCEEDED
+    );
+    t.ok(
+        dm,
+        update(json!([{"path": "/o/a", "value": 1}, {"path": "/o/b", "value": 2}])),
+    );
+    t.ok(dm, update(json!([{"path": "/o/c", "value": 3}])));
+    assert_eq!(
+        t.err(dm, update(json!([{"path": "/o/d", "value": 4}]))),
+        codes::LIMIT_EXCEEDED
+    );
+    t.s.limits.max_keys_per_object = 1000;
+    // The document's size: growth refused at the bound, within one update too.
+    let big = "x".repeat(1500);
+    t.ok(dm, update(json!([{"path": "/b1", "value": big}])));
+    t.ok(dm, update(json!([{"path": "/b2", "value": big}])));
+    assert_eq!(
+        t.err(dm, update(json!([{"path": "/b3", "value": big}]))),
+        codes::LIMIT_EXCEEDED
+    );
+    assert_eq!(
+        t.err(
+            dm,
+            update(json!([{"path": "/b1", "value": "y"}, {"path": "/b3", "value": big}, {"path": "/b4", "value": big}]))
+        ),
+        codes::LIMIT_EXCEEDED
+    );
+    // Shrinking is allowed, and makes room again.
+    t.ok(dm, update(json!([{"path": "/b1", "op": "remove"}])));
+    t.ok(dm, update(json!([{"path": "/b3", "value": big}])));
+    // A whole-document save is held to the same bounds.
+    let save = Command::SaveState {
+        state: json!({ "huge": "z".repeat(5000) }),
+        metadata: json!({}),
+    };
+    assert_eq!(t.err(dm, save), codes::LIMIT_EXCEEDED);
+}
+
+/// The size the state keeps incrementally equals the document's measured size
+/// after any mix of changes, saves and rollbacks of the document.
+#[test]
+fn the_kept_document_size_is_exact() {
+    let mut t = Table::new();
+    let dm = t.dm;
+    let steps = [
+        json!([{"path": "/a", "value": {"b": [1, 2, 3]}}]),
+        json!([{"path": "/a/b/-", "value": "é\"\\"}]),
+        json!([{"path": "/a/b/0", "op": "remove"}]),
+        json!([{"path": "/x/y/z", "value": null}]),
+        json!([{"path": "/a", "value": 5}, {"path": "/c", "value": {}}]),
+        json!([{"path": "/c/d", "value": [[], {}]}]),
+        json!([{"path": "/x", "op": "remove"}]),
+    ];
+    for s in steps {
+        t.ok(dm, update(s));
+        let fresh: SessionState =
+            serde_json::from_value(serde_json::to_value(&t.s).unwrap()).unwrap();
+        // A fresh copy measures; the live one kept its size by deltas.
+        assert_eq!(
+            t.s.doc_size_for_tests(),
+            crate::limits::json_len(&fresh.doc),
+            "{}",
+            t.s.doc
+        );
+    }
+}

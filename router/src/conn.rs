@@ -166,6 +166,9 @@ pub struct Conn {
     last_heard: tokio::time::Instant,
     /// Set when the router ends the connection itself.
     stop: Option<Stop>,
+    /// The session's DM (or an admin acting as one): its combat actions, mostly its
+    /// monsters', have their own budget.
+    dm: bool,
 }
 
 /// Runs `op` (a write to the socket); a write that blocks is bounded by `bound`.
@@ -539,6 +542,7 @@ async fn open(
         idle,
         last_heard: tokio::time::Instant::now(),
         stop: None,
+        dm: role == "dm",
     };
     let established = json!({
         "type": "connection_established",
@@ -809,11 +813,16 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
     // The ICD's "combat actions per minute per player", counted across routers.
     if protocol::is_combat_type(&m.kind) {
         let who = format!("{}:{}", conn.sid, conn.caller.user_id);
-        let limit = conn.ctx.cfg.limits.combat_actions_per_min_per_player;
+        let limits = &conn.ctx.cfg.limits;
+        let (scope, limit) = if conn.dm {
+            ("combat_dm", limits.combat_actions_per_min_per_dm)
+        } else {
+            ("combat", limits.combat_actions_per_min_per_player)
+        };
         if let Err(e) = conn
             .ctx
             .limiter
-            .check("combat", &who, limit, Duration::from_secs(60))
+            .check(scope, &who, limit, Duration::from_secs(60))
             .await
         {
             return conn.feed_text(protocol::error(Some(m.id), &e)).await;

@@ -368,6 +368,8 @@ pub struct LimitsConfig {
     pub ws_connects_per_min_per_ip: u32,
     pub ws_messages_per_min_per_conn: u32,
     pub combat_actions_per_min_per_player: u32,
+    /// The DM's own budget (it acts for every monster).
+    pub combat_actions_per_min_per_dm: u32,
     pub sessions_created_per_hour_per_user: u32,
     pub state_updates_per_min_per_session: u32,
     pub joins_per_min_per_session: u32,
@@ -379,6 +381,7 @@ impl Default for LimitsConfig {
             ws_connects_per_min_per_ip: 10,
             ws_messages_per_min_per_conn: 100,
             combat_actions_per_min_per_player: 20,
+            combat_actions_per_min_per_dm: 200,
             sessions_created_per_hour_per_user: 10,
             state_updates_per_min_per_session: 60,
             joins_per_min_per_session: 30,

@@ -56,6 +56,8 @@ impl ClusterSpec {
         base.limits.sessions_created_per_hour_per_user = 100_000;
         base.limits.state_updates_per_min_per_session = 100_000;
         base.limits.joins_per_min_per_session = 100_000;
+        // Every test client connects from 127.0.0.1.
+        base.router.max_sockets_per_ip = 0;
         ClusterSpec {
             nodes,
             routers,

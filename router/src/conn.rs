@@ -22,10 +22,29 @@
 //! `not_member` and close 4403, and nothing of the session after it. The protocol has
 //! no token refresh message: a client reconnects with fresh tokens (and
 //! `last_version`).
+//!
+//! **Limits** (see `docs/security.md`, "Connection limits"):
+//!
+//! * the socket holds a [`Slot`] (its place under `router.max_connections` and the
+//!   per-user and per-IP caps) for its whole life, and gives it back *before* the
+//!   socket is closed, so a client that sees its socket close can connect again at
+//!   once;
+//! * a client that sends nothing (no message, ping or pong) for
+//!   `router.ws_idle_timeout_ms` is closed with 4408 (`idle_timeout`); the server
+//!   pings with each heartbeat, so a live WebSocket stack answers by itself;
+//! * **slow consumers:** a socket's outbound backlog is the session's events it has not
+//!   been given yet, kept once in the hub's buffer (no per-socket copy). While a write
+//!   blocks (the client does not read, its TCP window is full), the connection watches
+//!   the hub's newest version; a client that falls more than
+//!   `router.max_outbound_queue` events behind, or whose write stays blocked for
+//!   `router.ws_idle_timeout_ms`, is closed with 4008 (`slow_consumer`, close frame
+//!   when it still fits). The hub's broadcast never waits for anyone, so the other
+//!   clients of the session are not slowed.
 
 use crate::api::caller;
 use crate::hub::{Ev, Hub};
-use crate::limits::LocalWindow;
+use crate::limits::{LocalWindow, SocketSlot};
+use crate::server::ConnPermit;
 use crate::ws::Socket;
 use crate::RouterCtx;
 use futures::{SinkExt, StreamExt};
@@ -33,10 +52,12 @@ use gs_shared::auth::Claims;
 use gs_shared::protocol::{self, close_codes, codes, ClientMessage, WireError};
 use gs_shared::rpc::{Caller, ReplyBody, RequestBody, Resume};
 use serde_json::json;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -50,6 +71,31 @@ const FINAL_ANSWERS_WAIT: Duration = Duration::from_secs(2);
 const DETACH_DEADLINE: Duration = Duration::from_secs(2);
 /// Rounds of one catch-up (each answer holds at most half a MiB of events).
 const CATCH_UP_ROUNDS: usize = 16;
+
+/// Close code and `connection_error` code of a client idle too long.
+pub const CLOSE_IDLE: u16 = 4408;
+/// Close code of a slow consumer.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+/// How long the router tries to send the `connection_error` and close frame of a
+/// connection it ends itself (a client that does not read may never take them).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What an open socket holds for its whole life: its place under
+/// `router.max_connections` and under the per-user and per-IP caps.
+pub struct Slot {
+    _permit: Option<ConnPermit>,
+    _place: SocketSlot,
+}
+
+impl Slot {
+    pub fn new(permit: Option<ConnPermit>, place: SocketSlot) -> Slot {
+        Slot {
+            _permit: permit,
+            _place: place,
+        }
+    }
+}
 
 /// Decrements the connection count when a connection task ends, however it ends.
 struct ConnGuard(Arc<RouterCtx>);
@@ -85,7 +131,26 @@ fn close(code: u16, reason: &str) -> Message {
     }))
 }
 
+/// Why the router ends a connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    SlowConsumer,
+}
+
+/// What bounds a blocked write.
+#[derive(Debug, Clone, Copy)]
+struct WriteBound {
+    /// The client's version, and how far the hub may move past it (`None`: not
+    /// watched, e.g. while the connection opens).
+    backlog: Option<(u64, u64)>,
+    /// How long one write may stay blocked.
+    stall: Option<Duration>,
+}
+
 pub struct Conn {
+    /// Given back first when the connection is dropped (fields drop in order), before
+    /// the socket closes.
+    slot: Option<Slot>,
     ctx: Arc<RouterCtx>,
     sid: Uuid,
     caller: Caller,
@@ -95,8 +160,8 @@ pub struct Conn {
     /// The client has been sent the session's final event (or found it ended).
     ended: bool,
     /// The connection is open and following the stream live (after [`open`]): a
-    /// `player_left` for this user now ends it. (One replayed on resume does not: the
-    /// attach just proved the user is a member again.)
+    /// `player_left` for this user now ends it (one replayed on resume does not: the
+    /// attach just proved the user is a member again), and its backlog is watched.
     live: bool,
     /// The client has been sent the `player_left` of its own user: nothing more of the
     /// session is sent, and the connection closes (4403).
@@ -106,9 +171,59 @@ pub struct Conn {
     unflushed: bool,
     /// Events buffered since the last flush (counted once per flush).
     sent: u64,
+    /// The hub's newest version (watched while a write blocks).
+    newest: watch::Receiver<u64>,
+    /// `router.max_outbound_queue`.
+    max_behind: u64,
+    /// `router.ws_idle_timeout_ms`: also the longest a write may block.
+    idle: Option<Duration>,
+    /// When the client last sent a frame (any: message, ping, pong, close).
+    last_heard: tokio::time::Instant,
+    /// Set when the router ends the connection itself.
+    stop: Option<Stop>,
     /// The session's DM (or an admin acting as one): its combat actions, mostly its
     /// monsters', have their own budget.
     dm: bool,
+}
+
+/// Runs `op` (a write to the socket); a write that blocks is bounded by `bound`.
+async fn bounded<F>(
+    op: F,
+    newest: &mut watch::Receiver<u64>,
+    bound: WriteBound,
+) -> Result<(), Option<Stop>>
+where
+    F: Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
+{
+    tokio::pin!(op);
+    // Most writes complete at once: no timer, no watch.
+    if let Poll::Ready(r) = futures::poll!(op.as_mut()) {
+        return r.map_err(|_| None);
+    }
+    let behind = async {
+        match bound.backlog {
+            Some((cv, max)) => loop {
+                if newest.borrow_and_update().saturating_sub(cv) > max {
+                    return;
+                }
+                if newest.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let stalled = async {
+        match bound.stall {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = op => r.map_err(|_| None),
+        _ = behind => Err(Some(Stop::SlowConsumer)),
+        _ = stalled => Err(Some(Stop::SlowConsumer)),
+    }
 }
 
 impl Conn {
@@ -116,7 +231,55 @@ impl Conn {
     /// the buffer is full).
     async fn feed(&mut self, msg: Message) -> Result<(), Closed> {
         self.unflushed = true;
-        self.ws.feed(msg).await.map_err(|_| Closed)
+        let bound = self.write_bound();
+        let r = bounded(self.ws.feed(msg), &mut self.newest, bound).await;
+        self.written(r)
+    }
+
+    fn write_bound(&self) -> WriteBound {
+        WriteBound {
+            backlog: self.live.then_some((self.cv, self.max_behind)),
+            stall: self.idle,
+        }
+    }
+
+    fn written(&mut self, r: Result<(), Option<Stop>>) -> Result<(), Closed> {
+        r.map_err(|stop| {
+            self.stop = self.stop.or(stop);
+            Closed
+        })
+    }
+
+    /// Closes a slow consumer when the router holds more of the session's events for
+    /// it than `router.max_outbound_queue` (it lagged while its writes blocked).
+    fn check_backlog(&mut self, newest: u64) -> Result<(), Closed> {
+        if self.live && newest.saturating_sub(self.cv) > self.max_behind {
+            self.stop = Some(Stop::SlowConsumer);
+            return Err(Closed);
+        }
+        Ok(())
+    }
+
+    /// Gives the socket's places back (before it is closed).
+    fn release(&mut self) {
+        self.slot = None;
+    }
+
+    /// Ends the connection from the router's side: gives its places back, then sends
+    /// `connection_error` and a close frame if the client takes them within
+    /// [`CLOSE_GRACE`].
+    async fn close_with(&mut self, close_code: u16, code: &str, message: String) {
+        self.release();
+        self.live = false;
+        self.idle = None;
+        metrics::counter!("gs_router_ws_closed_by_router_total", "code" => code.to_string())
+            .increment(1);
+        let err = WireError::new(code, message);
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            self.feed_text(protocol::connection_error(&err)).await?;
+            self.send_now(close(close_code, code)).await
+        })
+        .await;
     }
 
     async fn feed_text(&mut self, text: String) -> Result<(), Closed> {
@@ -133,7 +296,9 @@ impl Conn {
             metrics::counter!("gs_router_events_sent_total").increment(self.sent);
             self.sent = 0;
         }
-        self.ws.flush().await.map_err(|_| Closed)
+        let bound = self.write_bound();
+        let r = bounded(self.ws.flush(), &mut self.newest, bound).await;
+        self.written(r)
     }
 
     /// Sends one frame now.
@@ -161,6 +326,7 @@ impl Conn {
             return Ok(());
         }
         if ev.version > self.cv + 1 {
+            self.check_backlog(ev.version)?;
             self.catch_up(ev.version - 1).await?;
             if ev.version != self.cv + 1 {
                 // Could not fill the gap now; the next event (or a retry) will.
@@ -226,7 +392,10 @@ impl Conn {
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 metrics::counter!("gs_router_client_lagged_total").increment(n);
                 match self.hub.last_version() {
-                    Some(last) => self.catch_up(last).await,
+                    Some(last) => {
+                        self.check_backlog(last)?;
+                        self.catch_up(last).await
+                    }
                     None => Ok(()),
                 }
             }
@@ -238,6 +407,7 @@ impl Conn {
     /// among them, bounded by [`FINAL_ANSWERS_WAIT`]), then a normal close.
     async fn close_ended(&mut self, io: &mut ConnIo) {
         self.answer_in_flight(io).await;
+        self.release();
         let _ = self.send_now(close(1000, "session ended")).await;
     }
 
@@ -251,6 +421,7 @@ impl Conn {
             "you are no longer a member of this session",
         );
         let _ = self.feed_text(protocol::connection_error(&err)).await;
+        self.release();
         let _ = self
             .send_now(close(close_codes::NOT_MEMBER, codes::NOT_MEMBER))
             .await;
@@ -271,6 +442,7 @@ impl Conn {
             "the access or connection token expired; reconnect with fresh tokens",
         );
         let _ = self.feed_text(protocol::connection_error(&err)).await;
+        self.release();
         let _ = self
             .send_now(close(close_codes::TOKEN_EXPIRED, codes::TOKEN_EXPIRED))
             .await;
@@ -313,6 +485,7 @@ enum Step {
     Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
     Heartbeat,
     Expired,
+    IdleCheck,
 }
 
 /// When a token expiring at `exp` (unix seconds) stops being accepted, as a timer
@@ -338,11 +511,13 @@ pub async fn run(
     claims: Claims,
     last_version: Option<u64>,
     expires: u64,
+    slot: Slot,
 ) {
     let _guard = ConnGuard::new(ctx.clone());
     let conn_id = Uuid::new_v4();
     let caller = caller(&claims);
-    let Some((mut conn, mut events)) = open(&ctx, ws, sid, &claims, conn_id, last_version).await
+    let Some((mut conn, mut events)) =
+        open(&ctx, ws, sid, &claims, conn_id, last_version, slot).await
     else {
         return detach(ctx, sid, caller, conn_id);
     };
@@ -350,6 +525,20 @@ pub async fn run(
         let deadline = expiry_deadline(expires, ctx.auth.leeway_secs());
         serve(&mut conn, &mut events, deadline).await;
     }
+    if conn.stop == Some(Stop::SlowConsumer) {
+        metrics::counter!("gs_router_slow_consumers_total").increment(1);
+        let max = conn.max_behind;
+        conn.close_with(
+            CLOSE_SLOW_CONSUMER,
+            codes::SLOW_CONSUMER,
+            format!(
+                "the client does not read: more than {max} events behind, or a write blocked too long"
+            ),
+        )
+        .await;
+    }
+    // The socket's places were given back first (see `Conn::slot`).
+    drop(conn);
     detach(ctx, sid, caller, conn_id);
 }
 
@@ -362,11 +551,13 @@ async fn open(
     claims: &Claims,
     conn_id: Uuid,
     last_version: Option<u64>,
+    slot: Slot,
 ) -> Option<(Conn, broadcast::Receiver<Ev>)> {
     let caller = caller(claims);
     let hub = match ctx.hubs.join(sid).await {
         Ok(h) => h,
         Err(e) => {
+            drop(slot);
             let err = WireError::new(codes::SERVICE_UNAVAILABLE, format!("cannot subscribe: {e}"));
             let _ = ws
                 .feed(Message::text(protocol::connection_error(&err)))
@@ -400,6 +591,7 @@ async fn open(
                 Err(e) => e,
                 _ => WireError::new(codes::INTERNAL, "unexpected reply to attach"),
             };
+            drop(slot);
             // The owner may have registered the connection before the answer was lost:
             // undo it, or the session would count a client that is not there.
             detach(ctx.clone(), sid, caller, conn_id);
@@ -410,7 +602,11 @@ async fn open(
             return None;
         }
     };
+    let idle = Some(ctx.cfg.router.ws_idle_timeout_ms)
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
     let mut conn = Conn {
+        slot: Some(slot),
         ctx: ctx.clone(),
         sid,
         caller,
@@ -422,6 +618,11 @@ async fn open(
         ws,
         unflushed: false,
         sent: 0,
+        newest: hub.watch_newest(),
+        max_behind: ctx.cfg.router.max_outbound_queue.max(1),
+        idle,
+        last_heard: tokio::time::Instant::now(),
+        stop: None,
         dm: role == "dm",
     };
     let established = json!({
@@ -439,6 +640,7 @@ async fn open(
     resume_client(&mut conn, resume, last_version).await.ok()?;
     if conn.ended {
         // An ended session: the client has its final state; nothing more will come.
+        conn.release();
         let _ = conn.feed(close(1000, "session ended")).await;
     }
     conn.flush().await.ok()?;
@@ -500,6 +702,11 @@ async fn serve(
     let mut shutdown = ctx.shutdown.clone();
     let expiry = tokio::time::sleep_until(expires);
     tokio::pin!(expiry);
+    // Checks, at `last_heard + idle`, whether the client said anything since.
+    let idle = conn.idle;
+    let idle_check = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(idle_check);
+    conn.last_heard = tokio::time::Instant::now();
 
     loop {
         let step = tokio::select! {
@@ -510,19 +717,43 @@ async fn serve(
             frame = conn.ws.next() => Step::Frame(frame),
             ev = events.recv() => Step::Event(ev),
             _ = heartbeat.tick() => Step::Heartbeat,
+            _ = &mut idle_check, if idle.is_some() => Step::IdleCheck,
         };
         let r = match step {
             Step::Shutdown => {
+                conn.release();
                 let _ = conn.send_now(close(1001, "router shutting down")).await;
                 return;
             }
             Step::Answer(out) => conn.feed_text(out).await,
             Step::Frame(frame) => on_frame(conn, frame, &mut io).await,
             Step::Event(ev) => conn.on_event(ev).await,
-            Step::Heartbeat => conn.feed_text(protocol::heartbeat()).await,
             Step::Expired => {
                 conn.close_expired(&mut io).await;
                 return;
+            }
+            Step::Heartbeat => match conn.feed_text(protocol::heartbeat()).await {
+                // A ping too: a live WebSocket stack answers it by itself (not idle).
+                Ok(()) => conn.feed(Message::Ping(Default::default())).await,
+                Err(e) => Err(e),
+            },
+            Step::IdleCheck => {
+                let idle = idle.expect("checked only with an idle timeout");
+                let due = conn.last_heard + idle;
+                if tokio::time::Instant::now() >= due {
+                    conn.close_with(
+                        CLOSE_IDLE,
+                        codes::IDLE_TIMEOUT,
+                        format!(
+                            "nothing received from the client for {} s (send heartbeats)",
+                            idle.as_secs_f64()
+                        ),
+                    )
+                    .await;
+                    return;
+                }
+                idle_check.as_mut().reset(due);
+                Ok(())
             }
         };
         if r.is_err() || drain_ready(conn, events, &mut io).await.is_err() {
@@ -575,7 +806,10 @@ async fn on_frame(
     io: &mut ConnIo,
 ) -> Result<(), Closed> {
     let msg = match frame {
-        Some(Ok(m)) => m,
+        Some(Ok(m)) => {
+            conn.last_heard = tokio::time::Instant::now();
+            m
+        }
         Some(Err(e)) => {
             tracing::debug!(error = %e, "websocket read error");
             return Err(Closed);

@@ -19,7 +19,7 @@ use gs_shared::rpc::{Caller, RawEvent, ReplyBody, RequestBody, Subjects};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
@@ -137,6 +137,9 @@ struct HubState {
 pub struct Hub {
     pub session: Uuid,
     tx: broadcast::Sender<Ev>,
+    /// The newest version delivered: a connection blocked writing to a client that
+    /// does not read watches it to know how far behind it falls (slow consumers).
+    newest: watch::Sender<u64>,
     state: Mutex<HubState>,
     recent_cap: usize,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -153,6 +156,11 @@ impl Drop for Hub {
 impl Hub {
     pub fn subscribe(&self) -> broadcast::Receiver<Ev> {
         self.tx.subscribe()
+    }
+
+    /// The newest version delivered, as it changes.
+    pub fn watch_newest(&self) -> watch::Receiver<u64> {
+        self.newest.subscribe()
     }
 
     /// A client synced at `version`. A hub that has not seen an event yet starts its
@@ -176,9 +184,14 @@ impl Hub {
     /// Buffers and broadcasts in one critical section, so the buffer and every
     /// receiver see events in the same (version) order.
     fn deliver(&self, st: &mut HubState, ready: Vec<(u64, Ev)>) {
+        let mut newest = None;
         for (_, ev) in ready {
+            newest = Some(ev.version);
             st.recent.push_back(ev.clone());
             let _ = self.tx.send(ev);
+        }
+        if let Some(v) = newest {
+            self.newest.send_replace(v);
         }
         while st.recent.len() > self.recent_cap {
             st.recent.pop_front();
@@ -260,6 +273,7 @@ impl Hubs {
         let hub = Arc::new(Hub {
             session,
             tx,
+            newest: watch::channel(0).0,
             state: Mutex::new(HubState {
                 seq: Sequencer::default(),
                 recent: VecDeque::new(),
@@ -403,6 +417,7 @@ mod tests {
         Hub {
             session: Uuid::nil(),
             tx,
+            newest: watch::channel(0).0,
             state: Mutex::new(HubState {
                 seq: Sequencer::default(),
                 recent: VecDeque::new(),

@@ -15,7 +15,7 @@
 //! * [`conn`]: one client WebSocket: attach, resume, commands, fan-out.
 //! * [`hub`]: per-session NATS subscription, ordering and fan-out.
 //! * [`sequencer`]: ordering of an event stream (sans-IO).
-//! * [`limits`]: the ICD's rate limits.
+//! * [`limits`]: the ICD's rate limits; caps on open sockets per user and per IP.
 
 pub mod api;
 pub mod conn;
@@ -47,6 +47,8 @@ pub struct RouterCtx {
     pub forwarder: gs_shared::forward::Forwarder,
     pub hubs: hub::Hubs,
     pub limiter: limits::Limiter,
+    /// Open WebSockets per user and per IP on this router (`router.max_sockets_per_*`).
+    pub sockets: limits::SocketSlots,
     /// `https://host:port` (or `http://`): the REST base.
     pub http_base: String,
     /// `wss://host:port` (or `ws://`): the WebSocket base.
@@ -151,6 +153,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         forwarder,
         hubs,
         limiter,
+        sockets: limits::SocketSlots::new(
+            cfg.router.max_sockets_per_user,
+            cfg.router.max_sockets_per_ip,
+        ),
         http_base: http_base.clone(),
         ws_base,
         nats: nats.clone(),
@@ -170,7 +176,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         listener,
         tls,
         routes,
-        cfg.router.max_connections,
+        server::ServerLimits::from_config(&cfg.router),
         shutdown_rx,
     ));
     tracing::info!(router = %id, url = %http_base, "router ready");

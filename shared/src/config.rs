@@ -231,7 +231,30 @@ pub struct RouterConfig {
     pub request_deadline_ms: u64,
     /// Largest REST request body.
     pub max_body_bytes: u64,
+    /// Open TCP connections per router, HTTP and WebSocket together; a WebSocket holds
+    /// its place for its whole life. Beyond it: `503 too_many_connections`.
     pub max_connections: usize,
+    /// Open WebSockets of one user on this router (0 = no cap); beyond it the
+    /// handshake is refused with `429 too_many_connections`.
+    pub max_sockets_per_user: usize,
+    /// Open WebSockets from one IP address on this router (0 = no cap); beyond it
+    /// `429 too_many_connections`.
+    pub max_sockets_per_ip: usize,
+    /// An HTTP/1 connection must send a request's whole header within this long, also
+    /// while it sits idle between requests (keep-alive); otherwise it is closed
+    /// (0 = no limit).
+    pub header_read_timeout_ms: u64,
+    /// An HTTP connection (before any WebSocket upgrade) on which no byte moves for
+    /// this long is closed (0 = never).
+    pub http_idle_timeout_ms: u64,
+    /// A WebSocket whose client sends nothing (no message, ping or pong) for this long
+    /// is closed (4408, `idle_timeout`); also the longest a write to a client that does
+    /// not read may block (0 = never).
+    pub ws_idle_timeout_ms: u64,
+    /// Session events a WebSocket may fall behind the router's newest event of its
+    /// session (its outbound backlog); a client that does not read and falls further
+    /// behind is closed (4008, `slow_consumer`).
+    pub max_outbound_queue: u64,
     /// Commands of one connection waiting for their ack at once.
     pub max_inflight_per_connection: usize,
     /// A resuming client missing more events than this gets a full sync instead.
@@ -254,6 +277,12 @@ impl Default for RouterConfig {
             request_deadline_ms: 5_000,
             max_body_bytes: 1024 * 1024,
             max_connections: 10_000,
+            max_sockets_per_user: 20,
+            max_sockets_per_ip: 200,
+            header_read_timeout_ms: 10_000,
+            http_idle_timeout_ms: 60_000,
+            ws_idle_timeout_ms: 300_000,
+            max_outbound_queue: 1024,
             max_inflight_per_connection: 64,
             replay_limit: 1000,
             recent_events: 1024,
@@ -490,6 +519,11 @@ impl Config {
         if self.router.max_message_bytes > self.router.max_frame_bytes {
             return Err(ConfigError::Invalid(
                 "router.max_message_bytes must not exceed router.max_frame_bytes".into(),
+            ));
+        }
+        if self.router.max_outbound_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "router.max_outbound_queue must be at least 1".into(),
             ));
         }
         if self.nats.subject_prefix.is_empty()

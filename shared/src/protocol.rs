@@ -38,6 +38,15 @@ pub mod codes {
     // --- limits
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const TOO_MANY_IN_FLIGHT: &str = "too_many_in_flight";
+    /// Over a connection cap: the router's (503), or one user's or one IP's open
+    /// WebSockets (429).
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+    /// `connection_error` before a close (4408): the client sent nothing for
+    /// `router.ws_idle_timeout_ms`.
+    pub const IDLE_TIMEOUT: &str = "idle_timeout";
+    /// `connection_error` before a close (4008): the client did not read and fell more
+    /// than `router.max_outbound_queue` events behind.
+    pub const SLOW_CONSUMER: &str = "slow_consumer";
     // --- state
     pub const SESSION_NOT_FOUND: &str = "session_not_found";
     /// The session's stored data cannot be loaded; it is set aside (a node metric and
@@ -113,8 +122,12 @@ impl WireError {
             codes::FORBIDDEN | codes::WRONG_SESSION | codes::WRONG_USER | codes::NOT_MEMBER => 403,
             codes::SESSION_NOT_FOUND | codes::NOT_FOUND => 404,
             codes::CONFLICT => 409,
+            codes::IDLE_TIMEOUT => 408,
             codes::MESSAGE_TOO_LARGE | codes::LIMIT_EXCEEDED => 413,
-            codes::RATE_LIMITED | codes::TOO_MANY_IN_FLIGHT => 429,
+            codes::RATE_LIMITED
+            | codes::TOO_MANY_IN_FLIGHT
+            | codes::TOO_MANY_CONNECTIONS
+            | codes::SLOW_CONSUMER => 429,
             codes::NOT_OWNER
             | codes::OVERLOADED
             | codes::SERVICE_UNAVAILABLE

@@ -282,6 +282,15 @@ impl Conn {
         .await;
     }
 
+    /// Buffers a forwarded command's answer (an empty one is an `ack` an ICD client,
+    /// which sends no ids, does not get).
+    async fn feed_answer(&mut self, out: Outbound) -> Result<(), Closed> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.feed_text(out).await
+    }
+
     async fn feed_text(&mut self, text: String) -> Result<(), Closed> {
         self.feed(Message::text(text)).await
     }
@@ -435,7 +444,7 @@ impl Conn {
         metrics::counter!("gs_router_ws_revoked_total", "code" => codes::TOKEN_EXPIRED)
             .increment(1);
         while let Ok(out) = io.acks.try_recv() {
-            let _ = self.feed_text(out).await;
+            let _ = self.feed_answer(out).await;
         }
         let err = WireError::new(
             codes::TOKEN_EXPIRED,
@@ -455,7 +464,7 @@ impl Conn {
         while io.inflight.available_permits() < io.max_inflight {
             match tokio::time::timeout_at(until, io.acks.recv()).await {
                 Ok(Some(out)) => {
-                    if self.feed_text(out).await.is_err() {
+                    if self.feed_answer(out).await.is_err() {
                         return;
                     }
                 }
@@ -463,7 +472,7 @@ impl Conn {
             }
         }
         while let Ok(out) = io.acks.try_recv() {
-            let _ = self.feed_text(out).await;
+            let _ = self.feed_answer(out).await;
         }
     }
 }
@@ -725,7 +734,7 @@ async fn serve(
                 let _ = conn.send_now(close(1001, "router shutting down")).await;
                 return;
             }
-            Step::Answer(out) => conn.feed_text(out).await,
+            Step::Answer(out) => conn.feed_answer(out).await,
             Step::Frame(frame) => on_frame(conn, frame, &mut io).await,
             Step::Event(ev) => conn.on_event(ev).await,
             Step::Expired => {
@@ -781,7 +790,7 @@ async fn drain_ready(
     io: &mut ConnIo,
 ) -> Result<(), Closed> {
     while let Ok(out) = io.acks.try_recv() {
-        conn.feed_text(out).await?;
+        conn.feed_answer(out).await?;
     }
     loop {
         match events.try_recv() {
@@ -853,6 +862,8 @@ async fn on_frame(
 /// Handles one parsed client message.
 async fn handle_message(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), Closed> {
     match m.kind.as_str() {
+        // An ICD heartbeat (no id) needs no answer.
+        protocol::TYPE_HEARTBEAT if m.anonymous => Ok(()),
         protocol::TYPE_HEARTBEAT => {
             let v = conn.cv;
             conn.feed_text(protocol::ack(m.id, v)).await
@@ -953,6 +964,8 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
         };
         drop(waiting);
         let out = match r {
+            // A sender without ids (the ICD's) sees its change as the event instead.
+            Ok(ReplyBody::Ack { .. }) if m.anonymous => Outbound::new(),
             Ok(ReplyBody::Ack { version, .. }) => protocol::ack(m.id, version),
             Ok(_) => protocol::error(
                 Some(m.id),

@@ -107,7 +107,22 @@ nats() {
   say "NATS answers on $NATS_PORT"
 }
 
+# Says so when PostgreSQL runs without autovacuum: the service's steady-state cost does
+# not depend on it (no per-event updates), but the event log's indexes and the
+# statistics the planner uses still do, and a long benchmark slows down without it.
+autovacuum_check() {
+  command -v psql >/dev/null 2>&1 || return 0
+  local av
+  av=$(psql -h 127.0.0.1 -p "$PG_PORT" -U "${GS_POSTGRES__USER:-postgres}" -d postgres -tAc 'SHOW autovacuum' 2>/dev/null) || return 0
+  if [ "$av" = "off" ]; then
+    say "WARNING: PostgreSQL runs with autovacuum = off; nothing reclaims dead tuples or"
+    say "         refreshes statistics. Turn it on for long runs (ALTER SYSTEM SET autovacuum = on;"
+    say "         SELECT pg_reload_conf();) or VACUUM ANALYZE between benchmarks."
+  fi
+}
+
 postgres
+autovacuum_check
 redis
 rabbitmq
 nats

@@ -52,9 +52,12 @@ impl ClusterSpec {
         base.limits.ws_connects_per_min_per_ip = 100_000;
         base.limits.ws_messages_per_min_per_conn = 100_000;
         base.limits.combat_actions_per_min_per_player = 100_000;
+        base.limits.combat_actions_per_min_per_dm = 100_000;
         base.limits.sessions_created_per_hour_per_user = 100_000;
         base.limits.state_updates_per_min_per_session = 100_000;
         base.limits.joins_per_min_per_session = 100_000;
+        // Every test client connects from 127.0.0.1.
+        base.router.max_sockets_per_ip = 0;
         ClusterSpec {
             nodes,
             routers,
@@ -341,8 +344,9 @@ impl LocalCluster {
             .map(|m| m.id.clone())
             .collect();
         for id in ids {
+            let mut respawns = 0;
             loop {
-                self.check_alive(&id)?;
+                self.check_alive(&id, &mut respawns).await?;
                 let m = &self.members[&id];
                 let ok = match http.get(format!("{}/health/ready", m.url)).send().await {
                     Ok(r) if r.status().is_success() => {
@@ -371,11 +375,19 @@ impl LocalCluster {
         Ok(())
     }
 
-    fn check_alive(&mut self, id: &str) -> Result<()> {
+    /// Fails if `id` exited during start-up, unless it only lost the race for its port
+    /// ([`free_port`] releases the port before the process binds it; another process
+    /// may take it meanwhile): then it is started again on another port, a few times.
+    async fn check_alive(&mut self, id: &str, respawns: &mut u32) -> Result<()> {
         let m = self.members.get_mut(id).context("no such member")?;
         if let Some(child) = m.child.as_mut() {
             if let Some(status) = child.try_wait()? {
                 let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+                if log.contains("Address already in use") && *respawns < 3 {
+                    *respawns += 1;
+                    tracing::warn!(%id, "port taken by another process; starting again on another port");
+                    return self.respawn_on_new_port(id).await;
+                }
                 bail!(
                     "{id} exited with {status} during start-up:\n{}",
                     tail(&log, 40)
@@ -383,6 +395,22 @@ impl LocalCluster {
             }
         }
         Ok(())
+    }
+
+    /// Starts a member that exited again, with the same configuration on a new port.
+    async fn respawn_on_new_port(&mut self, id: &str) -> Result<()> {
+        let m = self.members.remove(id).context("no such member")?;
+        let mut cfg: Config = toml::from_str(&std::fs::read_to_string(&m.config)?)?;
+        let port = free_port()?;
+        let url = if m.kind == "node" {
+            cfg.node.http_listen = format!("127.0.0.1:{port}");
+            format!("http://127.0.0.1:{port}")
+        } else {
+            cfg.router.listen = format!("127.0.0.1:{port}");
+            let scheme = if self.cert.is_some() { "https" } else { "http" };
+            format!("{scheme}://127.0.0.1:{port}")
+        };
+        self.spawn(id, m.kind, cfg, url).await
     }
 
     fn signal(&self, id: &str, sig: i32) -> Result<()> {

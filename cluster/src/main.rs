@@ -243,6 +243,10 @@ async fn up(
     // Development limits: the ICD's per-IP connection limit (10/min) would stop a
     // local demo with several clients on 127.0.0.1.
     base.limits.ws_connects_per_min_per_ip = base.limits.ws_connects_per_min_per_ip.max(600);
+    // Likewise the cap on open sockets per IP (0 = none stays none).
+    if base.router.max_sockets_per_ip > 0 {
+        base.router.max_sockets_per_ip = base.router.max_sockets_per_ip.max(10_000);
+    }
     std::fs::write(&saved, toml::to_string(&base)?)?;
     #[cfg(unix)]
     {

@@ -866,7 +866,7 @@ impl Actor {
                 }
                 RequestBody::Detach { conn_id } => {
                     if let Some((user, _)) = self.connections.remove(&conn_id) {
-                        self.ctx.cache.detach(self.id, conn_id, user);
+                        self.ctx.cache.detach(self.id, self.epoch, conn_id, user);
                     }
                     b.waiting.push(Waiting::Done {
                         reply,
@@ -1177,7 +1177,9 @@ impl Actor {
                     self.cache_meta();
                 } else if self.meta_touched.elapsed() >= META_TOUCH_EVERY {
                     self.meta_touched = Instant::now();
-                    self.ctx.cache.touch_meta(self.id, &self.state.updated_at);
+                    self.ctx
+                        .cache
+                        .touch_meta(self.id, self.epoch, &self.state.updated_at);
                 }
                 self.cache_combat();
                 self.answer(batch.waiting).await;
@@ -1355,7 +1357,7 @@ impl Actor {
                     return not_member();
                 };
                 self.connections.insert(*conn_id, (user, router_id.clone()));
-                self.ctx.cache.attach(self.id, *conn_id, user);
+                self.ctx.cache.attach(self.id, self.epoch, *conn_id, user);
                 let version = self.state.version;
                 let resume = match last_version {
                     Some(lv) if *lv <= version && version - lv <= *replay_limit => {
@@ -1489,6 +1491,7 @@ impl Actor {
     fn cache_meta(&self) {
         self.ctx.cache.meta(
             self.id,
+            self.epoch,
             vec![
                 ("name".into(), self.state.name.clone()),
                 ("campaign_id".into(), self.state.campaign_id.to_string()),
@@ -1506,7 +1509,7 @@ impl Actor {
         if now != self.last_combat {
             self.ctx
                 .cache
-                .combat(self.id, now.clone().unwrap_or_default());
+                .combat(self.id, self.epoch, now.clone().unwrap_or_default());
             self.last_combat = now;
         }
     }
@@ -1516,7 +1519,7 @@ impl Actor {
         let now = crate::outbox::combat_summary(&self.state);
         self.ctx
             .cache
-            .combat(self.id, now.clone().unwrap_or_default());
+            .combat(self.id, self.epoch, now.clone().unwrap_or_default());
         self.last_combat = now;
     }
 
@@ -1540,7 +1543,7 @@ impl Actor {
             .collect();
         for (conn, user) in gone {
             self.connections.remove(&conn);
-            self.ctx.cache.detach(self.id, conn, user);
+            self.ctx.cache.detach(self.id, self.epoch, conn, user);
         }
     }
 

@@ -10,32 +10,78 @@
 //! Writes go through a bounded queue to one task that pipelines them, so a slow or
 //! absent Redis never slows a session down; when the queue is full, writes are shed
 //! and counted (`gs_node_cache_dropped_total`).
+//!
+//! Writes are fenced: each is a script that first compares the writer's ownership
+//! epoch with the session's `session:{id}:cache_epoch` and drops the write of an
+//! older owner, so a deposed (paused, partitioned) owner cannot overwrite what the
+//! new owner wrote. A new owner rewrites every key on activation.
 
 use gs_shared::keys::{self, Keys};
 use redis::aio::ConnectionManager;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-/// Removes a connection, and its player from the connected set when it was the
-/// player's last connection.
-const DETACH_SCRIPT: &str = r#"
-redis.call('HDEL', KEYS[1], ARGV[1])
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
-  if v == ARGV[2] then return 0 end
-end
-redis.call('SREM', KEYS[2], ARGV[2])
+/// The fence every write starts with: `KEYS[1]` is the session's cache epoch key,
+/// `ARGV[1]` the writer's epoch. A write of an older owner is dropped (returns 0); a
+/// newer owner's first write raises the epoch.
+const FENCE: &str = r#"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local e = tonumber(ARGV[1])
+if e < cur then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 86400)
+"#;
+
+/// `HSET` of field/value pairs (`ARGV[3..]`) on `KEYS[2]`, then its TTL (`ARGV[2]`).
+const HASH_BODY: &str = r#"
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 "#;
 
+/// Replaces the hash `KEYS[2]` by the pairs in `ARGV[3..]` (deletes it when none).
+const REPLACE_BODY: &str = r#"
+redis.call('DEL', KEYS[2])
+if #ARGV > 2 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"#;
+
+/// Adds connection `ARGV[2]` of player `ARGV[3]` (`KEYS[2]` connections, `KEYS[3]`
+/// players; TTLs `ARGV[4]`, `ARGV[5]`).
+const ATTACH_BODY: &str = r#"
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+return 1
+"#;
+
+/// Removes a connection, and its player from the connected set when it was the
+/// player's last connection.
+const DETACH_BODY: &str = r#"
+redis.call('HDEL', KEYS[2], ARGV[2])
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do
+  if v == ARGV[3] then return 1 end
+end
+redis.call('SREM', KEYS[3], ARGV[3])
+return 1
+"#;
+
+/// Every write carries the epoch of the owner that makes it: Redis drops writes of a
+/// deposed owner (one whose epoch is older than the newest writer's), so a paused
+/// ex-owner cannot overwrite what the new owner wrote.
 enum Op {
-    Meta(Uuid, Vec<(String, String)>),
-    TouchMeta(Uuid, String),
-    Attach(Uuid, Uuid, Uuid),
-    Detach(Uuid, Uuid, Uuid),
+    Meta(Uuid, u64, Vec<(String, String)>),
+    Attach(Uuid, u64, Uuid, Uuid),
+    Detach(Uuid, u64, Uuid, Uuid),
     Refresh(Uuid, bool),
-    Combat(Uuid, BTreeMap<String, String>),
+    Combat(Uuid, u64, BTreeMap<String, String>),
+    /// Answered once every write queued before it was sent.
+    Flush(oneshot::Sender<()>),
 }
 
 #[derive(Clone)]
@@ -60,25 +106,69 @@ impl Cache {
         }
     }
 
-    pub fn meta(&self, s: Uuid, fields: Vec<(String, String)>) {
-        self.send(Op::Meta(s, fields));
+    pub fn meta(&self, s: Uuid, epoch: u64, fields: Vec<(String, String)>) {
+        self.send(Op::Meta(s, epoch, fields));
     }
-    pub fn touch_meta(&self, s: Uuid, updated_at: &str) {
-        self.send(Op::TouchMeta(s, updated_at.to_string()));
+    pub fn touch_meta(&self, s: Uuid, epoch: u64, updated_at: &str) {
+        let fields = vec![("updated_at".to_string(), updated_at.to_string())];
+        self.send(Op::Meta(s, epoch, fields));
     }
-    pub fn attach(&self, s: Uuid, conn: Uuid, user: Uuid) {
-        self.send(Op::Attach(s, conn, user));
+    pub fn attach(&self, s: Uuid, epoch: u64, conn: Uuid, user: Uuid) {
+        self.send(Op::Attach(s, epoch, conn, user));
     }
-    pub fn detach(&self, s: Uuid, conn: Uuid, user: Uuid) {
-        self.send(Op::Detach(s, conn, user));
+    pub fn detach(&self, s: Uuid, epoch: u64, conn: Uuid, user: Uuid) {
+        self.send(Op::Detach(s, epoch, conn, user));
     }
     /// Periodic TTL refresh of an owned session's keys.
     pub fn refresh(&self, s: Uuid, has_connections: bool) {
         self.send(Op::Refresh(s, has_connections));
     }
-    pub fn combat(&self, s: Uuid, fields: BTreeMap<String, String>) {
-        self.send(Op::Combat(s, fields));
+    pub fn combat(&self, s: Uuid, epoch: u64, fields: BTreeMap<String, String>) {
+        self.send(Op::Combat(s, epoch, fields));
     }
+
+    /// Waits until every write queued before this call has been sent to Redis (or
+    /// failed); false if the writer is gone.
+    pub async fn flush(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Op::Flush(tx)).await.is_err() {
+            return false;
+        }
+        rx.await.is_ok()
+    }
+}
+
+/// Adds an `EVAL` of `FENCE` + `body` to the pipeline. EVAL, not EVALSHA: a restarted
+/// Redis has no scripts cached, and a NOSCRIPT would fail the whole pipeline.
+fn fenced(
+    pipe: &mut redis::Pipeline,
+    keys: &Keys,
+    s: &Uuid,
+    epoch: u64,
+    body: &str,
+    more_keys: &[String],
+    args: &[String],
+) {
+    let script = format!("{FENCE}{body}");
+    let cmd = pipe.cmd("EVAL").arg(script).arg(1 + more_keys.len());
+    cmd.arg(keys.cache_epoch(s));
+    for k in more_keys {
+        cmd.arg(k);
+    }
+    cmd.arg(epoch);
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.ignore();
+}
+
+fn pairs(ttl: Duration, fields: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let mut args = vec![ttl.as_secs().to_string()];
+    for (k, v) in fields {
+        args.push(k);
+        args.push(v);
+    }
+    args
 }
 
 async fn writer(
@@ -97,75 +187,81 @@ async fn writer(
             }
         }
         let mut pipe = redis::pipe();
-        for op in &ops {
+        let mut flushed = Vec::new();
+        let writes = ops.iter().filter(|op| !matches!(op, Op::Flush(_))).count();
+        for op in ops {
             match op {
-                Op::Meta(s, fields) => {
-                    let k = keys.meta(s);
-                    pipe.hset_multiple(&k, fields).ignore();
-                    pipe.expire(&k, keys::META_TTL.as_secs() as i64).ignore();
+                Op::Meta(s, epoch, fields) => {
+                    let args = pairs(keys::META_TTL, fields);
+                    fenced(
+                        &mut pipe,
+                        &keys,
+                        &s,
+                        epoch,
+                        HASH_BODY,
+                        &[keys.meta(&s)],
+                        &args,
+                    );
                 }
-                Op::TouchMeta(s, at) => {
-                    let k = keys.meta(s);
-                    pipe.hset(&k, "updated_at", at).ignore();
-                    pipe.expire(&k, keys::META_TTL.as_secs() as i64).ignore();
+                Op::Attach(s, epoch, c, u) => {
+                    let args = [
+                        c.to_string(),
+                        u.to_string(),
+                        keys::CONNECTIONS_TTL.as_secs().to_string(),
+                        keys::PLAYERS_TTL.as_secs().to_string(),
+                    ];
+                    let k = [keys.connections(&s), keys.players(&s)];
+                    fenced(&mut pipe, &keys, &s, epoch, ATTACH_BODY, &k, &args);
                 }
-                Op::Attach(s, c, u) => {
-                    let (ck, pk) = (keys.connections(s), keys.players(s));
-                    pipe.hset(&ck, c.to_string(), u.to_string()).ignore();
-                    pipe.expire(&ck, keys::CONNECTIONS_TTL.as_secs() as i64)
-                        .ignore();
-                    pipe.sadd(&pk, u.to_string()).ignore();
-                    pipe.expire(&pk, keys::PLAYERS_TTL.as_secs() as i64)
-                        .ignore();
-                }
-                Op::Detach(s, c, u) => {
-                    // EVAL, not EVALSHA: a restarted Redis has no scripts cached, and a
-                    // NOSCRIPT would fail the whole pipeline.
-                    pipe.cmd("EVAL")
-                        .arg(DETACH_SCRIPT)
-                        .arg(2)
-                        .arg(keys.connections(s))
-                        .arg(keys.players(s))
-                        .arg(c.to_string())
-                        .arg(u.to_string())
-                        .ignore();
+                Op::Detach(s, epoch, c, u) => {
+                    let args = [c.to_string(), u.to_string()];
+                    let k = [keys.connections(&s), keys.players(&s)];
+                    fenced(&mut pipe, &keys, &s, epoch, DETACH_BODY, &k, &args);
                 }
                 Op::Refresh(s, conns) => {
-                    pipe.expire(keys.meta(s), keys::META_TTL.as_secs() as i64)
+                    // TTLs only: harmless whoever sends them.
+                    pipe.expire(keys.meta(&s), keys::META_TTL.as_secs() as i64)
                         .ignore();
-                    if *conns {
-                        pipe.expire(keys.connections(s), keys::CONNECTIONS_TTL.as_secs() as i64)
+                    if conns {
+                        pipe.expire(keys.connections(&s), keys::CONNECTIONS_TTL.as_secs() as i64)
                             .ignore();
-                        pipe.expire(keys.players(s), keys::PLAYERS_TTL.as_secs() as i64)
+                        pipe.expire(keys.players(&s), keys::PLAYERS_TTL.as_secs() as i64)
                             .ignore();
                     }
                 }
-                Op::Combat(s, fields) => {
-                    let k = keys.combat(s);
-                    if fields.is_empty() {
-                        pipe.del(&k).ignore();
-                    } else {
-                        let f: Vec<(&String, &String)> = fields.iter().collect();
-                        pipe.del(&k).ignore();
-                        pipe.hset_multiple(&k, &f).ignore();
-                        pipe.expire(&k, keys::COMBAT_TTL.as_secs() as i64).ignore();
-                    }
+                Op::Combat(s, epoch, fields) => {
+                    let args = pairs(keys::COMBAT_TTL, fields);
+                    fenced(
+                        &mut pipe,
+                        &keys,
+                        &s,
+                        epoch,
+                        REPLACE_BODY,
+                        &[keys.combat(&s)],
+                        &args,
+                    );
+                }
+                Op::Flush(done) => flushed.push(done),
+            }
+        }
+        if writes > 0 {
+            let r: Result<Result<(), redis::RedisError>, _> =
+                tokio::time::timeout(op_timeout, pipe.query_async(&mut redis)).await;
+            let err = match r {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("timeout".to_string()),
+            };
+            if let Some(e) = err {
+                failures += 1;
+                metrics::counter!("gs_node_cache_errors_total").increment(1);
+                if failures.is_power_of_two() {
+                    tracing::warn!(error = %e, failures, "Redis cache write failed");
                 }
             }
         }
-        let r: Result<Result<(), redis::RedisError>, _> =
-            tokio::time::timeout(op_timeout, pipe.query_async(&mut redis)).await;
-        let err = match r {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("timeout".to_string()),
-        };
-        if let Some(e) = err {
-            failures += 1;
-            metrics::counter!("gs_node_cache_errors_total").increment(1);
-            if failures.is_power_of_two() {
-                tracing::warn!(error = %e, failures, "Redis cache write failed");
-            }
+        for done in flushed {
+            let _ = done.send(());
         }
     }
 }

@@ -84,7 +84,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     } else {
         cfg.node.id.clone()
     };
-    tracing::info!(node = %id, "starting node");
+    tracing::info!(
+        node = %id,
+        nats = %gs_shared::config::redact_url(&cfg.nats.url),
+        redis = %gs_shared::config::redact_url(&cfg.redis.url),
+        rabbitmq = %gs_shared::config::redact_url(&cfg.rabbitmq.url),
+        postgres = %format!("{}@{}:{}/{}", cfg.postgres.user, cfg.postgres.host, cfg.postgres.port, cfg.postgres.dbname),
+        "starting node"
+    );
 
     let applied = gs_shared::db::migrate(&cfg.postgres).await?;
     if !applied.is_empty() {

@@ -20,9 +20,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let cfg = gs_shared::Config::load(args.config.as_deref())?;
+    // Errors may quote a URL holding a password: it is redacted before printing.
+    let redacted = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(gs_shared::config::redact_secrets(&format!("{e:#}")))
+    };
+    let cfg = gs_shared::Config::load(args.config.as_deref()).map_err(|e| redacted(&e))?;
     gs_shared::telemetry::init(&cfg.log);
     if let Err(e) = gs_node::run(cfg, gs_shared::telemetry::shutdown_signal()).await {
+        let e = redacted(&format!("{e:#}"));
         tracing::error!(error = %e, "node failed");
         return Err(e);
     }

@@ -180,13 +180,16 @@ pub fn routes(
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_ctx(ctx))
-        .map(|ctx: Arc<RouterCtx>| {
-            warp::reply::with_header(
-                ctx.metrics.render(),
-                "content-type",
-                "text/plain; version=0.0.4",
-            )
-            .into_response()
+        .and(with_auth())
+        .map(|ctx: Arc<RouterCtx>, auth: Auth| {
+            reply(require_admin(&ctx, &auth, "metrics").map(|_| {
+                warp::reply::with_header(
+                    ctx.metrics.render(),
+                    "content-type",
+                    "text/plain; version=0.0.4",
+                )
+                .into_response()
+            }))
         });
     create
         .or(join)
@@ -502,14 +505,21 @@ async fn history(ctx: Arc<RouterCtx>, id: String, auth: Auth) -> Result<Response
     ))
 }
 
-async fn cluster_info(ctx: Arc<RouterCtx>, auth: Auth) -> Result<Response, WireError> {
-    let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
+/// Operator endpoints (`/metrics`, the cluster view): an access token with the
+/// `admin` role; 401 without a valid token, 403 with another role.
+fn require_admin(ctx: &RouterCtx, auth: &Auth, what: &str) -> Result<Claims, WireError> {
+    let claims = authenticate(ctx, token_of(&auth.0, &auth.1))?;
     if claims.role != Role::Admin {
         return Err(WireError::new(
             codes::FORBIDDEN,
-            "the cluster view needs the admin role",
+            format!("the {what} endpoint needs the admin role"),
         ));
     }
+    Ok(claims)
+}
+
+async fn cluster_info(ctx: Arc<RouterCtx>, auth: Auth) -> Result<Response, WireError> {
+    require_admin(&ctx, &auth, "cluster view")?;
     let ring = ctx.cluster.ring();
     Ok(json_reply(
         StatusCode::OK,

@@ -12,21 +12,52 @@
 //! into the socket's write buffer, and the buffer is flushed once: one `write` for a
 //! burst instead of one per frame. Events are shared bytes ([`crate::hub::Ev`]):
 //! sending one to many clients copies nothing.
+//!
+//! **Live authorisation.** The socket is authorised by two tokens and a membership,
+//! and stays so only while all three hold: when the earlier `exp` of the access and
+//! the connection token (plus `auth.leeway_secs`) passes, the client gets
+//! `connection_error` `token_expired` and close 4401; when the session's event stream
+//! carries a `player_left` for this user (they left, or were removed, through any
+//! router), the client gets that event, the answers still due, then `connection_error`
+//! `not_member` and close 4403, and nothing of the session after it. The protocol has
+//! no token refresh message: a client reconnects with fresh tokens (and
+//! `last_version`).
+//!
+//! **Limits** (see `docs/security.md`, "Connection limits"):
+//!
+//! * the socket holds a [`Slot`] (its place under `router.max_connections` and the
+//!   per-user and per-IP caps) for its whole life, and gives it back *before* the
+//!   socket is closed, so a client that sees its socket close can connect again at
+//!   once;
+//! * a client that sends nothing (no message, ping or pong) for
+//!   `router.ws_idle_timeout_ms` is closed with 4408 (`idle_timeout`); the server
+//!   pings with each heartbeat, so a live WebSocket stack answers by itself;
+//! * **slow consumers:** a socket's outbound backlog is the session's events it has not
+//!   been given yet, kept once in the hub's buffer (no per-socket copy). While a write
+//!   blocks (the client does not read, its TCP window is full), the connection watches
+//!   the hub's newest version; a client that falls more than
+//!   `router.max_outbound_queue` events behind, or whose write stays blocked for
+//!   `router.ws_idle_timeout_ms`, is closed with 4008 (`slow_consumer`, close frame
+//!   when it still fits). The hub's broadcast never waits for anyone, so the other
+//!   clients of the session are not slowed.
 
 use crate::api::caller;
 use crate::hub::{Ev, Hub};
-use crate::limits::LocalWindow;
+use crate::limits::{LocalWindow, SocketSlot};
+use crate::server::ConnPermit;
 use crate::ws::Socket;
 use crate::RouterCtx;
 use futures::{SinkExt, StreamExt};
 use gs_shared::auth::Claims;
-use gs_shared::protocol::{self, codes, ClientMessage, WireError};
+use gs_shared::protocol::{self, close_codes, codes, ClientMessage, WireError};
 use gs_shared::rpc::{Caller, ReplyBody, RequestBody, Resume};
 use serde_json::json;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -40,6 +71,31 @@ const FINAL_ANSWERS_WAIT: Duration = Duration::from_secs(2);
 const DETACH_DEADLINE: Duration = Duration::from_secs(2);
 /// Rounds of one catch-up (each answer holds at most half a MiB of events).
 const CATCH_UP_ROUNDS: usize = 16;
+
+/// Close code and `connection_error` code of a client idle too long.
+pub const CLOSE_IDLE: u16 = 4408;
+/// Close code of a slow consumer.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+/// How long the router tries to send the `connection_error` and close frame of a
+/// connection it ends itself (a client that does not read may never take them).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What an open socket holds for its whole life: its place under
+/// `router.max_connections` and under the per-user and per-IP caps.
+pub struct Slot {
+    _permit: Option<ConnPermit>,
+    _place: SocketSlot,
+}
+
+impl Slot {
+    pub fn new(permit: Option<ConnPermit>, place: SocketSlot) -> Slot {
+        Slot {
+            _permit: permit,
+            _place: place,
+        }
+    }
+}
 
 /// Decrements the connection count when a connection task ends, however it ends.
 struct ConnGuard(Arc<RouterCtx>);
@@ -75,7 +131,26 @@ fn close(code: u16, reason: &str) -> Message {
     }))
 }
 
+/// Why the router ends a connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    SlowConsumer,
+}
+
+/// What bounds a blocked write.
+#[derive(Debug, Clone, Copy)]
+struct WriteBound {
+    /// The client's version, and how far the hub may move past it (`None`: not
+    /// watched, e.g. while the connection opens).
+    backlog: Option<(u64, u64)>,
+    /// How long one write may stay blocked.
+    stall: Option<Duration>,
+}
+
 pub struct Conn {
+    /// Given back first when the connection is dropped (fields drop in order), before
+    /// the socket closes.
+    slot: Option<Slot>,
     ctx: Arc<RouterCtx>,
     sid: Uuid,
     caller: Caller,
@@ -84,11 +159,71 @@ pub struct Conn {
     cv: u64,
     /// The client has been sent the session's final event (or found it ended).
     ended: bool,
+    /// The connection is open and following the stream live (after [`open`]): a
+    /// `player_left` for this user now ends it (one replayed on resume does not: the
+    /// attach just proved the user is a member again), and its backlog is watched.
+    live: bool,
+    /// The client has been sent the `player_left` of its own user: nothing more of the
+    /// session is sent, and the connection closes (4403).
+    removed: bool,
     ws: Socket,
     /// Frames are in the write buffer, not yet flushed.
     unflushed: bool,
     /// Events buffered since the last flush (counted once per flush).
     sent: u64,
+    /// The hub's newest version (watched while a write blocks).
+    newest: watch::Receiver<u64>,
+    /// `router.max_outbound_queue`.
+    max_behind: u64,
+    /// `router.ws_idle_timeout_ms`: also the longest a write may block.
+    idle: Option<Duration>,
+    /// When the client last sent a frame (any: message, ping, pong, close).
+    last_heard: tokio::time::Instant,
+    /// Set when the router ends the connection itself.
+    stop: Option<Stop>,
+    /// The session's DM (or an admin acting as one): its combat actions, mostly its
+    /// monsters', have their own budget.
+    dm: bool,
+}
+
+/// Runs `op` (a write to the socket); a write that blocks is bounded by `bound`.
+async fn bounded<F>(
+    op: F,
+    newest: &mut watch::Receiver<u64>,
+    bound: WriteBound,
+) -> Result<(), Option<Stop>>
+where
+    F: Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
+{
+    tokio::pin!(op);
+    // Most writes complete at once: no timer, no watch.
+    if let Poll::Ready(r) = futures::poll!(op.as_mut()) {
+        return r.map_err(|_| None);
+    }
+    let behind = async {
+        match bound.backlog {
+            Some((cv, max)) => loop {
+                if newest.borrow_and_update().saturating_sub(cv) > max {
+                    return;
+                }
+                if newest.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let stalled = async {
+        match bound.stall {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = op => r.map_err(|_| None),
+        _ = behind => Err(Some(Stop::SlowConsumer)),
+        _ = stalled => Err(Some(Stop::SlowConsumer)),
+    }
 }
 
 impl Conn {
@@ -96,7 +231,64 @@ impl Conn {
     /// the buffer is full).
     async fn feed(&mut self, msg: Message) -> Result<(), Closed> {
         self.unflushed = true;
-        self.ws.feed(msg).await.map_err(|_| Closed)
+        let bound = self.write_bound();
+        let r = bounded(self.ws.feed(msg), &mut self.newest, bound).await;
+        self.written(r)
+    }
+
+    fn write_bound(&self) -> WriteBound {
+        WriteBound {
+            backlog: self.live.then_some((self.cv, self.max_behind)),
+            stall: self.idle,
+        }
+    }
+
+    fn written(&mut self, r: Result<(), Option<Stop>>) -> Result<(), Closed> {
+        r.map_err(|stop| {
+            self.stop = self.stop.or(stop);
+            Closed
+        })
+    }
+
+    /// Closes a slow consumer when the router holds more of the session's events for
+    /// it than `router.max_outbound_queue` (it lagged while its writes blocked).
+    fn check_backlog(&mut self, newest: u64) -> Result<(), Closed> {
+        if self.live && newest.saturating_sub(self.cv) > self.max_behind {
+            self.stop = Some(Stop::SlowConsumer);
+            return Err(Closed);
+        }
+        Ok(())
+    }
+
+    /// Gives the socket's places back (before it is closed).
+    fn release(&mut self) {
+        self.slot = None;
+    }
+
+    /// Ends the connection from the router's side: gives its places back, then sends
+    /// `connection_error` and a close frame if the client takes them within
+    /// [`CLOSE_GRACE`].
+    async fn close_with(&mut self, close_code: u16, code: &str, message: String) {
+        self.release();
+        self.live = false;
+        self.idle = None;
+        metrics::counter!("gs_router_ws_closed_by_router_total", "code" => code.to_string())
+            .increment(1);
+        let err = WireError::new(code, message);
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            self.feed_text(protocol::connection_error(&err)).await?;
+            self.send_now(close(close_code, code)).await
+        })
+        .await;
+    }
+
+    /// Buffers a forwarded command's answer (an empty one is an `ack` an ICD client,
+    /// which sends no ids, does not get).
+    async fn feed_answer(&mut self, out: Outbound) -> Result<(), Closed> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.feed_text(out).await
     }
 
     async fn feed_text(&mut self, text: String) -> Result<(), Closed> {
@@ -113,7 +305,9 @@ impl Conn {
             metrics::counter!("gs_router_events_sent_total").increment(self.sent);
             self.sent = 0;
         }
-        self.ws.flush().await.map_err(|_| Closed)
+        let bound = self.write_bound();
+        let r = bounded(self.ws.flush(), &mut self.newest, bound).await;
+        self.written(r)
     }
 
     /// Sends one frame now.
@@ -124,19 +318,24 @@ impl Conn {
 
     /// Buffers the next event of the stream (`ev.version` must be `cv + 1`).
     async fn send_event(&mut self, ev: &Ev) -> Result<(), Closed> {
+        if self.removed {
+            return Ok(());
+        }
         self.feed(Message::Text(ev.json.clone())).await?;
         self.cv = ev.version;
         self.ended |= ev.is_final;
+        self.removed |= self.live && ev.left == Some(self.caller.user_id);
         self.sent += 1;
         Ok(())
     }
 
     /// Buffers `ev` after anything between the client's version and it.
     async fn deliver(&mut self, ev: Ev) -> Result<(), Closed> {
-        if ev.version <= self.cv {
+        if ev.version <= self.cv || self.removed {
             return Ok(());
         }
         if ev.version > self.cv + 1 {
+            self.check_backlog(ev.version)?;
             self.catch_up(ev.version - 1).await?;
             if ev.version != self.cv + 1 {
                 // Could not fill the gap now; the next event (or a retry) will.
@@ -202,7 +401,10 @@ impl Conn {
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 metrics::counter!("gs_router_client_lagged_total").increment(n);
                 match self.hub.last_version() {
-                    Some(last) => self.catch_up(last).await,
+                    Some(last) => {
+                        self.check_backlog(last)?;
+                        self.catch_up(last).await
+                    }
                     None => Ok(()),
                 }
             }
@@ -213,11 +415,56 @@ impl Conn {
     /// The session ended: every message still gets its answer (the one that ended it
     /// among them, bounded by [`FINAL_ANSWERS_WAIT`]), then a normal close.
     async fn close_ended(&mut self, io: &mut ConnIo) {
+        self.answer_in_flight(io).await;
+        self.release();
+        let _ = self.send_now(close(1000, "session ended")).await;
+    }
+
+    /// The user is no longer a member: the answers still due (their `leave` among
+    /// them), then `connection_error` `not_member` and close 4403.
+    async fn close_removed(&mut self, io: &mut ConnIo) {
+        metrics::counter!("gs_router_ws_revoked_total", "code" => codes::NOT_MEMBER).increment(1);
+        self.answer_in_flight(io).await;
+        let err = WireError::new(
+            codes::NOT_MEMBER,
+            "you are no longer a member of this session",
+        );
+        let _ = self.feed_text(protocol::connection_error(&err)).await;
+        self.release();
+        let _ = self
+            .send_now(close(close_codes::NOT_MEMBER, codes::NOT_MEMBER))
+            .await;
+    }
+
+    /// The access or the connection token expired: `connection_error`
+    /// `token_expired` and close 4401, at once (answers already here go first;
+    /// commands still in flight are resent by the client after reconnecting, with the
+    /// same ids).
+    async fn close_expired(&mut self, io: &mut ConnIo) {
+        metrics::counter!("gs_router_ws_revoked_total", "code" => codes::TOKEN_EXPIRED)
+            .increment(1);
+        while let Ok(out) = io.acks.try_recv() {
+            let _ = self.feed_answer(out).await;
+        }
+        let err = WireError::new(
+            codes::TOKEN_EXPIRED,
+            "the access or connection token expired; reconnect with fresh tokens",
+        );
+        let _ = self.feed_text(protocol::connection_error(&err)).await;
+        self.release();
+        let _ = self
+            .send_now(close(close_codes::TOKEN_EXPIRED, codes::TOKEN_EXPIRED))
+            .await;
+    }
+
+    /// Buffers the answers of the commands still in flight, waiting for them at most
+    /// [`FINAL_ANSWERS_WAIT`].
+    async fn answer_in_flight(&mut self, io: &mut ConnIo) {
         let until = tokio::time::Instant::now() + FINAL_ANSWERS_WAIT;
         while io.inflight.available_permits() < io.max_inflight {
             match tokio::time::timeout_at(until, io.acks.recv()).await {
                 Ok(Some(out)) => {
-                    if self.feed_text(out).await.is_err() {
+                    if self.feed_answer(out).await.is_err() {
                         return;
                     }
                 }
@@ -225,9 +472,8 @@ impl Conn {
             }
         }
         while let Ok(out) = io.acks.try_recv() {
-            let _ = self.feed_text(out).await;
+            let _ = self.feed_answer(out).await;
         }
-        let _ = self.send_now(close(1000, "session ended")).await;
     }
 }
 
@@ -247,26 +493,61 @@ enum Step {
     Event(Result<Ev, broadcast::error::RecvError>),
     Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
     Heartbeat,
+    Expired,
+    IdleCheck,
 }
 
-/// Serves one client socket until it closes, the session ends or the router stops.
+/// When a token expiring at `exp` (unix seconds) stops being accepted, as a timer
+/// deadline: once `exp` plus the leeway has passed, i.e. at the next whole second (the
+/// handshake compares whole seconds and still accepts it during second `exp + leeway`).
+fn expiry_deadline(exp: u64, leeway_secs: u64) -> tokio::time::Instant {
+    let at = std::time::UNIX_EPOCH
+        + Duration::from_secs(exp.saturating_add(leeway_secs).saturating_add(1));
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    // Far-future expiries are capped (a timer wants a representable instant).
+    tokio::time::Instant::now() + left.min(Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// Serves one client socket until it closes, the session ends, its authorisation
+/// ends (`expires`: the earlier `exp` of its tokens, unix seconds; or the user leaves)
+/// or the router stops.
 pub async fn run(
     ctx: Arc<RouterCtx>,
     ws: Socket,
     sid: Uuid,
     claims: Claims,
     last_version: Option<u64>,
+    expires: u64,
+    slot: Slot,
 ) {
     let _guard = ConnGuard::new(ctx.clone());
     let conn_id = Uuid::new_v4();
     let caller = caller(&claims);
-    let Some((mut conn, mut events)) = open(&ctx, ws, sid, &claims, conn_id, last_version).await
+    let Some((mut conn, mut events)) =
+        open(&ctx, ws, sid, &claims, conn_id, last_version, slot).await
     else {
         return detach(ctx, sid, caller, conn_id);
     };
     if !conn.ended {
-        serve(&mut conn, &mut events).await;
+        let deadline = expiry_deadline(expires, ctx.auth.leeway_secs());
+        serve(&mut conn, &mut events, deadline).await;
     }
+    if conn.stop == Some(Stop::SlowConsumer) {
+        metrics::counter!("gs_router_slow_consumers_total").increment(1);
+        let max = conn.max_behind;
+        conn.close_with(
+            CLOSE_SLOW_CONSUMER,
+            codes::SLOW_CONSUMER,
+            format!(
+                "the client does not read: more than {max} events behind, or a write blocked too long"
+            ),
+        )
+        .await;
+    }
+    // The socket's places were given back first (see `Conn::slot`).
+    drop(conn);
     detach(ctx, sid, caller, conn_id);
 }
 
@@ -279,11 +560,13 @@ async fn open(
     claims: &Claims,
     conn_id: Uuid,
     last_version: Option<u64>,
+    slot: Slot,
 ) -> Option<(Conn, broadcast::Receiver<Ev>)> {
     let caller = caller(claims);
     let hub = match ctx.hubs.join(sid).await {
         Ok(h) => h,
         Err(e) => {
+            drop(slot);
             let err = WireError::new(codes::SERVICE_UNAVAILABLE, format!("cannot subscribe: {e}"));
             let _ = ws
                 .feed(Message::text(protocol::connection_error(&err)))
@@ -317,6 +600,7 @@ async fn open(
                 Err(e) => e,
                 _ => WireError::new(codes::INTERNAL, "unexpected reply to attach"),
             };
+            drop(slot);
             // The owner may have registered the connection before the answer was lost:
             // undo it, or the session would count a client that is not there.
             detach(ctx.clone(), sid, caller, conn_id);
@@ -327,16 +611,28 @@ async fn open(
             return None;
         }
     };
+    let idle = Some(ctx.cfg.router.ws_idle_timeout_ms)
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
     let mut conn = Conn {
+        slot: Some(slot),
         ctx: ctx.clone(),
         sid,
         caller,
         hub: hub.clone(),
         cv: 0,
         ended: false,
+        live: false,
+        removed: false,
         ws,
         unflushed: false,
         sent: 0,
+        newest: hub.watch_newest(),
+        max_behind: ctx.cfg.router.max_outbound_queue.max(1),
+        idle,
+        last_heard: tokio::time::Instant::now(),
+        stop: None,
+        dm: role == "dm",
     };
     let established = json!({
         "type": "connection_established",
@@ -353,10 +649,12 @@ async fn open(
     resume_client(&mut conn, resume, last_version).await.ok()?;
     if conn.ended {
         // An ended session: the client has its final state; nothing more will come.
+        conn.release();
         let _ = conn.feed(close(1000, "session ended")).await;
     }
     conn.flush().await.ok()?;
     hub.seed(conn.cv);
+    conn.live = true;
     Some((conn, events))
 }
 
@@ -385,8 +683,12 @@ async fn resume_client(
     }
 }
 
-/// The connection's main loop.
-async fn serve(conn: &mut Conn, events: &mut broadcast::Receiver<Ev>) {
+/// The connection's main loop; `expires`: when its tokens stop being valid.
+async fn serve(
+    conn: &mut Conn,
+    events: &mut broadcast::Receiver<Ev>,
+    expires: tokio::time::Instant,
+) {
     let ctx = conn.ctx.clone();
     let max_inflight = ctx.cfg.router.max_inflight_per_connection.max(1);
     let (ack_tx, acks) = mpsc::channel::<Outbound>(max_inflight * 2);
@@ -407,27 +709,67 @@ async fn serve(conn: &mut Conn, events: &mut broadcast::Receiver<Ev>) {
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
     let mut shutdown = ctx.shutdown.clone();
+    let expiry = tokio::time::sleep_until(expires);
+    tokio::pin!(expiry);
+    // Checks, at `last_heard + idle`, whether the client said anything since.
+    let idle = conn.idle;
+    let idle_check = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(idle_check);
+    conn.last_heard = tokio::time::Instant::now();
 
     loop {
         let step = tokio::select! {
             biased;
             _ = shutdown.changed() => Step::Shutdown,
+            _ = &mut expiry => Step::Expired,
             Some(out) = io.acks.recv() => Step::Answer(out),
             frame = conn.ws.next() => Step::Frame(frame),
             ev = events.recv() => Step::Event(ev),
             _ = heartbeat.tick() => Step::Heartbeat,
+            _ = &mut idle_check, if idle.is_some() => Step::IdleCheck,
         };
         let r = match step {
             Step::Shutdown => {
+                conn.release();
                 let _ = conn.send_now(close(1001, "router shutting down")).await;
                 return;
             }
-            Step::Answer(out) => conn.feed_text(out).await,
+            Step::Answer(out) => conn.feed_answer(out).await,
             Step::Frame(frame) => on_frame(conn, frame, &mut io).await,
             Step::Event(ev) => conn.on_event(ev).await,
-            Step::Heartbeat => conn.feed_text(protocol::heartbeat()).await,
+            Step::Expired => {
+                conn.close_expired(&mut io).await;
+                return;
+            }
+            Step::Heartbeat => match conn.feed_text(protocol::heartbeat()).await {
+                // A ping too: a live WebSocket stack answers it by itself (not idle).
+                Ok(()) => conn.feed(Message::Ping(Default::default())).await,
+                Err(e) => Err(e),
+            },
+            Step::IdleCheck => {
+                let idle = idle.expect("checked only with an idle timeout");
+                let due = conn.last_heard + idle;
+                if tokio::time::Instant::now() >= due {
+                    conn.close_with(
+                        CLOSE_IDLE,
+                        codes::IDLE_TIMEOUT,
+                        format!(
+                            "nothing received from the client for {} s (send heartbeats)",
+                            idle.as_secs_f64()
+                        ),
+                    )
+                    .await;
+                    return;
+                }
+                idle_check.as_mut().reset(due);
+                Ok(())
+            }
         };
         if r.is_err() || drain_ready(conn, events, &mut io).await.is_err() {
+            return;
+        }
+        if conn.removed {
+            conn.close_removed(&mut io).await;
             return;
         }
         if conn.ended {
@@ -448,7 +790,7 @@ async fn drain_ready(
     io: &mut ConnIo,
 ) -> Result<(), Closed> {
     while let Ok(out) = io.acks.try_recv() {
-        conn.feed_text(out).await?;
+        conn.feed_answer(out).await?;
     }
     loop {
         match events.try_recv() {
@@ -460,7 +802,7 @@ async fn drain_ready(
             }
             Err(broadcast::error::TryRecvError::Closed) => return Err(Closed),
         }
-        if conn.ended {
+        if conn.ended || conn.removed {
             return Ok(());
         }
     }
@@ -473,7 +815,10 @@ async fn on_frame(
     io: &mut ConnIo,
 ) -> Result<(), Closed> {
     let msg = match frame {
-        Some(Ok(m)) => m,
+        Some(Ok(m)) => {
+            conn.last_heard = tokio::time::Instant::now();
+            m
+        }
         Some(Err(e)) => {
             tracing::debug!(error = %e, "websocket read error");
             return Err(Closed);
@@ -517,6 +862,8 @@ async fn on_frame(
 /// Handles one parsed client message.
 async fn handle_message(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), Closed> {
     match m.kind.as_str() {
+        // An ICD heartbeat (no id) needs no answer.
+        protocol::TYPE_HEARTBEAT if m.anonymous => Ok(()),
         protocol::TYPE_HEARTBEAT => {
             let v = conn.cv;
             conn.feed_text(protocol::ack(m.id, v)).await
@@ -573,11 +920,16 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
     // The ICD's "combat actions per minute per player", counted across routers.
     if protocol::is_combat_type(&m.kind) {
         let who = format!("{}:{}", conn.sid, conn.caller.user_id);
-        let limit = conn.ctx.cfg.limits.combat_actions_per_min_per_player;
+        let limits = &conn.ctx.cfg.limits;
+        let (scope, limit) = if conn.dm {
+            ("combat_dm", limits.combat_actions_per_min_per_dm)
+        } else {
+            ("combat", limits.combat_actions_per_min_per_player)
+        };
         if let Err(e) = conn
             .ctx
             .limiter
-            .check("combat", &who, limit, Duration::from_secs(60))
+            .check(scope, &who, limit, Duration::from_secs(60))
             .await
         {
             return conn.feed_text(protocol::error(Some(m.id), &e)).await;
@@ -612,6 +964,8 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
         };
         drop(waiting);
         let out = match r {
+            // A sender without ids (the ICD's) sees its change as the event instead.
+            Ok(ReplyBody::Ack { .. }) if m.anonymous => Outbound::new(),
             Ok(ReplyBody::Ack { version, .. }) => protocol::ack(m.id, version),
             Ok(_) => protocol::error(
                 Some(m.id),

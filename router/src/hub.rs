@@ -19,7 +19,7 @@ use gs_shared::rpc::{Caller, RawEvent, ReplyBody, RequestBody, Subjects};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
@@ -82,15 +82,20 @@ pub struct Ev {
     pub json: Utf8Bytes,
     /// The session ended with this event: connections close after sending it.
     pub is_final: bool,
+    /// A `player_left` event: the user who is no longer a member. Their connections
+    /// close after sending it.
+    pub left: Option<Uuid>,
 }
 
 impl Ev {
     pub fn new(version: u64, json: Utf8Bytes) -> Ev {
         let is_final = is_final_event(json.as_str());
+        let left = left_member(json.as_str());
         Ev {
             version,
             json,
             is_final,
+            left,
         }
     }
 
@@ -111,6 +116,19 @@ pub fn is_final_event(json: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The user a `player_left` event removes from the session (whether they left or were
+/// removed), if `json` is one.
+pub fn left_member(json: &str) -> Option<Uuid> {
+    if !json.contains("\"player_left\"") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    if v["type"] != "player_left" {
+        return None;
+    }
+    Uuid::parse_str(v["data"]["user_id"].as_str()?).ok()
+}
+
 struct HubState {
     seq: Sequencer<Ev>,
     recent: VecDeque<Ev>,
@@ -119,6 +137,9 @@ struct HubState {
 pub struct Hub {
     pub session: Uuid,
     tx: broadcast::Sender<Ev>,
+    /// The newest version delivered: a connection blocked writing to a client that
+    /// does not read watches it to know how far behind it falls (slow consumers).
+    newest: watch::Sender<u64>,
     state: Mutex<HubState>,
     recent_cap: usize,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -135,6 +156,11 @@ impl Drop for Hub {
 impl Hub {
     pub fn subscribe(&self) -> broadcast::Receiver<Ev> {
         self.tx.subscribe()
+    }
+
+    /// The newest version delivered, as it changes.
+    pub fn watch_newest(&self) -> watch::Receiver<u64> {
+        self.newest.subscribe()
     }
 
     /// A client synced at `version`. A hub that has not seen an event yet starts its
@@ -158,9 +184,14 @@ impl Hub {
     /// Buffers and broadcasts in one critical section, so the buffer and every
     /// receiver see events in the same (version) order.
     fn deliver(&self, st: &mut HubState, ready: Vec<(u64, Ev)>) {
+        let mut newest = None;
         for (_, ev) in ready {
+            newest = Some(ev.version);
             st.recent.push_back(ev.clone());
             let _ = self.tx.send(ev);
+        }
+        if let Some(v) = newest {
+            self.newest.send_replace(v);
         }
         while st.recent.len() > self.recent_cap {
             st.recent.pop_front();
@@ -242,6 +273,7 @@ impl Hubs {
         let hub = Arc::new(Hub {
             session,
             tx,
+            newest: watch::channel(0).0,
             state: Mutex::new(HubState {
                 seq: Sequencer::default(),
                 recent: VecDeque::new(),
@@ -385,6 +417,7 @@ mod tests {
         Hub {
             session: Uuid::nil(),
             tx,
+            newest: watch::channel(0).0,
             state: Mutex::new(HubState {
                 seq: Sequencer::default(),
                 recent: VecDeque::new(),
@@ -426,6 +459,22 @@ mod tests {
             vec![5, 6, 7],
             "6 still reaches the hub's other clients"
         );
+    }
+
+    #[test]
+    fn departures_are_recognised() {
+        let u = Uuid::new_v4();
+        let left = format!(
+            r#"{{"type":"player_left","version":4,"data":{{"user_id":"{u}","timestamp":"t"}}}}"#
+        );
+        assert_eq!(left_member(&left), Some(u));
+        assert_eq!(Ev::new(4, left.clone().into()).left, Some(u));
+        // The words inside another event are not a departure.
+        let update = format!(
+            r#"{{"type":"state_update","version":5,"data":{{"changes":[{{"path":"/x","value":"player_left"}}],"user_id":"{u}"}}}}"#
+        );
+        assert_eq!(left_member(&update), None);
+        assert_eq!(left_member(r#"{"type":"player_joined"}"#), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! * [`conn`]: one client WebSocket: attach, resume, commands, fan-out.
 //! * [`hub`]: per-session NATS subscription, ordering and fan-out.
 //! * [`sequencer`]: ordering of an event stream (sans-IO).
-//! * [`limits`]: the ICD's rate limits.
+//! * [`limits`]: the ICD's rate limits; caps on open sockets per user and per IP.
 
 pub mod api;
 pub mod conn;
@@ -47,6 +47,8 @@ pub struct RouterCtx {
     pub forwarder: gs_shared::forward::Forwarder,
     pub hubs: hub::Hubs,
     pub limiter: limits::Limiter,
+    /// Open WebSockets per user and per IP on this router (`router.max_sockets_per_*`).
+    pub sockets: limits::SocketSlots,
     /// `https://host:port` (or `http://`): the REST base.
     pub http_base: String,
     /// `wss://host:port` (or `ws://`): the WebSocket base.
@@ -101,6 +103,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         (base, ws)
     };
 
+    tracing::info!(
+        router = %id,
+        nats = %gs_shared::config::redact_url(&cfg.nats.url),
+        redis = %gs_shared::config::redact_url(&cfg.redis.url),
+        "starting router"
+    );
+    let auth = Authority::load(&cfg.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+    if let Some(keys) = auth.public_keys() {
+        tracing::info!(kids = ?keys.kids(), "external token issuers' public keys loaded");
+    }
+
     let redis = gs_shared::connect::redis(&cfg).await?;
     let nats = gs_shared::connect::nats(&cfg, &id).await?;
     let subjects = Subjects::new(&cfg.nats.subject_prefix);
@@ -133,13 +146,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ctx = Arc::new(RouterCtx {
-        auth: Authority::from_config(&cfg.auth),
+        auth,
         cfg: cfg.clone(),
         id: id.clone(),
         cluster: cluster.clone(),
         forwarder,
         hubs,
         limiter,
+        sockets: limits::SocketSlots::new(
+            cfg.router.max_sockets_per_user,
+            cfg.router.max_sockets_per_ip,
+        ),
         http_base: http_base.clone(),
         ws_base,
         nats: nats.clone(),
@@ -159,7 +176,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         listener,
         tls,
         routes,
-        cfg.router.max_connections,
+        server::ServerLimits::from_config(&cfg.router),
         shutdown_rx,
     ));
     tracing::info!(router = %id, url = %http_base, "router ready");

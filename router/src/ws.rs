@@ -2,17 +2,24 @@
 //!
 //! Before the upgrade: the access token (`Authorization` header or `?token=`) and the
 //! session token (`X-Session-Token` header or `?session_token=`, bound to this user
-//! and this session) are checked, and the per-IP connection limit applied; failures
-//! are plain HTTP errors (401/403/429) and no socket is opened.
+//! and this session) are checked, a place is taken under the caps on open sockets per
+//! user and per IP (`router.max_sockets_per_user`, `router.max_sockets_per_ip`), and
+//! the per-IP connection rate limit applied. Every failure is answered by [`refuse`]
+//! (plain HTTP errors, 400/401/403/429/503) and no socket is opened.
 //!
 //! The upgrade is done here rather than by warp's `ws()` filter, for two reasons:
 //! the socket's buffers are ours to size ([`socket_config`]: tungstenite's default
 //! 128 KiB read buffer is zero-filled on every read and held by every idle
 //! connection), and the connection's permit (`router.max_connections`, taken by the
-//! accept loop) moves into the socket's task, so a WebSocket counts against the limit
-//! for its whole life. The socket itself is served by [`crate::conn`].
+//! accept loop) moves into the socket's task with the socket's per-user/per-IP place
+//! ([`crate::conn::Slot`]), so a WebSocket counts against every cap for its whole
+//! life. The socket itself is served by [`crate::conn`], which also keeps checking
+//! the authorisation while the socket is open (the tokens' expiry, the user's
+//! membership).
 
 use crate::api::{self, authenticate, error_reply, parse_session_id, token_of};
+use crate::conn::Slot;
+use crate::limits::SocketSlot;
 use crate::server::{ConnPermit, PeerAddr};
 use crate::RouterCtx;
 use gs_shared::auth::Claims;
@@ -101,45 +108,62 @@ pub fn route(ctx: Arc<RouterCtx>) -> impl Filter<Extract = (Response,), Error = 
              query: HashMap<String, String>,
              peer: Option<PeerAddr>| async move {
                 let Some(up) = upgrade_of(&headers, on_upgrade, permit) else {
-                    return error_reply(&WireError::new(
+                    return refuse(&WireError::new(
                         codes::BAD_REQUEST,
                         "this endpoint takes a WebSocket upgrade (RFC 6455)",
                     ));
                 };
                 match accept(&ctx, &id, &headers, &query, peer).await {
-                    Ok((sid, claims, last_version)) => upgrade(ctx, up, sid, claims, last_version),
-                    Err(e) => {
-                        metrics::counter!("gs_router_ws_refused_total", "code" => e.code.clone())
-                            .increment(1);
-                        error_reply(&e)
-                    }
+                    Ok(ok) => upgrade(ctx, up, ok),
+                    Err(e) => refuse(&e),
                 }
             },
         )
 }
 
-/// Answers `101 Switching Protocols` and serves the socket once hyper hands it over.
-fn upgrade(
-    ctx: Arc<RouterCtx>,
-    up: Upgrade,
+/// The answer to a handshake that is refused before the upgrade: every refusal goes
+/// through here (an HTTP error with the code's status; no socket is opened).
+fn refuse(e: &WireError) -> Response {
+    metrics::counter!("gs_router_ws_refused_total", "code" => e.code.clone()).increment(1);
+    error_reply(e)
+}
+
+/// A handshake that passed every check.
+struct Accepted {
     sid: Uuid,
     claims: Claims,
     last_version: Option<u64>,
-) -> Response {
+    /// When the connection's authorisation ends: the earlier `exp` of its two tokens
+    /// (unix seconds).
+    expires: u64,
+    /// The socket's place under the per-user and per-IP caps.
+    place: SocketSlot,
+}
+
+/// Answers `101 Switching Protocols` and serves the socket once hyper hands it over.
+fn upgrade(ctx: Arc<RouterCtx>, up: Upgrade, ok: Accepted) -> Response {
     let Upgrade {
         key,
         on_upgrade,
         permit,
     } = up;
+    let Accepted {
+        sid,
+        claims,
+        last_version,
+        expires,
+        place,
+    } = ok;
     let config = socket_config(ctx.cfg.router.max_frame_bytes);
+    // Held until the socket closes (or the upgrade fails): given back when this task
+    // ends, however it ends.
+    let slot = Slot::new(permit, place);
     tokio::spawn(async move {
-        // Held until the socket closes.
-        let _permit = permit;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let io = hyper_util::rt::TokioIo::new(upgraded);
                 let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                crate::conn::run(ctx, socket, sid, claims, last_version).await;
+                crate::conn::run(ctx, socket, sid, claims, last_version, expires, slot).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -155,14 +179,16 @@ fn upgrade(
     res
 }
 
-/// Checks everything that can be checked before the upgrade.
+/// Checks everything that can be checked before the upgrade. Besides the session,
+/// the caller and `last_version`, returns when the connection's authorisation ends:
+/// the earlier `exp` of its two tokens (unix seconds).
 async fn accept(
     ctx: &RouterCtx,
     id: &str,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
     peer: Option<PeerAddr>,
-) -> Result<(Uuid, Claims, Option<u64>), WireError> {
+) -> Result<Accepted, WireError> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -172,9 +198,11 @@ async fn accept(
     let claims = authenticate(ctx, token_of(&header("authorization"), query))?;
     let sid = parse_session_id(id)?;
     let st = header("x-session-token").or_else(|| query.get("session_token").cloned());
-    ctx.auth
+    let session = ctx
+        .auth
         .verify_session(st.as_deref(), claims.sub, sid)
         .map_err(|e| WireError::new(e.code(), e.to_string()))?;
+    let expires = claims.exp.min(session.exp);
     let last_version = match query.get("last_version") {
         Some(v) => Some(v.parse::<u64>().map_err(|_| {
             WireError::new(
@@ -184,6 +212,9 @@ async fn accept(
         })?),
         None => None,
     };
+    // Counted in memory for the socket's life; given back (dropped) if a later check
+    // refuses.
+    let place = ctx.sockets.acquire(claims.sub, peer.map(|p| p.0.ip()))?;
     let ip = peer
         .map(|p| p.0.ip().to_string())
         .unwrap_or_else(|| "unknown".into());
@@ -195,7 +226,13 @@ async fn accept(
             Duration::from_secs(60),
         )
         .await?;
-    Ok((sid, claims, last_version))
+    Ok(Accepted {
+        sid,
+        claims,
+        last_version,
+        expires,
+        place,
+    })
 }
 
 #[cfg(test)]

@@ -176,8 +176,23 @@ pub struct AuthConfig {
     pub jwt_secret: String,
     /// Lifetime of the connection tokens handed out by create and join.
     pub session_token_ttl_secs: u64,
-    /// Clock skew tolerated when checking `exp`.
+    /// Clock skew tolerated when checking `exp` and `nbf`.
     pub leeway_secs: u64,
+    /// Required `iss` of access tokens; empty = not checked.
+    pub issuer: String,
+    /// Required `aud` of access tokens (one of the token's audiences); empty = not
+    /// checked.
+    pub audience: String,
+    /// PEM public keys (RSA for RS256, EC P-256 for ES256) of external token issuers;
+    /// a key's `kid` is its file name up to the first dot.
+    pub public_keys_pem: Vec<String>,
+    /// A JWKS file (`{"keys": [...]}`) of external token issuers' public keys; empty =
+    /// none.
+    pub jwks_file: String,
+    /// How often (at most) routers check whether the key files changed (and re-read
+    /// them); a token with an unknown `kid` triggers a check at once (at most once a
+    /// second).
+    pub keys_check_ms: u64,
 }
 
 impl Default for AuthConfig {
@@ -186,6 +201,11 @@ impl Default for AuthConfig {
             jwt_secret: String::new(),
             session_token_ttl_secs: 24 * 3600,
             leeway_secs: 5,
+            issuer: String::new(),
+            audience: String::new(),
+            public_keys_pem: Vec::new(),
+            jwks_file: String::new(),
+            keys_check_ms: 2000,
         }
     }
 }
@@ -211,7 +231,30 @@ pub struct RouterConfig {
     pub request_deadline_ms: u64,
     /// Largest REST request body.
     pub max_body_bytes: u64,
+    /// Open TCP connections per router, HTTP and WebSocket together; a WebSocket holds
+    /// its place for its whole life. Beyond it: `503 too_many_connections`.
     pub max_connections: usize,
+    /// Open WebSockets of one user on this router (0 = no cap); beyond it the
+    /// handshake is refused with `429 too_many_connections`.
+    pub max_sockets_per_user: usize,
+    /// Open WebSockets from one IP address on this router (0 = no cap); beyond it
+    /// `429 too_many_connections`.
+    pub max_sockets_per_ip: usize,
+    /// An HTTP/1 connection must send a request's whole header within this long, also
+    /// while it sits idle between requests (keep-alive); otherwise it is closed
+    /// (0 = no limit).
+    pub header_read_timeout_ms: u64,
+    /// An HTTP connection (before any WebSocket upgrade) on which no byte moves for
+    /// this long is closed (0 = never).
+    pub http_idle_timeout_ms: u64,
+    /// A WebSocket whose client sends nothing (no message, ping or pong) for this long
+    /// is closed (4408, `idle_timeout`); also the longest a write to a client that does
+    /// not read may block (0 = never).
+    pub ws_idle_timeout_ms: u64,
+    /// Session events a WebSocket may fall behind the router's newest event of its
+    /// session (its outbound backlog); a client that does not read and falls further
+    /// behind is closed (4008, `slow_consumer`).
+    pub max_outbound_queue: u64,
     /// Commands of one connection waiting for their ack at once.
     pub max_inflight_per_connection: usize,
     /// A resuming client missing more events than this gets a full sync instead.
@@ -234,6 +277,12 @@ impl Default for RouterConfig {
             request_deadline_ms: 5_000,
             max_body_bytes: 1024 * 1024,
             max_connections: 10_000,
+            max_sockets_per_user: 20,
+            max_sockets_per_ip: 200,
+            header_read_timeout_ms: 10_000,
+            http_idle_timeout_ms: 60_000,
+            ws_idle_timeout_ms: 300_000,
+            max_outbound_queue: 1024,
             max_inflight_per_connection: 64,
             replay_limit: 1000,
             recent_events: 1024,
@@ -339,6 +388,8 @@ pub struct LimitsConfig {
     pub ws_connects_per_min_per_ip: u32,
     pub ws_messages_per_min_per_conn: u32,
     pub combat_actions_per_min_per_player: u32,
+    /// The DM's own budget (it acts for every monster).
+    pub combat_actions_per_min_per_dm: u32,
     pub sessions_created_per_hour_per_user: u32,
     pub state_updates_per_min_per_session: u32,
     pub joins_per_min_per_session: u32,
@@ -350,6 +401,7 @@ impl Default for LimitsConfig {
             ws_connects_per_min_per_ip: 10,
             ws_messages_per_min_per_conn: 100,
             combat_actions_per_min_per_player: 20,
+            combat_actions_per_min_per_dm: 200,
             sessions_created_per_hour_per_user: 10,
             state_updates_per_min_per_session: 60,
             joins_per_min_per_session: 30,
@@ -469,6 +521,11 @@ impl Config {
                 "router.max_message_bytes must not exceed router.max_frame_bytes".into(),
             ));
         }
+        if self.router.max_outbound_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "router.max_outbound_queue must be at least 1".into(),
+            ));
+        }
         if self.nats.subject_prefix.is_empty()
             || self
                 .nats
@@ -481,6 +538,47 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `url` with the password of its user-info replaced by `***`
+/// (`redis://:pw@host` → `redis://:***@host`, `amqp://user:pw@host` →
+/// `amqp://user:***@host`). Every URL that is logged or put in an error goes through
+/// this (or [`redact_secrets`]). A URL without a password is returned as it is.
+pub fn redact_url(url: &str) -> String {
+    redact_secrets(url)
+}
+
+/// `text` with the password of every `scheme://user:password@` in it replaced by `***`
+/// (for error messages of libraries that may quote a URL).
+pub fn redact_secrets(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', '?', '#' or whitespace (or quote).
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Milliseconds to a `Duration`: the config keeps plain integers for readability.
@@ -527,6 +625,45 @@ mod tests {
             toml::from_str(include_str!("../../config/example.toml")).expect("example parses");
         let defaults = serde_json::to_value(Config::default()).unwrap();
         assert_eq!(serde_json::to_value(example).unwrap(), defaults);
+    }
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        for (url, want) in [
+            (
+                "redis://:s3cret@10.0.0.1:6379/0",
+                "redis://:***@10.0.0.1:6379/0",
+            ),
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://guest:***@127.0.0.1:5672/%2f",
+            ),
+            (
+                "postgres://app:p%40ss:w@db:5432/session_db",
+                "postgres://app:***@db:5432/session_db",
+            ),
+            ("nats://user:pw@nats:4222", "nats://user:***@nats:4222"),
+            ("rediss://u:pw@h", "rediss://u:***@h"),
+            // Nothing to hide.
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("amqp://guest@host/%2f", "amqp://guest@host/%2f"),
+            ("redis://host?password=x", "redis://host?password=x"),
+            ("not a url", "not a url"),
+            ("", ""),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+        // Inside any text, every URL.
+        let e = "Redis at redis://:pw1@a:1: refused; NATS at nats://u:pw2@b:2 (\"amqp://x:pw3@c\")";
+        let r = redact_secrets(e);
+        assert!(
+            !r.contains("pw1") && !r.contains("pw2") && !r.contains("pw3"),
+            "{r}"
+        );
+        assert_eq!(
+            r,
+            "Redis at redis://:***@a:1: refused; NATS at nats://u:***@b:2 (\"amqp://x:***@c\")"
+        );
     }
 
     #[test]

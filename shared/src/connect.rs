@@ -1,7 +1,9 @@
 //! Connecting to NATS and Redis at start-up: retried until a deadline, after which the
 //! clients reconnect by themselves (async-nats and redis' `ConnectionManager` both do).
+//! URLs and the clients' error texts are logged and reported with their passwords
+//! redacted ([`redact_url`]).
 
-use crate::config::{ms, Config};
+use crate::config::{ms, redact_secrets, redact_url, Config};
 use std::time::{Duration, Instant};
 
 /// How long a process waits for a dependency at start-up.
@@ -24,23 +26,23 @@ pub async fn nats(cfg: &Config, name: &str) -> Result<async_nats::Client, Connec
             .request_timeout(Some(ms(cfg.nats.request_timeout_ms)));
         let error = match opts.connect(&cfg.nats.url).await {
             Ok(c) => return Ok(c),
-            Err(e) => e.to_string(),
+            Err(e) => redact_secrets(&e.to_string()),
         };
         if Instant::now() >= deadline {
             return Err(ConnectError::Nats {
-                url: cfg.nats.url.clone(),
+                url: redact_url(&cfg.nats.url),
                 error,
             });
         }
-        tracing::warn!(%error, "NATS not reachable yet; retrying");
+        tracing::warn!(%error, url = %redact_url(&cfg.nats.url), "NATS not reachable yet; retrying");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
 pub async fn redis(cfg: &Config) -> Result<redis::aio::ConnectionManager, ConnectError> {
     let err = |error: String| ConnectError::Redis {
-        url: cfg.redis.url.clone(),
-        error,
+        url: redact_url(&cfg.redis.url),
+        error: redact_secrets(&error),
     };
     let client = redis::Client::open(cfg.redis.url.as_str()).map_err(|e| err(e.to_string()))?;
     let mcfg = redis::aio::ConnectionManagerConfig::new()
@@ -55,12 +57,12 @@ pub async fn redis(cfg: &Config) -> Result<redis::aio::ConnectionManager, Connec
             .await
         {
             Ok(c) => return Ok(c),
-            Err(e) => e.to_string(),
+            Err(e) => redact_secrets(&e.to_string()),
         };
         if Instant::now() >= deadline {
             return Err(err(error));
         }
-        tracing::warn!(%error, "Redis not reachable yet; retrying");
+        tracing::warn!(%error, url = %redact_url(&cfg.redis.url), "Redis not reachable yet; retrying");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -42,6 +42,11 @@ impl Keys {
     pub fn combat(&self, s: &Uuid) -> String {
         format!("{}session:{s}:combat", self.prefix)
     }
+    /// The epoch of the owner that last wrote the session's cache keys (an extension
+    /// of the ICD's keys): writes of an older epoch are dropped (`node::cache`).
+    pub fn cache_epoch(&self, s: &Uuid) -> String {
+        format!("{}session:{s}:cache_epoch", self.prefix)
+    }
     /// The ownership lock of a session (rslock).
     pub fn lock(&self, s: &Uuid) -> String {
         format!("{}lock:session:{s}", self.prefix)

@@ -38,6 +38,15 @@ pub mod codes {
     // --- limits
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const TOO_MANY_IN_FLIGHT: &str = "too_many_in_flight";
+    /// Over a connection cap: the router's (503), or one user's or one IP's open
+    /// WebSockets (429).
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+    /// `connection_error` before a close (4408): the client sent nothing for
+    /// `router.ws_idle_timeout_ms`.
+    pub const IDLE_TIMEOUT: &str = "idle_timeout";
+    /// `connection_error` before a close (4008): the client did not read and fell more
+    /// than `router.max_outbound_queue` events behind.
+    pub const SLOW_CONSUMER: &str = "slow_consumer";
     // --- state
     pub const SESSION_NOT_FOUND: &str = "session_not_found";
     /// The session's stored data cannot be loaded; it is set aside (a node metric and
@@ -54,6 +63,18 @@ pub mod codes {
     /// Between routers and nodes only: the router had stopped waiting.
     pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
     pub const INTERNAL: &str = "internal_error";
+}
+
+/// WebSocket close codes the server uses besides the standard ones (1000 session
+/// ended, 1001 router shutting down, 1008 refused after the upgrade, 1011 cannot
+/// subscribe). 4000–4999 are for applications (RFC 6455 §7.4.2).
+pub mod close_codes {
+    /// The access or connection token expired while the socket was open (after a
+    /// `connection_error` `token_expired`): reconnect with fresh tokens.
+    pub const TOKEN_EXPIRED: u16 = 4401;
+    /// The user is no longer a member of the session (left or was removed; after a
+    /// `connection_error` `not_member`).
+    pub const NOT_MEMBER: u16 = 4403;
 }
 
 /// An error as it appears on the wire (`error` events, REST error bodies, node replies).
@@ -101,8 +122,12 @@ impl WireError {
             codes::FORBIDDEN | codes::WRONG_SESSION | codes::WRONG_USER | codes::NOT_MEMBER => 403,
             codes::SESSION_NOT_FOUND | codes::NOT_FOUND => 404,
             codes::CONFLICT => 409,
+            codes::IDLE_TIMEOUT => 408,
             codes::MESSAGE_TOO_LARGE | codes::LIMIT_EXCEEDED => 413,
-            codes::RATE_LIMITED | codes::TOO_MANY_IN_FLIGHT => 429,
+            codes::RATE_LIMITED
+            | codes::TOO_MANY_IN_FLIGHT
+            | codes::TOO_MANY_CONNECTIONS
+            | codes::SLOW_CONSUMER => 429,
             codes::NOT_OWNER
             | codes::OVERLOADED
             | codes::SERVICE_UNAVAILABLE
@@ -164,7 +189,12 @@ impl PartialEq for RawJson {
 /// A parsed client → server message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientMessage {
+    /// The envelope's `id`; for a message without one (an ICD client's), a
+    /// `state_update`'s `data.update_id`, else an id the router made up.
     pub id: Uuid,
+    /// The message had no envelope `id`: its sender follows the ICD alone and gets
+    /// no `ack` (its own change comes back as the event carrying its `update_id`).
+    pub anonymous: bool,
     pub kind: String,
     /// Always a JSON object (`{}` when the message had none).
     pub data: RawJson,
@@ -281,14 +311,18 @@ pub fn parse_client_message(
         ),
         _ => rejected(None, codes::MALFORMED_JSON, format!("not valid JSON: {e}")),
     })?;
-    let id = match env.id.map(|r| serde_json::from_str::<String>(r.get())) {
-        Some(Ok(s)) => Uuid::parse_str(&s)
-            .map_err(|_| rejected(None, codes::INVALID_MESSAGE, "`id` must be a UUID"))?,
-        _ => {
+    let (id, anonymous) = match env.id.map(|r| serde_json::from_str::<String>(r.get())) {
+        Some(Ok(s)) => (
+            Uuid::parse_str(&s)
+                .map_err(|_| rejected(None, codes::INVALID_MESSAGE, "`id` must be a UUID"))?,
+            false,
+        ),
+        None => (icd_message_id(env.kind, env.data), true),
+        Some(Err(_)) => {
             return Err(rejected(
                 None,
                 codes::INVALID_MESSAGE,
-                "every message needs an `id` (a UUID string)",
+                "`id` must be a UUID string (or absent)",
             ))
         }
     };
@@ -326,7 +360,30 @@ pub fn parse_client_message(
         id: Some(id),
         error,
     })?;
-    Ok(ClientMessage { id, kind, data })
+    Ok(ClientMessage {
+        id,
+        anonymous,
+        kind,
+        data,
+    })
+}
+
+/// The id of a message without an envelope `id`: a `state_update`'s `data.update_id`
+/// (so a resend of the same update takes effect once), else a new one.
+fn icd_message_id(kind: Option<&RawValue>, data: Option<&RawValue>) -> Uuid {
+    #[derive(Deserialize)]
+    struct UpdateId {
+        #[serde(default)]
+        update_id: Option<String>,
+    }
+    let is_update = kind.is_some_and(|k| k.get() == r#""state_update""#);
+    is_update
+        .then_some(data)
+        .flatten()
+        .and_then(|d| serde_json::from_str::<UpdateId>(d.get()).ok())
+        .and_then(|d| d.update_id)
+        .and_then(|s| Uuid::parse_str(&s).ok())
+        .unwrap_or_else(Uuid::new_v4)
 }
 
 /// Message types the router answers itself; everything else goes to the session owner.
@@ -477,7 +534,6 @@ mod tests {
         let cases: Vec<(String, &str, bool)> = vec![
             ("{nope".into(), codes::MALFORMED_JSON, false),
             ("[1,2]".into(), codes::INVALID_MESSAGE, false),
-            (r#"{"type":"x"}"#.into(), codes::INVALID_MESSAGE, false),
             (
                 r#"{"id":"12","type":"x"}"#.into(),
                 codes::INVALID_MESSAGE,
@@ -501,6 +557,17 @@ mod tests {
             assert_eq!(r.error.code, code, "{text}");
             assert_eq!(r.id.is_some(), has_id, "{text}");
         }
+        // Without an envelope id (the ICD's messages): a state_update's update_id is
+        // its id; anything else gets a new one.
+        let update = Uuid::new_v4();
+        let icd = format!(
+            r#"{{"type":"state_update","data":{{"update_id":"{update}","changes":[],"timestamp":"t"}}}}"#
+        );
+        let m = parse_client_message(&icd, 1024, 64).unwrap();
+        assert_eq!((m.id, m.anonymous), (update, true));
+        let m = parse_client_message(r#"{"type":"sync_request"}"#, 1024, 64).unwrap();
+        assert!(m.anonymous && !m.id.is_nil());
+        assert!(!parse_client_message(&ok, 1024, 64).unwrap().anonymous);
     }
 
     #[test]

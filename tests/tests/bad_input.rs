@@ -218,13 +218,14 @@ async fn malformed_json_is_refused_and_the_connection_stays_usable() -> Result<(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_without_an_id_or_in_binary_are_invalid() -> Result<()> {
+async fn messages_with_an_unreadable_id_or_in_binary_are_invalid() -> Result<()> {
     let fx = Fixture::start(1, 1, false).await?;
     let f = &fx;
     let r = async {
+        // (A message without an `id` is an ICD client's: accepted, issue 11.)
         refused_then_usable(
             f,
-            json!({"type": "state_update", "data": {}}).to_string(),
+            json!({"id": 5, "type": "state_update", "data": {}}).to_string(),
             None,
             "invalid_message",
         )

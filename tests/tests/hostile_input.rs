@@ -450,3 +450,47 @@ async fn quarantine(f: &mut Fixture) -> Result<()> {
     );
     Ok(())
 }
+
+/// The combat-action limit counts a player's own actions; the DM (who acts for every
+/// monster) has its own, larger budget, which players cannot use up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dm_has_its_own_combat_budget() -> Result<()> {
+    let mut spec = ClusterSpec::test(1, 1);
+    spec.base.limits.combat_actions_per_min_per_player = 3;
+    spec.base.limits.combat_actions_per_min_per_dm = 6;
+    let fx = Fixture::with_spec(spec).await?;
+    let f = &fx;
+    let r = async {
+        let (_, token, st) = f.player(0, json!({})).await?;
+        let mut p = f.connect(0, "player", &token, &st).await?;
+        let mut dm = f.connect(0, "dm", &f.dm_token, &f.session_token).await?;
+        // Whatever the rules answer (no combat is running), the limit counts first.
+        let player = combat_codes(&mut p, 4).await?;
+        ensure!(
+            player[..3].iter().all(|c| c != "rate_limited") && player[3] == "rate_limited",
+            "player: {player:?}"
+        );
+        let dm_codes = combat_codes(&mut dm, 7).await?;
+        ensure!(
+            dm_codes[..6].iter().all(|c| c != "rate_limited") && dm_codes[6] == "rate_limited",
+            "dm: {dm_codes:?}"
+        );
+        Ok(())
+    }
+    .await;
+    finish(fx, r).await
+}
+
+/// Sends `n` combat actions one after another: the code each was answered with.
+async fn combat_codes(c: &mut TrackedClient, n: usize) -> Result<Vec<String>> {
+    let mut codes = Vec::new();
+    for _ in 0..n {
+        let id = c.send("end_turn", json!({})).await?;
+        let code = match c.wait_answer(id, WAIT).await? {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e["code"].as_str().unwrap_or("").to_string(),
+        };
+        codes.push(code);
+    }
+    Ok(codes)
+}

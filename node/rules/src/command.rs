@@ -66,10 +66,16 @@ pub(crate) fn present<'de, D: Deserializer<'de>>(
     Value::deserialize(d).map(Some)
 }
 
+/// The ICD's `state_update` payload. Besides `changes`: `update_id`, the command id
+/// of a message sent without an envelope `id` (an ICD client's), and `timestamp`, the
+/// client's clock (informational: never used for ordering). Other fields are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StateUpdate {
     pub changes: Vec<Change>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
 }
 
 /// The body of `POST /sessions/{id}/join`.

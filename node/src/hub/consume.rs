@@ -374,6 +374,8 @@ pub fn command_for(kind: &str, payload: &Value) -> Result<gs_rules::Command, gs_
                         previous: None,
                         op: Default::default(),
                     }],
+                    update_id: None,
+                    timestamp: None,
                 },
             ))
         }

@@ -152,7 +152,12 @@ impl Hub {
                 }
                 Err(e) => {
                     self.up.store(false, Ordering::Relaxed);
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Message Hub unavailable");
+                    tracing::warn!(
+                        error = %gs_shared::config::redact_secrets(&e.to_string()),
+                        url = %gs_shared::config::redact_url(&self.cfg.url),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "Message Hub unavailable"
+                    );
                 }
             }
             tokio::time::sleep(backoff).await;

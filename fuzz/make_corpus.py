@@ -273,8 +273,8 @@ def token():
     far = 4102444800  # 2100-01-01
     hs = dumps({"alg": "HS256", "typ": "JWT"})
 
-    def signed(name, claims, header=hs):
-        write(t, "sign-" + name, "sign:" + header + "\n" + dumps(claims))
+    def signed(name, claims, header=hs, prefix="sign:"):
+        write(t, prefix.rstrip(":") + "-" + name, prefix + header + "\n" + dumps(claims))
 
     signed("access", {"sub": user, "role": "player", "exp": far})
     signed("access-admin", {"sub": user, "role": "admin", "exp": far, "iat": 1})
@@ -300,6 +300,20 @@ def token():
     signed("rs256-header", {"sub": user, "role": "player", "exp": far}, dumps({"alg": "RS256"}))
     signed("kid-long", {"sub": user, "role": "player", "exp": far}, dumps({"alg": "HS256", "kid": "k" * 5000}))
     signed("deep-claims", {"sub": user, "role": "player", "exp": far, "x": deep(120)})
+    strict = {"sub": user, "role": "dm", "exp": far, "iss": "gs-fuzz-iss", "aud": "gs-fuzz-aud"}
+    signed("strict", strict)
+    signed("strict-aud-list", dict(strict, aud=["x", "gs-fuzz-aud"]))
+    signed("strict-wrong-aud", dict(strict, aud="other"))
+    signed("strict-wrong-iss", dict(strict, iss="other"))
+    signed("strict-aud-number", dict(strict, aud=5))
+    for prefix in ("rsa:", "ec:"):
+        alg = "RS256" if prefix == "rsa:" else "ES256"
+        signed("strict", strict, dumps({"alg": alg}), prefix)
+        signed("strict-kid-1", strict, dumps({"alg": alg, "kid": "rsa-1" if prefix == "rsa:" else "ec-1"}), prefix)
+        signed("kid-unknown", strict, dumps({"alg": alg, "kid": "nope"}), prefix)
+        signed("nbf-future", dict(strict, nbf=far - 1), dumps({"alg": alg}), prefix)
+        signed("session", {"sub": user, "sid": session, "exp": far, "typ": "session"}, dumps({"alg": alg}), prefix)
+    signed("hs256-header", strict, hs, "rsa:")
     raw = {
         "empty": "",
         "dots": "..",

@@ -368,29 +368,79 @@ pub fn decide(data: &[u8]) -> Trace {
 // ---------------------------------------------------------------------------------
 // token
 
-/// The secret of the [`token`] target's authority (the readable form signs with it).
+/// The secret of the [`token`] target's authorities (the readable form signs with it).
 pub const TOKEN_SECRET: &str = "fuzz-secret-0123456789abcdef";
+/// `iss` and `aud` the strict authority of the [`token`] target requires.
+pub const TOKEN_ISSUER: &str = "gs-fuzz-iss";
+pub const TOKEN_AUDIENCE: &str = "gs-fuzz-aud";
 
-/// Verifies the input as an access token and as a session token. Readable form:
-/// `sign:` followed by a JWT header (JSON), a newline and claims (JSON): the target
-/// signs them with [`TOKEN_SECRET`] (HS256, or the header's `alg` when jsonwebtoken
-/// can sign it with a secret), so that inputs reach the claims' validation. Anything
-/// else is the token text itself.
+/// The test key material committed for the auth tests.
+fn fixture(name: &str) -> String {
+    format!(
+        "{}/../tests/fixtures/auth/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// A plain HS256 authority and a strict one (issuer, audience, RS256/ES256 public keys
+/// from PEM files and a JWKS file), built once.
+fn authorities() -> &'static (Authority, Authority) {
+    static A: std::sync::OnceLock<(Authority, Authority)> = std::sync::OnceLock::new();
+    A.get_or_init(|| {
+        let plain = Authority::new(TOKEN_SECRET, 3600, 5);
+        let cfg = gs_shared::config::AuthConfig {
+            jwt_secret: TOKEN_SECRET.into(),
+            issuer: TOKEN_ISSUER.into(),
+            audience: TOKEN_AUDIENCE.into(),
+            public_keys_pem: vec![fixture("rsa-1.pub.pem"), fixture("ec-1.pub.pem")],
+            jwks_file: fixture("jwks-1.json"),
+            keys_check_ms: 3_600_000,
+            ..Default::default()
+        };
+        let strict = Authority::load(&cfg).expect("the fixtures' keys load");
+        (plain, strict)
+    })
+}
+
+/// Verifies the input as an access token and as a session token, with a plain HS256
+/// authority and with a strict one (issuer, audience, public keys). Readable forms:
+/// `sign:`, `rsa:` or `ec:` followed by a JWT header (JSON), a newline and claims
+/// (JSON): the target signs them (HS256 with [`TOKEN_SECRET`], RS256 with the
+/// fixtures' `rsa-1` key, ES256 with `ec-1`; the header's `alg` and `kid` are kept
+/// when the key can sign them), so that inputs reach the claims' validation and the
+/// key selection. Anything else is the token text itself.
 pub fn token(data: &[u8]) -> Trace {
-    use jsonwebtoken::{encode, EncodingKey, Header};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     let mut t = Trace::default();
-    let a = Authority::new(TOKEN_SECRET, 3600, 5);
+    let (plain, strict) = authorities();
     let text = String::from_utf8_lossy(data);
-    let tok = match text.strip_prefix("sign:") {
-        Some(rest) => {
+    let signed = [
+        ("sign:", Algorithm::HS256),
+        ("rsa:", Algorithm::RS256),
+        ("ec:", Algorithm::ES256),
+    ]
+    .into_iter()
+    .find_map(|(prefix, alg)| text.strip_prefix(prefix).map(|rest| (rest, alg)));
+    let tok = match signed {
+        Some((rest, alg)) => {
             let (h, c) = rest.split_once('\n').unwrap_or((rest, "{}"));
             let claims: Value = serde_json::from_str(c).unwrap_or(Value::Null);
-            let header: Header = serde_json::from_str(h).unwrap_or_default();
-            match encode(
-                &header,
-                &claims,
-                &EncodingKey::from_secret(TOKEN_SECRET.as_bytes()),
-            ) {
+            let mut header: Header = serde_json::from_str(h).unwrap_or_else(|_| Header::new(alg));
+            let key = match alg {
+                Algorithm::RS256 => {
+                    let pem = std::fs::read(fixture("rsa-1.key.pem")).expect("fixture");
+                    EncodingKey::from_rsa_pem(&pem).expect("an RSA key")
+                }
+                Algorithm::ES256 => {
+                    let pem = std::fs::read(fixture("ec-1.key.pem")).expect("fixture");
+                    EncodingKey::from_ec_pem(&pem).expect("an EC key")
+                }
+                _ => EncodingKey::from_secret(TOKEN_SECRET.as_bytes()),
+            };
+            if header.alg == Algorithm::HS256 && alg != Algorithm::HS256 {
+                header.alg = alg;
+            }
+            match encode(&header, &claims, &key) {
                 Ok(s) => s,
                 Err(_) => {
                     t.hit("unsignable");
@@ -401,20 +451,49 @@ pub fn token(data: &[u8]) -> Trace {
         None => text.into_owned(),
     };
     let (user, session) = (Uuid::from_u128(0xA1), Uuid::from_u128(0x5E55));
-    match a.verify_access(Some(&tok)) {
-        Ok(c) => {
-            assert!(c.typ.is_none(), "a session token passed as an access token");
-            assert!(c.exp > 0);
-            t.hit(("access_ok", c.role.as_str()));
+    for (name, a) in [("plain", plain), ("strict", strict)] {
+        match a.verify_access(Some(&tok)) {
+            Ok(c) => {
+                assert_ne!(
+                    c.typ.as_deref(),
+                    Some("session"),
+                    "a session token passed as an access token"
+                );
+                let now = gs_shared::auth::now_secs();
+                assert!(
+                    c.exp.saturating_add(a.leeway_secs()) >= now,
+                    "an expired token passed"
+                );
+                if let Some(nbf) = c.nbf {
+                    assert!(
+                        nbf <= now.saturating_add(a.leeway_secs()),
+                        "a token not yet valid passed"
+                    );
+                }
+                if name == "strict" {
+                    assert_eq!(
+                        c.iss.as_deref(),
+                        Some(TOKEN_ISSUER),
+                        "a token of another issuer passed"
+                    );
+                    let aud_ok = match &c.aud {
+                        Some(Value::String(s)) => s == TOKEN_AUDIENCE,
+                        Some(Value::Array(v)) => v.iter().any(|x| x == TOKEN_AUDIENCE),
+                        _ => false,
+                    };
+                    assert!(aud_ok, "a token for another audience passed: {:?}", c.aud);
+                }
+                t.hit(("access_ok", name, c.role.as_str()));
+            }
+            Err(e) => t.hit(("access", name, e.code())),
         }
-        Err(e) => t.hit(("access", e.code())),
-    }
-    match a.verify_session(Some(&tok), user, session) {
-        Ok(c) => {
-            assert_eq!((c.sub, c.sid, c.typ.as_str()), (user, session, "session"));
-            t.hit("session_ok");
+        match a.verify_session(Some(&tok), user, session) {
+            Ok(c) => {
+                assert_eq!((c.sub, c.sid, c.typ.as_str()), (user, session, "session"));
+                t.hit(("session_ok", name));
+            }
+            Err(e) => t.hit(("session", name, e.code())),
         }
-        Err(e) => t.hit(("session", e.code())),
     }
     t
 }

@@ -27,7 +27,7 @@ cargo-fuzz)
   for t in "${TARGETS[@]}"; do
     mkdir -p "$work/$t" "fuzz/crashes/$t"
     # New inputs go to the scratch directory; the committed corpus is read only.
-    if ! (cd fuzz/cargo-fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" -s none \
+    if ! (cd fuzz/cargo-fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir . "$t" -s none \
         "$work/$t" "../corpus/$t" -- \
         -max_total_time="$SECONDS_EACH" -seed="$SEED" -rss_limit_mb=4096 -max_len=131072 \
         -artifact_prefix="../crashes/$t/" -print_final_stats=1 2>&1 | tail -25); then

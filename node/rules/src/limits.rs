@@ -208,6 +208,21 @@ pub fn size_delta(
     path: &str,
     value: Option<&Value>,
 ) -> Result<(isize, usize), PathError> {
+    size_delta_of(doc, path, value, None)
+}
+
+/// [`size_delta`], given the new value's serialised length when already measured
+/// (`decide` measures it for `max_value_bytes`: no second serialisation).
+pub fn size_delta_of(
+    doc: &Value,
+    path: &str,
+    value: Option<&Value>,
+    value_len: Option<usize>,
+) -> Result<(isize, usize), PathError> {
+    let json_len = |v: &Value| match (value_len, value) {
+        (Some(n), Some(new)) if std::ptr::eq(v, new) => n,
+        _ => json_len(v),
+    };
     let tokens = pointer::parse(path)?;
     let err = |reason: String| PathError {
         path: path.to_string(),

@@ -532,11 +532,12 @@ impl SessionState {
             ChangeOp::Set => c.value.as_ref(),
             ChangeOp::Remove => None,
         };
-        if let Some(v) = value {
-            l.check_value(tokens, v).map_err(at)?;
-        }
+        let value_len = match value {
+            Some(v) => Some(l.check_value(tokens, v).map_err(at)?),
+            None => None,
+        };
         // Malformed paths and missing parents are reported by the change itself.
-        let Ok((delta, members)) = limits::size_delta(doc, &c.path, value) else {
+        let Ok((delta, members)) = limits::size_delta_of(doc, &c.path, value, value_len) else {
             return Ok(size);
         };
         if members > l.max_keys_per_object {

@@ -90,6 +90,10 @@ pub struct BenchReport {
     pub events_delivered: u64,
     pub events_per_sec: f64,
     pub anomalies: ClientAnomalies,
+    /// The measured window minute by minute (ack latency from a shared histogram:
+    /// bucket edges, 0.1 ms below 10 ms, 1 ms above), to show whether a long run
+    /// stays flat.
+    pub minutes: Vec<WindowStats>,
     pub cpu: Vec<GroupCpu>,
     /// CPU of every service process (all groups but the load generator) per
     /// acknowledged update.
@@ -98,12 +102,102 @@ pub struct BenchReport {
     pub cpu_us_per_update_with_generator: f64,
 }
 
-/// Shared counters for the progress line.
-#[derive(Default)]
+/// Shared counters for the progress line and the per-minute windows.
 struct Progress {
     acked: AtomicU64,
     failed: AtomicU64,
     events: AtomicU64,
+    /// Ack latencies of measured commands, by [`Hist`] bucket.
+    ack_hist: Hist,
+}
+
+impl Default for Progress {
+    fn default() -> Progress {
+        Progress {
+            acked: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            ack_hist: Hist::new(),
+        }
+    }
+}
+
+/// A latency histogram shared by every client: 0.1 ms buckets below 10 ms, 1 ms
+/// buckets from 10 ms to 60 s, one bucket above. Windows are differences of two
+/// [`Hist::snapshot`]s, so the reporter reads percentiles of any interval without
+/// stopping the clients.
+struct Hist(Box<[AtomicU64]>);
+
+const FINE_BUCKETS: usize = 100;
+const COARSE_MAX_MS: usize = 60_000;
+
+impl Hist {
+    fn new() -> Hist {
+        Hist(
+            (0..FINE_BUCKETS + COARSE_MAX_MS + 1)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
+
+    fn bucket(ms: f32) -> usize {
+        if ms < 10.0 {
+            ((ms.max(0.0) * 10.0) as usize).min(FINE_BUCKETS - 1)
+        } else {
+            (FINE_BUCKETS + ms as usize - 10).min(FINE_BUCKETS + COARSE_MAX_MS)
+        }
+    }
+
+    /// The upper edge of a bucket, in ms.
+    fn upper(i: usize) -> f64 {
+        if i < FINE_BUCKETS {
+            (i + 1) as f64 / 10.0
+        } else {
+            (i - FINE_BUCKETS + 11) as f64
+        }
+    }
+
+    fn record(&self, ms: f32) {
+        self.0[Self::bucket(ms)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Vec<u64> {
+        self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// (count, p50, p99) of the samples between two snapshots, in ms (bucket edges).
+    fn window(before: &[u64], after: &[u64]) -> (u64, f64, f64) {
+        let diff: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+        let n: u64 = diff.iter().sum();
+        let at = |q: f64| {
+            let rank = ((n as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, c) in diff.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return Self::upper(i);
+                }
+            }
+            0.0
+        };
+        if n == 0 {
+            (0, 0.0, 0.0)
+        } else {
+            (n, at(0.50), at(0.99))
+        }
+    }
+}
+
+/// One minute (or the last, shorter part) of the measured window.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowStats {
+    /// Start of the window, seconds after the warm-up.
+    pub start_secs: f64,
+    pub secs: f64,
+    pub acked_per_sec: f64,
+    pub events_per_sec: f64,
+    pub ack_p50_ms: f64,
+    pub ack_p99_ms: f64,
 }
 
 /// What one client measured.
@@ -274,7 +368,7 @@ pub async fn run(target: &Target, spec: &BenchSpec, pids: &[u32]) -> Result<Benc
     tokio::time::sleep(warmup_end).await;
     let cpu_start = cpu_snapshot();
     let started = Instant::now();
-    tokio::time::sleep(window).await;
+    let minutes = measure_minutes(&progress, started, window).await;
     let cpu_end = cpu_snapshot();
     let elapsed = started.elapsed().as_secs_f64();
     let _ = stop_tx.send(true);
@@ -338,8 +432,43 @@ pub async fn run(target: &Target, spec: &BenchSpec, pids: &[u32]) -> Result<Benc
         events_delivered: total.events,
         events_per_sec: total.events as f64 / elapsed,
         anomalies,
+        minutes,
         cpu,
     })
+}
+
+/// Waits out the measured window, cutting it into minutes (the last may be shorter):
+/// throughput and ack latency of each, from the shared counters.
+async fn measure_minutes(p: &Progress, started: Instant, window: Duration) -> Vec<WindowStats> {
+    const MINUTE: Duration = Duration::from_secs(60);
+    let mut out = Vec::new();
+    let mut from = Duration::ZERO;
+    let mut hist = p.ack_hist.snapshot();
+    let (mut acked, mut events) = (
+        p.acked.load(Ordering::Relaxed),
+        p.events.load(Ordering::Relaxed),
+    );
+    while from < window {
+        let to = (from + MINUTE).min(window);
+        tokio::time::sleep_until((started + to).into()).await;
+        let now_hist = p.ack_hist.snapshot();
+        let (a, e) = (
+            p.acked.load(Ordering::Relaxed),
+            p.events.load(Ordering::Relaxed),
+        );
+        let secs = (to - from).as_secs_f64();
+        let (_, p50, p99) = Hist::window(&hist, &now_hist);
+        out.push(WindowStats {
+            start_secs: from.as_secs_f64(),
+            secs,
+            acked_per_sec: (a - acked) as f64 / secs,
+            events_per_sec: (e - events) as f64 / secs,
+            ack_p50_ms: p50,
+            ack_p99_ms: p99,
+        });
+        (hist, acked, events, from) = (now_hist, a, e, to);
+    }
+    out
 }
 
 struct ClientCfg {
@@ -492,6 +621,7 @@ fn handle_frame(
             }
             if m.kind == "ack" {
                 r.acked.push(ms(start));
+                progress.ack_hist.record(ms(start));
                 progress.acked.fetch_add(1, Ordering::Relaxed);
             } else {
                 let code = m
@@ -550,6 +680,7 @@ async fn report_progress(clock: Clock, p: Arc<Progress>, warmup: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     let (mut a0, mut e0) = (0, 0);
+    let mut h0 = p.ack_hist.snapshot();
     loop {
         tick.tick().await;
         let (a, e, f) = (
@@ -557,6 +688,9 @@ async fn report_progress(clock: Clock, p: Arc<Progress>, warmup: Duration) {
             p.events.load(Ordering::Relaxed),
             p.failed.load(Ordering::Relaxed),
         );
+        let h = p.ack_hist.snapshot();
+        let (_, p50, p99) = Hist::window(&h0, &h);
+        h0 = h;
         let t = clock.now() as f64 / 1e6;
         let phase = if t < warmup.as_secs_f64() {
             "warm-up"
@@ -564,7 +698,7 @@ async fn report_progress(clock: Clock, p: Arc<Progress>, warmup: Duration) {
             "measuring"
         };
         eprintln!(
-            "[{t:6.1} s {phase}] acked {:>7.0}/s  events {:>8.0}/s  failed {f}",
+            "[{t:6.1} s {phase}] acked {:>7.0}/s  events {:>8.0}/s  ack p50 {p50:>6.1} p99 {p99:>7.1} ms  failed {f}",
             (a - a0) as f64 / every.as_secs_f64(),
             (e - e0) as f64 / every.as_secs_f64(),
         );
@@ -821,6 +955,16 @@ impl BenchReport {
             self.anomalies.out_of_order,
             self.anomalies.clients_with_anomalies
         );
+        if self.minutes.len() > 1 {
+            out += "by minute (acked/s, ack p50 / p99 ms):";
+            for m in &self.minutes {
+                out += &format!(
+                    "  [{:.0}+{:.0} s] {:.0}/s {:.1}/{:.1}",
+                    m.start_secs, m.secs, m.acked_per_sec, m.ack_p50_ms, m.ack_p99_ms
+                );
+            }
+            out += "\n";
+        }
         out += "CPU over the window (seconds; cores):";
         for g in &self.cpu {
             out += &format!("  {} {:.1} s ({:.2})", g.group, g.cpu_secs, g.cores);
@@ -836,6 +980,28 @@ impl BenchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_windows_give_percentiles_of_their_interval_only() {
+        let h = Hist::new();
+        for _ in 0..90 {
+            h.record(1.25); // bucket (1.2, 1.3]
+        }
+        let before = h.snapshot();
+        for _ in 0..98 {
+            h.record(0.05);
+        }
+        h.record(42.5);
+        h.record(70_000.0); // beyond the last edge: the overflow bucket
+        let after = h.snapshot();
+        let (n, p50, p99) = Hist::window(&before, &after);
+        assert_eq!(n, 100);
+        assert_eq!(p50, 0.1);
+        assert_eq!(p99, 43.0);
+        let (n, p50, p99) = Hist::window(&[0; FINE_BUCKETS + COARSE_MAX_MS + 1], &before);
+        assert_eq!((n, p50, p99), (90, 1.3, 1.3));
+        assert_eq!(Hist::window(&after, &after), (0, 0.0, 0.0));
+    }
 
     #[test]
     fn reads_its_own_stat_line() {

@@ -99,11 +99,43 @@ struct Dedupe {
     order: VecDeque<Uuid>,
     cap: usize,
     /// Whether every command the session ever committed is in `map` (so a miss means
-    /// new); otherwise misses are checked against the log.
+    /// new).
     complete: bool,
+    /// Until when misses are checked against the log although the window is
+    /// incomplete (see [`Dedupe::misses_to_verify`]).
+    verify_until: Option<Instant>,
 }
 
+/// How long misses are checked against the log after a commit failed: the router
+/// retries the failed commands under the same ids well within this.
+const VERIFY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+
 impl Dedupe {
+    /// The commands of a batch to look up in the log before deciding it.
+    ///
+    /// When the window covers the whole log, a miss is new. When it does not, a miss
+    /// is almost always new too, and looking every batch up would cost a random
+    /// index probe per command on a log that outgrew memory (throughput fell by
+    /// a third over a 10-minute run). The `UNIQUE(session_id, command_id)` constraint
+    /// keeps exactly-once without the look-up: a command older than the window that
+    /// is sent again fails its commit instead of being applied twice; the failure
+    /// ("outcome unknown") opens a verification period in which misses are looked up,
+    /// so the router's retry under the same id finds the original version. Requests
+    /// the router has given up on are always looked up: the answer "not applied" must
+    /// never be given for a command that was.
+    fn misses_to_verify(&self, batch: &[Envelope]) -> Vec<Uuid> {
+        if self.complete {
+            return Vec::new();
+        }
+        let verifying = self.verify_until.is_some_and(|t| Instant::now() < t);
+        batch
+            .iter()
+            .filter(|e| verifying || e.req.expired())
+            .filter_map(|e| command_id(&e.req.body))
+            .filter(|c| !self.map.contains_key(c))
+            .collect()
+    }
+
     fn insert(&mut self, id: Uuid, version: u64) {
         if self.map.insert(id, version).is_none() {
             self.order.push_back(id);
@@ -627,6 +659,7 @@ impl Actor {
             order: VecDeque::new(),
             cap,
             complete,
+            verify_until: None,
         };
         // Oldest first, so the newest stay when the window is full.
         for (c, v) in commands.into_iter().rev() {
@@ -721,13 +754,9 @@ impl Actor {
             return Some(Stop::LeaseLost);
         }
         // Commands this actor has not seen, when its memory does not cover the whole
-        // log: ask the log once for the batch.
-        if !self.dedupe.complete {
-            let unknown: Vec<Uuid> = batch
-                .iter()
-                .filter_map(|e| command_id(&e.req.body))
-                .filter(|c| !self.dedupe.map.contains_key(c))
-                .collect();
+        // log and a miss may be a repeat: ask the log once for the batch.
+        {
+            let unknown = self.dedupe.misses_to_verify(&batch);
             if !unknown.is_empty() {
                 match self.ctx.store.find_commands(self.id, &unknown).await {
                     Ok(found) => {
@@ -1211,7 +1240,10 @@ impl Actor {
                         .await;
                 }
                 // The in-memory state may be ahead of the log, or the commit may have
-                // landed with its reply lost: rebuild from the log either way.
+                // landed with its reply lost: rebuild from the log either way. The
+                // retries of these commands are checked against the log (one may have
+                // been a repeat of a command older than the window).
+                self.dedupe.verify_until = Some(Instant::now() + VERIFY_AFTER_FAILURE);
                 match self.reload().await {
                     Ok(()) => None,
                     Err(e) => {

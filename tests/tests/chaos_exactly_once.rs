@@ -73,3 +73,64 @@ async fn a_command_whose_ack_died_with_the_owner_takes_effect_once() -> Result<(
     .await;
     finish(f, r).await
 }
+
+/// Exactly once beyond the node's memory: with a window of 4 command ids, a command
+/// sent again after 10 newer ones (a client that reconnects late and resends what it
+/// never saw answered) is not applied a second time, and the resend is answered with
+/// the original version. The node does not look every batch up in the log; the
+/// `UNIQUE(session_id, command_id)` constraint refuses the repeat, and the retry
+/// under the same id is looked up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_resent_after_it_left_the_dedupe_window_takes_effect_once() -> Result<()> {
+    let mut spec = cluster::harness::ClusterSpec::test(1, 1);
+    spec.base.node.dedupe_window = 4;
+    let f = Fixture::with_spec(spec).await?;
+    let r = async {
+        let sid = Uuid::parse_str(&f.session)?;
+        let mut dm = f.connect(0, "dm", &f.dm_token, &f.session_token).await?;
+        let id = dm.send("state_update", set("/log", json!([]))).await?;
+        assert!(dm.wait_answer(id, WAIT).await?.is_ok());
+        let append = |n: u32| json!({"changes": [{"path": "/log/-", "value": n}]});
+        let first = dm.send("state_update", append(0)).await?;
+        let original = dm.wait_answer(first, WAIT).await?.expect("applied");
+        let mut last = original;
+        for n in 1..10 {
+            let id = dm.send("state_update", append(n)).await?;
+            last = dm.wait_answer(id, WAIT).await?.expect("applied");
+        }
+
+        // The same id again, from a new connection (the answer to the first copy
+        // is what a reconnecting client has not seen).
+        let mut again = f.connect(0, "again", &f.dm_token, &f.session_token).await?;
+        again.send_with_id(first, "state_update", append(0)).await?;
+        let answer = again.wait_answer(first, WAIT).await?;
+        assert_eq!(answer, Ok(original), "answered with the original version");
+
+        // Applied once: one row, ten entries, no event after the last append.
+        let pg = f.cluster.pg().await?;
+        let rows = pg
+            .query(
+                "SELECT seq FROM session_events WHERE session_id = $1 AND command_id = $2",
+                &[&sid, &first],
+            )
+            .await?;
+        assert_eq!(rows.len(), 1);
+        let state = f.api(0, &f.dm_token).get_state(&f.session).await?;
+        assert_eq!(state["state"]["log"], json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]));
+        let newest: i64 = pg
+            .query_one(
+                "SELECT max(seq) FROM session_events WHERE session_id = $1",
+                &[&sid],
+            )
+            .await?
+            .get(0);
+        assert_eq!(newest as u64, last, "nothing was appended by the resend");
+
+        // A later new command still goes through (the session recovered).
+        let id = dm.send("state_update", append(10)).await?;
+        assert_eq!(dm.wait_answer(id, WAIT).await?, Ok(last + 1));
+        Ok(())
+    }
+    .await;
+    finish(f, r).await
+}

@@ -167,9 +167,12 @@ pub async fn serve<F>(
                     header_read_timeout: Some(REFUSAL_TIMEOUT),
                     idle_timeout: None,
                 };
+                // Keep-alive stays on: without it hyper would write `Connection: close`
+                // over a refused upgrade's `101` (`Connection: upgrade`); the HTTP
+                // refusal says `Connection: close` itself.
                 let _ = tokio::time::timeout(
                     REFUSAL_TIMEOUT,
-                    connection(stream, peer, tls, routes, refuser, refused, false),
+                    connection(stream, peer, tls, routes, refuser, refused, true),
                 )
                 .await;
             });
@@ -471,6 +474,10 @@ mod tests {
         assert!(r.is_ok(), "the refused socket was not closed");
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: upgrade"),
+            "{text}"
+        );
         assert!(text.contains(r#""type":"connection_error""#), "{text}");
         assert!(text.contains("too_many_connections"), "{text}");
         assert!(

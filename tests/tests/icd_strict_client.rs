@@ -867,7 +867,8 @@ async fn a_client_that_stops_answering_pings_is_closed_and_leaves_presence() -> 
         );
         // A server close frame: FIN + opcode 8, its length, then the code 4408 (0x1138).
         ensure!(
-            raw.windows(4).any(|w| w[0] == 0x88 && w[2..] == [0x11, 0x38]),
+            raw.windows(4)
+                .any(|w| w[0] == 0x88 && w[2..] == [0x11, 0x38]),
             "no close 4408: {text:?}"
         );
 

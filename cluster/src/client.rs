@@ -253,6 +253,87 @@ pub async fn ws_connect(
     Ok(ws)
 }
 
+/// A WebSocket handshake the router refused. A valid upgrade request is refused in
+/// band, as the ICD says: the socket opens, carries only
+/// `{"type":"connection_error","error":{…}}` and closes with a 4xxx code (`code` is
+/// that close code); a request that is not a valid upgrade gets a plain HTTP error
+/// (`code` is the HTTP status, `in_band` false).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: u16,
+    /// The error object (`{code, message, details?}`).
+    pub error: Value,
+    pub in_band: bool,
+}
+
+impl Refusal {
+    /// The error's code (`invalid_token`, …).
+    pub fn error_code(&self) -> &str {
+        self.error["code"].as_str().unwrap_or("")
+    }
+}
+
+/// Opens a WebSocket and waits (bounded) until it is either accepted
+/// (`connection_established`: a recording [`TrackedClient`]) or refused.
+#[allow(clippy::too_many_arguments)]
+pub async fn ws_open(
+    name: &str,
+    ws_base: &str,
+    session: &str,
+    token: &str,
+    session_token: &str,
+    last_version: Option<u64>,
+    style: TokenStyle,
+    cert: Option<&DevCert>,
+) -> Result<std::result::Result<TrackedClient, Refusal>> {
+    let ws = match ws_connect(
+        ws_base,
+        session,
+        token,
+        session_token,
+        last_version,
+        style,
+        cert,
+    )
+    .await
+    {
+        Ok(ws) => ws,
+        Err(e) => {
+            return match e.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+                Some(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                    let body: Value = resp
+                        .body()
+                        .as_ref()
+                        .and_then(|b| serde_json::from_slice(b).ok())
+                        .unwrap_or_default();
+                    Ok(Err(Refusal {
+                        code: resp.status().as_u16(),
+                        error: body["error"].clone(),
+                        in_band: false,
+                    }))
+                }
+                _ => Err(e),
+            }
+        }
+    };
+    let c = TrackedClient::new(name, ws, true, None);
+    c.wait_for(
+        "connection_established or connection_error",
+        Duration::from_secs(30),
+        |v| v.established.is_some() || v.closed.is_some(),
+    )
+    .await?;
+    let v = c.view();
+    if v.established.is_some() {
+        return Ok(Ok(c));
+    }
+    Ok(Err(Refusal {
+        code: v.closed.map(|c| c.0).unwrap_or(1006),
+        error: v.connection_error.unwrap_or(Value::Null),
+        in_band: true,
+    }))
+}
+
 impl TrackedClient {
     /// Wraps an open socket; `record` keeps every frame (for tests that inspect them).
     pub fn new(name: &str, ws: WsStream, record: bool, hook: Option<EventHook>) -> TrackedClient {
@@ -468,7 +549,10 @@ pub fn apply(v: &mut ClientView, msg: &Value) {
                     .is_some_and(|o| o.keys().all(|k| k.starts_with('/')) && !o.is_empty());
             if !partial {
                 v.doc = data["state"].clone();
-                v.version = data["version"].as_u64().unwrap_or(v.version);
+                v.version = data["version_number"]
+                    .as_u64()
+                    .or_else(|| gs_shared::rpc::version_number(&data["version"]))
+                    .unwrap_or(v.version);
                 v.syncs += 1;
             }
         }

@@ -904,6 +904,19 @@ impl Actor {
                         },
                     });
                 }
+                RequestBody::Touch { conn_id } => {
+                    // Only a connection the owner knows (a late touch after its detach
+                    // must not bring its entry back).
+                    if let Some((user, _)) = self.connections.get(&conn_id) {
+                        self.ctx.cache.attach(self.id, self.epoch, conn_id, *user);
+                    }
+                    b.waiting.push(Waiting::Done {
+                        reply,
+                        answer: NodeReply::Ok {
+                            body: ReplyBody::Done,
+                        },
+                    });
+                }
                 body => {
                     // Reads see committed state only.
                     if let Some(stop) = self.flush(&mut b).await {
@@ -1413,6 +1426,25 @@ impl Actor {
                         version,
                         resume,
                     },
+                }
+            }
+            RequestBody::Presence => {
+                if !member {
+                    return not_member();
+                }
+                let mut count: std::collections::BTreeMap<Uuid, u32> = Default::default();
+                for (user, _) in self.connections.values() {
+                    *count.entry(*user).or_default() += 1;
+                }
+                let players = count
+                    .into_iter()
+                    .map(|(player_id, connections)| gs_shared::rpc::Present {
+                        player_id,
+                        connections,
+                    })
+                    .collect();
+                NodeReply::Ok {
+                    body: ReplyBody::Presence { players },
                 }
             }
             RequestBody::History { before, limit } => {

@@ -4,7 +4,8 @@
 //!   after last access;
 //! * `session:{id}:players` (set of connected player ids), TTL 1 h after last update;
 //! * `session:{id}:connections` (hash: connection id → player id), TTL 5 min after the
-//!   last heartbeat;
+//!   last heartbeat: written on attach and again on every touch (a router's report that
+//!   the connection's client sent a heartbeat or answered its pings), removed on detach;
 //! * `session:{id}:combat` (hash: round, turn, initiative_order, active_effects), TTL 1 h.
 //!
 //! Writes go through a bounded queue to one task that pipelines them, so a slow or
@@ -219,12 +220,11 @@ async fn writer(
                     fenced(&mut pipe, &keys, &s, epoch, DETACH_BODY, &k, &args);
                 }
                 Op::Refresh(s, conns) => {
-                    // TTLs only: harmless whoever sends them.
+                    // TTLs only: harmless whoever sends them. Not the connections hash:
+                    // its TTL runs from the last heartbeat (`Cache::touch`).
                     pipe.expire(keys.meta(&s), keys::META_TTL.as_secs() as i64)
                         .ignore();
                     if conns {
-                        pipe.expire(keys.connections(&s), keys::CONNECTIONS_TTL.as_secs() as i64)
-                            .ignore();
                         pipe.expire(keys.players(&s), keys::PLAYERS_TTL.as_secs() as i64)
                             .ignore();
                     }

@@ -84,10 +84,12 @@ impl Registry {
             env.reply.send(ctx, NodeReply::err(error)).await;
             return;
         }
-        // A connection leaving a session that is not running has nothing to undo: no
-        // activation for it.
-        if matches!(env.req.body, RequestBody::Detach { .. })
-            && !self.actors.lock().unwrap().contains_key(&sid)
+        // A connection leaving (or touching) a session that is not running has nothing
+        // to undo or refresh: no activation for it.
+        if matches!(
+            env.req.body,
+            RequestBody::Detach { .. } | RequestBody::Touch { .. }
+        ) && !self.actors.lock().unwrap().contains_key(&sid)
         {
             let done = NodeReply::Ok {
                 body: ReplyBody::Done,

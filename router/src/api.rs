@@ -150,6 +150,11 @@ pub fn routes(
         .and(with_ctx(ctx.clone()))
         .and(with_auth())
         .then(|id, ctx, auth| async move { reply(history(ctx, id, auth).await) });
+    let presence = warp::path!("api" / "v2" / "sessions" / String / "presence")
+        .and(warp::get())
+        .and(with_ctx(ctx.clone()))
+        .and(with_auth())
+        .then(|id, ctx, auth| async move { reply(presence(ctx, id, auth).await) });
     let cluster = warp::path!("api" / "v2" / "cluster")
         .and(warp::get())
         .and(with_ctx(ctx.clone()))
@@ -199,6 +204,8 @@ pub fn routes(
         .or(save_state)
         .unify()
         .or(history)
+        .unify()
+        .or(presence)
         .unify()
         .or(cluster)
         .unify()
@@ -396,6 +403,32 @@ async fn get_state(ctx: Arc<RouterCtx>, id: String, auth: Auth) -> Result<Respon
     ))
 }
 
+/// `GET /sessions/{id}/presence`: the users with a WebSocket open on the session
+/// (through any router) and how many each, as the owner knows them: a socket counts
+/// from its attach until it closes (or is closed for silence) or its router leaves.
+async fn presence(ctx: Arc<RouterCtx>, id: String, auth: Auth) -> Result<Response, WireError> {
+    let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
+    let id = parse_session_id(&id)?;
+    let reply = ctx
+        .forwarder
+        .request(id, caller(&claims), RequestBody::Presence)
+        .await?;
+    let ReplyBody::Presence { players } = reply else {
+        return Err(WireError::new(
+            codes::INTERNAL,
+            "unexpected reply to presence",
+        ));
+    };
+    Ok(json_reply(
+        StatusCode::OK,
+        &json!({
+            "session_id": id,
+            "players": players,
+            "timestamp": gs_shared::protocol::timestamp_now(),
+        }),
+    ))
+}
+
 async fn save_state(
     ctx: Arc<RouterCtx>,
     id: String,
@@ -460,8 +493,10 @@ async fn save_state(
     };
     Ok(json_reply(
         StatusCode::OK,
+        // The ICD types `version` as a string; `version_number` is the extension.
         &json!({
-            "version": version,
+            "version": version.to_string(),
+            "version_number": version,
             "timestamp": gs_shared::protocol::timestamp_now(),
             "duplicate": duplicate,
         }),

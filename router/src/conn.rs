@@ -29,9 +29,20 @@
 //!   per-user and per-IP caps) for its whole life, and gives it back *before* the
 //!   socket is closed, so a client that sees its socket close can connect again at
 //!   once;
-//! * a client that sends nothing (no message, ping or pong) for
-//!   `router.ws_idle_timeout_ms` is closed with 4408 (`idle_timeout`); the server
-//!   pings with each heartbeat, so a live WebSocket stack answers by itself;
+//! * **live connections.** With each ICD `heartbeat` (every
+//!   `router.heartbeat_interval_ms`) the router sends a WebSocket ping. Two clocks
+//!   run per socket: *silence* (nothing at all from the client: no message, no pong,
+//!   no ping) for `router.client_silence_timeout_ms` (three missed heartbeats by
+//!   default) means the client or its network is gone: close 4408
+//!   (`silence_timeout`); *idleness* (no application message; pings and pongs do not
+//!   count) for `router.ws_idle_timeout_ms` (5 min) means a client that holds a socket
+//!   it does not use: close 4408 (`idle_timeout`). Either way the socket detaches, so
+//!   its presence (the owner's connection table, `GET …/presence`, Redis
+//!   `session:{id}:connections`) goes with it. While the client is heard from, the
+//!   owner is told the connection is alive (`Touch`): at once on a client
+//!   `heartbeat` (at most once per [`TOUCH_MIN_GAP`]), and once per heartbeat
+//!   interval when the client answered pings, so the Redis entry and its 5-minute TTL
+//!   follow the client's heartbeats as the ICD says;
 //! * **slow consumers:** a socket's outbound backlog is the session's events it has not
 //!   been given yet, kept once in the hub's buffer (no per-socket copy). While a write
 //!   blocks (the client does not read, its TCP window is full), the connection watches
@@ -69,13 +80,17 @@ const FINAL_ANSWERS_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a connection's detach may take (best effort, after close).
 const DETACH_DEADLINE: Duration = Duration::from_secs(2);
+/// How long telling the owner a connection is alive may take (best effort).
+const TOUCH_DEADLINE: Duration = Duration::from_secs(2);
+/// Client heartbeats refresh the connection's presence at most this often.
+pub const TOUCH_MIN_GAP: Duration = Duration::from_secs(1);
 /// Rounds of one catch-up (each answer holds at most half a MiB of events).
 const CATCH_UP_ROUNDS: usize = 16;
 
-/// Close code and `connection_error` code of a client idle too long.
-pub const CLOSE_IDLE: u16 = 4408;
+/// Close code of a client idle (no message) or silent (nothing at all) too long.
+pub const CLOSE_IDLE: u16 = close_codes::TIMEOUT;
 /// Close code of a slow consumer.
-pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+pub const CLOSE_SLOW_CONSUMER: u16 = close_codes::SLOW_CONSUMER;
 
 /// How long the router tries to send the `connection_error` and close frame of a
 /// connection it ends itself (a client that does not read may never take them).
@@ -124,7 +139,7 @@ type Outbound = String;
 pub struct Closed;
 
 /// A close frame with `code` and `reason`.
-fn close(code: u16, reason: &str) -> Message {
+pub(crate) fn close(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
         code: CloseCode::from(code),
         reason: reason.to_string().into(),
@@ -177,8 +192,15 @@ pub struct Conn {
     max_behind: u64,
     /// `router.ws_idle_timeout_ms`: also the longest a write may block.
     idle: Option<Duration>,
-    /// When the client last sent a frame (any: message, ping, pong, close).
+    /// When the client last sent a frame (any: message, ping, pong, close): the
+    /// silence clock.
     last_heard: tokio::time::Instant,
+    /// When the client last sent a message (text or binary): the idle clock.
+    last_message: tokio::time::Instant,
+    /// When the owner was last told the connection is alive.
+    last_touch: tokio::time::Instant,
+    /// The connection's id at the owner (its `session:{id}:connections` field).
+    conn_id: Uuid,
     /// Set when the router ends the connection itself.
     stop: Option<Stop>,
     /// The session's DM (or an admin acting as one): its combat actions, mostly its
@@ -263,6 +285,25 @@ impl Conn {
     /// Gives the socket's places back (before it is closed).
     fn release(&mut self) {
         self.slot = None;
+    }
+
+    /// Tells the owner the connection is alive (in the background): it refreshes the
+    /// connection's Redis entry and the hash's TTL.
+    fn touch(&mut self) {
+        self.last_touch = tokio::time::Instant::now();
+        let (ctx, sid, caller, conn_id) = (self.ctx.clone(), self.sid, self.caller, self.conn_id);
+        metrics::counter!("gs_router_presence_touches_total").increment(1);
+        tokio::spawn(async move {
+            let _ = ctx
+                .forwarder
+                .request_until(
+                    sid,
+                    caller,
+                    RequestBody::Touch { conn_id },
+                    Instant::now() + TOUCH_DEADLINE,
+                )
+                .await;
+        });
     }
 
     /// Ends the connection from the router's side: gives its places back, then sends
@@ -494,6 +535,7 @@ enum Step {
     Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
     Heartbeat,
     Expired,
+    SilenceCheck,
     IdleCheck,
 }
 
@@ -571,7 +613,9 @@ async fn open(
             let _ = ws
                 .feed(Message::text(protocol::connection_error(&err)))
                 .await;
-            let _ = ws.send(close(1011, "service unavailable")).await;
+            let _ = ws
+                .send(close(close_codes::for_error(&err), &err.code))
+                .await;
             return None;
         }
     };
@@ -607,7 +651,9 @@ async fn open(
             let _ = ws
                 .feed(Message::text(protocol::connection_error(&err)))
                 .await;
-            let _ = ws.send(close(1008, &err.code)).await;
+            let _ = ws
+                .send(close(close_codes::for_error(&err), &err.code))
+                .await;
             return None;
         }
     };
@@ -631,6 +677,9 @@ async fn open(
         max_behind: ctx.cfg.router.max_outbound_queue.max(1),
         idle,
         last_heard: tokio::time::Instant::now(),
+        last_message: tokio::time::Instant::now(),
+        last_touch: tokio::time::Instant::now(),
+        conn_id,
         stop: None,
         dm: role == "dm",
     };
@@ -703,19 +752,26 @@ async fn serve(
             Instant::now(),
         ),
     };
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(
-        ctx.cfg.router.heartbeat_interval_ms.max(100),
-    ));
+    let mut heartbeat = tokio::time::interval(ctx.cfg.router.heartbeat_interval());
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
     let mut shutdown = ctx.shutdown.clone();
     let expiry = tokio::time::sleep_until(expires);
     tokio::pin!(expiry);
-    // Checks, at `last_heard + idle`, whether the client said anything since.
+    // Checks, at `last_message + idle`, whether the client sent a message since.
     let idle = conn.idle;
     let idle_check = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(idle_check);
-    conn.last_heard = tokio::time::Instant::now();
+    // Checks, at `last_heard + silence`, whether anything came from the client since.
+    let silence = ctx.cfg.router.client_silence_timeout();
+    let silence_check = tokio::time::sleep(silence);
+    tokio::pin!(silence_check);
+    let now = tokio::time::Instant::now();
+    conn.last_heard = now;
+    conn.last_message = now;
+    // The attach wrote the entry just now; a first client heartbeat refreshes it
+    // whenever it comes.
+    conn.last_touch = now.checked_sub(TOUCH_MIN_GAP).unwrap_or(now);
 
     loop {
         let step = tokio::select! {
@@ -726,6 +782,7 @@ async fn serve(
             frame = conn.ws.next() => Step::Frame(frame),
             ev = events.recv() => Step::Event(ev),
             _ = heartbeat.tick() => Step::Heartbeat,
+            _ = &mut silence_check => Step::SilenceCheck,
             _ = &mut idle_check, if idle.is_some() => Step::IdleCheck,
         };
         let r = match step {
@@ -741,20 +798,45 @@ async fn serve(
                 conn.close_expired(&mut io).await;
                 return;
             }
-            Step::Heartbeat => match conn.feed_text(protocol::heartbeat()).await {
-                // A ping too: a live WebSocket stack answers it by itself (not idle).
-                Ok(()) => conn.feed(Message::Ping(Default::default())).await,
-                Err(e) => Err(e),
-            },
+            Step::Heartbeat => {
+                // Heard from since the last touch (a pong to the last ping, or anything
+                // else): the owner refreshes the connection's presence.
+                if conn.last_heard > conn.last_touch {
+                    conn.touch();
+                }
+                match conn.feed_text(protocol::heartbeat()).await {
+                    // A ping too: a live WebSocket stack answers it by itself (not silent).
+                    Ok(()) => conn.feed(Message::Ping(Default::default())).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Step::SilenceCheck => {
+                let due = conn.last_heard + silence;
+                if tokio::time::Instant::now() >= due {
+                    metrics::counter!("gs_router_silent_clients_total").increment(1);
+                    conn.close_with(
+                        CLOSE_IDLE,
+                        codes::SILENCE_TIMEOUT,
+                        format!(
+                            "nothing received from the client (not even a pong) for {} s",
+                            silence.as_secs_f64()
+                        ),
+                    )
+                    .await;
+                    return;
+                }
+                silence_check.as_mut().reset(due);
+                Ok(())
+            }
             Step::IdleCheck => {
                 let idle = idle.expect("checked only with an idle timeout");
-                let due = conn.last_heard + idle;
+                let due = conn.last_message + idle;
                 if tokio::time::Instant::now() >= due {
                     conn.close_with(
                         CLOSE_IDLE,
                         codes::IDLE_TIMEOUT,
                         format!(
-                            "nothing received from the client for {} s (send heartbeats)",
+                            "no message received from the client for {} s (send heartbeats)",
                             idle.as_secs_f64()
                         ),
                     )
@@ -816,7 +898,11 @@ async fn on_frame(
 ) -> Result<(), Closed> {
     let msg = match frame {
         Some(Ok(m)) => {
-            conn.last_heard = tokio::time::Instant::now();
+            let now = tokio::time::Instant::now();
+            conn.last_heard = now;
+            if matches!(m, Message::Text(_) | Message::Binary(_)) {
+                conn.last_message = now;
+            }
             m
         }
         Some(Err(e)) => {
@@ -862,9 +948,15 @@ async fn on_frame(
 /// Handles one parsed client message.
 async fn handle_message(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), Closed> {
     match m.kind.as_str() {
-        // An ICD heartbeat (no id) needs no answer.
-        protocol::TYPE_HEARTBEAT if m.anonymous => Ok(()),
+        // A client heartbeat refreshes the connection's presence (Redis
+        // `session:{id}:connections` and its TTL); an ICD one (no id) needs no answer.
         protocol::TYPE_HEARTBEAT => {
+            if conn.last_touch.elapsed() >= TOUCH_MIN_GAP {
+                conn.touch();
+            }
+            if m.anonymous {
+                return Ok(());
+            }
             let v = conn.cv;
             conn.feed_text(protocol::ack(m.id, v)).await
         }
@@ -899,10 +991,16 @@ async fn sync(conn: &mut Conn, m: ClientMessage) -> Result<(), Closed> {
     match r {
         Ok(ReplyBody::State { view }) => {
             let version = view.version;
-            let msg = json!({"type": "sync_response", "id": m.id, "data": view});
+            // An ICD client (no envelope id) gets the ICD's answer alone: no made-up
+            // id, no `ack`.
+            let id = (!m.anonymous).then_some(m.id);
+            let msg = json!({"type": "sync_response", "id": id, "data": view});
             conn.feed_text(msg.to_string()).await?;
             if !partial && version > conn.cv {
                 conn.cv = version;
+            }
+            if m.anonymous {
+                return Ok(());
             }
             conn.feed_text(protocol::ack(m.id, version)).await
         }

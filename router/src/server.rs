@@ -12,7 +12,8 @@
 //!   into each request's extensions as [`ConnPermit`]; the WebSocket handler keeps it
 //!   for the socket's life, so a WebSocket counts until it closes. A connection over
 //!   the limit is answered `503 too_many_connections` (and closed) by a small pool of
-//!   refusers ([`REFUSERS`]); beyond that pool it is closed unanswered;
+//!   refusers ([`REFUSERS`]), a WebSocket upgrade in band (`connection_error`, close
+//!   4503); beyond that pool it is closed unanswered;
 //! * hyper's header-read timeout, on a Tokio timer (`router.header_read_timeout_ms`):
 //!   a request's header must arrive in time, and an idle keep-alive connection must
 //!   start its next request in time;
@@ -101,13 +102,18 @@ pub fn tls_acceptor(cert_path: &str, key_path: &str) -> anyhow::Result<TlsAccept
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// The answer to a connection over `router.max_connections`.
-fn refusal() -> warp::reply::Response {
-    let e = WireError::new(
+/// The error of a connection over `router.max_connections`.
+pub(crate) fn full_error() -> WireError {
+    WireError::new(
         codes::TOO_MANY_CONNECTIONS,
         "this router has too many open connections; retry later or use another router",
     )
-    .with_details(json!({"scope": "router", "retry_after_secs": 1}));
+    .with_details(json!({"scope": "router", "retry_after_secs": 1}))
+}
+
+/// The HTTP answer to a connection over `router.max_connections`.
+pub(crate) fn refusal() -> warp::reply::Response {
+    let e = full_error();
     let mut r = error_reply(&e);
     *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     r.headers_mut()
@@ -128,7 +134,9 @@ pub async fn serve<F>(
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let refusers = Arc::new(Semaphore::new(REFUSERS));
-    let refuse_routes = warp::any().map(refusal);
+    // An upgrade to the WebSocket endpoint is refused in band (4503), anything else
+    // with the HTTP 503.
+    let refuse_routes = crate::ws::full_router_route();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -148,17 +156,23 @@ pub async fn serve<F>(
                 drop(stream);
                 continue;
             };
-            let (tls, routes) = (tls.clone(), refuse_routes);
+            let (tls, routes) = (tls.clone(), refuse_routes.clone());
             tokio::spawn(async move {
-                let _refuser = refuser;
+                // The refuser's place goes with the request: a WebSocket refused in
+                // band keeps it until its `connection_error` is sent (bounded by
+                // `ws::REFUSED_SOCKET_GRACE`), so refusals stay at most `REFUSERS`.
+                let refuser = Some(ConnPermit(Arc::new(refuser)));
                 let refused = ServerLimits {
                     max_connections: 0,
                     header_read_timeout: Some(REFUSAL_TIMEOUT),
                     idle_timeout: None,
                 };
+                // Keep-alive stays on: without it hyper would write `Connection: close`
+                // over a refused upgrade's `101` (`Connection: upgrade`); the HTTP
+                // refusal says `Connection: close` itself.
                 let _ = tokio::time::timeout(
                     REFUSAL_TIMEOUT,
-                    connection(stream, peer, tls, routes, None, refused, false),
+                    connection(stream, peer, tls, routes, refuser, refused, true),
                 )
                 .await;
             });
@@ -443,6 +457,32 @@ mod tests {
         assert!(
             answer.to_ascii_lowercase().contains("retry-after: 1"),
             "{answer}"
+        );
+        // A WebSocket upgrade over the limit is upgraded and refused in band: the
+        // ICD's `connection_error`, then a close frame with 4503 (0x1197).
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third
+            .write_all(
+                b"GET /api/v2/sessions/x/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n\
+                  Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut out)).await;
+        assert!(r.is_ok(), "the refused socket was not closed");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: upgrade"),
+            "{text}"
+        );
+        assert!(text.contains(r#""type":"connection_error""#), "{text}");
+        assert!(text.contains("too_many_connections"), "{text}");
+        assert!(
+            out.windows(2).any(|w| w == [0x11, 0x97]),
+            "no 4503 close: {text}"
         );
     }
 }

@@ -4,8 +4,16 @@
 //! session token (`X-Session-Token` header or `?session_token=`, bound to this user
 //! and this session) are checked, a place is taken under the caps on open sockets per
 //! user and per IP (`router.max_sockets_per_user`, `router.max_sockets_per_ip`), and
-//! the per-IP connection rate limit applied. Every failure is answered by [`refuse`]
-//! (plain HTTP errors, 400/401/403/429/503) and no socket is opened.
+//! the per-IP connection rate limit applied. Every failure goes through [`refuse`]:
+//! as the ICD says, a valid WebSocket upgrade request is upgraded, gets
+//! `{"type":"connection_error","error":{code,message}}` and a close frame with
+//! 4000 + the code's HTTP status (4400, 4401, 4403, 4429, 4503: see
+//! [`close_codes::for_error`]), so a browser (which sees no HTTP status) learns why.
+//! A refused socket holds its connection permit only while it says so, bounded by
+//! [`REFUSED_SOCKET_GRACE`], and never a per-user or per-IP place. A request to this
+//! path that is not a valid upgrade gets the plain HTTP error (400/401/403/429/503).
+//! A router at `router.max_connections` refuses upgrades the same way (4503) from its
+//! small pool of refusers ([`full_router_route`]).
 //!
 //! The upgrade is done here rather than by warp's `ws()` filter, for two reasons:
 //! the socket's buffers are ours to size ([`socket_config`]: tungstenite's default
@@ -22,13 +30,15 @@ use crate::conn::Slot;
 use crate::limits::SocketSlot;
 use crate::server::{ConnPermit, PeerAddr};
 use crate::RouterCtx;
+use futures::{SinkExt, StreamExt};
 use gs_shared::auth::Claims;
-use gs_shared::protocol::{codes, WireError};
+use gs_shared::protocol::{self, close_codes, codes, WireError};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use uuid::Uuid;
 use warp::http::{HeaderMap, StatusCode};
@@ -108,24 +118,118 @@ pub fn route(ctx: Arc<RouterCtx>) -> impl Filter<Extract = (Response,), Error = 
              query: HashMap<String, String>,
              peer: Option<PeerAddr>| async move {
                 let Some(up) = upgrade_of(&headers, on_upgrade, permit) else {
-                    return refuse(&WireError::new(
-                        codes::BAD_REQUEST,
-                        "this endpoint takes a WebSocket upgrade (RFC 6455)",
-                    ));
+                    return refuse(
+                        None,
+                        &WireError::new(
+                            codes::BAD_REQUEST,
+                            "this endpoint takes a WebSocket upgrade (RFC 6455)",
+                        ),
+                    );
                 };
                 match accept(&ctx, &id, &headers, &query, peer).await {
                     Ok(ok) => upgrade(ctx, up, ok),
-                    Err(e) => refuse(&e),
+                    Err(e) => refuse(Some(up), &e),
                 }
             },
         )
 }
 
-/// The answer to a handshake that is refused before the upgrade: every refusal goes
-/// through here (an HTTP error with the code's status; no socket is opened).
-fn refuse(e: &WireError) -> Response {
+/// How long a refused socket may live: the `101`, the `connection_error`, the close
+/// frame and the client's close reply. It holds its connection permit meanwhile (it
+/// is an open connection), and nothing else.
+pub const REFUSED_SOCKET_GRACE: Duration = Duration::from_secs(2);
+
+/// The answer to a handshake that is refused: every refusal goes through here. A
+/// valid upgrade request is upgraded and told in band (`connection_error`, then a
+/// close frame with [`close_codes::for_error`]); anything else gets the HTTP error.
+fn refuse(up: Option<Upgrade>, e: &WireError) -> Response {
     metrics::counter!("gs_router_ws_refused_total", "code" => e.code.clone()).increment(1);
-    error_reply(e)
+    match up {
+        Some(up) => refuse_in_band(up, e),
+        None => error_reply(e),
+    }
+}
+
+/// Completes the upgrade only to send `connection_error` and close with the error's
+/// 4xxx code; the socket's task ends within [`REFUSED_SOCKET_GRACE`].
+fn refuse_in_band(up: Upgrade, e: &WireError) -> Response {
+    let Upgrade {
+        key,
+        on_upgrade,
+        permit,
+    } = up;
+    let text = protocol::connection_error(e);
+    let code = close_codes::for_error(e);
+    let reason = e.code.clone();
+    tokio::spawn(async move {
+        // Given back when the refusal is over, however it ends.
+        let _permit = permit;
+        let _ = tokio::time::timeout(REFUSED_SOCKET_GRACE, async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let io = hyper_util::rt::TokioIo::new(upgraded);
+            // Small buffers: nothing but the client's close reply is read.
+            let config = socket_config(READ_BUFFER);
+            let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            if ws.feed(Message::text(text)).await.is_err() {
+                return;
+            }
+            if ws.send(crate::conn::close(code, &reason)).await.is_err() {
+                return;
+            }
+            // The client's close reply ends the closing handshake (RFC 6455 §5.5.1);
+            // anything else it sends meanwhile is dropped.
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+    });
+    switching_protocols(&key)
+}
+
+/// `101 Switching Protocols` for the request whose `Sec-WebSocket-Key` is `key`.
+fn switching_protocols(key: &str) -> Response {
+    let mut res = Response::default();
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert("connection", "upgrade".parse().expect("static header"));
+    h.insert("upgrade", "websocket".parse().expect("static header"));
+    if let Ok(v) = derive_accept_key(key.as_bytes()).parse() {
+        h.insert("sec-websocket-accept", v);
+    }
+    res
+}
+
+/// What a router at `router.max_connections` answers (served by the accept loop's
+/// refusers, whose permit comes as the request's [`ConnPermit`]): a WebSocket upgrade
+/// to the session endpoint is refused in band (`too_many_connections`, close 4503);
+/// any other request gets `503 too_many_connections` with `Connection: close`.
+pub fn full_router_route(
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+    warp::path::full()
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
+        .and(warp::ext::optional::<ConnPermit>())
+        .map(
+            |path: warp::path::FullPath,
+             headers: HeaderMap,
+             on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+             permit: Option<ConnPermit>| {
+                let e = crate::server::full_error();
+                if is_ws_path(path.as_str()) {
+                    if let Some(up) = upgrade_of(&headers, on_upgrade, permit) {
+                        return refuse(Some(up), &e);
+                    }
+                }
+                crate::server::refusal()
+            },
+        )
+}
+
+/// `/api/v2/sessions/{id}/ws`.
+fn is_ws_path(path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    matches!(parts.as_slice(), ["api", "v2", "sessions", _, "ws"])
 }
 
 /// A handshake that passed every check.
@@ -168,15 +272,7 @@ fn upgrade(ctx: Arc<RouterCtx>, up: Upgrade, ok: Accepted) -> Response {
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
     });
-    let mut res = Response::default();
-    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = res.headers_mut();
-    h.insert("connection", "upgrade".parse().expect("static header"));
-    h.insert("upgrade", "websocket".parse().expect("static header"));
-    if let Ok(v) = derive_accept_key(key.as_bytes()).parse() {
-        h.insert("sec-websocket-accept", v);
-    }
-    res
+    switching_protocols(&key)
 }
 
 /// Checks everything that can be checked before the upgrade. Besides the session,
@@ -274,6 +370,9 @@ mod tests {
                 ok[skip].0
             );
         }
+        assert!(is_ws_path("/api/v2/sessions/x/ws"));
+        assert!(!is_ws_path("/api/v2/sessions/x/state"));
+        assert!(!is_ws_path("/api/v2/sessions/ws"));
         // RFC 6455's example key and answer.
         assert_eq!(
             derive_accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),

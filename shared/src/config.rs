@@ -247,10 +247,15 @@ pub struct RouterConfig {
     /// An HTTP connection (before any WebSocket upgrade) on which no byte moves for
     /// this long is closed (0 = never).
     pub http_idle_timeout_ms: u64,
-    /// A WebSocket whose client sends nothing (no message, ping or pong) for this long
-    /// is closed (4408, `idle_timeout`); also the longest a write to a client that does
-    /// not read may block (0 = never).
+    /// A WebSocket whose client sends no message (pings and pongs do not count) for
+    /// this long is closed (4408, `idle_timeout`); also the longest a write to a client
+    /// that does not read may block (0 = never).
     pub ws_idle_timeout_ms: u64,
+    /// A WebSocket from which nothing at all arrives (no message, no pong to the
+    /// router's pings, no ping) for this long is closed (4408, `silence_timeout`) and
+    /// its presence removed. 0 = three missed heartbeats
+    /// (3 × `heartbeat_interval_ms`).
+    pub client_silence_timeout_ms: u64,
     /// Session events a WebSocket may fall behind the router's newest event of its
     /// session (its outbound backlog); a client that does not read and falls further
     /// behind is closed (4008, `slow_consumer`).
@@ -261,6 +266,25 @@ pub struct RouterConfig {
     pub replay_limit: u64,
     /// Events of one session kept by the router for gap filling.
     pub recent_events: usize,
+}
+
+impl RouterConfig {
+    /// Heartbeats a client may miss before it counts as silent (when
+    /// `client_silence_timeout_ms` is 0).
+    pub const SILENT_AFTER_HEARTBEATS: u64 = 3;
+
+    /// The interval of the server's heartbeats (and pings).
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms.max(100))
+    }
+
+    /// How long a WebSocket may stay silent (not even a pong) before it is closed.
+    pub fn client_silence_timeout(&self) -> Duration {
+        match self.client_silence_timeout_ms {
+            0 => self.heartbeat_interval() * Self::SILENT_AFTER_HEARTBEATS as u32,
+            ms => Duration::from_millis(ms),
+        }
+    }
 }
 
 impl Default for RouterConfig {
@@ -282,6 +306,7 @@ impl Default for RouterConfig {
             header_read_timeout_ms: 10_000,
             http_idle_timeout_ms: 60_000,
             ws_idle_timeout_ms: 300_000,
+            client_silence_timeout_ms: 0,
             max_outbound_queue: 1024,
             max_inflight_per_connection: 64,
             replay_limit: 1000,

@@ -41,9 +41,12 @@ pub mod codes {
     /// Over a connection cap: the router's (503), or one user's or one IP's open
     /// WebSockets (429).
     pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
-    /// `connection_error` before a close (4408): the client sent nothing for
-    /// `router.ws_idle_timeout_ms`.
+    /// `connection_error` before a close (4408): the client sent no message (only
+    /// pings, pongs or nothing) for `router.ws_idle_timeout_ms`.
     pub const IDLE_TIMEOUT: &str = "idle_timeout";
+    /// `connection_error` before a close (4408): nothing at all came from the client
+    /// (no message, no pong, no ping) for `router.client_silence_timeout_ms`.
+    pub const SILENCE_TIMEOUT: &str = "silence_timeout";
     /// `connection_error` before a close (4008): the client did not read and fell more
     /// than `router.max_outbound_queue` events behind.
     pub const SLOW_CONSUMER: &str = "slow_consumer";
@@ -66,15 +69,43 @@ pub mod codes {
 }
 
 /// WebSocket close codes the server uses besides the standard ones (1000 session
-/// ended, 1001 router shutting down, 1008 refused after the upgrade, 1011 cannot
-/// subscribe). 4000–4999 are for applications (RFC 6455 §7.4.2).
+/// ended, 1001 router shutting down). 4000–4999 are for applications (RFC 6455
+/// §7.4.2): a socket the server closes after a `connection_error` closes with
+/// [`close_codes::for_error`], 4000 + the HTTP status of the error's code (4400 bad
+/// request, 4401 unauthorised, 4403 forbidden, 4404 no such session, 4408 silent or
+/// idle, 4429 rate limited or too many sockets, 4500 internal, 4503 unavailable);
+/// the one exception is 4008 (`slow_consumer`).
 pub mod close_codes {
+    use super::WireError;
+
     /// The access or connection token expired while the socket was open (after a
     /// `connection_error` `token_expired`): reconnect with fresh tokens.
     pub const TOKEN_EXPIRED: u16 = 4401;
     /// The user is no longer a member of the session (left or was removed; after a
     /// `connection_error` `not_member`).
     pub const NOT_MEMBER: u16 = 4403;
+    /// The client went silent (no frame, not even a pong, for
+    /// `router.client_silence_timeout_ms`) or idle (no message for
+    /// `router.ws_idle_timeout_ms`).
+    pub const TIMEOUT: u16 = 4408;
+    /// The client does not read (`slow_consumer`).
+    pub const SLOW_CONSUMER: u16 = 4008;
+
+    /// The close code after a `connection_error` carrying `err`: 4000 + the HTTP
+    /// status of its code (4008 for `slow_consumer`).
+    pub fn for_error(err: &WireError) -> u16 {
+        if err.code == super::codes::SLOW_CONSUMER {
+            return SLOW_CONSUMER;
+        }
+        // A full router is "unavailable" (503), a user or IP at its cap "too many" (429).
+        if err.code == super::codes::TOO_MANY_CONNECTIONS && err.details["scope"] == "router" {
+            return 4503;
+        }
+        match err.http_status() {
+            s @ 400..=599 => 4000 + s,
+            _ => 4500,
+        }
+    }
 }
 
 /// An error as it appears on the wire (`error` events, REST error bodies, node replies).
@@ -122,7 +153,7 @@ impl WireError {
             codes::FORBIDDEN | codes::WRONG_SESSION | codes::WRONG_USER | codes::NOT_MEMBER => 403,
             codes::SESSION_NOT_FOUND | codes::NOT_FOUND => 404,
             codes::CONFLICT => 409,
-            codes::IDLE_TIMEOUT => 408,
+            codes::IDLE_TIMEOUT | codes::SILENCE_TIMEOUT => 408,
             codes::MESSAGE_TOO_LARGE | codes::LIMIT_EXCEEDED => 413,
             codes::RATE_LIMITED
             | codes::TOO_MANY_IN_FLIGHT
@@ -469,6 +500,34 @@ pub const ACK_HEADER: &str = "Gs-Ack";
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn close_codes_follow_the_http_status() {
+        use super::{close_codes::for_error, codes, WireError};
+        let e = |c: &str| WireError::new(c, "x");
+        for (code, close) in [
+            (codes::BAD_REQUEST, 4400),
+            (codes::MISSING_TOKEN, 4401),
+            (codes::INVALID_TOKEN, 4401),
+            (codes::TOKEN_EXPIRED, 4401),
+            (codes::WRONG_SESSION, 4403),
+            (codes::WRONG_USER, 4403),
+            (codes::NOT_MEMBER, 4403),
+            (codes::SESSION_NOT_FOUND, 4404),
+            (codes::IDLE_TIMEOUT, 4408),
+            (codes::SILENCE_TIMEOUT, 4408),
+            (codes::RATE_LIMITED, 4429),
+            (codes::TOO_MANY_CONNECTIONS, 4429),
+            (codes::SERVICE_UNAVAILABLE, 4503),
+            (codes::INTERNAL, 4500),
+            (codes::SLOW_CONSUMER, 4008),
+        ] {
+            assert_eq!(for_error(&e(code)), close, "{code}");
+        }
+        let full =
+            e(codes::TOO_MANY_CONNECTIONS).with_details(serde_json::json!({"scope": "router"}));
+        assert_eq!(for_error(&full), 4503);
+    }
+
     use super::*;
 
     #[test]

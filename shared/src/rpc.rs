@@ -133,6 +133,12 @@ pub enum RequestBody {
     },
     /// A WebSocket connection closed.
     Detach { conn_id: Uuid },
+    /// A WebSocket connection is alive (its client sent a heartbeat, or answered the
+    /// router's pings): the owner refreshes its `session:{id}:connections` entry and
+    /// the hash's TTL (the ICD's "5 minutes after last heartbeat").
+    Touch { conn_id: Uuid },
+    /// `GET /sessions/{id}/presence`: who is connected.
+    Presence,
     /// `GET /sessions/{id}/history`: the audit log, newest first, before `before`.
     History { before: Option<u64>, limit: u64 },
     /// Liveness probe of the node itself (the session id is ignored).
@@ -160,6 +166,8 @@ impl RequestBody {
             RequestBody::EventsSince { .. } => "events_since",
             RequestBody::Attach { .. } => "attach",
             RequestBody::Detach { .. } => "detach",
+            RequestBody::Touch { .. } => "touch",
+            RequestBody::Presence => "presence",
             RequestBody::History { .. } => "history",
             RequestBody::Ping => "ping",
             RequestBody::HubEvent { .. } => "hub_event",
@@ -190,13 +198,75 @@ impl NodeReply {
 
 /// What a session looks like to a client: the state document, its metadata, the
 /// rules-managed part (`game`: lifecycle, members, characters, combat) and the version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// On the wire it has the ICD's shape (`GET /state`, `sync_response`, `session_state`):
+/// `version` is a *string* of the decimal number, as the ICD types it, and the
+/// extension `version_number` carries the same number as a number. It reads either
+/// form back (a number in `version`, or `version_number` alone).
+#[derive(Debug, Clone, PartialEq)]
 pub struct SessionView {
     pub state: Value,
     pub metadata: Value,
     pub game: Value,
     pub version: u64,
     pub timestamp: String,
+}
+
+impl Serialize for SessionView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            state: &'a Value,
+            metadata: &'a Value,
+            game: &'a Value,
+            version: String,
+            version_number: u64,
+            timestamp: &'a str,
+        }
+        Wire {
+            state: &self.state,
+            metadata: &self.metadata,
+            game: &self.game,
+            version: self.version.to_string(),
+            version_number: self.version,
+            timestamp: &self.timestamp,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionView {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire {
+            state: Value,
+            metadata: Value,
+            game: Value,
+            #[serde(default)]
+            version: Option<Value>,
+            #[serde(default)]
+            version_number: Option<u64>,
+            timestamp: String,
+        }
+        let w = Wire::deserialize(d)?;
+        let version = w
+            .version_number
+            .or_else(|| w.version.as_ref().and_then(version_number))
+            .ok_or_else(|| serde::de::Error::custom("a session view needs its version"))?;
+        Ok(SessionView {
+            state: w.state,
+            metadata: w.metadata,
+            game: w.game,
+            version,
+            timestamp: w.timestamp,
+        })
+    }
+}
+
+/// A version as the ICD types it (a string of the decimal number) or as a number.
+pub fn version_number(v: &Value) -> Option<u64> {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
 }
 
 /// An event as stored and as sent to clients (`json` is the rendered message).
@@ -297,7 +367,17 @@ pub enum ReplyBody {
         entries: Vec<Value>,
         next_before: Option<u64>,
     },
+    Presence {
+        players: Vec<Present>,
+    },
     Done,
+}
+
+/// A connected user of a session and how many sockets it has open (any router).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Present {
+    pub player_id: Uuid,
+    pub connections: u32,
 }
 
 #[cfg(test)]
@@ -346,6 +426,34 @@ mod tests {
             r#"{"version":2,"json":"{\"type\":\"x\",\"version\":2}"}"#
         );
         assert_eq!(serde_json::from_str::<RawEvent>(&s).unwrap(), ev);
+    }
+
+    #[test]
+    fn views_carry_the_version_as_the_icd_types_it() {
+        let view = SessionView {
+            state: json!({"a": 1}),
+            metadata: json!({}),
+            game: json!({"status": "active"}),
+            version: 43,
+            timestamp: "2026-12-01T00:00:00.000Z".into(),
+        };
+        let v = serde_json::to_value(&view).unwrap();
+        assert_eq!(v["version"], json!("43"));
+        assert_eq!(v["version_number"], json!(43));
+        assert_eq!(serde_json::from_value::<SessionView>(v).unwrap(), view);
+        // Either form alone reads back.
+        let only_string = json!({"state": {"a": 1}, "metadata": {}, "game": {"status": "active"},
+            "version": "43", "timestamp": "2026-12-01T00:00:00.000Z"});
+        assert_eq!(
+            serde_json::from_value::<SessionView>(only_string).unwrap(),
+            view
+        );
+        let number = json!({"state": {"a": 1}, "metadata": {}, "game": {"status": "active"},
+            "version": 43, "timestamp": "2026-12-01T00:00:00.000Z"});
+        assert_eq!(serde_json::from_value::<SessionView>(number).unwrap(), view);
+        let none = json!({"state": {}, "metadata": {}, "game": {}, "timestamp": ""});
+        assert!(serde_json::from_value::<SessionView>(none).is_err());
+        assert_eq!(version_number(&json!("x")), None);
     }
 
     #[test]

@@ -320,7 +320,7 @@ pub async fn verify_workload(
             clients.iter().filter(|x| x.session == s).collect();
         let api = Api::new(http.clone(), &c.router_urls()[0], &session_clients[0].token);
         let state = api.get_state(sid).await?;
-        let version = state["version"].as_u64().context("version")?;
+        let version = state["version_number"].as_u64().context("version")?;
         for lc in &session_clients {
             lc.client
                 .wait_for(&format!("session {s} version {version}"), WAIT, |v| {

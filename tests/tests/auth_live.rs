@@ -12,7 +12,7 @@
 //! The keys are the test-only fixtures of `tests/fixtures/auth` (see its README).
 
 use anyhow::{bail, Context, Result};
-use cluster::client::{ws_connect, TokenStyle, TrackedClient};
+use cluster::client::{ws_connect, ws_open, TokenStyle, TrackedClient};
 use cluster::harness::ClusterSpec;
 use gs_shared::auth::{now_secs, Authority, Claims, Role};
 use gs_tests::{finish, set, Fixture, WAIT};
@@ -325,8 +325,10 @@ async fn a_socket_is_closed_when_a_token_expires() -> Result<()> {
                 cl.name
             );
         }
-        // A new socket with the expired token is refused at the handshake.
-        let again = ws_connect(
+        // A new socket with the expired token is refused at the handshake (in band:
+        // `connection_error` `token_expired`, close 4401).
+        let again = ws_open(
+            "again",
             &f.ws(0),
             &f.session,
             &short_access,
@@ -335,8 +337,14 @@ async fn a_socket_is_closed_when_a_token_expires() -> Result<()> {
             TokenStyle::Headers,
             None,
         )
-        .await;
-        assert!(again.is_err(), "an expired token opened a socket");
+        .await?;
+        match again {
+            Ok(_) => anyhow::bail!("an expired token opened a socket"),
+            Err(r) => assert_eq!(
+                (r.in_band, r.code, r.error_code()),
+                (true, 4401, "token_expired")
+            ),
+        }
         Ok(())
     }
     .await;

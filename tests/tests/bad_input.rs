@@ -3,7 +3,7 @@
 //! stored events).
 
 use anyhow::{bail, Result};
-use cluster::client::{ws_connect, TokenStyle, TrackedClient};
+use cluster::client::{ws_open, TokenStyle, TrackedClient};
 use cluster::harness::ClusterSpec;
 use gs_shared::auth::{now_secs, Authority, Role};
 use gs_tests::{finish, set, Fixture, WAIT};
@@ -55,14 +55,16 @@ async fn refused_then_usable(
     Ok(())
 }
 
-/// The HTTP status and error code of a refused WebSocket handshake.
+/// The close code and error code of a refused WebSocket handshake: refused in band,
+/// as the ICD says (`connection_error`, then a 4xxx close).
 async fn handshake(
     f: &Fixture,
     session: &str,
     token: &str,
     session_token: &str,
 ) -> Result<(u16, String)> {
-    match ws_connect(
+    match ws_open(
+        "refused",
         &f.ws(0),
         session,
         token,
@@ -71,23 +73,11 @@ async fn handshake(
         TokenStyle::Headers,
         None,
     )
-    .await
+    .await?
     {
         Ok(_) => bail!("the handshake was accepted"),
-        Err(e) => match e.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-            Some(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let body: Value = resp
-                    .body()
-                    .as_ref()
-                    .and_then(|b| serde_json::from_slice(b).ok())
-                    .unwrap_or_default();
-                Ok((
-                    resp.status().as_u16(),
-                    body["error"]["code"].as_str().unwrap_or("").to_string(),
-                ))
-            }
-            _ => bail!("unexpected handshake error: {e:#}"),
-        },
+        Err(r) if r.in_band => Ok((r.code, r.error_code().to_string())),
+        Err(r) => bail!("refused over HTTP, not in band: {r:?}"),
     }
 }
 
@@ -98,7 +88,7 @@ async fn missing_jwt_is_401_and_opens_no_connection() -> Result<()> {
     let r = async {
         assert_eq!(
             handshake(f, &f.session, "", &f.session_token).await?,
-            (401, "missing_token".into())
+            (4401, "missing_token".into())
         );
         let r = f
             .api(0, "")
@@ -126,7 +116,7 @@ async fn expired_jwt_is_401() -> Result<()> {
             .mint_access_with_exp(f.dm, Role::Dm, now_secs() - 600);
         assert_eq!(
             handshake(f, &f.session, &expired, &f.session_token).await?,
-            (401, "token_expired".into())
+            (4401, "token_expired".into())
         );
         let r = f
             .api(0, &expired)
@@ -152,13 +142,13 @@ async fn forged_jwt_is_401() -> Result<()> {
         let forged = forger.mint_access(f.dm, Role::Admin, 600);
         assert_eq!(
             handshake(f, &f.session, &forged, &f.session_token).await?,
-            (401, "invalid_token".into())
+            (4401, "invalid_token".into())
         );
         // A forged session token with a valid access token is refused too.
         let forged_st = forger.mint_session(f.dm, Uuid::parse_str(&f.session)?);
         assert_eq!(
             handshake(f, &f.session, &f.dm_token, &forged_st).await?,
-            (401, "invalid_token".into())
+            (4401, "invalid_token".into())
         );
         let r = f
             .api(0, &forged)
@@ -181,7 +171,7 @@ async fn session_token_for_another_session_is_403() -> Result<()> {
         let b = other["session_id"].as_str().unwrap();
         assert_eq!(
             handshake(f, b, &f.dm_token, &f.session_token).await?,
-            (403, "wrong_session".into())
+            (4403, "wrong_session".into())
         );
         // Nor may a stranger read A's state.
         let stranger = f.cluster.token(Uuid::new_v4(), Role::Player);

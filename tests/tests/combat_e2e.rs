@@ -228,7 +228,7 @@ fn play_view(c: &TrackedClient) -> Result<Value> {
         for m in &v.frames {
             if m["type"] == "sync_response" && m["id"].is_null() {
                 play = Some(m["data"]["game"]["play"].clone());
-                at = m["data"]["version"].as_u64().unwrap_or(0);
+                at = m["data"]["version_number"].as_u64().unwrap_or(0);
             } else if let (Some(p), Some(ver)) = (play.as_mut(), m["version"].as_u64()) {
                 if ver > at {
                     if let Some(patch) = m["data"].get("patch") {
@@ -848,7 +848,10 @@ async fn check_everyone_agrees(f: &Fixture, t: &Table, end_version: u64) -> Resu
         );
     }
     let state = f.api(1, &f.dm_token).get_state(&f.session).await?;
-    ensure!(state["version"] == json!(end_version), "GET /state version");
+    ensure!(
+        state["version"] == json!(end_version.to_string()),
+        "GET /state version"
+    );
     for c in &t.clients {
         let seen = events(c, &["turn_change", "action_resolve"]);
         ensure!(
@@ -1273,7 +1276,10 @@ fn check_save_ends(seen: &[(u64, String, Value)], cyl: Uuid, goblin: Uuid) -> Re
 /// view of `GET /state`.
 async fn check_same_view(f: &Fixture, t: &Table, end_version: u64) -> Result<()> {
     let state = f.api(1, &f.dm_token).get_state(&f.session).await?;
-    ensure!(state["version"] == json!(end_version), "GET /state version");
+    ensure!(
+        state["version"] == json!(end_version.to_string()),
+        "GET /state version"
+    );
     let reference = all_events(&t.clients[DM]);
     for c in &t.clients {
         let v = c.view();

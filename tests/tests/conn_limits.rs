@@ -5,7 +5,7 @@
 //! closed, the other clients of its session are not slowed).
 
 use anyhow::{bail, Context, Result};
-use cluster::client::{client_ws_config, ws_connect, TokenStyle, TrackedClient, WsStream};
+use cluster::client::{client_ws_config, ws_open, TokenStyle, TrackedClient, WsStream};
 use cluster::harness::ClusterSpec;
 use futures::StreamExt;
 use gs_tests::{finish, set, Fixture, WAIT};
@@ -15,15 +15,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Opens a WebSocket through router `i`: the socket, or the refusal's HTTP status and
-/// error body.
+/// Opens a WebSocket through router `i`: a client on the open socket, or the
+/// refusal's close code (in band, as the ICD says) and error.
 async fn try_connect(
     f: &Fixture,
     i: usize,
     token: &str,
     session_token: &str,
-) -> Result<std::result::Result<WsStream, (u16, Value)>> {
-    match ws_connect(
+) -> Result<std::result::Result<TrackedClient, (u16, Value)>> {
+    let r = ws_open(
+        "client",
         &f.ws(i),
         &f.session,
         token,
@@ -32,21 +33,14 @@ async fn try_connect(
         TokenStyle::Headers,
         None,
     )
-    .await
-    {
-        Ok(ws) => Ok(Ok(ws)),
-        Err(e) => match e.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-            Some(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let body: Value = resp
-                    .body()
-                    .as_ref()
-                    .and_then(|b| serde_json::from_slice(b).ok())
-                    .unwrap_or_default();
-                Ok(Err((resp.status().as_u16(), body["error"].clone())))
-            }
-            _ => Err(e),
-        },
-    }
+    .await?;
+    Ok(match r {
+        Ok(c) => Ok(c),
+        Err(r) => {
+            anyhow::ensure!(r.in_band, "refused over HTTP, not in band: {r:?}");
+            Err((r.code, r.error))
+        }
+    })
 }
 
 /// Expects the handshake to be refused with `status` and `too_many_connections`
@@ -71,8 +65,9 @@ async fn expect_refused(
 }
 
 /// A tracked client on an open socket, after its first full sync.
-async fn tracked(name: &str, ws: WsStream) -> Result<TrackedClient> {
-    let c = TrackedClient::new(name, ws, true, None);
+async fn tracked(name: &str, c: TrackedClient) -> Result<TrackedClient> {
+    let mut c = c;
+    c.name = name.to_string();
     c.wait_for("connection_established and initial state", WAIT, |v| {
         v.established.is_some() && v.syncs > 0
     })
@@ -105,7 +100,7 @@ async fn websockets_hold_their_place_under_max_connections() -> Result<()> {
         }
         // N sockets are open (upgraded long ago): the next connection is over the
         // limit, and so is a plain HTTP request.
-        expect_refused(f, 1, &f.dm_token, &f.session_token, 503, "router").await?;
+        expect_refused(f, 1, &f.dm_token, &f.session_token, 4503, "router").await?;
         let r = f
             .api(1, &f.dm_token)
             .call(
@@ -150,15 +145,15 @@ async fn open_sockets_are_capped_per_user_and_per_ip() -> Result<()> {
         let mut dm1 = connect("dm-1", f.dm_token.clone(), f.session_token.clone()).await?;
         let _dm2 = connect("dm-2", f.dm_token.clone(), f.session_token.clone()).await?;
         // The DM's third socket: over the per-user cap.
-        expect_refused(f, 0, &f.dm_token, &f.session_token, 429, "user").await?;
+        expect_refused(f, 0, &f.dm_token, &f.session_token, 4429, "user").await?;
         let _a1 = connect("a-1", a_token.clone(), a_st.clone()).await?;
         let _a2 = connect("a-2", a_token.clone(), a_st.clone()).await?;
         // Four sockets from 127.0.0.1: B's first is over the per-IP cap.
-        expect_refused(f, 0, &b_token, &b_st, 429, "ip").await?;
+        expect_refused(f, 0, &b_token, &b_st, 4429, "ip").await?;
         // A refused handshake took no place: the DM closes one socket, and B gets in.
         close(&mut dm1).await?;
         let mut b1 = connect("b-1", b_token.clone(), b_st.clone()).await?;
-        expect_refused(f, 0, &f.dm_token, &f.session_token, 429, "ip").await?;
+        expect_refused(f, 0, &f.dm_token, &f.session_token, 4429, "ip").await?;
         close(&mut b1).await?;
 
         // Sockets that fail after the upgrade give their place back too: B leaves the
@@ -168,18 +163,12 @@ async fn open_sockets_are_capped_per_user_and_per_ip() -> Result<()> {
         assert!(b.wait_answer(id, WAIT).await?.is_ok());
         close(&mut b).await?;
         for i in 0..3 {
-            let ws = try_connect(f, 0, &b_token, &b_st)
-                .await?
-                .map_err(|e| anyhow::anyhow!("attempt {i} refused before the upgrade: {e:?}"))?;
-            let c = TrackedClient::new("b-refused", ws, true, None);
-            c.wait_for("connection_error and close", WAIT, |v| v.closed.is_some())
-                .await?;
-            let v = c.view();
-            assert_eq!(
-                v.connection_error.as_ref().map(|e| e["code"].clone()),
-                Some(json!("not_member"))
-            );
-            assert_eq!(v.closed.map(|c| c.0), Some(1008));
+            match try_connect(f, 0, &b_token, &b_st).await? {
+                Ok(_) => bail!("attempt {i}: a non-member's socket was accepted"),
+                Err((code, e)) => {
+                    assert_eq!((code, e["code"].clone()), (4403, json!("not_member")));
+                }
+            }
         }
         Ok(())
     }
@@ -355,7 +344,7 @@ async fn a_client_that_does_not_read_is_closed_and_slows_nobody() -> Result<()> 
                     freed = Some((round, ws));
                     break;
                 }
-                Err((429, e)) if e["code"] == "too_many_connections" => {}
+                Err((4429, e)) if e["code"] == "too_many_connections" => {}
                 Err(other) => bail!("unexpected refusal: {other:?}"),
             }
         }

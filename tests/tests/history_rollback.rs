@@ -49,7 +49,7 @@ async fn history_pages_and_rollback_restores_without_erasing() -> Result<()> {
         );
         let state = f.api(0, &f.dm_token).get_state(&f.session).await?;
         assert_eq!(state["state"]["hp"], 10, "the state at the chosen version");
-        assert_eq!(state["version"], json!(restored));
+        assert_eq!(state["version_number"], json!(restored));
         assert_eq!(
             player.view().doc,
             state["state"],

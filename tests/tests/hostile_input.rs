@@ -239,7 +239,7 @@ async fn a_document_at_its_size_limit_refuses_growth_and_keeps_serving() -> Resu
                 Some(1),
             )
             .await?;
-        let version = snapshot(f).await?.0.as_u64().context("version")?;
+        let version = gs_shared::rpc::version_number(&snapshot(f).await?.0).context("version")?;
         late.wait_for("caught up", WAIT, |v| v.version >= version)
             .await?;
         late.close().await;

@@ -369,7 +369,14 @@ export class GameClient extends EventTarget {
   }
 
   _emit(type, detail) {
-    this.dispatchEvent(new CustomEvent(type, { detail }));
+    let ev;
+    if (typeof CustomEvent === "function") ev = new CustomEvent(type, { detail });
+    else {
+      // Node 18 has EventTarget and Event, but no global CustomEvent.
+      ev = new Event(type);
+      Object.defineProperty(ev, "detail", { value: detail });
+    }
+    this.dispatchEvent(ev);
   }
 
   _wsUrl(base) {

@@ -345,9 +345,14 @@ async fn up(
     // The play page (served by every router): the DM's token rides in the URL
     // fragment, which the browser never sends to a server.
     let player_token = cluster.token(Uuid::new_v4(), Role::Player);
-    println!("\nplay page (DM):  {}/play/#token={dm_token}", routers_http[0]);
+    println!(
+        "\nplay page (DM):  {}/play/#token={dm_token}",
+        routers_http[0]
+    );
     println!("player token:    {player_token}");
-    println!("                 (players open the join link the page shows, adding #token=<their token>)");
+    println!(
+        "                 (players open the join link the page shows, adding #token=<their token>)"
+    );
     println!("\nCtrl-C stops the cluster.");
 
     gs_shared::telemetry::shutdown_signal().await;

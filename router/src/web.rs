@@ -101,12 +101,18 @@ pub fn asset_reply(path: &str, if_none_match: Option<&str>) -> Option<Response> 
     let h = r.headers_mut();
     h.insert("content-type", HeaderValue::from_static(asset.content_type));
     h.insert("cache-control", HeaderValue::from_static("no-cache"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     if let Ok(v) = HeaderValue::from_str(etag) {
         h.insert("etag", v);
     }
     if asset.content_type.starts_with("text/html") {
-        h.insert("content-security-policy", HeaderValue::from_static(PAGE_CSP));
+        h.insert(
+            "content-security-policy",
+            HeaderValue::from_static(PAGE_CSP),
+        );
         h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     }
     Some(r)
@@ -116,28 +122,36 @@ pub fn asset_reply(path: &str, if_none_match: Option<&str>) -> Option<Response> 
 pub fn routes(
     ctx: Arc<RouterCtx>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    let play_redirect = warp::path!("play").and(warp::get()).map(|| {
-        let mut r = StatusCode::MOVED_PERMANENTLY.into_response();
-        r.headers_mut()
-            .insert("location", HeaderValue::from_static("/play/"));
-        r
-    });
+    // warp ignores a trailing slash when matching, so `/play` and `/play/` both land
+    // here; relative links in the page need the slash, so `/play` is redirected.
     let play_index = warp::path("play")
         .and(warp::path::end())
         .and(warp::get())
+        .and(warp::path::full())
         .and(warp::header::optional::<String>("if-none-match"))
-        .and_then(|inm: Option<String>| async move {
-            asset_reply("play/", inm.as_deref()).ok_or_else(warp::reject::not_found)
-        });
-    let files = warp::path!(String / String)
+        .and_then(
+            |full: warp::path::FullPath, inm: Option<String>| async move {
+                if !full.as_str().ends_with('/') {
+                    let mut r = StatusCode::MOVED_PERMANENTLY.into_response();
+                    r.headers_mut()
+                        .insert("location", HeaderValue::from_static("/play/"));
+                    return Ok(r);
+                }
+                asset_reply("play/", inm.as_deref()).ok_or_else(warp::reject::not_found)
+            },
+        );
+    let client_files = warp::path!("client" / String)
         .and(warp::get())
         .and(warp::header::optional::<String>("if-none-match"))
-        .and_then(|dir: String, file: String, inm: Option<String>| async move {
-            if dir != "client" && dir != "play" {
-                return Err(warp::reject::not_found());
-            }
-            asset_reply(&format!("{dir}/{file}"), inm.as_deref())
+        .and_then(|file: String, inm: Option<String>| async move {
+            asset_reply(&format!("client/{file}"), inm.as_deref())
                 .ok_or_else(warp::reject::not_found)
+        });
+    let play_files = warp::path!("play" / String)
+        .and(warp::get())
+        .and(warp::header::optional::<String>("if-none-match"))
+        .and_then(|file: String, inm: Option<String>| async move {
+            asset_reply(&format!("play/{file}"), inm.as_deref()).ok_or_else(warp::reject::not_found)
         });
     let routers = warp::path!("client" / "routers")
         .and(warp::get())
@@ -157,12 +171,12 @@ pub fn routes(
                 .insert("cache-control", HeaderValue::from_static("no-store"));
             r
         });
-    play_redirect
-        .or(play_index)
-        .unify()
+    play_index
         .or(routers)
         .unify()
-        .or(files)
+        .or(client_files)
+        .unify()
+        .or(play_files)
         .unify()
 }
 
@@ -195,7 +209,11 @@ mod tests {
         for needed in ["play.css", "play.js"] {
             assert!(page.contains(needed), "index.html references {needed}");
         }
-        let script = ASSETS.iter().find(|a| a.path == "play/play.js").unwrap().body;
+        let script = ASSETS
+            .iter()
+            .find(|a| a.path == "play/play.js")
+            .unwrap()
+            .body;
         assert!(script.contains("/client/gs-client.js"));
     }
 }

@@ -253,9 +253,7 @@ pub struct Page<'b> {
 
 impl Page<'_> {
     pub async fn call(&self, method: &str, params: Value) -> Result<Value> {
-        self.browser
-            .call(Some(&self.session), method, params)
-            .await
+        self.browser.call(Some(&self.session), method, params).await
     }
 
     /// Sets the viewport (`mobile`: a phone's).
@@ -274,8 +272,17 @@ impl Page<'_> {
         if let Some(e) = r.get("errorText").and_then(Value::as_str) {
             bail!("{}: navigating to {url}: {e}", self.name);
         }
-        self.wait_for("the document loaded", "document.readyState === 'complete'")
-            .await
+        // The old document may still be there (and complete): wait for the new one.
+        let prefix = url.split('#').next().unwrap_or(url);
+        self.wait_for(
+            "the document loaded",
+            &format!(
+                "location.href.startsWith({}) && document.readyState === 'complete'",
+                Value::String(prefix.to_string())
+            ),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Evaluates `expr` (awaiting a promise) and returns its JSON value.
@@ -303,8 +310,8 @@ impl Page<'_> {
     /// a sleep: the page's state is the event awaited).
     pub async fn wait_for(&self, what: &str, expr: &str) -> Result<Value> {
         let deadline = Instant::now() + crate::WAIT;
-        let mut last = Value::Null;
         loop {
+            let last;
             match self.eval(expr).await {
                 Ok(v) if truthy(&v) => return Ok(v),
                 Ok(v) => last = v,

@@ -3,7 +3,8 @@
 //! (`gs_tests::cdp`).
 //!
 //! create → start → join with a character → a state change by each is seen by the
-//! other → the DM adds a monster and starts combat (the tracker shows on both) →
+//! other → the DM adds a monster and starts combat (the tracker shows on both), the
+//! player attacks on its turn →
 //! SIGKILL the router the player's page is connected to, while the player sends a
 //! command and the DM changes the state → the player's page resumes through the other
 //! router: the command took effect once, the DM's change arrived, and both pages saw
@@ -29,6 +30,98 @@ async fn the_play_page_survives_its_router_dying() -> Result<()> {
     }
     browser.close().await;
     gs_tests::finish_cluster(cluster, result).await
+}
+
+/// Every router serves the client module, its types and the play page, with their
+/// content types and revalidation, and lists the routers (no browser needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_serve_the_client_module_and_the_play_page() -> Result<()> {
+    gs_tests::init_logging();
+    let cluster = LocalCluster::start(ClusterSpec::test(1, 2)).await?;
+    let result = serve(&cluster).await;
+    gs_tests::finish_cluster(cluster, result).await
+}
+
+async fn serve(cluster: &LocalCluster) -> Result<()> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let routers = cluster.router_urls();
+    for base in &routers {
+        for (path, ctype, needle) in [
+            (
+                "/client/gs-client.js",
+                "text/javascript",
+                "export class GameClient",
+            ),
+            (
+                "/client/gs-client.d.ts",
+                "application/typescript",
+                "export declare class GameClient",
+            ),
+            (
+                "/play/",
+                "text/html",
+                "<script type=\"module\" src=\"play.js\">",
+            ),
+            ("/play/play.js", "text/javascript", "/client/gs-client.js"),
+            ("/play/play.css", "text/css", ".tracker"),
+        ] {
+            let r = http.get(format!("{base}{path}")).send().await?;
+            ensure!(r.status() == 200, "{base}{path}: {}", r.status());
+            let h = r.headers().clone();
+            let ct = h["content-type"].to_str()?;
+            ensure!(ct.starts_with(ctype), "{path}: content type {ct}");
+            ensure!(h["cache-control"] == "no-cache", "{path}: cache-control");
+            let etag = h["etag"].to_str()?.to_string();
+            ensure!(r.text().await?.contains(needle), "{path} holds {needle:?}");
+            let again = http
+                .get(format!("{base}{path}"))
+                .header("if-none-match", &etag)
+                .send()
+                .await?;
+            ensure!(
+                again.status() == 304,
+                "{path} revalidates: {}",
+                again.status()
+            );
+        }
+        let r = http.get(format!("{base}/play")).send().await?;
+        ensure!(
+            r.status() == 301 && r.headers()["location"] == "/play/",
+            "/play redirects"
+        );
+        let r = http.get(format!("{base}/play/nope.js")).send().await?;
+        ensure!(r.status() == 404, "an unknown file: {}", r.status());
+        let r = http
+            .post(format!("{base}/play/play.js"))
+            .header("content-length", "0")
+            .send()
+            .await?;
+        ensure!(r.status() == 405, "POST to a file: {}", r.status());
+        // The routers each one knows: itself first, then the other.
+        let deadline = std::time::Instant::now() + gs_tests::WAIT;
+        loop {
+            let list: Value = http
+                .get(format!("{base}/client/routers"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let list: Vec<String> = serde_json::from_value(list["routers"].clone())?;
+            if list.len() == routers.len() {
+                ensure!(&list[0] == base, "this router first: {list:?}");
+                ensure!(routers.iter().all(|r| list.contains(r)), "{list:?}");
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "routers listed: {list:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
 }
 
 /// JSON-quotes a string for embedding in a JavaScript expression.
@@ -115,6 +208,11 @@ async fn run(cluster: &mut LocalCluster, browser: &Browser) -> Result<()> {
         dm.eval("location.hash").await? == "",
         "the token left the address bar"
     );
+    dm.wait_for(
+        "both routers known to the page (GET /client/routers)",
+        "gsPlay.routers.length === 2",
+    )
+    .await?;
     submit(&dm, "create-form", &[("create-name", "Browser table")]).await?;
     dm.wait_for(
         "the DM connected",
@@ -173,7 +271,12 @@ async fn run(cluster: &mut LocalCluster, browser: &Browser) -> Result<()> {
         .await?;
     }
     // A state change by each, seen by the other.
-    submit(&player, "notes-form", &[("notes-input", "Aria scouts ahead")]).await?;
+    submit(
+        &player,
+        "notes-form",
+        &[("notes-input", "Aria scouts ahead")],
+    )
+    .await?;
     dm.wait_for(
         "the player's note on the DM's page",
         "document.getElementById('shared-notes').textContent === 'Aria scouts ahead'",
@@ -191,7 +294,11 @@ async fn run(cluster: &mut LocalCluster, browser: &Browser) -> Result<()> {
     submit(
         &dm,
         "spawn-form",
-        &[("spawn-name", "Goblin"), ("spawn-hp", "7"), ("spawn-ac", "15")],
+        &[
+            ("spawn-name", "Goblin"),
+            ("spawn-hp", "7"),
+            ("spawn-ac", "15"),
+        ],
     )
     .await?;
     player
@@ -208,6 +315,45 @@ async fn run(cluster: &mut LocalCluster, browser: &Browser) -> Result<()> {
         )
         .await?;
     }
+    // Only the DM has the DM's controls.
+    ensure!(
+        player
+            .eval("['dm-lifecycle', 'dm-combat', 'spawn-form', 'join-link-box'].every(id => document.getElementById(id).offsetParent === null)")
+            .await?
+            == true,
+        "the player's page shows no DM controls"
+    );
+    // The player declares an action on Aria's turn (the DM ends the goblin's first).
+    let aria = player.eval("gsPlay.characterId").await?;
+    let active = player
+        .eval("gsPlay.client.view.game.play.combat.turn.character_id")
+        .await?;
+    if active != aria {
+        click(&dm, "#end-turn").await?;
+    }
+    player
+        .wait_for(
+            "the player's action form on Aria's turn",
+            "document.getElementById('actor-title').textContent === 'Your turn:' && document.getElementById('action-form').offsetParent !== null",
+        )
+        .await?;
+    submit(
+        &player,
+        "action-form",
+        &[
+            ("action-type", "attack"),
+            ("action-bonus", "6"),
+            ("action-damage", "1d8+3"),
+        ],
+    )
+    .await?;
+    for page in [&dm, &player] {
+        page.wait_for(
+            "Aria's attack resolved",
+            "gsPlay.events.some(e => e.type === 'action_resolve') && document.getElementById('log').textContent.includes(\"Aria's attack\")",
+        )
+        .await?;
+    }
     dm.screenshot(&shots.join("browser-dm-combat.png")).await?;
     player
         .screenshot(&shots.join("browser-player-combat.png"))
@@ -215,7 +361,11 @@ async fn run(cluster: &mut LocalCluster, browser: &Browser) -> Result<()> {
 
     // Kill the router the player's page is connected to. While it is gone the player
     // sends a command and the DM (on the other router) changes the state.
-    let before = player.eval("gsPlay.client.version").await?.as_u64().context("version")?;
+    let before = player
+        .eval("gsPlay.client.version")
+        .await?
+        .as_u64()
+        .context("version")?;
     let victim = cluster
         .members
         .values()
@@ -258,17 +408,17 @@ async fn run(cluster: &mut LocalCluster, browser: &Browser) -> Result<()> {
     )
     .await?;
 
-    // The turn moves on after the resume, seen live by both.
-    let active_before = player
-        .eval("gsPlay.client.view.game.play.combat.turn.character_id")
+    // The turn moves on after the resume, seen live by both (the next living
+    // creature's turn: Aria's again, in round 2, if her attack killed the goblin).
+    let turn_before = player
+        .eval("JSON.stringify([gsPlay.client.view.game.play.combat.round, gsPlay.client.view.game.play.combat.turn_number])")
         .await?;
     click(&dm, "#end-turn").await?;
     for page in [&dm, &player] {
         page.wait_for(
-            "the next creature's turn",
+            "the next turn",
             &format!(
-                "gsPlay.client.view.game.play.combat.turn.character_id !== {} && document.querySelectorAll('#tracker li.active').length === 1",
-                active_before
+                "JSON.stringify([gsPlay.client.view.game.play.combat.round, gsPlay.client.view.game.play.combat.turn_number]) !== {turn_before} && document.querySelectorAll('#tracker li.active').length === 1"
             ),
         )
         .await?;

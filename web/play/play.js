@@ -145,7 +145,7 @@ function summary(ev) {
     case "player_left":
       return `${short(d.user_id)} left`;
     case "session_status_changed":
-      return `session ${d.previous} → ${d.status}`;
+      return `session: ${d.previous} → ${d.status}`;
     case "state_update":
       return `${short(d.user_id)} changed ${(d.changes || []).map((c) => c.path || "/").join(", ")}`;
     case "character_spawned":
@@ -246,6 +246,7 @@ function render() {
   const mine = active && (dm || myCharacters().includes(active));
   show("action-form", !!mine);
   if (mine) {
+    $("actor-title").textContent = myCharacters().includes(active) ? "Your turn:" : "Acting for";
     $("actor-name").textContent = charName(active);
     const sel = $("action-target");
     const keep = sel.value;

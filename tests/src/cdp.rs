@@ -192,7 +192,7 @@ impl Browser {
             .send(Message::text(msg.to_string()))
             .map_err(|_| anyhow!("the browser connection closed"))?;
         match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r.with_context(|| format!("{method}")),
+            Ok(Ok(r)) => r.with_context(|| method.to_string()),
             Ok(Err(_)) => bail!("{method}: no answer (connection closed)"),
             Err(_) => {
                 self.pending.lock().unwrap().remove(&id);
@@ -311,12 +311,11 @@ impl Page<'_> {
     pub async fn wait_for(&self, what: &str, expr: &str) -> Result<Value> {
         let deadline = Instant::now() + crate::WAIT;
         loop {
-            let last;
-            match self.eval(expr).await {
+            let last = match self.eval(expr).await {
                 Ok(v) if truthy(&v) => return Ok(v),
-                Ok(v) => last = v,
-                Err(e) => last = json!(e.to_string()),
-            }
+                Ok(v) => v,
+                Err(e) => json!(e.to_string()),
+            };
             if Instant::now() > deadline {
                 bail!(
                     "{}: waited {:?} for {what} ({expr}); last value {last}; page problems: {:?}",

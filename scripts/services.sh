@@ -129,4 +129,11 @@ nats
 # Tests that stop a dependency run private redis-server / nats-server instances.
 command -v redis-server >/dev/null 2>&1 || apt_install redis-server
 command -v nats-server >/dev/null 2>&1 || apt_install nats-server
+# The browser client's unit tests run under Node's test runner; the play page's test
+# (tests/tests/browser.rs) drives headless Chromium.
+command -v node >/dev/null 2>&1 || apt_install nodejs
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+  && [ -z "${GS_CHROMIUM:-}" ]; then
+  apt_install chromium
+fi
 say "all services are up"

@@ -342,6 +342,17 @@ async fn up(
         demo["session_id"].as_str().unwrap_or("")
     );
     println!("more tokens:  cargo run -q -p cluster -- token --role player");
+    // The play page (served by every router): the DM's token rides in the URL
+    // fragment, which the browser never sends to a server.
+    let player_token = cluster.token(Uuid::new_v4(), Role::Player);
+    println!(
+        "\nplay page (DM):  {}/play/#token={dm_token}",
+        routers_http[0]
+    );
+    println!("player token:    {player_token}");
+    println!(
+        "                 (players open the join link the page shows, adding #token=<their token>)"
+    );
     println!("\nCtrl-C stops the cluster.");
 
     gs_shared::telemetry::shutdown_signal().await;

@@ -16,6 +16,7 @@
 //! * [`hub`]: per-session NATS subscription, ordering and fan-out.
 //! * [`sequencer`]: ordering of an event stream (sans-IO).
 //! * [`limits`]: the ICD's rate limits; caps on open sockets per user and per IP.
+//! * [`web`]: the embedded static files: the browser client module and the play page.
 
 pub mod api;
 pub mod conn;
@@ -23,6 +24,7 @@ pub mod hub;
 pub mod limits;
 pub mod sequencer;
 pub mod server;
+pub mod web;
 pub mod ws;
 
 use gs_shared::auth::Authority;
@@ -168,6 +170,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
     let routes = ws::route(ctx.clone())
         .or(api::routes(ctx.clone()))
+        .unify()
+        .or(web::routes(ctx.clone()))
         .unify()
         .recover(api::recover)
         .unify()

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 pub use cluster;
 
+pub mod cdp;
 pub mod rabbit;
 
 /// Upper bound of any single wait in a test.

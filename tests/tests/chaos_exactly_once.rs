@@ -125,6 +125,14 @@ async fn a_command_resent_after_it_left_the_dedupe_window_takes_effect_once() ->
             .await?
             .get(0);
         assert_eq!(newest as u64, last, "nothing was appended by the resend");
+        // It was the log's unique command id that refused the repeat (the node no
+        // longer remembered it), not the node's memory.
+        let node = &f.cluster.node_ids()[0];
+        let log = std::fs::read_to_string(&f.cluster.members[node].log)?;
+        assert!(
+            log.contains("commit failed; reloading from the log"),
+            "the repeat reached the log and was refused there"
+        );
 
         // A later new command still goes through (the session recovered).
         let id = dm.send("state_update", append(10)).await?;

@@ -466,15 +466,12 @@ impl Conn {
     async fn close_removed(&mut self, io: &mut ConnIo) {
         metrics::counter!("gs_router_ws_revoked_total", "code" => codes::NOT_MEMBER).increment(1);
         self.answer_in_flight(io).await;
-        let err = WireError::new(
+        self.close_with(
+            close_codes::NOT_MEMBER,
             codes::NOT_MEMBER,
-            "you are no longer a member of this session",
-        );
-        let _ = self.feed_text(protocol::connection_error(&err)).await;
-        self.release();
-        let _ = self
-            .send_now(close(close_codes::NOT_MEMBER, codes::NOT_MEMBER))
-            .await;
+            "you are no longer a member of this session".into(),
+        )
+        .await;
     }
 
     /// The access or the connection token expired: `connection_error`
@@ -487,15 +484,12 @@ impl Conn {
         while let Ok(out) = io.acks.try_recv() {
             let _ = self.feed_answer(out).await;
         }
-        let err = WireError::new(
+        self.close_with(
+            close_codes::TOKEN_EXPIRED,
             codes::TOKEN_EXPIRED,
-            "the access or connection token expired; reconnect with fresh tokens",
-        );
-        let _ = self.feed_text(protocol::connection_error(&err)).await;
-        self.release();
-        let _ = self
-            .send_now(close(close_codes::TOKEN_EXPIRED, codes::TOKEN_EXPIRED))
-            .await;
+            "the access or connection token expired; reconnect with fresh tokens".into(),
+        )
+        .await;
     }
 
     /// Buffers the answers of the commands still in flight, waiting for them at most

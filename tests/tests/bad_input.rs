@@ -428,3 +428,54 @@ async fn messages_over_the_rate_limit_are_refused() -> Result<()> {
     .await;
     finish(fx, r).await
 }
+
+/// The presence endpoint (issue 11) refuses what `GET /state` refuses: no token,
+/// a forged one, an outsider (cross-session), a bad or unknown session id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_refuses_outsiders_and_bad_ids() -> Result<()> {
+    let fx = Fixture::start(1, 1, false).await?;
+    let f = &fx;
+    let r = async {
+        let path = format!("/api/v2/sessions/{}/presence", f.session);
+        let r = f.http.get(format!("{}{path}", f.router(0))).send().await?;
+        assert_eq!(r.status().as_u16(), 401);
+        let forged = Authority::new("not-the-cluster-secret-at-all", 3600, 0).mint_access(
+            f.dm,
+            Role::Admin,
+            600,
+        );
+        let r = f
+            .api(0, &forged)
+            .call(reqwest::Method::GET, &path, None)
+            .await?;
+        assert_eq!((r.status, r.code()), (401, "invalid_token"));
+        let outsider = f.cluster.token(Uuid::new_v4(), Role::Player);
+        let r = f
+            .api(0, &outsider)
+            .call(reqwest::Method::GET, &path, None)
+            .await?;
+        assert_eq!((r.status, r.code()), (403, "not_member"));
+        let r = f
+            .api(0, &f.dm_token)
+            .call(reqwest::Method::GET, "/api/v2/sessions/nope/presence", None)
+            .await?;
+        assert_eq!((r.status, r.code()), (400, "bad_request"));
+        let r = f
+            .api(0, &f.dm_token)
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/v2/sessions/{}/presence", Uuid::new_v4()),
+                None,
+            )
+            .await?;
+        assert_eq!((r.status, r.code()), (404, "session_not_found"));
+        let r = f
+            .api(0, &f.dm_token)
+            .call(reqwest::Method::GET, &path, None)
+            .await?;
+        assert_eq!(r.status, 200);
+        Ok(())
+    }
+    .await;
+    finish(fx, r).await
+}

@@ -14,6 +14,7 @@ use crate::tls::DevCert;
 use anyhow::{bail, Context, Result};
 use gs_shared::auth::{Authority, Role};
 use gs_shared::config::Config;
+use gs_shared::membership::MemberKind;
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -74,7 +75,7 @@ impl ClusterSpec {
 /// One child process.
 pub struct Member {
     pub id: String,
-    pub kind: &'static str,
+    pub kind: MemberKind,
     pub child: Option<Child>,
     pub pid: Option<u32>,
     /// Router: REST base (`http(s)://…`); node: health base (`http://…`).
@@ -125,6 +126,82 @@ pub fn bin_dir() -> Result<PathBuf> {
          (`cargo build --bins`, which scripts/test.sh and scripts/up.sh do) or set GS_BIN_DIR",
         exe.display()
     )
+}
+
+/// A member process just started.
+pub struct Launched {
+    pub child: Child,
+    /// Its configuration file and its log.
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+/// Starts a `gs-node` or `gs-router` (from `bin_dir`) with `cfg`, written to
+/// `<dir>/<id>.toml`; its output is appended to `<dir>/<id>.log`. With `kill_on_drop`
+/// it dies with its [`Child`] (the harness's own members); without, it outlives the
+/// caller (`cluster add-node`).
+pub fn launch(
+    bin_dir: &Path,
+    dir: &Path,
+    id: &str,
+    kind: MemberKind,
+    cfg: &Config,
+    kill_on_drop: bool,
+) -> Result<Launched> {
+    let config = dir.join(format!("{id}.toml"));
+    std::fs::write(&config, toml::to_string(cfg)?)?;
+    let log = dir.join(format!("{id}.log"));
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
+    let bin = bin_dir.join(match kind {
+        MemberKind::Node => "gs-node",
+        MemberKind::Router => "gs-router",
+    });
+    let child = Command::new(&bin)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("GS_CONFIG")
+        .env(
+            "RUST_LOG",
+            std::env::var("GS_CHILD_LOG").unwrap_or_else(|_| cfg.log.filter.clone()),
+        )
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(kill_on_drop)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Launched { child, config, log })
+}
+
+/// A node's configuration: `base` with its id and health port.
+pub fn node_config(base: &Config, id: &str, port: u16) -> Config {
+    let mut cfg = base.clone();
+    cfg.node.id = id.to_string();
+    cfg.node.http_listen = format!("127.0.0.1:{port}");
+    cfg
+}
+
+/// Whether a member's `/health/ready` answers 200.
+pub async fn is_ready(http: &reqwest::Client, url: &str) -> bool {
+    match http.get(format!("{url}/health/ready")).send().await {
+        Ok(r) => r.status().is_success(),
+        Err(_) => false,
+    }
+}
+
+/// Waits until a member's `/health/ready` answers 200, at most [`READY_TIMEOUT`].
+pub async fn wait_until_ready(http: &reqwest::Client, id: &str, url: &str) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !is_ready(http, url).await {
+        if Instant::now() > deadline {
+            bail!("{id} did not become ready in {READY_TIMEOUT:?}; see its log");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 impl LocalCluster {
@@ -196,55 +273,19 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    fn write_config(&self, id: &str, cfg: &Config) -> Result<PathBuf> {
-        let path = self.dir.join(format!("{id}.toml"));
-        std::fs::write(&path, toml::to_string(cfg)?)?;
-        Ok(path)
-    }
-
-    async fn spawn(
-        &mut self,
-        id: &str,
-        kind: &'static str,
-        cfg: Config,
-        url: String,
-    ) -> Result<()> {
-        let config = self.write_config(id, &cfg)?;
-        let log = self.dir.join(format!("{id}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let bin = self.bin_dir.join(if kind == "node" {
-            "gs-node"
-        } else {
-            "gs-router"
-        });
-        let child = Command::new(&bin)
-            .arg("--config")
-            .arg(&config)
-            .env_remove("GS_CONFIG")
-            .env(
-                "RUST_LOG",
-                std::env::var("GS_CHILD_LOG").unwrap_or_else(|_| cfg.log.filter.clone()),
-            )
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child.id();
+    async fn spawn(&mut self, id: &str, kind: MemberKind, cfg: Config, url: String) -> Result<()> {
+        let launched = launch(&self.bin_dir, &self.dir, id, kind, &cfg, true)?;
+        let pid = launched.child.id();
         self.members.insert(
             id.to_string(),
             Member {
                 id: id.to_string(),
                 kind,
-                child: Some(child),
+                child: Some(launched.child),
                 pid,
                 url,
-                log,
-                config,
+                log: launched.log,
+                config: launched.config,
             },
         );
         Ok(())
@@ -255,14 +296,12 @@ impl LocalCluster {
         let id = format!("node-{}", self.next_node);
         self.next_node += 1;
         let port = free_port()?;
-        let mut cfg = self.base.clone();
-        cfg.node.id = id.clone();
-        cfg.node.http_listen = format!("127.0.0.1:{port}");
+        let mut cfg = node_config(&self.base, &id, port);
         if let Some(patch) = self.node_patch {
             patch(&id, &mut cfg);
         }
-        self.spawn(&id, "node", cfg, format!("http://127.0.0.1:{port}"))
-            .await?;
+        let url = format!("http://127.0.0.1:{port}");
+        self.spawn(&id, MemberKind::Node, cfg, url).await?;
         Ok(id)
     }
 
@@ -278,8 +317,8 @@ impl LocalCluster {
         } else {
             "http"
         };
-        self.spawn(id, "router", cfg, format!("{scheme}://127.0.0.1:{port}"))
-            .await
+        let url = format!("{scheme}://127.0.0.1:{port}");
+        self.spawn(id, MemberKind::Router, cfg, url).await
     }
 
     /// Adds a node and waits until every router has it on its ring.
@@ -292,7 +331,7 @@ impl LocalCluster {
     pub fn node_ids(&self) -> Vec<String> {
         self.members
             .values()
-            .filter(|m| m.kind == "node" && m.child.is_some())
+            .filter(|m| m.kind == MemberKind::Node && m.child.is_some())
             .map(|m| m.id.clone())
             .collect()
     }
@@ -300,7 +339,7 @@ impl LocalCluster {
     pub fn router_urls(&self) -> Vec<String> {
         self.members
             .values()
-            .filter(|m| m.kind == "router" && m.child.is_some())
+            .filter(|m| m.kind == MemberKind::Router && m.child.is_some())
             .map(|m| m.url.clone())
             .collect()
     }
@@ -348,20 +387,17 @@ impl LocalCluster {
             loop {
                 self.check_alive(&id, &mut respawns).await?;
                 let m = &self.members[&id];
-                let ok = match http.get(format!("{}/health/ready", m.url)).send().await {
-                    Ok(r) if r.status().is_success() => {
-                        if m.kind == "router" {
+                let ok = is_ready(&http, &m.url).await
+                    && match m.kind {
+                        MemberKind::Router => {
                             let on_ring = crate::client::cluster_info(&http, &m.url, &admin)
                                 .await
                                 .map(|v| nodes_on_ring(&v))
                                 .unwrap_or_default();
                             nodes.iter().all(|n| on_ring.contains(n))
-                        } else {
-                            true
                         }
-                    }
-                    _ => false,
-                };
+                        MemberKind::Node => true,
+                    };
                 if ok {
                     break;
                 }
@@ -402,7 +438,7 @@ impl LocalCluster {
         let m = self.members.remove(id).context("no such member")?;
         let mut cfg: Config = toml::from_str(&std::fs::read_to_string(&m.config)?)?;
         let port = free_port()?;
-        let url = if m.kind == "node" {
+        let url = if m.kind == MemberKind::Node {
             cfg.node.http_listen = format!("127.0.0.1:{port}");
             format!("http://127.0.0.1:{port}")
         } else {

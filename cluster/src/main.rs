@@ -13,11 +13,14 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use cluster::client::{cluster_info, http_client, Api};
-use cluster::harness::{free_port, ClusterSpec, LocalCluster};
+use cluster::harness::{
+    bin_dir, free_port, launch, node_config, wait_until_ready, ClusterSpec, LocalCluster,
+};
 use cluster::state::{pid_alive, ClusterState, MemberState};
 use cluster::tls::DevCert;
 use gs_shared::auth::{Authority, Role};
 use gs_shared::config::Config;
+use gs_shared::membership::MemberKind;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
@@ -226,7 +229,57 @@ async fn up(
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
-    if let Ok(old) = ClusterState::load(&dir) {
+    refuse_if_running(&dir)?;
+    let (base, saved) = dev_config(&dir, file)?;
+    println!(
+        "starting {nodes} nodes and {routers} routers (logs in {}) ...",
+        dir.display()
+    );
+    let spec = ClusterSpec {
+        nodes,
+        routers,
+        tls,
+        name: Some("dev".into()),
+        dir: Some(dir.clone()),
+        base,
+        drop_database: false,
+        node_patch: None,
+    };
+    let cluster = LocalCluster::start(spec).await?;
+    let state = ClusterState {
+        name: cluster.name.clone(),
+        config: saved,
+        cert: cluster.cert.as_ref().map(|c| c.cert_path.clone()),
+        members: cluster
+            .members
+            .values()
+            .map(|m| MemberState {
+                id: m.id.clone(),
+                kind: m.kind,
+                pid: m.pid.unwrap_or(0),
+                url: m.url.clone(),
+                log: m.log.clone(),
+                config: m.config.clone(),
+            })
+            .collect(),
+    };
+    state.save(&dir)?;
+    let demo = Demo::create(&cluster).await?;
+    print_banner(&cluster, &demo, tls);
+
+    gs_shared::telemetry::shutdown_signal().await;
+    println!("stopping ...");
+    // Members started later by `add-node` are in the state file too.
+    stop_members(&ClusterState::load(&dir).unwrap_or(state)).await;
+    cluster.shutdown().await;
+    let _ = std::fs::remove_file(ClusterState::path(&dir));
+    println!("stopped");
+    Ok(())
+}
+
+/// Refuses to start over a cluster whose processes still run.
+fn refuse_if_running(dir: &Path) -> Result<()> {
+    if let Ok(old) = ClusterState::load(dir) {
         if old.members.iter().any(|m| pid_alive(m.pid)) {
             bail!(
                 "a cluster from {} is still running; stop it first (Ctrl-C in its terminal)",
@@ -234,6 +287,14 @@ async fn up(
             );
         }
     }
+    Ok(())
+}
+
+/// The configuration of a development cluster (the given file, else the one a
+/// previous `up` wrote, else defaults; a JWT secret generated when none is set;
+/// limits raised for many clients on 127.0.0.1), saved as `<dir>/cluster.toml`
+/// (owner-only: it holds the secret). Returns it and the saved file's path.
+fn dev_config(dir: &Path, file: Option<&Path>) -> Result<(Config, PathBuf)> {
     let saved = dir.join("cluster.toml");
     let mut base = Config::load(file.or_else(|| saved.exists().then_some(saved.as_path())))?;
     if base.auth.jwt_secret.is_empty() {
@@ -253,49 +314,42 @@ async fn up(
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&saved, std::fs::Permissions::from_mode(0o600))?;
     }
+    Ok((base, saved))
+}
 
-    println!(
-        "starting {nodes} nodes and {routers} routers (logs in {}) ...",
-        dir.display()
-    );
-    let spec = ClusterSpec {
-        nodes,
-        routers,
-        tls,
-        name: Some("dev".into()),
-        dir: Some(dir.clone()),
-        base: base.clone(),
-        drop_database: false,
-        node_patch: None,
-    };
-    let cluster = LocalCluster::start(spec).await?;
-    let state = ClusterState {
-        name: cluster.name.clone(),
-        config: saved.clone(),
-        cert: cluster.cert.as_ref().map(|c| c.cert_path.clone()),
-        members: cluster
-            .members
-            .values()
-            .map(|m| MemberState {
-                id: m.id.clone(),
-                kind: m.kind.to_string(),
-                pid: m.pid.unwrap_or(0),
-                url: m.url.clone(),
-                log: m.log.clone(),
-                config: m.config.clone(),
-            })
-            .collect(),
-    };
-    state.save(&dir)?;
+/// What `up` prepares for a demo: a DM, a session, and what a client needs.
+struct Demo {
+    dm: Uuid,
+    dm_token: String,
+    /// The answer to the session's creation.
+    session: serde_json::Value,
+    player_token: String,
+}
 
-    // A demo: a DM, a session, and what a client needs to connect.
+impl Demo {
+    async fn create(cluster: &LocalCluster) -> Result<Demo> {
+        let dm = Uuid::new_v4();
+        let dm_token = cluster.token(dm, Role::Dm);
+        let api = Api::new(cluster.http(), &cluster.router_urls()[0], &dm_token);
+        let session = api.create_session("Demo session").await?;
+        Ok(Demo {
+            dm,
+            dm_token,
+            session,
+            player_token: cluster.token(Uuid::new_v4(), Role::Player),
+        })
+    }
+
+    fn field(&self, name: &str) -> &str {
+        self.session[name].as_str().unwrap_or("")
+    }
+}
+
+/// The members, the routers' URLs, the demo's tokens and session, and how to try it.
+fn print_banner(cluster: &LocalCluster, demo: &Demo, tls: bool) {
     let routers_http = cluster.router_urls();
     let routers_ws = cluster.router_ws_urls();
-    let dm = Uuid::new_v4();
-    let dm_token = cluster.token(dm, Role::Dm);
-    let http = cluster.http();
-    let api = Api::new(http, &routers_http[0], &dm_token);
-    let demo = api.create_session("Demo session").await?;
+    let dm_token = &demo.dm_token;
     println!();
     println!("cluster is up:");
     for m in cluster.members.values() {
@@ -317,20 +371,11 @@ async fn up(
     for (h, w) in routers_http.iter().zip(&routers_ws) {
         println!("  {h}   (WebSocket: {w}/api/v2/sessions/{{id}}/ws)");
     }
-    println!("\ndemo DM user:   {dm}");
+    println!("\ndemo DM user:   {}", demo.dm);
     println!("demo DM token:  {dm_token}");
-    println!(
-        "demo session:   {}",
-        demo["session_id"].as_str().unwrap_or("")
-    );
-    println!(
-        "session token:  {}",
-        demo["connection_token"].as_str().unwrap_or("")
-    );
-    println!(
-        "websocket url:  {}",
-        demo["websocket_url"].as_str().unwrap_or("")
-    );
+    println!("demo session:   {}", demo.field("session_id"));
+    println!("session token:  {}", demo.field("connection_token"));
+    println!("websocket url:  {}", demo.field("websocket_url"));
     println!(
         "\ntry:  curl {}-H 'Authorization: Bearer {dm_token}' {}/api/v2/sessions/{}/state",
         if tls {
@@ -339,26 +384,26 @@ async fn up(
             ""
         },
         routers_http[0],
-        demo["session_id"].as_str().unwrap_or("")
+        demo.field("session_id")
     );
     println!("more tokens:  cargo run -q -p cluster -- token --role player");
     // The play page (served by every router): the DM's token rides in the URL
     // fragment, which the browser never sends to a server.
-    let player_token = cluster.token(Uuid::new_v4(), Role::Player);
     println!(
         "\nplay page (DM):  {}/play/#token={dm_token}",
         routers_http[0]
     );
-    println!("player token:    {player_token}");
+    println!("player token:    {}", demo.player_token);
     println!(
         "                 (players open the join link the page shows, adding #token=<their token>)"
     );
     println!("\nCtrl-C stops the cluster.");
+}
 
-    gs_shared::telemetry::shutdown_signal().await;
-    println!("stopping ...");
-    // Members started later by `add-node` are in the state file too.
-    let state = ClusterState::load(&dir).unwrap_or(state);
+/// SIGTERM to every member (a paused one is resumed first), then waits up to 15 s for
+/// them to exit. Not all are this process's children (`add-node` starts some), so
+/// their exit is watched by pid.
+async fn stop_members(state: &ClusterState) {
     for m in &state.members {
         if pid_alive(m.pid) {
             // SAFETY: signals to processes this cluster started.
@@ -372,10 +417,6 @@ async fn up(
     while state.members.iter().any(|m| pid_alive(m.pid)) && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    cluster.shutdown().await;
-    let _ = std::fs::remove_file(ClusterState::path(&dir));
-    println!("stopped");
-    Ok(())
 }
 
 fn signal(dir: &Path, id: &str, sig: i32, what: &str) -> Result<()> {
@@ -392,63 +433,37 @@ fn signal(dir: &Path, id: &str, sig: i32, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Starts one more node with the configuration of the cluster's first node (its own
+/// id and port), records it in the state file and waits until it is ready. The node
+/// outlives this command; `up` stops it with the others.
 async fn add_node(dir: &Path) -> Result<()> {
     let mut state = ClusterState::load(dir)?;
     let template = state
         .members
         .iter()
-        .find(|m| m.kind == "node")
-        .context("the cluster has no node to copy the configuration from")?
-        .clone();
-    let mut cfg = Config::load(Some(&template.config))?;
+        .find(|m| m.kind == MemberKind::Node)
+        .context("the cluster has no node to copy the configuration from")?;
+    let base = Config::load(Some(&template.config))?;
     let n = (1..)
         .find(|i| !state.members.iter().any(|m| m.id == format!("node-{i}")))
         .unwrap_or(1);
     let id = format!("node-{n}");
     let port = free_port()?;
-    cfg.node.id = id.clone();
-    cfg.node.http_listen = format!("127.0.0.1:{port}");
-    let config = dir.join(format!("{id}.toml"));
-    std::fs::write(&config, toml::to_string(&cfg)?)?;
-    let log = dir.join(format!("{id}.log"));
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)?;
-    let bin = cluster::harness::bin_dir()?.join("gs-node");
-    let child = std::process::Command::new(&bin)
-        .arg("--config")
-        .arg(&config)
-        .env_remove("GS_CONFIG")
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
+    let cfg = node_config(&base, &id, port);
+    let launched = launch(&bin_dir()?, dir, &id, MemberKind::Node, &cfg, false)?;
+    let pid = launched.child.id().context("the node exited at once")?;
     let url = format!("http://127.0.0.1:{port}");
     state.members.push(MemberState {
         id: id.clone(),
-        kind: "node".into(),
-        pid: child.id(),
+        kind: MemberKind::Node,
+        pid,
         url: url.clone(),
-        log,
-        config,
+        log: launched.log,
+        config: launched.config,
     });
     state.save(dir)?;
-    let http = http_client(None);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        if let Ok(r) = http.get(format!("{url}/health/ready")).send().await {
-            if r.status().is_success() {
-                break;
-            }
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("{id} did not become ready; see its log");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    println!("added {id} (pid {}) at {url}", child.id());
+    wait_until_ready(&http_client(None), &id, &url).await?;
+    println!("added {id} (pid {pid}) at {url}");
     Ok(())
 }
 
@@ -490,7 +505,7 @@ async fn status(dir: &Path) -> Result<()> {
     for r in state
         .members
         .iter()
-        .filter(|m| m.kind == "router" && pid_alive(m.pid))
+        .filter(|m| m.kind == MemberKind::Router && pid_alive(m.pid))
     {
         match cluster_info(&http, &r.url, &admin).await {
             Ok(v) => {
@@ -548,7 +563,7 @@ async fn bench(
         let live: Vec<_> = state.members.iter().filter(|m| pid_alive(m.pid)).collect();
         let routers_http: Vec<String> = live
             .iter()
-            .filter(|m| m.kind == "router")
+            .filter(|m| m.kind == MemberKind::Router)
             .map(|m| m.url.clone())
             .collect();
         let routers_ws = routers_http
@@ -565,7 +580,7 @@ async fn bench(
             cert,
             auth: Authority::from_config(&cfg.auth),
         };
-        let members: Vec<(u32, String)> = live.iter().map(|m| (m.pid, m.kind.clone())).collect();
+        let members: Vec<(u32, MemberKind)> = live.iter().map(|m| (m.pid, m.kind)).collect();
         (target, None, members)
     } else {
         let mut cspec = ClusterSpec::test(nodes, routers);
@@ -586,10 +601,10 @@ async fn bench(
         }
         eprintln!("starting {nodes} nodes and {routers} routers ...");
         let c = LocalCluster::start(cspec).await?;
-        let members: Vec<(u32, String)> = c
+        let members: Vec<(u32, MemberKind)> = c
             .members
             .values()
-            .filter_map(|m| m.pid.map(|p| (p, m.kind.to_string())))
+            .filter_map(|m| m.pid.map(|p| (p, m.kind)))
             .collect();
         (cluster::load::Target::of(&c), Some(c), members)
     };
@@ -598,7 +613,7 @@ async fn bench(
         Some(n) => {
             let router = members
                 .iter()
-                .find(|(_, k)| k == "router")
+                .find(|(_, k)| *k == MemberKind::Router)
                 .map(|(p, _)| *p)
                 .context("no router")?;
             eprintln!("opening {n} idle connections on router 0 ...");

@@ -3,13 +3,15 @@
 //! terminal.
 
 use anyhow::{Context, Result};
+use gs_shared::membership::MemberKind;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemberState {
     pub id: String,
-    pub kind: String,
+    /// `"node"` or `"router"` in the file.
+    pub kind: MemberKind,
     pub pid: u32,
     pub url: String,
     pub log: PathBuf,

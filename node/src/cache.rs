@@ -172,6 +172,8 @@ fn pairs(ttl: Duration, fields: impl IntoIterator<Item = (String, String)>) -> V
     args
 }
 
+/// The writer task: takes what is queued (up to 512 writes), sends it as one pipeline,
+/// then answers the flushes that were among it.
 async fn writer(
     mut redis: ConnectionManager,
     keys: Keys,
@@ -189,79 +191,90 @@ async fn writer(
         }
         let mut pipe = redis::pipe();
         let mut flushed = Vec::new();
-        let writes = ops.iter().filter(|op| !matches!(op, Op::Flush(_))).count();
+        let mut writes = 0;
         for op in ops {
             match op {
-                Op::Meta(s, epoch, fields) => {
-                    let args = pairs(keys::META_TTL, fields);
-                    fenced(
-                        &mut pipe,
-                        &keys,
-                        &s,
-                        epoch,
-                        HASH_BODY,
-                        &[keys.meta(&s)],
-                        &args,
-                    );
-                }
-                Op::Attach(s, epoch, c, u) => {
-                    let args = [
-                        c.to_string(),
-                        u.to_string(),
-                        keys::CONNECTIONS_TTL.as_secs().to_string(),
-                        keys::PLAYERS_TTL.as_secs().to_string(),
-                    ];
-                    let k = [keys.connections(&s), keys.players(&s)];
-                    fenced(&mut pipe, &keys, &s, epoch, ATTACH_BODY, &k, &args);
-                }
-                Op::Detach(s, epoch, c, u) => {
-                    let args = [c.to_string(), u.to_string()];
-                    let k = [keys.connections(&s), keys.players(&s)];
-                    fenced(&mut pipe, &keys, &s, epoch, DETACH_BODY, &k, &args);
-                }
-                Op::Refresh(s, conns) => {
-                    // TTLs only: harmless whoever sends them. Not the connections hash:
-                    // its TTL runs from the last heartbeat (`Cache::touch`).
-                    pipe.expire(keys.meta(&s), keys::META_TTL.as_secs() as i64)
-                        .ignore();
-                    if conns {
-                        pipe.expire(keys.players(&s), keys::PLAYERS_TTL.as_secs() as i64)
-                            .ignore();
-                    }
-                }
-                Op::Combat(s, epoch, fields) => {
-                    let args = pairs(keys::COMBAT_TTL, fields);
-                    fenced(
-                        &mut pipe,
-                        &keys,
-                        &s,
-                        epoch,
-                        REPLACE_BODY,
-                        &[keys.combat(&s)],
-                        &args,
-                    );
-                }
                 Op::Flush(done) => flushed.push(done),
+                op => {
+                    writes += 1;
+                    add(&mut pipe, &keys, op);
+                }
             }
         }
         if writes > 0 {
-            let r: Result<Result<(), redis::RedisError>, _> =
-                tokio::time::timeout(op_timeout, pipe.query_async(&mut redis)).await;
-            let err = match r {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("timeout".to_string()),
-            };
-            if let Some(e) = err {
-                failures += 1;
-                metrics::counter!("gs_node_cache_errors_total").increment(1);
-                if failures.is_power_of_two() {
-                    tracing::warn!(error = %e, failures, "Redis cache write failed");
-                }
-            }
+            send(&mut redis, &pipe, op_timeout, &mut failures).await;
         }
         for done in flushed {
             let _ = done.send(());
         }
+    }
+}
+
+/// Adds one write to the pipeline.
+fn add(pipe: &mut redis::Pipeline, keys: &Keys, op: Op) {
+    match op {
+        Op::Meta(s, epoch, fields) => {
+            let args = pairs(keys::META_TTL, fields);
+            fenced(pipe, keys, &s, epoch, HASH_BODY, &[keys.meta(&s)], &args);
+        }
+        Op::Attach(s, epoch, c, u) => {
+            let args = [
+                c.to_string(),
+                u.to_string(),
+                keys::CONNECTIONS_TTL.as_secs().to_string(),
+                keys::PLAYERS_TTL.as_secs().to_string(),
+            ];
+            let k = [keys.connections(&s), keys.players(&s)];
+            fenced(pipe, keys, &s, epoch, ATTACH_BODY, &k, &args);
+        }
+        Op::Detach(s, epoch, c, u) => {
+            let args = [c.to_string(), u.to_string()];
+            let k = [keys.connections(&s), keys.players(&s)];
+            fenced(pipe, keys, &s, epoch, DETACH_BODY, &k, &args);
+        }
+        Op::Refresh(s, conns) => {
+            // TTLs only: harmless whoever sends them. Not the connections hash: its TTL
+            // runs from the last heartbeat (`Cache::touch`).
+            pipe.expire(keys.meta(&s), keys::META_TTL.as_secs() as i64)
+                .ignore();
+            if conns {
+                pipe.expire(keys.players(&s), keys::PLAYERS_TTL.as_secs() as i64)
+                    .ignore();
+            }
+        }
+        Op::Combat(s, epoch, fields) => {
+            let args = pairs(keys::COMBAT_TTL, fields);
+            fenced(
+                pipe,
+                keys,
+                &s,
+                epoch,
+                REPLACE_BODY,
+                &[keys.combat(&s)],
+                &args,
+            );
+        }
+        Op::Flush(_) => {}
+    }
+}
+
+/// Sends a pipeline; a failure is counted (and logged at every power of two).
+async fn send(
+    redis: &mut ConnectionManager,
+    pipe: &redis::Pipeline,
+    op_timeout: Duration,
+    failures: &mut u64,
+) {
+    let r: Result<Result<(), redis::RedisError>, _> =
+        tokio::time::timeout(op_timeout, pipe.query_async(redis)).await;
+    let err = match r {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timeout".to_string(),
+    };
+    *failures += 1;
+    metrics::counter!("gs_node_cache_errors_total").increment(1);
+    if failures.is_power_of_two() {
+        tracing::warn!(error = %err, failures = *failures, "Redis cache write failed");
     }
 }

@@ -66,10 +66,13 @@ pub async fn readiness(ctx: &NodeCtx) -> (bool, serde_json::Value) {
     (up, checks)
 }
 
+/// Serves `/health/live`, `/health/ready` and `/metrics` until `stop` resolves (then
+/// finishes the requests in flight).
 pub async fn serve(
     ctx: Arc<NodeCtx>,
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let live = warp::path!("health" / "live").map(|| warp::reply::json(&json!({"status": "live"})));
     let ready_ctx = ctx.clone();
@@ -93,5 +96,9 @@ pub async fn serve(
     });
     let metrics_route = warp::path!("metrics").map(move || metrics.render());
     let routes = warp::get().and(live.or(ready).or(metrics_route));
-    warp::serve(routes).incoming(listener).run().await;
+    warp::serve(routes)
+        .incoming(listener)
+        .graceful(stop)
+        .run()
+        .await;
 }

@@ -9,7 +9,8 @@
 //!
 //! # Layout
 //!
-//! * [`run`]: start-up and shutdown; [`NodeCtx`]: what every task shares.
+//! * [`run`]: start-up and shutdown (the node's own tasks are kept and joined, the
+//!   actors drained by the registry); [`NodeCtx`]: what every task shares.
 //! * [`registry`]: session → actor; spawning, routing, handoff on ring changes.
 //! * [`actor`]: one session: activation (lock, epoch, recovery), batches, commit, publish.
 //! * [`committer`]: group commit of many sessions' events in one transaction.
@@ -42,7 +43,9 @@ use gs_shared::rpc::{NodeReply, NodeRequest, ReplyBody, RequestBody, Subjects};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// Everything a node's tasks share.
 pub struct NodeCtx {
@@ -66,6 +69,10 @@ pub struct NodeCtx {
 /// worth of events.
 pub const SNAPSHOT_ANCHOR_EVERY: u64 = 10;
 
+/// How long a task that ends on the stop signal may take to end before it is
+/// aborted.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// A generated member id, when none is configured.
 pub fn generated_id(prefix: &str) -> String {
     format!(
@@ -75,7 +82,8 @@ pub fn generated_id(prefix: &str) -> String {
 }
 
 /// Runs a node until `shutdown` resolves, then drains: announces draining (off the
-/// ring everywhere), hands every session off (unlock, redirect), and leaves.
+/// ring everywhere), hands every session off (unlock, redirect), leaves, and joins
+/// its tasks.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     cfg.validate()?;
     gs_shared::telemetry::install_crypto_provider();
@@ -84,6 +92,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     } else {
         cfg.node.id.clone()
     };
+    log_start(&cfg, &id);
+    let mut tasks = Tasks::new();
+    let (ctx, http_addr) = start(cfg, id, &mut tasks).await?;
+    tracing::info!(node = %ctx.id, http = %http_addr, "node ready");
+    shutdown.await;
+
+    drain(&ctx).await;
+    tasks.join().await;
+    let _ = ctx.nats.flush().await;
+    tracing::info!(node = %ctx.id, "stopped");
+    Ok(())
+}
+
+fn log_start(cfg: &Config, id: &str) {
     tracing::info!(
         node = %id,
         nats = %gs_shared::config::redact_url(&cfg.nats.url),
@@ -92,14 +114,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         postgres = %format!("{}@{}:{}/{}", cfg.postgres.user, cfg.postgres.host, cfg.postgres.port, cfg.postgres.dbname),
         "starting node"
     );
+}
 
-    let applied = gs_shared::db::migrate(&cfg.postgres).await?;
-    if !applied.is_empty() {
-        tracing::info!(?applied, "migrations applied");
-    }
-    let pool = gs_shared::db::pool(&cfg.postgres, true)?;
-    let store = store::Store::new(pool);
-    let (committer, _commit_tasks) = committer::Committer::start(
+/// Start-up: storage, Redis, NATS, membership, then the servers. Returns the shared
+/// context and the health server's address.
+async fn start(
+    cfg: Config,
+    id: String,
+    tasks: &mut Tasks,
+) -> anyhow::Result<(Arc<NodeCtx>, SocketAddr)> {
+    let store = open_store(&cfg).await?;
+    let (committer, workers) = committer::Committer::start(
         store.clone(),
         committer::CommitterConfig {
             workers: cfg.node.committers,
@@ -107,6 +132,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             anchor_every: cfg.node.snapshot_every.max(1) * SNAPSHOT_ANCHOR_EVERY,
         },
     );
+    tasks.service("committer", workers);
 
     let redis = gs_shared::connect::redis(&cfg).await?;
     let keys = Keys::new(&cfg.redis.key_prefix);
@@ -119,18 +145,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         ms(cfg.node.lock_renew_ms),
         ms(cfg.redis.op_timeout_ms),
     )?;
-    let (cache, _cache_task) =
+    let (cache, writer) =
         cache::Cache::start(redis.clone(), keys.clone(), ms(cfg.redis.op_timeout_ms));
+    tasks.service("cache writer", [writer]);
 
     let nats = gs_shared::connect::nats(&cfg, &id).await?;
     let subjects = Subjects::new(&cfg.nats.subject_prefix);
-
     let listener = tokio::net::TcpListener::bind(&cfg.node.http_listen).await?;
     let http_addr: SocketAddr = listener.local_addr()?;
     // Listen for requests before announcing ourselves: a member that is on the ring
     // must answer (an unanswered ping would get it dropped as dead).
-    let mut rpc = nats.subscribe(subjects.node_rpc(&id)).await?;
-    let (cluster, _cluster_tasks) = ClusterView::start(
+    let rpc = nats.subscribe(subjects.node_rpc(&id)).await?;
+    let (cluster, listeners) = ClusterView::start(
         nats.clone(),
         subjects.clone(),
         &cfg.membership,
@@ -139,99 +165,202 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Some(format!("http://{http_addr}")),
     )
     .await?;
+    tasks.service("membership", listeners);
 
     let ctx = Arc::new(NodeCtx {
-        cfg: cfg.clone(),
-        id: id.clone(),
-        subjects: subjects.clone(),
+        registry: registry::Registry::new(id.clone(), cluster.clone(), cfg.node.inbox_capacity),
+        hub: hub::Hub::new(cfg.rabbitmq.clone()),
+        cfg,
+        id,
+        subjects,
         keys,
-        nats: nats.clone(),
+        nats,
         store,
         committer,
         ownership,
-        cluster: cluster.clone(),
+        cluster,
         cache,
-        registry: registry::Registry::default(),
         redis,
-        hub: hub::Hub::new(cfg.rabbitmq.clone()),
     });
-    let _hub_tasks = ctx.hub.start(ctx.clone());
+    tasks.service("hub relay", ctx.hub.start(ctx.clone()));
+    serve(&ctx, listener, rpc, tasks);
+    Ok((ctx, http_addr))
+}
 
-    let metrics = gs_shared::telemetry::metrics_recorder();
-    let health_task = tokio::spawn(health::serve(ctx.clone(), listener, metrics));
-
-    // Requests from routers.
-    let rpc_ctx = ctx.clone();
-    let rpc_task = tokio::spawn(async move {
-        while let Some(msg) = rpc.next().await {
-            let Some(reply) = msg.reply.clone() else {
-                continue;
-            };
-            match serde_json::from_slice::<NodeRequest>(&msg.payload) {
-                Ok(NodeRequest {
-                    body: RequestBody::Ping,
-                    ..
-                }) => {
-                    Reply::Nats(reply)
-                        .send(
-                            &rpc_ctx,
-                            NodeReply::Ok {
-                                body: ReplyBody::Done,
-                            },
-                        )
-                        .await
-                }
-                Ok(req) => {
-                    rpc_ctx
-                        .registry
-                        .dispatch(
-                            &rpc_ctx,
-                            Envelope {
-                                req,
-                                reply: Reply::Nats(reply),
-                            },
-                        )
-                        .await
-                }
-                Err(e) => {
-                    Reply::Nats(reply)
-                        .send(
-                            &rpc_ctx,
-                            NodeReply::err(WireError::new(
-                                codes::BAD_REQUEST,
-                                format!("bad request: {e}"),
-                            )),
-                        )
-                        .await
-                }
-            }
-        }
-    });
-
-    // Handoff when the ring moves sessions elsewhere.
-    let mut ring_changes = cluster.ring_changes();
-    let rb_ctx = ctx.clone();
-    let rebalance_task = tokio::spawn(async move {
-        while ring_changes.changed().await.is_ok() {
-            rb_ctx.registry.rebalance(&rb_ctx);
-        }
-    });
-
-    tracing::info!(node = %id, http = %http_addr, "node ready");
-    shutdown.await;
-
-    tracing::info!(node = %id, sessions = ctx.registry.len(), "draining");
-    cluster.set_draining().await;
-    ctx.registry.shutdown_all();
-    let deadline = Instant::now() + ms(cfg.node.shutdown_timeout_ms);
-    while !ctx.registry.is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// Creates the database if needed, applies migrations, opens the pool.
+async fn open_store(cfg: &Config) -> anyhow::Result<store::Store> {
+    let applied = gs_shared::db::migrate(&cfg.postgres).await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "migrations applied");
     }
-    cluster.leave().await;
-    rpc_task.abort();
-    rebalance_task.abort();
-    health_task.abort();
-    let _ = nats.flush().await;
-    tracing::info!(node = %id, "stopped");
-    Ok(())
+    let pool = gs_shared::db::pool(&cfg.postgres, true)?;
+    Ok(store::Store::new(pool))
+}
+
+/// Starts the tasks that end on the stop signal: health and metrics, requests from
+/// routers, handoff when the ring moves sessions elsewhere.
+fn serve(
+    ctx: &Arc<NodeCtx>,
+    listener: tokio::net::TcpListener,
+    rpc: async_nats::Subscriber,
+    tasks: &mut Tasks,
+) {
+    let metrics = gs_shared::telemetry::metrics_recorder();
+    let stop = tasks.stop_signal();
+    let health = health::serve(ctx.clone(), listener, metrics, stopped(stop));
+    tasks.stoppable("health", tokio::spawn(health));
+    let stop = tasks.stop_signal();
+    tasks.stoppable("requests", tokio::spawn(requests(ctx.clone(), rpc, stop)));
+    let stop = tasks.stop_signal();
+    tasks.stoppable("rebalance", tokio::spawn(follow_ring(ctx.clone(), stop)));
+}
+
+/// Resolves once the stop signal is raised (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves requests from routers until the stop signal.
+async fn requests(ctx: Arc<NodeCtx>, mut rpc: async_nats::Subscriber, stop: watch::Receiver<bool>) {
+    loop {
+        let msg = tokio::select! {
+            msg = rpc.next() => msg,
+            _ = stopped(stop.clone()) => None,
+        };
+        let Some(msg) = msg else { break };
+        request(&ctx, msg).await;
+    }
+}
+
+/// One request: a ping is answered here, the rest goes to the session's actor.
+async fn request(ctx: &Arc<NodeCtx>, msg: async_nats::Message) {
+    let Some(reply) = msg.reply.clone() else {
+        return;
+    };
+    let reply = Reply::Nats(reply);
+    match serde_json::from_slice::<NodeRequest>(&msg.payload) {
+        Ok(NodeRequest {
+            body: RequestBody::Ping,
+            ..
+        }) => {
+            let pong = NodeReply::Ok {
+                body: ReplyBody::Done,
+            };
+            reply.send(ctx, pong).await
+        }
+        Ok(req) => registry::dispatch(ctx, Envelope { req, reply }).await,
+        Err(e) => {
+            let error = WireError::new(codes::BAD_REQUEST, format!("bad request: {e}"));
+            reply.send(ctx, NodeReply::err(error)).await
+        }
+    }
+}
+
+/// Hands sessions off when the ring moves them elsewhere, until the stop signal.
+async fn follow_ring(ctx: Arc<NodeCtx>, stop: watch::Receiver<bool>) {
+    let mut ring_changes = ctx.cluster.ring_changes();
+    loop {
+        tokio::select! {
+            changed = ring_changes.changed() => match changed {
+                Ok(()) => ctx.registry.rebalance(),
+                Err(_) => break,
+            },
+            _ = stopped(stop.clone()) => break,
+        }
+    }
+}
+
+/// The drain: off the ring everywhere, every session handed off (each actor joined,
+/// within `node.shutdown_timeout_ms`), then the leave.
+async fn drain(ctx: &NodeCtx) {
+    tracing::info!(node = %ctx.id, sessions = ctx.registry.len(), "draining");
+    ctx.cluster.set_draining().await;
+    let aborted = ctx
+        .registry
+        .drain(ms(ctx.cfg.node.shutdown_timeout_ms))
+        .await;
+    if aborted > 0 {
+        tracing::warn!(
+            sessions = aborted,
+            "session actors still running at the shutdown timeout were aborted"
+        );
+    }
+    ctx.cluster.leave().await;
+}
+
+/// The node's own tasks (the actors are the registry's), kept to be joined at
+/// shutdown: none is left detached. Dropped without [`Tasks::join`] (a failed
+/// start-up), it aborts them.
+struct Tasks {
+    stop: watch::Sender<bool>,
+    /// End by themselves once the stop signal is raised.
+    stoppable: Vec<(&'static str, JoinHandle<()>)>,
+    /// Run for the node's life (committers, cache writer, hub relay, membership
+    /// listeners): aborted once the sessions are drained and the node has left, then
+    /// joined. Nothing depends on them by then: no actor is left to commit, and the
+    /// hub's outbox is the log (the next owner or the sweeper publishes the rest).
+    services: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl Tasks {
+    fn new() -> Tasks {
+        Tasks {
+            stop: watch::channel(false).0,
+            stoppable: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+
+    fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    fn stoppable(&mut self, name: &'static str, task: JoinHandle<()>) {
+        self.stoppable.push((name, task));
+    }
+
+    fn service(&mut self, name: &'static str, tasks: impl IntoIterator<Item = JoinHandle<()>>) {
+        self.services.extend(tasks.into_iter().map(|t| (name, t)));
+    }
+
+    /// Raises the stop signal and joins the stoppable tasks (aborting one that takes
+    /// longer than [`STOP_GRACE`]), then aborts and joins the services.
+    async fn join(mut self) {
+        self.stop.send_replace(true);
+        for (name, mut task) in std::mem::take(&mut self.stoppable) {
+            let ended = match tokio::time::timeout(STOP_GRACE, &mut task).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    tracing::warn!(task = name, "task did not stop in time; aborting it");
+                    task.abort();
+                    task.await
+                }
+            };
+            report(name, ended);
+        }
+        let services = std::mem::take(&mut self.services);
+        for (_, task) in &services {
+            task.abort();
+        }
+        for (name, task) in services {
+            report(name, task.await);
+        }
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for (_, task) in self.stoppable.iter().chain(&self.services) {
+            task.abort();
+        }
+    }
+}
+
+/// Logs a task that panicked (an aborted one is expected).
+fn report(name: &str, ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended {
+        if e.is_panic() {
+            tracing::error!(task = name, error = %e, "task panicked");
+        }
+    }
 }

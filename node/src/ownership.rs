@@ -49,6 +49,14 @@ const LOCK_POLL_FAST_FOR: Duration = Duration::from_millis(500);
 /// Longest poll interval afterwards.
 const LOCK_POLL_MAX: Duration = Duration::from_millis(100);
 
+/// A busy lock, after looking at its holder.
+enum Busy {
+    /// Its holder was dead and the lock is broken: try again at once.
+    Broken,
+    /// Held by another (named when the holder key says who).
+    HeldBy(Option<String>),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AcquireError {
     #[error("lock held by {holder:?} past the deadline")]
@@ -137,55 +145,21 @@ impl Ownership {
             match attempt {
                 Ok(Ok(lock)) => {
                     let valid_until = started + Duration::from_millis(lock.validity_time as u64);
-                    // The holder key only speeds up takeover after a crash; without it a
-                    // successor waits for the TTL.
-                    let mut redis = self.redis.clone();
-                    let set = tokio::time::timeout(
-                        self.op_timeout,
-                        redis::cmd("SET")
-                            .arg(&holder_key)
-                            .arg(&self.node)
-                            .arg("PX")
-                            .arg(self.ttl.as_millis() as u64)
-                            .query_async::<()>(&mut redis),
-                    )
-                    .await;
-                    if !matches!(set, Ok(Ok(()))) {
-                        tracing::debug!(%session, "holder key not written");
-                    }
+                    self.write_holder(session, &holder_key).await;
                     return Ok(Lease::start(self.clone(), session, lock, valid_until));
                 }
                 Ok(Err(LockError::Unavailable)) | Ok(Err(LockError::TtlExceeded)) => {
-                    // rslock reports an unreachable Redis as "unavailable" too: ask Redis
-                    // who holds the lock, which also tells whether it answers at all.
-                    let holder = match self.holder(&holder_key).await {
-                        Ok(h) => h,
-                        Err(e) => {
-                            self.reset_manager();
-                            return Err(AcquireError::Redis(e));
-                        }
-                    };
-                    // Busy. Break it if its holder is dead.
-                    if let Some(h) = &holder {
-                        if is_dead(h) && self.break_lock(&key, &holder_key, h).await {
-                            tracing::info!(%session, holder = %h, "broke the lock of a dead owner");
-                            continue;
-                        }
+                    match self.busy(session, &key, &holder_key, &is_dead).await? {
+                        Busy::Broken => continue,
+                        Busy::HeldBy(holder) => last_holder = holder,
                     }
-                    last_holder = holder;
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(%session, error = %e, "lock attempt failed");
-                    self.reset_manager();
-                    if Instant::now() + pause >= deadline {
-                        return Err(AcquireError::Redis(e.to_string()));
-                    }
+                    self.failed_attempt(e.to_string(), pause, deadline)?;
                 }
                 Err(_) => {
-                    self.reset_manager();
-                    if Instant::now() + pause >= deadline {
-                        return Err(AcquireError::Redis("lock attempt timed out".into()));
-                    }
+                    self.failed_attempt("lock attempt timed out".into(), pause, deadline)?;
                 }
             }
             if Instant::now() + pause >= deadline {
@@ -198,6 +172,66 @@ impl Ownership {
                 pause = (pause * 2).min(LOCK_POLL_MAX);
             }
         }
+    }
+
+    /// Records this node as the lock's holder. The holder key only speeds up takeover
+    /// after a crash; without it a successor waits for the TTL.
+    async fn write_holder(&self, session: Uuid, holder_key: &str) {
+        let mut redis = self.redis.clone();
+        let set = tokio::time::timeout(
+            self.op_timeout,
+            redis::cmd("SET")
+                .arg(holder_key)
+                .arg(&self.node)
+                .arg("PX")
+                .arg(self.ttl.as_millis() as u64)
+                .query_async::<()>(&mut redis),
+        )
+        .await;
+        if !matches!(set, Ok(Ok(()))) {
+            tracing::debug!(%session, "holder key not written");
+        }
+    }
+
+    /// The lock is busy (or Redis unreachable, which rslock reports the same way): asks
+    /// Redis who holds it, which also tells whether it answers at all, and breaks the
+    /// lock if its holder is dead.
+    async fn busy(
+        &self,
+        session: Uuid,
+        key: &str,
+        holder_key: &str,
+        is_dead: impl Fn(&str) -> bool,
+    ) -> Result<Busy, AcquireError> {
+        let holder = match self.holder(holder_key).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.reset_manager();
+                return Err(AcquireError::Redis(e));
+            }
+        };
+        if let Some(h) = &holder {
+            if is_dead(h) && self.break_lock(key, holder_key, h).await {
+                tracing::info!(%session, holder = %h, "broke the lock of a dead owner");
+                return Ok(Busy::Broken);
+            }
+        }
+        Ok(Busy::HeldBy(holder))
+    }
+
+    /// A lock attempt failed (Redis error or timeout): a fresh lock manager for the
+    /// next one, or the error when no pause is left before `deadline`.
+    fn failed_attempt(
+        &self,
+        error: String,
+        pause: Duration,
+        deadline: Instant,
+    ) -> Result<(), AcquireError> {
+        self.reset_manager();
+        if Instant::now() + pause >= deadline {
+            return Err(AcquireError::Redis(error));
+        }
+        Ok(())
     }
 
     /// The node recorded as holding a lock; `Err` when Redis does not answer.

@@ -1,15 +1,26 @@
 //! The actors a node runs, by session: routing of requests to them, spawning on
-//! first use, and handoff when the ring moves a session elsewhere.
+//! first use, handoff when the ring moves a session elsewhere, and the drain at
+//! shutdown.
+//!
+//! [`Registry::route`] decides where a request goes and does no I/O; [`dispatch`]
+//! carries the decision out (sends the answer, or starts the actor task). The
+//! registry keeps its own handles (node id, membership view), so it never takes the
+//! [`NodeCtx`] it lives in. Actor tasks are kept in a `JoinSet`: finished ones are
+//! reaped as new ones start, and [`Registry::drain`] signals every actor to stop and
+//! joins them all.
 
-use crate::actor::{self, Control, Envelope};
+use crate::actor::{self, Control, Envelope, Reply};
 use crate::NodeCtx;
+use gs_shared::cluster_view::ClusterView;
 use gs_shared::protocol::{codes, WireError};
 use gs_shared::rpc::{NodeReply, ReplyBody, RequestBody};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use uuid::Uuid;
 
 struct Entry {
@@ -18,11 +29,21 @@ struct Entry {
     control: watch::Sender<Control>,
 }
 
+/// The running actors and their tasks, under one lock with the draining flag: no
+/// actor starts once the drain has signalled the others.
 #[derive(Default)]
+struct Actors {
+    by_session: HashMap<Uuid, Entry>,
+    tasks: JoinSet<()>,
+    draining: bool,
+}
+
 pub struct Registry {
-    actors: Mutex<HashMap<Uuid, Entry>>,
+    node: String,
+    cluster: ClusterView,
+    inbox_capacity: usize,
+    actors: Mutex<Actors>,
     next_gen: AtomicU64,
-    draining: AtomicBool,
     /// Sessions whose stored data could not be loaded, with why and since when: their
     /// requests are refused at once (`session_quarantined`) instead of activating, and
     /// failing, again on every request.
@@ -33,7 +54,58 @@ pub struct Registry {
 /// next request tries again (an operator may have repaired it meanwhile).
 pub const QUARANTINE: Duration = Duration::from_secs(300);
 
+/// Where [`Registry::route`] sends a request.
+pub enum Route {
+    /// Queued in the inbox of the session's running actor.
+    Queued,
+    /// To be answered at once (another node's session, quarantined, busy, nothing to
+    /// do).
+    Answer(Reply, NodeReply),
+    /// A new actor, its first request already in its inbox: start it.
+    Start(NewActor),
+}
+
+/// What an actor task starts with.
+pub struct NewActor {
+    pub session: Uuid,
+    pub gen: u64,
+    pub inbox: mpsc::Receiver<Envelope>,
+    pub control: watch::Receiver<Control>,
+}
+
+/// Routes a request to its session's actor, starting one if this node is the
+/// session's place on the ring. Never blocks on the actor: a full inbox answers
+/// `overloaded`.
+pub async fn dispatch(ctx: &Arc<NodeCtx>, env: Envelope) {
+    match ctx.registry.route(env) {
+        Route::Queued => {}
+        Route::Answer(reply, answer) => reply.send(ctx, answer).await,
+        Route::Start(a) => ctx.registry.spawn(actor::run(
+            ctx.clone(),
+            a.session,
+            a.gen,
+            a.inbox,
+            a.control,
+        )),
+    }
+}
+
+fn error(code: &str, message: &str) -> NodeReply {
+    NodeReply::err(WireError::new(code, message))
+}
+
 impl Registry {
+    pub fn new(node: String, cluster: ClusterView, inbox_capacity: usize) -> Registry {
+        Registry {
+            node,
+            cluster,
+            inbox_capacity: inbox_capacity.max(1),
+            actors: Mutex::default(),
+            next_gen: AtomicU64::new(0),
+            quarantined: Mutex::default(),
+        }
+    }
+
     /// Sets a session aside: its stored data cannot be loaded (`reason`).
     pub fn quarantine(&self, session: Uuid, reason: String) {
         metrics::counter!("gs_node_sessions_quarantined_total").increment(1);
@@ -54,26 +126,13 @@ impl Registry {
         q.get(session).map(|(r, _)| r.clone())
     }
 
-    /// Routes a request to its session's actor, starting one if this node is the
-    /// session's place on the ring. Never blocks: a full inbox answers `overloaded`.
-    pub async fn dispatch(&self, ctx: &Arc<NodeCtx>, env: Envelope) {
+    /// Where a request goes; see [`Route`]. Expired requests still go to the actor:
+    /// only it knows whether an expired command was already applied (then it answers
+    /// with the original version).
+    pub fn route(&self, env: Envelope) -> Route {
         let sid = env.req.session_id;
-        // Expired requests still go to the actor: only it knows whether an expired
-        // command was already applied (then it answers with the original version).
-        let owner = ctx.cluster.owner(&sid);
-        if self.draining.load(Ordering::SeqCst) || owner.as_deref() != Some(ctx.id.as_str()) {
-            let reply = match owner {
-                None => NodeReply::err(WireError::new(
-                    codes::SERVICE_UNAVAILABLE,
-                    "no live node to place the session on",
-                )),
-                Some(o) => NodeReply::Err {
-                    error: WireError::new(codes::NOT_OWNER, "another node owns this session"),
-                    owner: (o != ctx.id).then_some(o),
-                },
-            };
-            env.reply.send(ctx, reply).await;
-            return;
+        if let Some(refusal) = self.not_here(&sid) {
+            return Route::Answer(env.reply, refusal);
         }
         if let Some(reason) = self.quarantine_reason(&sid) {
             let error = WireError::new(
@@ -81,98 +140,132 @@ impl Registry {
                 "the session's stored data cannot be loaded; it is set aside for an operator",
             )
             .with_details(serde_json::json!({ "reason": reason }));
-            env.reply.send(ctx, NodeReply::err(error)).await;
-            return;
+            return Route::Answer(env.reply, NodeReply::err(error));
         }
         // A connection leaving (or touching) a session that is not running has nothing
         // to undo or refresh: no activation for it.
         if matches!(
             env.req.body,
             RequestBody::Detach { .. } | RequestBody::Touch { .. }
-        ) && !self.actors.lock().unwrap().contains_key(&sid)
+        ) && !self.actors.lock().unwrap().by_session.contains_key(&sid)
         {
             let done = NodeReply::Ok {
                 body: ReplyBody::Done,
             };
-            env.reply.send(ctx, done).await;
-            return;
+            return Route::Answer(env.reply, done);
         }
-        let mut env = env;
+        self.enqueue(env)
+    }
+
+    /// The refusal of a request for a session this node does not serve (another
+    /// node's on the ring, or this node is draining).
+    fn not_here(&self, sid: &Uuid) -> Option<NodeReply> {
+        let owner = self.cluster.owner(sid);
+        let draining = self.actors.lock().unwrap().draining;
+        if !draining && owner.as_deref() == Some(self.node.as_str()) {
+            return None;
+        }
+        Some(match owner {
+            None => error(
+                codes::SERVICE_UNAVAILABLE,
+                "no live node to place the session on",
+            ),
+            Some(o) => NodeReply::Err {
+                error: WireError::new(codes::NOT_OWNER, "another node owns this session"),
+                owner: (o != self.node).then_some(o),
+            },
+        })
+    }
+
+    /// Puts a request in its actor's inbox, or makes a new actor for it. An actor that
+    /// stopped between lookup and send is forgotten and the request tried again.
+    fn enqueue(&self, mut env: Envelope) -> Route {
+        let sid = env.req.session_id;
         for _ in 0..3 {
             let (tx, gen) = {
                 let mut actors = self.actors.lock().unwrap();
-                match actors.get(&sid) {
+                match actors.by_session.get(&sid) {
                     Some(e) => (e.tx.clone(), e.gen),
-                    None => {
-                        let gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
-                        let (tx, rx) = mpsc::channel(ctx.cfg.node.inbox_capacity.max(1));
-                        let (ctl_tx, ctl_rx) = watch::channel(Control::Run);
-                        actors.insert(
-                            sid,
-                            Entry {
-                                gen,
-                                tx: tx.clone(),
-                                control: ctl_tx,
-                            },
-                        );
-                        ctx.cluster.set_load(actors.len() as u64);
-                        // The request goes in before the task starts: activation reads
-                        // the requests already queued (a create must be among them, or
-                        // the actor would look for a session that does not exist yet).
-                        // A fresh channel has room for one.
-                        if let Err(e) = tx.try_send(env) {
-                            unreachable!("a fresh inbox refused its first request: {e}");
-                        }
-                        tokio::spawn(actor::run(ctx.clone(), sid, gen, rx, ctl_rx));
-                        return;
-                    }
+                    None => return self.new_actor(&mut actors, env),
                 }
             };
             match tx.try_send(env) {
-                Ok(()) => return,
+                Ok(()) => return Route::Queued,
                 Err(mpsc::error::TrySendError::Full(e)) => {
                     metrics::counter!("gs_node_overloaded_total").increment(1);
-                    e.reply
-                        .send(
-                            ctx,
-                            NodeReply::err(WireError::new(
-                                codes::OVERLOADED,
-                                "the session is busy; retry shortly",
-                            )),
-                        )
-                        .await;
-                    return;
+                    let busy = error(codes::OVERLOADED, "the session is busy; retry shortly");
+                    return Route::Answer(e.reply, busy);
                 }
                 Err(mpsc::error::TrySendError::Closed(e)) => {
-                    // The actor stopped between lookup and send: forget it and retry.
-                    self.remove(ctx, &sid, gen);
+                    self.forget(&sid, gen);
                     env = e;
                 }
             }
         }
-        env.reply
-            .send(
-                ctx,
-                NodeReply::err(WireError::new(
-                    codes::SERVICE_UNAVAILABLE,
-                    "session restarting",
-                )),
-            )
-            .await;
+        let restarting = error(codes::SERVICE_UNAVAILABLE, "session restarting");
+        Route::Answer(env.reply, restarting)
+    }
+
+    /// Registers a new actor for `env`'s session with `env` in its inbox.
+    fn new_actor(&self, actors: &mut Actors, env: Envelope) -> Route {
+        let session = env.req.session_id;
+        if actors.draining {
+            let refusal = NodeReply::Err {
+                error: WireError::new(codes::NOT_OWNER, "another node owns this session"),
+                owner: self.cluster.owner(&session).filter(|o| o != &self.node),
+            };
+            return Route::Answer(env.reply, refusal);
+        }
+        let gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
+        let (tx, inbox) = mpsc::channel(self.inbox_capacity);
+        let (control_tx, control) = watch::channel(Control::Run);
+        // The request goes in before the task starts: activation reads the requests
+        // already queued (a create must be among them, or the actor would look for a
+        // session that does not exist yet). A fresh channel has room for one.
+        if let Err(e) = tx.try_send(env) {
+            unreachable!("a fresh inbox refused its first request: {e}");
+        }
+        let entry = Entry {
+            gen,
+            tx,
+            control: control_tx,
+        };
+        actors.by_session.insert(session, entry);
+        self.cluster.set_load(actors.by_session.len() as u64);
+        Route::Start(NewActor {
+            session,
+            gen,
+            inbox,
+            control,
+        })
+    }
+
+    /// Starts an actor task (kept for [`Registry::drain`]); reaps finished ones.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut actors = self.actors.lock().unwrap();
+        while let Some(done) = actors.tasks.try_join_next() {
+            report(done);
+        }
+        actors.tasks.spawn(task);
     }
 
     /// Called by an actor when it stops (only removes its own generation); keeps the
-    /// session count the node announces current.
-    pub fn remove(&self, ctx: &NodeCtx, sid: &Uuid, gen: u64) {
+    /// session count the node announces current. (`_ctx`: the actor's call predates
+    /// the registry holding its own handles; drop it with the actor's rewrite.)
+    pub fn remove(&self, _ctx: &NodeCtx, sid: &Uuid, gen: u64) {
+        self.forget(sid, gen);
+    }
+
+    fn forget(&self, sid: &Uuid, gen: u64) {
         let mut actors = self.actors.lock().unwrap();
-        if actors.get(sid).map(|e| e.gen) == Some(gen) {
-            actors.remove(sid);
+        if actors.by_session.get(sid).map(|e| e.gen) == Some(gen) {
+            actors.by_session.remove(sid);
         }
-        ctx.cluster.set_load(actors.len() as u64);
+        self.cluster.set_load(actors.by_session.len() as u64);
     }
 
     pub fn len(&self) -> usize {
-        self.actors.lock().unwrap().len()
+        self.actors.lock().unwrap().by_session.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -180,25 +273,61 @@ impl Registry {
     }
 
     pub fn sessions(&self) -> Vec<Uuid> {
-        self.actors.lock().unwrap().keys().copied().collect()
+        let actors = self.actors.lock().unwrap();
+        actors.by_session.keys().copied().collect()
     }
 
     /// After a ring change: hands off every session the ring now places elsewhere.
-    pub fn rebalance(&self, ctx: &NodeCtx) {
-        let ring = ctx.cluster.ring();
+    pub fn rebalance(&self) {
+        let ring = self.cluster.ring();
         let actors = self.actors.lock().unwrap();
-        for (sid, e) in actors.iter() {
-            if ring.owner(sid) != Some(ctx.id.as_str()) {
+        for (sid, e) in actors.by_session.iter() {
+            if ring.owner(sid) != Some(self.node.as_str()) {
                 let _ = e.control.send(Control::Handoff);
             }
         }
     }
 
-    /// Shutdown: refuse new work and stop every actor.
-    pub fn shutdown_all(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-        for e in self.actors.lock().unwrap().values() {
-            let _ = e.control.send(Control::Shutdown);
+    /// Shutdown: refuses new work, tells every actor to stop (each hands its session
+    /// off: lock released, queued requests redirected) and joins them. Actors still
+    /// running after `within` are aborted; returns how many were.
+    pub async fn drain(&self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        {
+            let mut actors = self.actors.lock().unwrap();
+            actors.draining = true;
+            for e in actors.by_session.values() {
+                let _ = e.control.send(Control::Shutdown);
+            }
+        }
+        // An actor registered just before the drain may be spawned just after it took
+        // the tasks: take them again until none is left.
+        loop {
+            let mut tasks = std::mem::take(&mut self.actors.lock().unwrap().tasks);
+            if tasks.is_empty() {
+                return 0;
+            }
+            let joined = tokio::time::timeout_at(deadline, async {
+                while let Some(done) = tasks.join_next().await {
+                    report(done);
+                }
+            })
+            .await;
+            if joined.is_err() {
+                let left = tasks.len();
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                return left;
+            }
+        }
+    }
+}
+
+/// Logs an actor task that panicked.
+fn report(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!(error = %e, "a session actor panicked");
         }
     }
 }

@@ -19,6 +19,23 @@ pub enum MemberKind {
     Router,
 }
 
+impl MemberKind {
+    /// The kind as heartbeats and the cluster tool's state file spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberKind::Node => "node",
+            MemberKind::Router => "router",
+        }
+    }
+}
+
+impl std::fmt::Display for MemberKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`: widths and alignment (`{:<7}`) apply.
+        f.pad(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MemberState {
@@ -233,6 +250,15 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kind_is_displayed_as_it_is_serialised() {
+        for kind in [MemberKind::Node, MemberKind::Router] {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{kind}\""));
+            assert_eq!(format!("{kind:<7}|"), format!("{:<7}|", kind.as_str()));
+        }
+    }
 
     fn hb(id: &str, kind: MemberKind, state: MemberState, inc: u64) -> Heartbeat {
         Heartbeat {

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use cluster::client::{ws_connect, Api, TokenStyle, TrackedClient};
 use cluster::harness::{ClusterSpec, LocalCluster};
 use gs_shared::auth::Role;
+use gs_shared::membership::MemberKind;
 use serde_json::{json, Value};
 use std::time::Duration;
 use uuid::Uuid;
@@ -54,26 +55,42 @@ impl Fixture {
         init_logging();
         let cluster = LocalCluster::start(spec).await?;
         let http = cluster.http();
-        let dm = Uuid::new_v4();
-        let dm_token = cluster.token(dm, Role::Dm);
-        let api = Api::new(http.clone(), &cluster.router_urls()[0], &dm_token);
-        let created = api.create_session("integration test").await?;
-        let session = created["session_id"]
-            .as_str()
-            .context("session_id")?
-            .to_string();
-        let session_token = created["connection_token"]
-            .as_str()
-            .context("connection_token")?
-            .to_string();
+        let table = Table::create(&cluster, &http).await?;
         Ok(Fixture {
             cluster,
             http,
-            dm,
-            dm_token,
-            session,
-            session_token,
+            dm: table.dm,
+            dm_token: table.dm_token,
+            session: table.session,
+            session_token: table.session_token,
         })
+    }
+
+    /// Another session on the fixture's cluster, created by a DM of its own: cases
+    /// that each need a fresh session can share one cluster.
+    pub async fn table(&self) -> Result<Table> {
+        Table::create(&self.cluster, &self.http).await
+    }
+
+    /// `method path` (with `body`) as `token` through router 0: the answer's status and
+    /// error code.
+    pub async fn rest(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Status> {
+        let r = self.api(0, token).call(method, path, body).await?;
+        Ok(Status {
+            status: r.status,
+            code: r.code().to_string(),
+        })
+    }
+
+    /// `GET path` as `token` through router 0: the answer's status and error code.
+    pub async fn get(&self, token: &str, path: &str) -> Result<Status> {
+        self.rest(token, reqwest::Method::GET, path, None).await
     }
 
     pub fn router(&self, i: usize) -> String {
@@ -208,8 +225,13 @@ impl Fixture {
 
     /// Number of events stored for the session.
     pub async fn stored_event_count(&self) -> Result<i64> {
+        self.stored_event_count_of(&self.session).await
+    }
+
+    /// Number of events stored for `session`.
+    pub async fn stored_event_count_of(&self, session: &str) -> Result<i64> {
         let pg = self.cluster.pg().await?;
-        let sid = Uuid::parse_str(&self.session)?;
+        let sid = Uuid::parse_str(session)?;
         Ok(pg
             .query_one(
                 "SELECT count(*) FROM session_events WHERE session_id = $1",
@@ -229,6 +251,55 @@ impl Fixture {
     }
 }
 
+/// A session and its DM, as a fixture creates them.
+pub struct Table {
+    pub dm: Uuid,
+    pub dm_token: String,
+    pub session: String,
+    pub session_token: String,
+}
+
+impl Table {
+    /// A new DM creates a session through router 0.
+    pub async fn create(cluster: &LocalCluster, http: &reqwest::Client) -> Result<Table> {
+        let dm = Uuid::new_v4();
+        let dm_token = cluster.token(dm, Role::Dm);
+        let api = Api::new(http.clone(), &cluster.router_urls()[0], &dm_token);
+        let created = api.create_session("integration test").await?;
+        let field = |name: &str| {
+            created[name]
+                .as_str()
+                .map(str::to_string)
+                .with_context(|| name.to_string())
+        };
+        Ok(Table {
+            dm,
+            session: field("session_id")?,
+            session_token: field("connection_token")?,
+            dm_token,
+        })
+    }
+}
+
+/// A REST answer's HTTP status and error code (`""` when it has none); compares with
+/// `(401, "missing_token")`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub status: u16,
+    pub code: String,
+}
+
+impl PartialEq<(u16, &str)> for Status {
+    fn eq(&self, (status, code): &(u16, &str)) -> bool {
+        self.status == *status && self.code == *code
+    }
+}
+
+/// The REST path of a session's state.
+pub fn state_path(session: &str) -> String {
+    format!("/api/v2/sessions/{session}/state")
+}
+
 /// Sum of a counter over the running nodes' `/metrics`.
 pub async fn node_counter(cluster: &LocalCluster, name: &str) -> Result<f64> {
     let http = cluster.http();
@@ -236,7 +307,7 @@ pub async fn node_counter(cluster: &LocalCluster, name: &str) -> Result<f64> {
     for m in cluster
         .members
         .values()
-        .filter(|m| m.kind == "node" && m.child.is_some())
+        .filter(|m| m.kind == MemberKind::Node && m.child.is_some())
     {
         let text = http
             .get(format!("{}/metrics", m.url))

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use cluster::client::{ws_connect, ws_open, TokenStyle, TrackedClient};
 use cluster::harness::ClusterSpec;
 use gs_shared::auth::{now_secs, Authority, Claims, Role};
-use gs_tests::{finish, set, Fixture, WAIT};
+use gs_tests::{finish, set, state_path, Fixture, WAIT};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -54,15 +54,8 @@ fn external(user: Uuid, role: Role) -> Claims {
 
 /// Status and error code of `GET /state` of the fixture's session with `token`.
 async fn get_state(f: &Fixture, token: &str) -> Result<(u16, String)> {
-    let r = f
-        .api(0, token)
-        .call(
-            reqwest::Method::GET,
-            &format!("/api/v2/sessions/{}/state", f.session),
-            None,
-        )
-        .await?;
-    Ok((r.status, r.code().to_string()))
+    let r = f.get(token, &state_path(&f.session)).await?;
+    Ok((r.status, r.code))
 }
 
 /// A private directory for key files the test rewrites.

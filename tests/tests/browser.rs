@@ -14,6 +14,7 @@
 use anyhow::{ensure, Context, Result};
 use cluster::harness::{ClusterSpec, LocalCluster};
 use gs_shared::auth::Role;
+use gs_shared::membership::MemberKind;
 use gs_tests::cdp::{artifacts_dir, Browser, Page};
 use serde_json::Value;
 use uuid::Uuid;
@@ -369,7 +370,7 @@ async fn run(cluster: &mut LocalCluster, browser: &Browser) -> Result<()> {
     let victim = cluster
         .members
         .values()
-        .find(|m| m.kind == "router" && m.url == r1)
+        .find(|m| m.kind == MemberKind::Router && m.url == r1)
         .map(|m| m.id.clone())
         .context("router 1")?;
     cluster.kill(&victim).await?;

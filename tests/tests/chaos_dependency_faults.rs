@@ -6,6 +6,7 @@
 use anyhow::Result;
 use cluster::client::TrackedClient;
 use cluster::harness::ClusterSpec;
+use gs_shared::membership::MemberKind;
 use gs_tests::{finish, set, Fixture, PrivateServer, WAIT};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -84,7 +85,12 @@ async fn check_stored(f: &Fixture, answers: &BTreeMap<Uuid, Result<u64, String>>
 
 async fn node_ready(f: &Fixture) -> Result<Vec<u16>> {
     let mut out = Vec::new();
-    for m in f.cluster.members.values().filter(|m| m.kind == "node") {
+    for m in f
+        .cluster
+        .members
+        .values()
+        .filter(|m| m.kind == MemberKind::Node)
+    {
         let r = f.http.get(format!("{}/health/ready", m.url)).send().await?;
         out.push(r.status().as_u16());
     }

@@ -8,6 +8,7 @@
 use anyhow::Result;
 use cluster::harness::{ClusterSpec, LocalCluster};
 use cluster::load::{self, percentiles, Target};
+use gs_shared::membership::MemberKind;
 use gs_tests::{node_counter, verify_workload, WAIT};
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,7 @@ async fn run(cluster: &mut LocalCluster) -> Result<()> {
     let victim = cluster
         .members
         .values()
-        .find(|m| m.kind == "router" && m.url == target.routers_http[0])
+        .find(|m| m.kind == MemberKind::Router && m.url == target.routers_http[0])
         .map(|m| m.id.clone())
         .expect("router 0");
     let t_kill = Instant::now();

@@ -7,7 +7,8 @@ use anyhow::{ensure, Context, Result};
 use cluster::client::TrackedClient;
 use cluster::harness::ClusterSpec;
 use gs_shared::auth::Role;
-use gs_tests::{finish, set, Fixture, WAIT};
+use gs_tests::{finish, set, state_path, Fixture, WAIT};
+use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -160,20 +161,12 @@ async fn nul_characters_are_refused_and_neighbours_are_unaffected() -> Result<()
             "a refused message changed the session"
         );
         // A REST save with U+0000 is refused the same way.
+        let body = json!({"state": {"a": "x\u{0}y"}});
+        let post = reqwest::Method::POST;
         let r = f
-            .api(0, &f.dm_token)
-            .call(
-                reqwest::Method::POST,
-                &format!("/api/v2/sessions/{}/state", f.session),
-                Some(&json!({"state": {"a": "x\u{0}y"}})),
-            )
+            .rest(&f.dm_token, post, &state_path(&f.session), Some(&body))
             .await?;
-        ensure!(
-            (r.status, r.code()) == (400, "unsupported_character"),
-            "REST save: {} {}",
-            r.status,
-            r.code()
-        );
+        ensure!(r == (400, "unsupported_character"), "REST save: {r:?}");
         still_serves(f, &mut c).await
     }
     .await;
@@ -261,16 +254,10 @@ async fn a_non_member_cannot_exhaust_a_sessions_quota() -> Result<()> {
         let outsider = f.cluster.token(Uuid::new_v4(), Role::Player);
         let path = format!("/api/v2/sessions/{}/state", f.session);
         let mut codes = Vec::new();
+        let mine = json!({"state": {"mine": true}});
         for _ in 0..12 {
-            let r = f
-                .api(0, &outsider)
-                .call(
-                    reqwest::Method::POST,
-                    &path,
-                    Some(&json!({"state": {"mine": true}})),
-                )
-                .await?;
-            codes.push((r.status, r.code().to_string()));
+            let r = f.rest(&outsider, Method::POST, &path, Some(&mine)).await?;
+            codes.push((r.status, r.code));
         }
         // Refused as a non-member at first, then by its own allowance (per user).
         ensure!(codes[0] == (403, "not_member".to_string()), "{codes:?}");
@@ -282,26 +269,17 @@ async fn a_non_member_cannot_exhaust_a_sessions_quota() -> Result<()> {
         );
         // The DM is unaffected: its saves count, up to the session's quota.
         for i in 0..5 {
+            let save = json!({"state": {"save": i}});
             let r = f
-                .api(0, &f.dm_token)
-                .call(
-                    reqwest::Method::POST,
-                    &path,
-                    Some(&json!({"state": {"save": i}})),
-                )
+                .rest(&f.dm_token, Method::POST, &path, Some(&save))
                 .await?;
-            ensure!(r.status == 200, "DM save {i}: {} {}", r.status, r.code());
+            ensure!(r.status == 200, "DM save {i}: {r:?}");
         }
+        let empty = json!({"state": {}});
         let r = f
-            .api(0, &f.dm_token)
-            .call(reqwest::Method::POST, &path, Some(&json!({"state": {}})))
+            .rest(&f.dm_token, Method::POST, &path, Some(&empty))
             .await?;
-        ensure!(
-            (r.status, r.code()) == (429, "rate_limited"),
-            "the sixth save: {} {}",
-            r.status,
-            r.code()
-        );
+        ensure!(r == (429, "rate_limited"), "the sixth save: {r:?}");
         Ok(())
     }
     .await;
@@ -417,23 +395,11 @@ async fn quarantine(f: &mut Fixture) -> Result<()> {
     f.cluster.kill(&first).await?;
     let deadline = Instant::now() + WAIT;
     let err = loop {
-        let r = f
-            .api(0, &f.dm_token)
-            .call(
-                reqwest::Method::GET,
-                &format!("/api/v2/sessions/{bad_id}/state"),
-                None,
-            )
-            .await?;
-        if r.code() == "session_quarantined" {
+        let r = f.get(&f.dm_token, &state_path(&bad_id.to_string())).await?;
+        if r.code == "session_quarantined" {
             break r;
         }
-        ensure!(
-            Instant::now() < deadline,
-            "never quarantined: {} {}",
-            r.status,
-            r.code()
-        );
+        ensure!(Instant::now() < deadline, "never quarantined: {r:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     ensure!(err.status == 500, "status {}", err.status);

@@ -3,7 +3,8 @@
 //! requeued through a retry queue, or dead-lettered with the reason).
 
 use super::*;
-use gs_shared::protocol;
+use gs_shared::protocol::{self, WireError};
+use gs_shared::rpc::ReplyBody;
 
 impl HubConnection {
     pub(super) async fn consume_loop(&self, hub: &Arc<Hub>, ctx: &Arc<NodeCtx>) -> String {
@@ -171,57 +172,14 @@ async fn relay(
     key: &str,
     delivery: &lapin::message::Delivery,
 ) -> Verdict {
-    // Nothing the service could not store or relay (deep nesting, U+0000) goes on.
-    if let Ok(text) = std::str::from_utf8(&delivery.data) {
-        if let Err(e) = protocol::check_json_text(text, ctx.cfg.document.max_json_depth) {
-            return Verdict::Poison(format!("the payload is refused: {e}"));
-        }
-    }
-    let payload: Value = match serde_json::from_slice(&delivery.data) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => return Verdict::Poison("the payload is not a JSON object".into()),
-        Err(e) => return Verdict::Poison(format!("the payload is not JSON: {e}")),
+    let payload = match parse(ctx, delivery) {
+        Ok(p) => p,
+        Err(poison) => return poison,
     };
-    // The event id: the payload's, else the message id, else one derived from the
-    // bytes (a redelivery carries the same bytes).
-    let event_id = payload["event_id"]
-        .as_str()
-        .and_then(|s| Uuid::parse_str(s).ok())
-        .or_else(|| {
-            delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .and_then(|m| Uuid::parse_str(m.as_str()).ok())
-        })
-        .unwrap_or_else(|| Uuid::new_v5(&Uuid::NAMESPACE_OID, &delivery.data));
-    let sessions = match key {
-        CHARACTER_CHANGED => {
-            let Some(c) = payload["character_id"]
-                .as_str()
-                .and_then(|s| Uuid::parse_str(s).ok())
-            else {
-                return Verdict::Poison("`character_id` (a UUID) is missing".into());
-            };
-            if !payload["details"].is_object() {
-                return Verdict::Poison("`details` (an object) is missing".into());
-            }
-            ctx.store.character_sessions(c).await
-        }
-        CAMPAIGN_CHANGED => {
-            let Some(c) = payload["campaign_id"]
-                .as_str()
-                .and_then(|s| Uuid::parse_str(s).ok())
-            else {
-                return Verdict::Poison("`campaign_id` (a UUID) is missing".into());
-            };
-            ctx.store.campaign_sessions(c).await
-        }
-        other => return Verdict::Poison(format!("unexpected routing key {other:?}")),
-    };
-    let sessions = match sessions {
+    let event_id = event_id(&payload, delivery);
+    let sessions = match affected_sessions(ctx, key, &payload).await {
         Ok(s) => s,
-        Err(e) => return Verdict::Failed(format!("session index: {e}")),
+        Err(verdict) => return verdict,
     };
     let caller = Caller {
         user_id: Uuid::nil(),
@@ -239,6 +197,76 @@ async fn relay(
         )
     }))
     .await;
+    verdict(&sessions, results)
+}
+
+/// The payload, if the service can store and relay it: a JSON object, without what
+/// nothing may carry (deep nesting, U+0000).
+fn parse(ctx: &NodeCtx, delivery: &lapin::message::Delivery) -> Result<Value, Verdict> {
+    if let Ok(text) = std::str::from_utf8(&delivery.data) {
+        if let Err(e) = protocol::check_json_text(text, ctx.cfg.document.max_json_depth) {
+            return Err(Verdict::Poison(format!("the payload is refused: {e}")));
+        }
+    }
+    match serde_json::from_slice(&delivery.data) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(Verdict::Poison("the payload is not a JSON object".into())),
+        Err(e) => Err(Verdict::Poison(format!("the payload is not JSON: {e}"))),
+    }
+}
+
+/// The event id: the payload's, else the message id, else one derived from the bytes
+/// (a redelivery carries the same bytes).
+fn event_id(payload: &Value, delivery: &lapin::message::Delivery) -> Uuid {
+    payload["event_id"]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|m| Uuid::parse_str(m.as_str()).ok())
+        })
+        .unwrap_or_else(|| Uuid::new_v5(&Uuid::NAMESPACE_OID, &delivery.data))
+}
+
+/// The sessions an event concerns: the character's (by the character index) or the
+/// campaign's.
+async fn affected_sessions(
+    ctx: &NodeCtx,
+    key: &str,
+    payload: &Value,
+) -> Result<Vec<Uuid>, Verdict> {
+    let uuid = |field: &str| {
+        payload[field]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+    };
+    let sessions = match key {
+        CHARACTER_CHANGED => {
+            let Some(c) = uuid("character_id") else {
+                return Err(Verdict::Poison("`character_id` (a UUID) is missing".into()));
+            };
+            if !payload["details"].is_object() {
+                return Err(Verdict::Poison("`details` (an object) is missing".into()));
+            }
+            ctx.store.character_sessions(c).await
+        }
+        CAMPAIGN_CHANGED => {
+            let Some(c) = uuid("campaign_id") else {
+                return Err(Verdict::Poison("`campaign_id` (a UUID) is missing".into()));
+            };
+            ctx.store.campaign_sessions(c).await
+        }
+        other => return Err(Verdict::Poison(format!("unexpected routing key {other:?}"))),
+    };
+    sessions.map_err(|e| Verdict::Failed(format!("session index: {e}")))
+}
+
+/// The verdict on the sessions' answers: poison when one says no session ever will
+/// accept it, failed (retried) when one could not apply it for now.
+fn verdict(sessions: &[Uuid], results: Vec<Result<ReplyBody, WireError>>) -> Verdict {
     let mut failed = Vec::new();
     for (s, r) in sessions.iter().zip(results) {
         match r {

@@ -245,7 +245,7 @@ async fn up(
         drop_database: false,
         node_patch: None,
     };
-    let cluster = LocalCluster::start(spec).await?;
+    let mut cluster = LocalCluster::start(spec).await?;
     let state = ClusterState {
         name: cluster.name.clone(),
         config: saved,
@@ -270,7 +270,7 @@ async fn up(
     gs_shared::telemetry::shutdown_signal().await;
     println!("stopping ...");
     // Members started later by `add-node` are in the state file too.
-    stop_members(&ClusterState::load(&dir).unwrap_or(state)).await;
+    stop_members(&mut cluster, &ClusterState::load(&dir).unwrap_or(state)).await;
     cluster.shutdown().await;
     let _ = std::fs::remove_file(ClusterState::path(&dir));
     println!("stopped");
@@ -401,9 +401,9 @@ fn print_banner(cluster: &LocalCluster, demo: &Demo, tls: bool) {
 }
 
 /// SIGTERM to every member (a paused one is resumed first), then waits up to 15 s for
-/// them to exit. Not all are this process's children (`add-node` starts some), so
-/// their exit is watched by pid.
-async fn stop_members(state: &ClusterState) {
+/// them to exit. This process's children are reaped (a zombie still answers
+/// `kill(pid, 0)`); the others (`add-node` starts some) are watched by pid.
+async fn stop_members(cluster: &mut LocalCluster, state: &ClusterState) {
     for m in &state.members {
         if pid_alive(m.pid) {
             // SAFETY: signals to processes this cluster started.
@@ -413,8 +413,24 @@ async fn stop_members(state: &ClusterState) {
             }
         }
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while state.members.iter().any(|m| pid_alive(m.pid)) && std::time::Instant::now() < deadline {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    for m in cluster.members.values_mut() {
+        if let Some(mut child) = m.child.take() {
+            if tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .is_err()
+            {
+                // Still running: `LocalCluster::shutdown` kills it.
+                m.child = Some(child);
+            }
+        }
+    }
+    let own: Vec<u32> = cluster.members.values().filter_map(|m| m.pid).collect();
+    let others_alive = || {
+        let mut others = state.members.iter().filter(|m| !own.contains(&m.pid));
+        others.any(|m| pid_alive(m.pid))
+    };
+    while others_alive() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
@@ -540,6 +556,67 @@ async fn status(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The cluster `cluster up` runs in `dir`: how to reach it, and its live processes
+/// (pid, kind).
+fn attached(dir: &Path) -> Result<(cluster::load::Target, Vec<(u32, MemberKind)>)> {
+    let state = ClusterState::load(dir)?;
+    let cfg = Config::load(Some(&state.config))?;
+    let cert = match &state.cert {
+        Some(p) => Some(DevCert::load(p)?),
+        None => None,
+    };
+    let live: Vec<_> = state.members.iter().filter(|m| pid_alive(m.pid)).collect();
+    let routers_http: Vec<String> = live
+        .iter()
+        .filter(|m| m.kind == MemberKind::Router)
+        .map(|m| m.url.clone())
+        .collect();
+    let routers_ws = routers_http
+        .iter()
+        .map(|u| {
+            u.replacen("https://", "wss://", 1)
+                .replacen("http://", "ws://", 1)
+        })
+        .collect();
+    let target = cluster::load::Target {
+        routers_http,
+        routers_ws,
+        http: http_client(cert.as_ref()),
+        cert,
+        auth: Authority::from_config(&cfg.auth),
+    };
+    Ok((target, live.iter().map(|m| (m.pid, m.kind)).collect()))
+}
+
+/// The bench's own cluster: test settings (or `file`'s), quiet logs, room for `idle`
+/// connections.
+async fn bench_cluster(
+    file: Option<&Path>,
+    nodes: usize,
+    routers: usize,
+    tls: bool,
+    idle: Option<usize>,
+) -> Result<LocalCluster> {
+    let mut cspec = ClusterSpec::test(nodes, routers);
+    if let Some(f) = file {
+        // The file's settings (limits, timings) instead of the test defaults.
+        let secret = cspec.base.auth.jwt_secret.clone();
+        cspec.base = Config::load(Some(f))?;
+        if cspec.base.auth.jwt_secret.is_empty() {
+            cspec.base.auth.jwt_secret = secret;
+        }
+    }
+    cspec.tls = tls;
+    // Warnings only; lapin warns on every returned (unroutable) hub message, and
+    // nobody consumes the hub's events in a bench.
+    cspec.base.log.filter = "warn,lapin::returned_messages=error".into();
+    if let Some(n) = idle {
+        cspec.base.router.max_connections = cspec.base.router.max_connections.max(n + 1000);
+    }
+    eprintln!("starting {nodes} nodes and {routers} routers ...");
+    LocalCluster::start(cspec).await
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn bench(
     dir: &Path,
@@ -554,53 +631,10 @@ async fn bench(
 ) -> Result<()> {
     // The cluster's processes: (pid, kind), routers in order.
     let (target, own, members) = if attach {
-        let state = ClusterState::load(dir)?;
-        let cfg = Config::load(Some(&state.config))?;
-        let cert = match &state.cert {
-            Some(p) => Some(DevCert::load(p)?),
-            None => None,
-        };
-        let live: Vec<_> = state.members.iter().filter(|m| pid_alive(m.pid)).collect();
-        let routers_http: Vec<String> = live
-            .iter()
-            .filter(|m| m.kind == MemberKind::Router)
-            .map(|m| m.url.clone())
-            .collect();
-        let routers_ws = routers_http
-            .iter()
-            .map(|u| {
-                u.replacen("https://", "wss://", 1)
-                    .replacen("http://", "ws://", 1)
-            })
-            .collect();
-        let target = cluster::load::Target {
-            routers_http,
-            routers_ws,
-            http: http_client(cert.as_ref()),
-            cert,
-            auth: Authority::from_config(&cfg.auth),
-        };
-        let members: Vec<(u32, MemberKind)> = live.iter().map(|m| (m.pid, m.kind)).collect();
+        let (target, members) = attached(dir)?;
         (target, None, members)
     } else {
-        let mut cspec = ClusterSpec::test(nodes, routers);
-        if let Some(f) = file {
-            // The file's settings (limits, timings) instead of the test defaults.
-            let secret = cspec.base.auth.jwt_secret.clone();
-            cspec.base = Config::load(Some(f))?;
-            if cspec.base.auth.jwt_secret.is_empty() {
-                cspec.base.auth.jwt_secret = secret;
-            }
-        }
-        cspec.tls = tls;
-        // Warnings only; lapin warns on every returned (unroutable) hub message, and
-        // nobody consumes the hub's events in a bench.
-        cspec.base.log.filter = "warn,lapin::returned_messages=error".into();
-        if let Some(n) = idle {
-            cspec.base.router.max_connections = cspec.base.router.max_connections.max(n + 1000);
-        }
-        eprintln!("starting {nodes} nodes and {routers} routers ...");
-        let c = LocalCluster::start(cspec).await?;
+        let c = bench_cluster(file, nodes, routers, tls, idle).await?;
         let members: Vec<(u32, MemberKind)> = c
             .members
             .values()

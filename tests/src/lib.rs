@@ -81,7 +81,19 @@ impl Fixture {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Status> {
-        let r = self.api(0, token).call(method, path, body).await?;
+        self.rest_via(0, token, method, path, body).await
+    }
+
+    /// [`Fixture::rest`] through router `i`.
+    pub async fn rest_via(
+        &self,
+        i: usize,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Status> {
+        let r = self.api(i, token).call(method, path, body).await?;
         Ok(Status {
             status: r.status,
             code: r.code().to_string(),

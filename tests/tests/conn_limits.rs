@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use cluster::client::{client_ws_config, ws_open, TokenStyle, TrackedClient, WsStream};
 use cluster::harness::ClusterSpec;
 use futures::StreamExt;
-use gs_tests::{finish, set, Fixture, WAIT};
+use gs_tests::{finish, set, state_path, Fixture, WAIT};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -101,15 +101,11 @@ async fn websockets_hold_their_place_under_max_connections() -> Result<()> {
         // N sockets are open (upgraded long ago): the next connection is over the
         // limit, and so is a plain HTTP request.
         expect_refused(f, 1, &f.dm_token, &f.session_token, 4503, "router").await?;
+        let get = reqwest::Method::GET;
         let r = f
-            .api(1, &f.dm_token)
-            .call(
-                reqwest::Method::GET,
-                &format!("/api/v2/sessions/{}/state", f.session),
-                None,
-            )
+            .rest_via(1, &f.dm_token, get, &state_path(&f.session), None)
             .await?;
-        assert_eq!((r.status, r.code()), (503, "too_many_connections"));
+        assert_eq!(r, (503, "too_many_connections"));
         // One socket closes: its place is free again.
         close(&mut open[0]).await?;
         let ws = try_connect(f, 1, &f.dm_token, &f.session_token)

@@ -50,7 +50,7 @@
 //! Teleporting and being placed by the DM (`place_character`) provoke nothing.
 
 use crate::character::Pos;
-use crate::combat::Opportunity;
+use crate::encounter::Opportunity;
 use crate::command::Ctx;
 use crate::conditions::Condition;
 use crate::error::{codes, Result, RuleError};

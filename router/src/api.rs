@@ -54,7 +54,7 @@ pub fn token_of(header: &Option<String>, query: &HashMap<String, String>) -> Opt
 pub fn authenticate(ctx: &RouterCtx, token: Option<String>) -> Result<Claims, WireError> {
     ctx.auth
         .verify_access(token.as_deref())
-        .map_err(|e| WireError::new(e.code(), e.to_string()))
+        .map_err(WireError::from)
 }
 
 pub fn caller(c: &Claims) -> Caller {

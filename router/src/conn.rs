@@ -651,9 +651,7 @@ async fn refuse(ws: &mut Socket, err: &WireError) {
     let _ = ws
         .feed(Message::text(protocol::connection_error(err)))
         .await;
-    let _ = ws
-        .send(close(close_codes::for_error(err), &err.code))
-        .await;
+    let _ = ws.send(close(close_codes::for_error(err), &err.code)).await;
 }
 
 /// Attaches the connection to the session's owner: the member's role, the session's
@@ -684,7 +682,10 @@ async fn attach(
             version,
             resume,
         } => Ok((session_role, version, resume)),
-        _ => Err(WireError::new(codes::INTERNAL, "unexpected reply to attach")),
+        _ => Err(WireError::new(
+            codes::INTERNAL,
+            "unexpected reply to attach",
+        )),
     }
 }
 

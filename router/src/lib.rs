@@ -123,7 +123,11 @@ fn public_bases(cfg: &Config, addr: std::net::SocketAddr, tls: bool) -> (String,
         } else {
             addr.ip().to_string()
         };
-        let (h, w) = if tls { ("https", "wss") } else { ("http", "ws") };
+        let (h, w) = if tls {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
         (
             format!("{h}://{host}:{}", addr.port()),
             format!("{w}://{host}:{}", addr.port()),
@@ -204,7 +208,9 @@ async fn connect(
 
 /// Every endpoint: the WebSocket, REST, the static files, and warp's rejections as
 /// JSON errors.
-fn filters(ctx: Arc<RouterCtx>) -> impl Filter<Extract: warp::Reply> + Clone + Send + Sync + 'static {
+fn filters(
+    ctx: Arc<RouterCtx>,
+) -> impl Filter<Extract: warp::Reply> + Clone + Send + Sync + 'static {
     ws::route(ctx.clone())
         .or(api::routes(ctx.clone()))
         .unify()

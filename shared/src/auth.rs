@@ -148,6 +148,13 @@ impl AuthError {
     }
 }
 
+/// The one way an auth failure goes on the wire.
+impl From<AuthError> for crate::protocol::WireError {
+    fn from(e: AuthError) -> Self {
+        crate::protocol::WireError::new(e.code(), e.to_string())
+    }
+}
+
 /// The asymmetric algorithms accepted for access tokens.
 pub const PUBLIC_KEY_ALGORITHMS: [Algorithm; 2] = [Algorithm::RS256, Algorithm::ES256];
 

@@ -42,15 +42,12 @@ pub mod close_codes {
     /// The client does not read (`slow_consumer`).
     pub const SLOW_CONSUMER: u16 = 4008;
 
-    /// The close code after a `connection_error` carrying `err`: 4000 + the HTTP
-    /// status of its code (4008 for `slow_consumer`).
+    /// The close code after a `connection_error` carrying `err`: 4000 + its HTTP
+    /// status ([`WireError::http_status`], from the code table; 4503 for a full
+    /// router), except 4008 for `slow_consumer`.
     pub fn for_error(err: &WireError) -> u16 {
         if err.code == super::codes::SLOW_CONSUMER {
             return SLOW_CONSUMER;
-        }
-        // A full router is "unavailable" (503), a user or IP at its cap "too many" (429).
-        if err.code == super::codes::TOO_MANY_CONNECTIONS && err.details["scope"] == "router" {
-            return 4503;
         }
         match err.http_status() {
             s @ 400..=599 => 4000 + s,
@@ -216,8 +213,13 @@ pub fn parse_client_message(
             "`type` must be a lowercase identifier such as \"state_update\"",
         )
     })?;
-    let data = envelope_data(&env)
-        .ok_or_else(|| rejected(Some(id), codes::INVALID_MESSAGE, "`data` must be a JSON object"))?;
+    let data = envelope_data(&env).ok_or_else(|| {
+        rejected(
+            Some(id),
+            codes::INVALID_MESSAGE,
+            "`data` must be a JSON object",
+        )
+    })?;
     // The payload sits one level inside the envelope.
     check_json_text(data.get(), max_depth.saturating_sub(1)).map_err(|error| Rejected {
         id: Some(id),
@@ -601,10 +603,14 @@ mod tests {
         assert_eq!(SessionStatus::changed_by(end), Some(SessionStatus::Ended));
         assert!(SessionStatus::Ended.is_final() && !SessionStatus::Paused.is_final());
         let pause = r#"{"type":"session_status_changed","version":3,"data":{"status":"paused"}}"#;
-        assert_eq!(SessionStatus::changed_by(pause), Some(SessionStatus::Paused));
+        assert_eq!(
+            SessionStatus::changed_by(pause),
+            Some(SessionStatus::Paused)
+        );
         let other = r#"{"type":"state_update","version":1,"data":{"status":"ended"}}"#;
         assert_eq!(SessionStatus::changed_by(other), None);
-        let text = r#"{"type":"state_update","version":1,"data":{"note":"session_status_changed"}}"#;
+        let text =
+            r#"{"type":"state_update","version":1,"data":{"note":"session_status_changed"}}"#;
         assert_eq!(SessionStatus::changed_by(text), None);
     }
 }

@@ -172,8 +172,13 @@ impl WireError {
         is_retryable(&self.code)
     }
 
-    /// The HTTP status a REST endpoint answers this error with.
+    /// The HTTP status a REST endpoint answers this error with: its code's, except
+    /// that a full router (`too_many_connections` with `details.scope` = `router`) is
+    /// "unavailable" (503), where a user or IP at its cap is "too many" (429).
     pub fn http_status(&self) -> u16 {
+        if self.code == codes::TOO_MANY_CONNECTIONS && self.details["scope"] == "router" {
+            return 503;
+        }
         http_status(&self.code)
     }
 }

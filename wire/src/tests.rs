@@ -28,7 +28,16 @@ fn statuses_and_retryability_come_from_the_table() {
     assert_eq!(WireError::new(codes::CONFLICT, "").http_status(), 409);
     assert_eq!(WireError::new(codes::NOT_YOUR_TURN, "").http_status(), 422);
     assert_eq!(WireError::new(codes::WRONG_USER, "").http_status(), 403);
-    assert_eq!(WireError::new(codes::METHOD_NOT_ALLOWED, "").http_status(), 405);
+    assert_eq!(
+        WireError::new(codes::METHOD_NOT_ALLOWED, "").http_status(),
+        405
+    );
+    let full = WireError::new(codes::TOO_MANY_CONNECTIONS, "")
+        .with_details(serde_json::json!({"scope": "router"}));
+    assert_eq!(full.http_status(), 503);
+    let user = WireError::new(codes::TOO_MANY_CONNECTIONS, "")
+        .with_details(serde_json::json!({"scope": "user"}));
+    assert_eq!(user.http_status(), 429);
     // A code outside the table (none is sent) is a client mistake, not retried.
     let odd = WireError::new("no_such_code", "");
     assert_eq!((odd.http_status(), odd.is_retryable()), (422, false));
@@ -97,7 +106,10 @@ fn the_protocol_document_matches_the_table() {
     let doc = include_str!("../../docs/protocol.md");
     let main = doc_table(doc, "## Error codes");
     let game = doc_table(doc, "### Error codes");
-    assert!(main.len() > 10 && game.len() > 10, "the tables were not found");
+    assert!(
+        main.len() > 10 && game.len() > 10,
+        "the tables were not found"
+    );
     // Sent only as `connection_error` before a close: the document gives no status.
     let connection_only = [
         codes::IDLE_TIMEOUT,
@@ -110,7 +122,10 @@ fn the_protocol_document_matches_the_table() {
             let row = lookup(name)
                 .unwrap_or_else(|| panic!("`{name}` is documented but not in the code table"));
             if http.is_empty() {
-                assert!(connection_only.contains(&name.as_str()), "`{name}` has no HTTP status in the document");
+                assert!(
+                    connection_only.contains(&name.as_str()),
+                    "`{name}` has no HTTP status in the document"
+                );
             } else {
                 assert!(
                     http.contains(&row.http),

@@ -84,10 +84,10 @@
 
 use crate::character::{Ability, Character, Concentration, DamageReport, DamageType};
 use crate::combat::not_a_participant;
-use crate::encounter::Opportunity;
 use crate::command::{ActionDeclare, ActionType, Cost, Ctx, DurationSpec, SaveEndsSpec};
 use crate::conditions::{attack_conditions, Boundary, Condition, Duration, Effect};
 use crate::dice::{Dice, Mode};
+use crate::encounter::Opportunity;
 use crate::error::{codes, Result, RuleError};
 use crate::event::{ActionDeclared, ActionResolved, AttackRoll, Event, Outcome};
 use crate::game::{save_ends_of, Actor, Game, Scratch};

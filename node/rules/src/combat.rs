@@ -35,24 +35,21 @@
 //! death save if dying) and ends at once, with its end-of-turn effects; until then it
 //! takes no reaction (`surprised`) and makes no opportunity attack.
 
-use crate::character::Pos;
-use crate::command::{ActionType, Ctx};
+use crate::command::Ctx;
 use crate::conditions::{Boundary, Condition, SaveEnds};
 use crate::dice::Mode;
+pub use crate::encounter::{
+    Combat, HelpGiven, Initiative, Opportunity, Participant, Readied, Turn, MAX_CLIENT_MODIFIER,
+    MAX_CLIENT_MODIFIERS, MAX_PARTICIPANTS,
+};
 use crate::error::{codes, Result, RuleError};
 use crate::event::{
     CombatEnded, CombatJoined, CombatStarted, DeathSaveRolled, Event, InitiativeRolled, RepeatSave,
     TurnChanged,
 };
-pub use crate::encounter::{
-    Combat, HelpGiven, Initiative, Opportunity, Participant, Readied, Turn, MAX_CLIENT_MODIFIER,
-    MAX_CLIENT_MODIFIERS, MAX_PARTICIPANTS,
-};
 use crate::game::{Actor, Game, Scratch};
 use crate::saves::{roll_save, SaveContext};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 

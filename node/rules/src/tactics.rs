@@ -27,10 +27,10 @@
 
 use crate::actions::{bad, Resolution};
 use crate::character::{Ability, Concentration};
-use crate::encounter::{HelpGiven, Readied};
 use crate::command::{ActionType, Cost};
 use crate::conditions::Condition;
 use crate::dice::Mode;
+use crate::encounter::{HelpGiven, Readied};
 use crate::error::{codes, Result, RuleError};
 use crate::event::{CheckRoll, Outcome};
 use serde_json::json;

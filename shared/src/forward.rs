@@ -6,6 +6,11 @@
 //! `service_unavailable` the router waits a little, re-resolves the owner and tries
 //! again with the *same* request (so a command keeps its id and takes effect once),
 //! until `router.request_deadline_ms`; then it answers `service_unavailable`.
+//!
+//! Every decision is the pure [`RetryPolicy`]'s ([`RetryPolicy::poll`]: attempt,
+//! pause or give up; [`RetryPolicy::target`]: where; [`RetryPolicy::observe`]: what an
+//! attempt's result means); [`Forwarder::request_until`] only executes them, so whole
+//! sequences are tested with a fake clock and no services (the `seq_*` tests).
 
 use crate::cluster_view::ClusterView;
 use crate::config::ms;
@@ -265,7 +270,7 @@ pub struct RetryPolicy {
     last_error: Option<String>,
     /// The last attempt asked for a pause before the next.
     must_pause: bool,
-    /// The next pause (zero: not started, [`FIRST_BACKOFF`]); doubles up to
+    /// The next pause ([`FIRST_BACKOFF`] when zero, before the first); doubles up to
     /// [`MAX_BACKOFF`] and starts again after an attempt retried at once.
     backoff: Duration,
 }

@@ -86,9 +86,3 @@ impl From<NodeError> for WireError {
         e.to_wire()
     }
 }
-
-impl From<&NodeError> for WireError {
-    fn from(e: &NodeError) -> WireError {
-        e.to_wire()
-    }
-}

@@ -33,6 +33,12 @@
 //!   action types and costs); it imports nothing else of the crate, so the modules
 //!   above import each other without circles.
 //!
+//! Imports go one way (a test, `tests/layers.rs`, finds any circle): plain data at
+//! the bottom ([`types`], then `character`, `conditions`, `dice`, `terrain`,
+//! [`encounter`]), the descriptions ([`command`], [`event`]) above it, then [`game`],
+//! then the rules that change play (`combat`, `actions`, `movement`, `tactics`) and
+//! [`state`] on top.
+//!
 //! The wire contract of play (every message and event) is `docs/protocol.md`, part
 //! "Game messages"; `docs/rules.md` maps each SRD 5.1 rule to its code and scenario
 //! test (`tests/scenarios.rs`).

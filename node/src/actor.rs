@@ -1702,16 +1702,14 @@ fn waiting_reply(w: Waiting) -> Reply {
     }
 }
 
+/// Into the one wire error type (a rule's refusal already is one; a node error
+/// converts with `From`).
 trait IntoWire {
     fn into_wire(self) -> WireError;
 }
 
-impl IntoWire for gs_rules::RuleError {
+impl<E: Into<WireError>> IntoWire for E {
     fn into_wire(self) -> WireError {
-        WireError {
-            code: self.code,
-            message: self.message,
-            details: self.details,
-        }
+        self.into()
     }
 }

@@ -92,20 +92,20 @@ impl ClusterView {
                 suspected: Default::default(),
             }),
         };
-        let hb_sub = nats.subscribe(subjects.heartbeat()).await?;
-        let leave_sub = nats.subscribe(subjects.leave()).await?;
-        let suspect_sub = nats.subscribe(subjects.suspect()).await?;
+        let heartbeats = nats.subscribe(subjects.heartbeat()).await?;
+        let leaves = nats.subscribe(subjects.leave()).await?;
+        let suspects = nats.subscribe(subjects.suspect()).await?;
         let tasks = vec![
-            tokio::spawn(view.clone().heartbeats(hb_sub)),
-            tokio::spawn(view.clone().leaves(leave_sub)),
-            tokio::spawn(view.clone().suspicions(suspect_sub)),
+            tokio::spawn(view.clone().hear_heartbeats(heartbeats)),
+            tokio::spawn(view.clone().hear_leaves(leaves)),
+            tokio::spawn(view.clone().hear_suspects(suspects)),
             tokio::spawn(view.clone().beat()),
         ];
         Ok((view, tasks))
     }
 
-    /// Feeds the others' heartbeats into the table.
-    async fn heartbeats(self, mut sub: async_nats::Subscriber) {
+    /// Task: the others' heartbeats into the member table.
+    async fn hear_heartbeats(self, mut sub: async_nats::Subscriber) {
         while let Some(msg) = sub.next().await {
             match serde_json::from_slice::<Heartbeat>(&msg.payload) {
                 Ok(hb) => self.observe(hb),
@@ -114,8 +114,8 @@ impl ClusterView {
         }
     }
 
-    /// Removes members that announce a graceful leave.
-    async fn leaves(self, mut sub: async_nats::Subscriber) {
+    /// Task: graceful leaves out of the member table.
+    async fn hear_leaves(self, mut sub: async_nats::Subscriber) {
         while let Some(msg) = sub.next().await {
             if let Ok(leave) = serde_json::from_slice::<Leave>(&msg.payload) {
                 if leave.id != self.inner.me {
@@ -129,8 +129,8 @@ impl ClusterView {
         }
     }
 
-    /// Probes a live member another process suspects (once per suspicion).
-    async fn suspicions(self, mut sub: async_nats::Subscriber) {
+    /// Task: a suspect notice makes this member probe the suspect itself (once).
+    async fn hear_suspects(self, mut sub: async_nats::Subscriber) {
         while let Some(msg) = sub.next().await {
             let Ok(id) = String::from_utf8(msg.payload.to_vec()) else {
                 continue;
@@ -142,12 +142,11 @@ impl ClusterView {
         }
     }
 
-    /// Heartbeats every `heartbeat_every`, and the table's clock: members not heard
-    /// from for the failure timeout are declared dead.
+    /// Task: this member's heartbeats, and the others' timeouts.
     async fn beat(self) {
-        // Listen before speaking: a member announces itself (and puts itself on its
-        // own ring) only after it has heard the others' heartbeats, so it never acts
-        // on a view in which the live members are missing.
+        // Listen before speaking: a member announces itself (and puts itself on its own
+        // ring) only after it has heard the others' heartbeats, so it never acts on a
+        // view in which the live members are missing.
         tokio::time::sleep(self.inner.heartbeat_every * WARM_UP_BEATS).await;
         let mut tick = tokio::time::interval(self.inner.heartbeat_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

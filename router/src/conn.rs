@@ -1160,7 +1160,9 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
 
 /// Tells the owner the connection is gone (best effort, in the background).
 fn detach(ctx: Arc<RouterCtx>, sid: Uuid, caller: Caller, conn_id: Uuid) {
-    tokio::spawn(async move {
+    // Tracked: a shutting-down router tells the owners its sockets are gone first.
+    let tasks = ctx.tasks.clone();
+    tasks.spawn(async move {
         let _ = ctx
             .forwarder
             .request_until(

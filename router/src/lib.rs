@@ -39,6 +39,8 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 use warp::Filter;
 
 pub struct RouterCtx {
@@ -59,6 +61,9 @@ pub struct RouterCtx {
     pub redis: redis::aio::ConnectionManager,
     pub connections: AtomicUsize,
     pub shutdown: watch::Receiver<bool>,
+    /// The WebSocket connections' tasks and their detach notices: [`run`] waits for
+    /// them (bounded by [`SHUTDOWN_GRACE`]) before it leaves.
+    pub tasks: TaskTracker,
     pub metrics: PrometheusHandle,
 }
 
@@ -85,7 +90,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         "starting router"
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let ctx = connect(&cfg, &id, http_base.clone(), ws_base, shutdown_rx.clone()).await?;
+    let (ctx, cluster_tasks) =
+        connect(&cfg, &id, http_base.clone(), ws_base, shutdown_rx.clone()).await?;
     let server = tokio::spawn(server::serve(
         listener,
         tls,
@@ -99,10 +105,33 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     tracing::info!(router = %id, "shutting down");
     let _ = shutdown_tx.send(true);
     ctx.cluster.leave().await;
-    // Give connection tasks a moment to send their close frames.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    server.abort();
+    drain(&ctx, server, cluster_tasks).await;
     Ok(())
+}
+
+/// How long a stopping router waits for its connections to send their close frames
+/// (1001) and their detach notices.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// After the shutdown signal: the accept loop stops on its own; every WebSocket task
+/// closes its socket (1001) and tells the owner; the membership tasks end. Each is
+/// joined, none is left running: what outlives [`SHUTDOWN_GRACE`] is reported.
+async fn drain(ctx: &RouterCtx, server: JoinHandle<()>, cluster_tasks: Vec<JoinHandle<()>>) {
+    ctx.tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, ctx.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = ctx.tasks.len(),
+            "connections still closing after the shutdown grace"
+        );
+    }
+    let _ = server.await;
+    for t in cluster_tasks {
+        t.abort();
+        let _ = t.await;
+    }
 }
 
 /// `router.id`, or a new `router-xxxxxxxx`.
@@ -149,7 +178,7 @@ async fn connect(
     http_base: String,
     ws_base: String,
     shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<Arc<RouterCtx>> {
+) -> anyhow::Result<(Arc<RouterCtx>, Vec<JoinHandle<()>>)> {
     let auth = Authority::load(&cfg.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
     if let Some(keys) = auth.public_keys() {
         tracing::info!(kids = ?keys.kids(), "external token issuers' public keys loaded");
@@ -157,7 +186,7 @@ async fn connect(
     let redis = gs_shared::connect::redis(cfg).await?;
     let nats = gs_shared::connect::nats(cfg, id).await?;
     let subjects = Subjects::new(&cfg.nats.subject_prefix);
-    let (cluster, _cluster_tasks) = ClusterView::start(
+    let (cluster, cluster_tasks) = ClusterView::start(
         nats.clone(),
         subjects.clone(),
         &cfg.membership,
@@ -184,7 +213,7 @@ async fn connect(
         Keys::new(&cfg.redis.key_prefix),
         ms(cfg.redis.op_timeout_ms),
     );
-    Ok(Arc::new(RouterCtx {
+    let ctx = Arc::new(RouterCtx {
         auth,
         cfg: cfg.clone(),
         id: id.to_string(),
@@ -202,8 +231,10 @@ async fn connect(
         redis,
         connections: AtomicUsize::new(0),
         shutdown,
+        tasks: TaskTracker::new(),
         metrics: gs_shared::telemetry::metrics_recorder(),
-    }))
+    });
+    Ok((ctx, cluster_tasks))
 }
 
 /// Every endpoint: the WebSocket, REST, the static files, and warp's rejections as

@@ -262,7 +262,9 @@ fn upgrade(ctx: Arc<RouterCtx>, up: Upgrade, ok: Accepted) -> Response {
     // Held until the socket closes (or the upgrade fails): given back when this task
     // ends, however it ends.
     let slot = Slot::new(permit, place);
-    tokio::spawn(async move {
+    // Tracked: a shutting-down router waits for its sockets' close frames.
+    let tasks = ctx.tasks.clone();
+    tasks.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let io = hyper_util::rt::TokioIo::new(upgraded);

@@ -173,6 +173,7 @@ impl Session {
         let now = Instant::now();
         Session {
             events_subject: p.ctx.subjects.session_events(&p.id).into(),
+            faults: Faults::new(&p.ctx.cfg.node),
             core: SessionCore::new(p.id, p.epoch, cfg, p.recovered, now),
             ctx: p.ctx,
             gen: p.gen,
@@ -180,7 +181,6 @@ impl Session {
             connections: HashMap::new(),
             last_combat: None,
             meta_touched: now,
-            faults: Faults::default(),
             committed: Vec::new(),
             out: Vec::new(),
         }
@@ -250,10 +250,11 @@ impl Session {
             let err = WireError::new(codes::INTERNAL, "fault injection");
             env.reply.send(&self.ctx, NodeReply::err(err)).await;
         }
-        let lost = match self.lease.is_valid() {
-            true => None,
-            // The core refuses the batch, stopped.
-            false => self.step(Input::LeaseLost).await,
+        let lost = if self.lease.is_valid() {
+            None
+        } else {
+            // The core stops, then refuses the batch.
+            self.step(Input::LeaseLost).await
         };
         let stop = self.step(Input::Batch(batch)).await;
         lost.or(stop)

@@ -34,6 +34,10 @@ fn mentions(rows: &[EventRow], marker: &str) -> bool {
 
 #[cfg(feature = "fault-injection")]
 impl Faults {
+    pub fn new(_: &NodeConfig) -> Faults {
+        Faults::default()
+    }
+
     /// Takes out of a batch the hub events to fail (each once), to be answered with
     /// `internal_error`.
     pub fn hub_events_to_fail(
@@ -90,6 +94,23 @@ impl Faults {
 
 #[cfg(not(feature = "fault-injection"))]
 impl Faults {
+    /// The hooks of a session; without the feature, says once per process that the
+    /// `node.fault_*` settings it was given are ignored.
+    pub fn new(cfg: &NodeConfig) -> Faults {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        let set = [
+            &cfg.fault_crash_after_commit,
+            &cfg.fault_delay_commit,
+            &cfg.fault_hub_fail_once,
+        ];
+        if set.iter().any(|m| !m.is_empty()) {
+            WARNED.call_once(|| {
+                tracing::warn!("node.fault_* settings ignored: gs-node was built without the fault-injection feature");
+            });
+        }
+        Faults::default()
+    }
+
     #[inline(always)]
     pub fn hub_events_to_fail(&mut self, _: &NodeConfig, _: &mut [Envelope]) -> Vec<Envelope> {
         Vec::new()

@@ -23,12 +23,17 @@ use gs_shared::config::Config;
 use gs_shared::protocol::{self, codes, WireError};
 use gs_shared::rpc::{NodeReply, NodeRequest, RawEvent, ReplyBody, RequestBody, SessionView};
 use serde_json::{json, Value};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+mod dedupe;
+mod quotas;
 #[cfg(test)]
 mod tests;
+
+use dedupe::{Dedupe, VERIFY_AFTER_FAILURE};
+use quotas::Quotas;
 
 /// The time, passed in by the task (the core never reads a clock).
 #[derive(Debug, Clone, Copy)]
@@ -214,85 +219,6 @@ impl<R> Output<R> {
     }
 }
 
-/// Exactly-once memory: command id → the version its last event produced.
-struct Dedupe {
-    map: HashMap<Uuid, u64>,
-    order: VecDeque<Uuid>,
-    cap: usize,
-    /// Whether every command the session ever committed is in `map` (so a miss means
-    /// new).
-    complete: bool,
-    /// Until when misses are checked against the log although the window is
-    /// incomplete (see [`Dedupe::misses_to_verify`]).
-    verify_until: Option<Instant>,
-}
-
-/// How long misses are checked against the log after a commit failed: the router
-/// retries the failed commands under the same ids well within this.
-pub const VERIFY_AFTER_FAILURE: Duration = Duration::from_secs(60);
-
-impl Dedupe {
-    fn new(cap: usize, commands: Vec<(Uuid, u64)>, complete: bool) -> Dedupe {
-        let mut d = Dedupe {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            cap: cap.max(1),
-            complete,
-            verify_until: None,
-        };
-        d.reset(commands, complete);
-        d
-    }
-
-    /// Replaces the window with `commands` (newest first).
-    fn reset(&mut self, commands: Vec<(Uuid, u64)>, complete: bool) {
-        self.map.clear();
-        self.order.clear();
-        // Oldest first, so the newest stay when the window is full.
-        for (c, v) in commands.into_iter().rev() {
-            self.insert(c, v);
-        }
-        self.complete = complete;
-    }
-
-    /// The commands of a batch to look up in the log before deciding it.
-    ///
-    /// When the window covers the whole log, a miss is new. When it does not, a miss
-    /// is almost always new too, and looking every batch up would cost a random
-    /// index probe per command on a log that outgrew memory (throughput fell by
-    /// a third over a 10-minute run). The `UNIQUE(session_id, command_id)` constraint
-    /// keeps exactly-once without the look-up: a command older than the window that
-    /// is sent again fails its commit instead of being applied twice; the failure
-    /// ("outcome unknown") opens a verification period in which misses are looked up,
-    /// so the router's retry under the same id finds the original version. Requests
-    /// the router has given up on are always looked up: the answer "not applied" must
-    /// never be given for a command that was.
-    fn misses_to_verify<R>(&self, batch: &[Envelope<R>], now: Now) -> Vec<Uuid> {
-        if self.complete {
-            return Vec::new();
-        }
-        let verifying = self.verify_until.is_some_and(|t| now.at < t);
-        batch
-            .iter()
-            .filter(|e| verifying || expired(&e.req, now))
-            .filter_map(|e| command_id(&e.req.body))
-            .filter(|c| !self.map.contains_key(c))
-            .collect()
-    }
-
-    fn insert(&mut self, id: Uuid, version: u64) {
-        if self.map.insert(id, version).is_none() {
-            self.order.push_back(id);
-            while self.order.len() > self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
-                    self.complete = false;
-                }
-            }
-        }
-    }
-}
-
 /// Replies waiting for the batch's commit.
 enum Waiting<R> {
     Ack {
@@ -455,64 +381,6 @@ enum Wait<R> {
 enum Flow {
     Continue,
     Suspend,
-}
-
-/// A session's per-minute quotas of the ICD (`POST /state` saves, joins), kept by its
-/// owner: it sees every command of the session whatever router sent it, and only
-/// after the rules allowed it. A new owner starts with fresh windows.
-#[derive(Debug, Default)]
-struct Quotas {
-    saves: Window,
-    joins: Window,
-}
-
-/// A fixed one-minute window.
-#[derive(Debug, Default)]
-struct Window {
-    start: Option<Instant>,
-    count: u32,
-}
-
-const QUOTA_WINDOW: Duration = Duration::from_secs(60);
-
-impl Window {
-    /// Counts one use; refuses (counting nothing) past `limit` (0: no limit).
-    fn hit(&mut self, limit: u32, now: Instant) -> Result<(), Duration> {
-        if limit == 0 {
-            return Ok(());
-        }
-        let start = match self.start {
-            Some(s) if now.duration_since(s) < QUOTA_WINDOW => s,
-            _ => {
-                self.count = 0;
-                *self.start.insert(now)
-            }
-        };
-        if self.count >= limit {
-            return Err(QUOTA_WINDOW.saturating_sub(now.duration_since(start)));
-        }
-        self.count += 1;
-        Ok(())
-    }
-}
-
-impl Quotas {
-    /// Counts an allowed command against its quota, if it has one.
-    fn hit(&mut self, cmd: &Command, cfg: &CoreConfig, now: Instant) -> Result<(), WireError> {
-        let (window, limit, what) = match cmd {
-            Command::SaveState { .. } => (&mut self.saves, cfg.state_saves_per_min, "state saves"),
-            Command::Join(_) => (&mut self.joins, cfg.joins_per_min, "joins"),
-            _ => return Ok(()),
-        };
-        window.hit(limit, now).map_err(|wait| {
-            WireError::new(
-                codes::RATE_LIMITED,
-                format!("too many {what} in this session; retry shortly"),
-            )
-            .with_details(json!({"retry_after_secs": wait.as_secs().max(1),
-                "limit": limit, "window_secs": QUOTA_WINDOW.as_secs()}))
-        })
-    }
 }
 
 /// A session's pure state and the batch in progress.

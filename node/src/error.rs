@@ -1,6 +1,7 @@
 //! The node's error type. Errors are classified so that callers decide without
 //! matching strings: [`NodeError::is_retryable`] says whether a router may try again
-//! (same command id), and [`NodeError::to_wire`] gives the client-facing code.
+//! (same command id), and [`NodeError::to_wire`] (or `WireError::from`) gives the
+//! client-facing code, whose status and retryability come from the one code table.
 
 use gs_shared::protocol::{codes, WireError};
 
@@ -50,11 +51,13 @@ impl NodeError {
         }
     }
 
-    /// Whether retrying (elsewhere or later) can succeed.
+    /// Whether retrying (elsewhere or later) can succeed: its wire code's row in the
+    /// code table says.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, NodeError::SessionNotFound(_) | NodeError::Corrupt(_))
+        self.to_wire().is_retryable()
     }
 
+    /// What a client (through its router) is told.
     pub fn to_wire(&self) -> WireError {
         match self {
             NodeError::Fenced(_) | NodeError::LeaseLost(_) => {
@@ -76,3 +79,10 @@ impl NodeError {
 }
 
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+/// The one way a node error becomes a wire error (`?` into `Result<_, WireError>`).
+impl From<NodeError> for WireError {
+    fn from(e: NodeError) -> WireError {
+        e.to_wire()
+    }
+}

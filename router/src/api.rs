@@ -54,7 +54,7 @@ pub fn token_of(header: &Option<String>, query: &HashMap<String, String>) -> Opt
 pub fn authenticate(ctx: &RouterCtx, token: Option<String>) -> Result<Claims, WireError> {
     ctx.auth
         .verify_access(token.as_deref())
-        .map_err(|e| WireError::new(e.code(), e.to_string()))
+        .map_err(WireError::from)
 }
 
 pub fn caller(c: &Claims) -> Caller {
@@ -116,6 +116,13 @@ fn with_ctx(
 pub fn routes(
     ctx: Arc<RouterCtx>,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    session_routes(ctx.clone()).or(ops_routes(ctx)).unify()
+}
+
+/// `/api/v2/sessions…`: create, join, state, history, presence.
+fn session_routes(
+    ctx: Arc<RouterCtx>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let limit = ctx.cfg.router.max_body_bytes;
     let body = warp::body::content_length_limit(limit).and(warp::body::bytes());
 
@@ -155,6 +162,23 @@ pub fn routes(
         .and(with_ctx(ctx.clone()))
         .and(with_auth())
         .then(|id, ctx, auth| async move { reply(presence(ctx, id, auth).await) });
+    create
+        .or(join)
+        .unify()
+        .or(get_state)
+        .unify()
+        .or(save_state)
+        .unify()
+        .or(history)
+        .unify()
+        .or(presence)
+        .unify()
+}
+
+/// The cluster view, the OpenAPI document, health and metrics.
+fn ops_routes(
+    ctx: Arc<RouterCtx>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let cluster = warp::path!("api" / "v2" / "cluster")
         .and(warp::get())
         .and(with_ctx(ctx.clone()))
@@ -196,19 +220,7 @@ pub fn routes(
                 .into_response()
             }))
         });
-    create
-        .or(join)
-        .unify()
-        .or(get_state)
-        .unify()
-        .or(save_state)
-        .unify()
-        .or(history)
-        .unify()
-        .or(presence)
-        .unify()
-        .or(cluster)
-        .unify()
+    cluster
         .or(openapi)
         .unify()
         .or(live)
@@ -257,43 +269,8 @@ async fn create_session(
     body: Bytes,
 ) -> Result<Response, WireError> {
     let claims = authenticate(&ctx, token_of(&auth.0, &auth.1))?;
-    let body = parse_body(&ctx, &body)?;
-    let campaign_id = body
-        .get("campaign_id")
-        .and_then(Value::as_str)
-        .and_then(|s| Uuid::parse_str(s).ok())
-        .ok_or_else(|| WireError::new(codes::BAD_REQUEST, "`campaign_id` (a UUID) is required"))?;
-    let name = body
-        .get("name")
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|n| !n.is_empty() && n.chars().count() <= 255)
-        .ok_or_else(|| {
-            WireError::new(
-                codes::BAD_REQUEST,
-                "`name` (1 to 255 characters) is required",
-            )
-        })?
-        .to_string();
-    let settings = match body.get("settings") {
-        None | Some(Value::Null) => json!({}),
-        Some(v @ Value::Object(_)) => v.clone(),
-        Some(_) => {
-            return Err(WireError::new(
-                codes::BAD_REQUEST,
-                "`settings` must be an object",
-            ))
-        }
-    };
-    // The dice seed is the service's secret (it predicts every roll): only an admin
-    // may fix one, for a replayable test table.
-    if !settings["dice_seed"].is_null() && claims.role != Role::Admin {
-        return Err(WireError::new(
-            codes::FORBIDDEN,
-            "`settings.dice_seed` may only be set by an admin (the service chooses a secret seed)",
-        )
-        .with_details(json!({"field": "settings.dice_seed"})));
-    }
+    let (campaign_id, name, settings) =
+        create_request(&parse_body(&ctx, &body)?, claims.role == Role::Admin)?;
     ctx.limiter
         .check(
             "create",
@@ -332,6 +309,47 @@ async fn create_session(
             "session_state": view,
         }),
     ))
+}
+
+/// A create request's `campaign_id`, `name` and `settings`, checked.
+fn create_request(body: &Value, admin: bool) -> Result<(Uuid, String, Value), WireError> {
+    let campaign_id = body
+        .get("campaign_id")
+        .and_then(Value::as_str)
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| WireError::new(codes::BAD_REQUEST, "`campaign_id` (a UUID) is required"))?;
+    let name = body
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|n| !n.is_empty() && n.chars().count() <= 255)
+        .ok_or_else(|| {
+            WireError::new(
+                codes::BAD_REQUEST,
+                "`name` (1 to 255 characters) is required",
+            )
+        })?
+        .to_string();
+    let settings = match body.get("settings") {
+        None | Some(Value::Null) => json!({}),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(_) => {
+            return Err(WireError::new(
+                codes::BAD_REQUEST,
+                "`settings` must be an object",
+            ))
+        }
+    };
+    // The dice seed is the service's secret (it predicts every roll): only an admin
+    // may fix one, for a replayable test table.
+    if !settings["dice_seed"].is_null() && !admin {
+        return Err(WireError::new(
+            codes::FORBIDDEN,
+            "`settings.dice_seed` may only be set by an admin (the service chooses a secret seed)",
+        )
+        .with_details(json!({"field": "settings.dice_seed"})));
+    }
+    Ok((campaign_id, name, settings))
 }
 
 async fn join_session(
@@ -578,10 +596,7 @@ pub async fn recover(r: Rejection) -> Result<Response, Infallible> {
     } else if r.find::<warp::reject::LengthRequired>().is_some() {
         WireError::new(codes::BAD_REQUEST, "a Content-Length header is required")
     } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
-        return Ok(json_reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &json!({"error": {"code": "method_not_allowed", "message": "method not allowed"}}),
-        ));
+        WireError::new(codes::METHOD_NOT_ALLOWED, "method not allowed")
     } else if r.find::<warp::reject::InvalidQuery>().is_some() {
         WireError::new(codes::BAD_REQUEST, "the query string is invalid")
     } else if r.find::<warp::reject::MissingHeader>().is_some()

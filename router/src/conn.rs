@@ -60,10 +60,11 @@ use crate::ws::Socket;
 use crate::RouterCtx;
 use futures::{SinkExt, StreamExt};
 use gs_shared::auth::Claims;
-use gs_shared::protocol::{self, close_codes, codes, ClientMessage, WireError};
+use gs_shared::protocol::{self, close_codes, codes, ClientMessage, SessionStatus, WireError};
 use gs_shared::rpc::{Caller, ReplyBody, RequestBody, Resume};
 use serde_json::json;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
@@ -604,79 +605,23 @@ async fn open(
         Err(e) => {
             drop(slot);
             let err = WireError::new(codes::SERVICE_UNAVAILABLE, format!("cannot subscribe: {e}"));
-            let _ = ws
-                .feed(Message::text(protocol::connection_error(&err)))
-                .await;
-            let _ = ws
-                .send(close(close_codes::for_error(&err), &err.code))
-                .await;
+            refuse(&mut ws, &err).await;
             return None;
         }
     };
     let events = hub.subscribe();
-    let attach = ctx
-        .forwarder
-        .request(
-            sid,
-            caller,
-            RequestBody::Attach {
-                conn_id,
-                router_id: ctx.id.clone(),
-                last_version,
-                replay_limit: ctx.cfg.router.replay_limit,
-            },
-        )
-        .await;
-    let (role, version, resume) = match attach {
-        Ok(ReplyBody::Attached {
-            session_role,
-            version,
-            resume,
-        }) => (session_role, version, resume),
-        other => {
-            let err = match other {
-                Err(e) => e,
-                _ => WireError::new(codes::INTERNAL, "unexpected reply to attach"),
-            };
+    let (role, version, resume) = match attach(ctx, sid, caller, conn_id, last_version).await {
+        Ok(attached) => attached,
+        Err(err) => {
             drop(slot);
             // The owner may have registered the connection before the answer was lost:
             // undo it, or the session would count a client that is not there.
             detach(ctx.clone(), sid, caller, conn_id);
-            let _ = ws
-                .feed(Message::text(protocol::connection_error(&err)))
-                .await;
-            let _ = ws
-                .send(close(close_codes::for_error(&err), &err.code))
-                .await;
+            refuse(&mut ws, &err).await;
             return None;
         }
     };
-    let idle = Some(ctx.cfg.router.ws_idle_timeout_ms)
-        .filter(|ms| *ms > 0)
-        .map(Duration::from_millis);
-    let mut conn = Conn {
-        slot: Some(slot),
-        ctx: ctx.clone(),
-        sid,
-        caller,
-        hub: hub.clone(),
-        cv: 0,
-        ended: false,
-        live: false,
-        removed: false,
-        ws,
-        unflushed: false,
-        sent: 0,
-        newest: hub.watch_newest(),
-        max_behind: ctx.cfg.router.max_outbound_queue.max(1),
-        idle,
-        last_heard: tokio::time::Instant::now(),
-        last_message: tokio::time::Instant::now(),
-        last_touch: tokio::time::Instant::now(),
-        conn_id,
-        stop: None,
-        dm: role == "dm",
-    };
+    let mut conn = Conn::new(ctx, ws, slot, sid, caller, conn_id, hub.clone(), &role);
     let established = json!({
         "type": "connection_established",
         "data": {
@@ -701,6 +646,91 @@ async fn open(
     Some((conn, events))
 }
 
+/// Tells a client its connection cannot be opened: `connection_error`, then the close.
+async fn refuse(ws: &mut Socket, err: &WireError) {
+    let _ = ws
+        .feed(Message::text(protocol::connection_error(err)))
+        .await;
+    let _ = ws.send(close(close_codes::for_error(err), &err.code)).await;
+}
+
+/// Attaches the connection to the session's owner: the member's role, the session's
+/// version, and what the client is missing.
+async fn attach(
+    ctx: &RouterCtx,
+    sid: Uuid,
+    caller: Caller,
+    conn_id: Uuid,
+    last_version: Option<u64>,
+) -> Result<(String, u64, Resume), WireError> {
+    let attach = ctx
+        .forwarder
+        .request(
+            sid,
+            caller,
+            RequestBody::Attach {
+                conn_id,
+                router_id: ctx.id.clone(),
+                last_version,
+                replay_limit: ctx.cfg.router.replay_limit,
+            },
+        )
+        .await?;
+    match attach {
+        ReplyBody::Attached {
+            session_role,
+            version,
+            resume,
+        } => Ok((session_role, version, resume)),
+        _ => Err(WireError::new(
+            codes::INTERNAL,
+            "unexpected reply to attach",
+        )),
+    }
+}
+
+impl Conn {
+    #[allow(clippy::too_many_arguments)] // the parts of an opened connection, each once
+    fn new(
+        ctx: &Arc<RouterCtx>,
+        ws: Socket,
+        slot: Slot,
+        sid: Uuid,
+        caller: Caller,
+        conn_id: Uuid,
+        hub: Arc<Hub>,
+        role: &str,
+    ) -> Conn {
+        let idle = Some(ctx.cfg.router.ws_idle_timeout_ms)
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis);
+        let now = tokio::time::Instant::now();
+        Conn {
+            slot: Some(slot),
+            ctx: ctx.clone(),
+            sid,
+            caller,
+            newest: hub.watch_newest(),
+            hub,
+            cv: 0,
+            ended: false,
+            live: false,
+            removed: false,
+            ws,
+            unflushed: false,
+            sent: 0,
+            max_behind: ctx.cfg.router.max_outbound_queue.max(1),
+            idle,
+            last_heard: now,
+            last_message: now,
+            last_touch: now,
+            conn_id,
+            stop: None,
+            dm: role == "dm",
+        }
+    }
+}
+
 /// Sends what the owner's attach answer says the client is missing.
 async fn resume_client(
     conn: &mut Conn,
@@ -718,7 +748,7 @@ async fn resume_client(
             Ok(())
         }
         Resume::Full { view } => {
-            conn.ended = view.game["status"] == "ended";
+            conn.ended = view.status().is_some_and(SessionStatus::is_final);
             let msg = json!({"type": "sync_response", "id": null, "data": view});
             conn.cv = view.version;
             conn.feed_text(msg.to_string()).await
@@ -732,52 +762,20 @@ async fn serve(
     events: &mut broadcast::Receiver<Ev>,
     expires: tokio::time::Instant,
 ) {
-    let ctx = conn.ctx.clone();
-    let max_inflight = ctx.cfg.router.max_inflight_per_connection.max(1);
-    let (ack_tx, acks) = mpsc::channel::<Outbound>(max_inflight * 2);
-    let mut io = ConnIo {
-        acks,
-        ack_tx,
-        inflight: Arc::new(Semaphore::new(max_inflight)),
-        max_inflight,
-        window: LocalWindow::new(
-            ctx.cfg.limits.ws_messages_per_min_per_conn,
-            Duration::from_secs(60),
-            Instant::now(),
-        ),
-    };
-    let mut heartbeat = tokio::time::interval(ctx.cfg.router.heartbeat_interval());
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    heartbeat.tick().await;
-    let mut shutdown = ctx.shutdown.clone();
-    let expiry = tokio::time::sleep_until(expires);
-    tokio::pin!(expiry);
-    // Checks, at `last_message + idle`, whether the client sent a message since.
-    let idle = conn.idle;
-    let idle_check = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(3600)));
-    tokio::pin!(idle_check);
-    // Checks, at `last_heard + silence`, whether anything came from the client since.
-    let silence = ctx.cfg.router.client_silence_timeout();
-    let silence_check = tokio::time::sleep(silence);
-    tokio::pin!(silence_check);
-    let now = tokio::time::Instant::now();
-    conn.last_heard = now;
-    conn.last_message = now;
-    // The attach wrote the entry just now; a first client heartbeat refreshes it
-    // whenever it comes.
-    conn.last_touch = now.checked_sub(TOUCH_MIN_GAP).unwrap_or(now);
-
+    let mut io = ConnIo::new(&conn.ctx);
+    let mut shutdown = conn.ctx.shutdown.clone();
+    let mut clocks = Clocks::start(conn, expires).await;
     loop {
         let step = tokio::select! {
             biased;
             _ = shutdown.changed() => Step::Shutdown,
-            _ = &mut expiry => Step::Expired,
+            _ = &mut clocks.expiry => Step::Expired,
             Some(out) = io.acks.recv() => Step::Answer(out),
             frame = conn.ws.next() => Step::Frame(frame),
             ev = events.recv() => Step::Event(ev),
-            _ = heartbeat.tick() => Step::Heartbeat,
-            _ = &mut silence_check => Step::SilenceCheck,
-            _ = &mut idle_check, if idle.is_some() => Step::IdleCheck,
+            _ = clocks.heartbeat.tick() => Step::Heartbeat,
+            _ = &mut clocks.silence_check => Step::SilenceCheck,
+            _ = &mut clocks.idle_check, if clocks.idle.is_some() => Step::IdleCheck,
         };
         let r = match step {
             Step::Shutdown => {
@@ -792,70 +790,160 @@ async fn serve(
                 conn.close_expired(&mut io).await;
                 return;
             }
-            Step::Heartbeat => {
-                // Heard from since the last touch (a pong to the last ping, or anything
-                // else): the owner refreshes the connection's presence.
-                if conn.last_heard > conn.last_touch {
-                    conn.touch();
-                }
-                match conn.feed_text(protocol::heartbeat()).await {
-                    // A ping too: a live WebSocket stack answers it by itself (not silent).
-                    Ok(()) => conn.feed(Message::Ping(Default::default())).await,
-                    Err(e) => Err(e),
-                }
-            }
+            Step::Heartbeat => conn.heartbeat().await,
             Step::SilenceCheck => {
-                let due = conn.last_heard + silence;
-                if tokio::time::Instant::now() >= due {
-                    metrics::counter!("gs_router_silent_clients_total").increment(1);
-                    conn.close_with(
-                        CLOSE_IDLE,
-                        codes::SILENCE_TIMEOUT,
-                        format!(
-                            "nothing received from the client (not even a pong) for {} s",
-                            silence.as_secs_f64()
-                        ),
-                    )
-                    .await;
+                let Some(due) = conn.check_silence(clocks.silence).await else {
                     return;
-                }
-                silence_check.as_mut().reset(due);
+                };
+                clocks.silence_check.as_mut().reset(due);
                 Ok(())
             }
             Step::IdleCheck => {
-                let idle = idle.expect("checked only with an idle timeout");
-                let due = conn.last_message + idle;
-                if tokio::time::Instant::now() >= due {
-                    conn.close_with(
-                        CLOSE_IDLE,
-                        codes::IDLE_TIMEOUT,
-                        format!(
-                            "no message received from the client for {} s (send heartbeats)",
-                            idle.as_secs_f64()
-                        ),
-                    )
-                    .await;
+                let idle = clocks.idle.expect("checked only with an idle timeout");
+                let Some(due) = conn.check_idle(idle).await else {
                     return;
-                }
-                idle_check.as_mut().reset(due);
+                };
+                clocks.idle_check.as_mut().reset(due);
                 Ok(())
             }
         };
-        if r.is_err() || drain_ready(conn, events, &mut io).await.is_err() {
-            return;
-        }
-        if conn.removed {
-            conn.close_removed(&mut io).await;
-            return;
-        }
-        if conn.ended {
-            conn.close_ended(&mut io).await;
-            return;
-        }
-        if conn.flush().await.is_err() {
+        if r.is_err() || !after_step(conn, events, &mut io).await {
             return;
         }
     }
+}
+
+impl ConnIo {
+    fn new(ctx: &RouterCtx) -> ConnIo {
+        let max_inflight = ctx.cfg.router.max_inflight_per_connection.max(1);
+        let (ack_tx, acks) = mpsc::channel::<Outbound>(max_inflight * 2);
+        ConnIo {
+            acks,
+            ack_tx,
+            inflight: Arc::new(Semaphore::new(max_inflight)),
+            max_inflight,
+            window: LocalWindow::new(
+                ctx.cfg.limits.ws_messages_per_min_per_conn,
+                Duration::from_secs(60),
+                Instant::now(),
+            ),
+        }
+    }
+}
+
+/// A connection's clocks: heartbeats, the tokens' expiry, and the idle and silence
+/// checks.
+struct Clocks {
+    heartbeat: tokio::time::Interval,
+    expiry: Pin<Box<tokio::time::Sleep>>,
+    idle: Option<Duration>,
+    /// Checks, at `last_message + idle`, whether the client sent a message since.
+    idle_check: Pin<Box<tokio::time::Sleep>>,
+    silence: Duration,
+    /// Checks, at `last_heard + silence`, whether anything came from the client since.
+    silence_check: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Clocks {
+    /// Starts the clocks; the client counts as heard from now.
+    async fn start(conn: &mut Conn, expires: tokio::time::Instant) -> Clocks {
+        let mut heartbeat = tokio::time::interval(conn.ctx.cfg.router.heartbeat_interval());
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        let idle = conn.idle;
+        let silence = conn.ctx.cfg.router.client_silence_timeout();
+        let clocks = Clocks {
+            heartbeat,
+            expiry: Box::pin(tokio::time::sleep_until(expires)),
+            idle,
+            idle_check: Box::pin(tokio::time::sleep(
+                idle.unwrap_or(Duration::from_secs(3600)),
+            )),
+            silence,
+            silence_check: Box::pin(tokio::time::sleep(silence)),
+        };
+        let now = tokio::time::Instant::now();
+        conn.last_heard = now;
+        conn.last_message = now;
+        // The attach wrote the entry just now; a first client heartbeat refreshes it
+        // whenever it comes.
+        conn.last_touch = now.checked_sub(TOUCH_MIN_GAP).unwrap_or(now);
+        clocks
+    }
+}
+
+impl Conn {
+    /// A heartbeat tick: the ICD `heartbeat` and a ping; and, if the client was heard
+    /// from since the last touch (a pong to the last ping, or anything else), the
+    /// owner refreshes the connection's presence.
+    async fn heartbeat(&mut self) -> Result<(), Closed> {
+        if self.last_heard > self.last_touch {
+            self.touch();
+        }
+        self.feed_text(protocol::heartbeat()).await?;
+        // A ping too: a live WebSocket stack answers it by itself (not silent).
+        self.feed(Message::Ping(Default::default())).await
+    }
+
+    /// The silence check: the time of the next one, or `None` when nothing came from
+    /// the client for `silence` (then the socket has been closed).
+    async fn check_silence(&mut self, silence: Duration) -> Option<tokio::time::Instant> {
+        let due = self.last_heard + silence;
+        if tokio::time::Instant::now() < due {
+            return Some(due);
+        }
+        metrics::counter!("gs_router_silent_clients_total").increment(1);
+        self.close_with(
+            CLOSE_IDLE,
+            codes::SILENCE_TIMEOUT,
+            format!(
+                "nothing received from the client (not even a pong) for {} s",
+                silence.as_secs_f64()
+            ),
+        )
+        .await;
+        None
+    }
+
+    /// The idle check: the time of the next one, or `None` when the client sent no
+    /// message for `idle` (then the socket has been closed).
+    async fn check_idle(&mut self, idle: Duration) -> Option<tokio::time::Instant> {
+        let due = self.last_message + idle;
+        if tokio::time::Instant::now() < due {
+            return Some(due);
+        }
+        self.close_with(
+            CLOSE_IDLE,
+            codes::IDLE_TIMEOUT,
+            format!(
+                "no message received from the client for {} s (send heartbeats)",
+                idle.as_secs_f64()
+            ),
+        )
+        .await;
+        None
+    }
+}
+
+/// After a step: takes whatever else is ready, closes the socket of a removed member
+/// or an ended session, and flushes the writes. `false`: the connection is over.
+async fn after_step(
+    conn: &mut Conn,
+    events: &mut broadcast::Receiver<Ev>,
+    io: &mut ConnIo,
+) -> bool {
+    if drain_ready(conn, events, io).await.is_err() {
+        return false;
+    }
+    if conn.removed {
+        conn.close_removed(io).await;
+        return false;
+    }
+    if conn.ended {
+        conn.close_ended(io).await;
+        return false;
+    }
+    conn.flush().await.is_ok()
 }
 
 /// Buffers every answer and hub event that is already waiting, so one flush writes

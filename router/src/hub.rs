@@ -14,7 +14,7 @@ use crate::sequencer::Sequencer;
 use futures::StreamExt;
 use gs_shared::auth::Role;
 use gs_shared::forward::Forwarder;
-use gs_shared::protocol::{ACK_HEADER, VERSION_HEADER};
+use gs_shared::protocol::{SessionStatus, ACK_HEADER, VERSION_HEADER};
 use gs_shared::rpc::{Caller, RawEvent, ReplyBody, RequestBody, Subjects};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -108,12 +108,7 @@ impl Ev {
 
 /// Whether a rendered event ends the session (`session_status_changed` to `ended`).
 pub fn is_final_event(json: &str) -> bool {
-    if !json.contains("\"session_status_changed\"") {
-        return false;
-    }
-    serde_json::from_str::<serde_json::Value>(json)
-        .map(|v| v["data"]["status"] == "ended")
-        .unwrap_or(false)
+    SessionStatus::changed_by(json).is_some_and(SessionStatus::is_final)
 }
 
 /// The user a `player_left` event removes from the session (whether they left or were

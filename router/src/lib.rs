@@ -67,11 +67,7 @@ pub struct RouterCtx {
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     cfg.validate()?;
     gs_shared::telemetry::install_crypto_provider();
-    let id = if cfg.router.id.is_empty() {
-        format!("router-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
-    } else {
-        cfg.router.id.clone()
-    };
+    let id = router_id(&cfg);
     let tls = if cfg.router.tls_cert.is_empty() {
         None
     } else {
@@ -81,14 +77,53 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         )?)
     };
     let listener = tokio::net::TcpListener::bind(&cfg.router.listen).await?;
-    let addr = listener.local_addr()?;
-    let (http_base, ws_base) = if cfg.router.public_url.is_empty() {
+    let (http_base, ws_base) = public_bases(&cfg, listener.local_addr()?, tls.is_some());
+    tracing::info!(
+        router = %id,
+        nats = %gs_shared::config::redact_url(&cfg.nats.url),
+        redis = %gs_shared::config::redact_url(&cfg.redis.url),
+        "starting router"
+    );
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ctx = connect(&cfg, &id, http_base.clone(), ws_base, shutdown_rx.clone()).await?;
+    let server = tokio::spawn(server::serve(
+        listener,
+        tls,
+        filters(ctx.clone()),
+        server::ServerLimits::from_config(&cfg.router),
+        shutdown_rx,
+    ));
+    tracing::info!(router = %id, url = %http_base, "router ready");
+
+    shutdown.await;
+    tracing::info!(router = %id, "shutting down");
+    let _ = shutdown_tx.send(true);
+    ctx.cluster.leave().await;
+    // Give connection tasks a moment to send their close frames.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.abort();
+    Ok(())
+}
+
+/// `router.id`, or a new `router-xxxxxxxx`.
+fn router_id(cfg: &Config) -> String {
+    if cfg.router.id.is_empty() {
+        format!("router-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    } else {
+        cfg.router.id.clone()
+    }
+}
+
+/// The REST and WebSocket bases clients are told: from `router.public_url`, else
+/// the listening address (`127.0.0.1` for an unspecified one).
+fn public_bases(cfg: &Config, addr: std::net::SocketAddr, tls: bool) -> (String, String) {
+    if cfg.router.public_url.is_empty() {
         let host = if addr.ip().is_unspecified() {
             "127.0.0.1".to_string()
         } else {
             addr.ip().to_string()
         };
-        let (h, w) = if tls.is_some() {
+        let (h, w) = if tls {
             ("https", "wss")
         } else {
             ("http", "ws")
@@ -103,27 +138,30 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             .replacen("https://", "wss://", 1)
             .replacen("http://", "ws://", 1);
         (base, ws)
-    };
+    }
+}
 
-    tracing::info!(
-        router = %id,
-        nats = %gs_shared::config::redact_url(&cfg.nats.url),
-        redis = %gs_shared::config::redact_url(&cfg.redis.url),
-        "starting router"
-    );
+/// Loads the token keys, connects to Redis and NATS, joins the cluster, and builds
+/// the router's shared state.
+async fn connect(
+    cfg: &Config,
+    id: &str,
+    http_base: String,
+    ws_base: String,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Arc<RouterCtx>> {
     let auth = Authority::load(&cfg.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
     if let Some(keys) = auth.public_keys() {
         tracing::info!(kids = ?keys.kids(), "external token issuers' public keys loaded");
     }
-
-    let redis = gs_shared::connect::redis(&cfg).await?;
-    let nats = gs_shared::connect::nats(&cfg, &id).await?;
+    let redis = gs_shared::connect::redis(cfg).await?;
+    let nats = gs_shared::connect::nats(cfg, id).await?;
     let subjects = Subjects::new(&cfg.nats.subject_prefix);
     let (cluster, _cluster_tasks) = ClusterView::start(
         nats.clone(),
         subjects.clone(),
         &cfg.membership,
-        id.clone(),
+        id.to_string(),
         MemberKind::Router,
         Some(http_base.clone()),
     )
@@ -146,12 +184,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Keys::new(&cfg.redis.key_prefix),
         ms(cfg.redis.op_timeout_ms),
     );
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let ctx = Arc::new(RouterCtx {
+    Ok(Arc::new(RouterCtx {
         auth,
         cfg: cfg.clone(),
-        id: id.clone(),
-        cluster: cluster.clone(),
+        id: id.to_string(),
+        cluster,
         forwarder,
         hubs,
         limiter,
@@ -159,38 +196,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             cfg.router.max_sockets_per_user,
             cfg.router.max_sockets_per_ip,
         ),
-        http_base: http_base.clone(),
+        http_base,
         ws_base,
-        nats: nats.clone(),
+        nats,
         redis,
         connections: AtomicUsize::new(0),
-        shutdown: shutdown_rx.clone(),
+        shutdown,
         metrics: gs_shared::telemetry::metrics_recorder(),
-    });
+    }))
+}
 
-    let routes = ws::route(ctx.clone())
+/// Every endpoint: the WebSocket, REST, the static files, and warp's rejections as
+/// JSON errors.
+fn filters(
+    ctx: Arc<RouterCtx>,
+) -> impl Filter<Extract: warp::Reply> + Clone + Send + Sync + 'static {
+    ws::route(ctx.clone())
         .or(api::routes(ctx.clone()))
         .unify()
-        .or(web::routes(ctx.clone()))
+        .or(web::routes(ctx))
         .unify()
         .recover(api::recover)
         .unify()
-        .with(warp::trace::request());
-    let server = tokio::spawn(server::serve(
-        listener,
-        tls,
-        routes,
-        server::ServerLimits::from_config(&cfg.router),
-        shutdown_rx,
-    ));
-    tracing::info!(router = %id, url = %http_base, "router ready");
-
-    shutdown.await;
-    tracing::info!(router = %id, "shutting down");
-    let _ = shutdown_tx.send(true);
-    cluster.leave().await;
-    // Give connection tasks a moment to send their close frames.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    server.abort();
-    Ok(())
+        .with(warp::trace::request())
 }

@@ -38,7 +38,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use warp::http::StatusCode;
 use warp::Filter;
 
 /// The client's address, as a request extension.
@@ -114,8 +113,8 @@ pub(crate) fn full_error() -> WireError {
 /// The HTTP answer to a connection over `router.max_connections`.
 pub(crate) fn refusal() -> warp::reply::Response {
     let e = full_error();
+    // 503: `WireError::http_status` of a full router.
     let mut r = error_reply(&e);
-    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     r.headers_mut()
         .insert("connection", "close".parse().expect("static header"));
     r

@@ -297,7 +297,7 @@ async fn accept(
     let session = ctx
         .auth
         .verify_session(st.as_deref(), claims.sub, sid)
-        .map_err(|e| WireError::new(e.code(), e.to_string()))?;
+        .map_err(WireError::from)?;
     let expires = claims.exp.min(session.exp);
     let last_version = match query.get("last_version") {
         Some(v) => Some(v.parse::<u64>().map_err(|_| {

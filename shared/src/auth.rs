@@ -31,6 +31,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use uuid::Uuid;
 
+use crate::protocol::codes;
+
 /// The role an access token grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,20 +133,25 @@ impl AuthError {
     /// Wire error code.
     pub fn code(&self) -> &'static str {
         match self {
-            AuthError::Missing => "missing_token",
-            AuthError::Expired => "token_expired",
-            AuthError::Invalid(_) => "invalid_token",
-            AuthError::WrongSession => "wrong_session",
-            AuthError::WrongUser => "wrong_user",
+            AuthError::Missing => codes::MISSING_TOKEN,
+            AuthError::Expired => codes::TOKEN_EXPIRED,
+            AuthError::Invalid(_) => codes::INVALID_TOKEN,
+            AuthError::WrongSession => codes::WRONG_SESSION,
+            AuthError::WrongUser => codes::WRONG_USER,
         }
     }
 
-    /// 401 for who-are-you failures, 403 for a valid identity asking for the wrong thing.
+    /// 401 for who-are-you failures, 403 for a valid identity asking for the wrong
+    /// thing: its code's row in the code table (`gs_wire::CODES`).
     pub fn http_status(&self) -> u16 {
-        match self {
-            AuthError::WrongSession | AuthError::WrongUser => 403,
-            _ => 401,
-        }
+        gs_wire::http_status(self.code())
+    }
+}
+
+/// The one way an auth failure goes on the wire.
+impl From<AuthError> for crate::protocol::WireError {
+    fn from(e: AuthError) -> Self {
+        crate::protocol::WireError::new(e.code(), e.to_string())
     }
 }
 

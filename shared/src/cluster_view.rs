@@ -92,65 +92,73 @@ impl ClusterView {
                 suspected: Default::default(),
             }),
         };
-        let mut hb_sub = nats.subscribe(subjects.heartbeat()).await?;
-        let mut leave_sub = nats.subscribe(subjects.leave()).await?;
-        let mut suspect_sub = nats.subscribe(subjects.suspect()).await?;
-        let mut tasks = Vec::new();
+        let heartbeats = nats.subscribe(subjects.heartbeat()).await?;
+        let leaves = nats.subscribe(subjects.leave()).await?;
+        let suspects = nats.subscribe(subjects.suspect()).await?;
+        let tasks = vec![
+            tokio::spawn(view.clone().hear_heartbeats(heartbeats)),
+            tokio::spawn(view.clone().hear_leaves(leaves)),
+            tokio::spawn(view.clone().hear_suspects(suspects)),
+            tokio::spawn(view.clone().beat()),
+        ];
+        Ok((view, tasks))
+    }
 
-        let v = view.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some(msg) = hb_sub.next().await {
-                match serde_json::from_slice::<Heartbeat>(&msg.payload) {
-                    Ok(hb) => v.observe(hb),
-                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed heartbeat"),
-                }
+    /// Task: the others' heartbeats into the member table.
+    async fn hear_heartbeats(self, mut sub: async_nats::Subscriber) {
+        while let Some(msg) = sub.next().await {
+            match serde_json::from_slice::<Heartbeat>(&msg.payload) {
+                Ok(hb) => self.observe(hb),
+                Err(e) => tracing::warn!(error = %e, "ignoring a malformed heartbeat"),
             }
-        }));
-        let v = view.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some(msg) = leave_sub.next().await {
-                if let Ok(leave) = serde_json::from_slice::<Leave>(&msg.payload) {
-                    if leave.id != v.inner.me {
-                        let changed = v.inner.table.write().unwrap().leave(&leave);
-                        tracing::info!(member = %leave.id, "member left");
-                        if changed {
-                            v.notify();
-                        }
+        }
+    }
+
+    /// Task: graceful leaves out of the member table.
+    async fn hear_leaves(self, mut sub: async_nats::Subscriber) {
+        while let Some(msg) = sub.next().await {
+            if let Ok(leave) = serde_json::from_slice::<Leave>(&msg.payload) {
+                if leave.id != self.inner.me {
+                    let changed = self.inner.table.write().unwrap().leave(&leave);
+                    tracing::info!(member = %leave.id, "member left");
+                    if changed {
+                        self.notify();
                     }
                 }
             }
-        }));
-        let v = view.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some(msg) = suspect_sub.next().await {
-                let Ok(id) = String::from_utf8(msg.payload.to_vec()) else {
-                    continue;
-                };
-                if id != v.inner.me && v.is_alive(&id) && v.first_time(&id) {
-                    let v = v.clone();
-                    tokio::spawn(async move { v.probe(&id).await });
-                }
+        }
+    }
+
+    /// Task: a suspect notice makes this member probe the suspect itself (once).
+    async fn hear_suspects(self, mut sub: async_nats::Subscriber) {
+        while let Some(msg) = sub.next().await {
+            let Ok(id) = String::from_utf8(msg.payload.to_vec()) else {
+                continue;
+            };
+            if id != self.inner.me && self.is_alive(&id) && self.first_time(&id) {
+                let v = self.clone();
+                tokio::spawn(async move { v.probe(&id).await });
             }
-        }));
-        let v = view.clone();
-        tasks.push(tokio::spawn(async move {
-            // Listen before speaking: a member announces itself (and puts itself on
-            // its own ring) only after it has heard the others' heartbeats, so it never
-            // acts on a view in which the live members are missing.
-            tokio::time::sleep(v.inner.heartbeat_every * WARM_UP_BEATS).await;
-            let mut tick = tokio::time::interval(v.inner.heartbeat_every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                v.publish_heartbeat().await;
-                let dead = v.inner.table.write().unwrap().tick(Instant::now());
-                if !dead.is_empty() {
-                    tracing::warn!(?dead, "members timed out");
-                    v.notify();
-                }
+        }
+    }
+
+    /// Task: this member's heartbeats, and the others' timeouts.
+    async fn beat(self) {
+        // Listen before speaking: a member announces itself (and puts itself on its own
+        // ring) only after it has heard the others' heartbeats, so it never acts on a
+        // view in which the live members are missing.
+        tokio::time::sleep(self.inner.heartbeat_every * WARM_UP_BEATS).await;
+        let mut tick = tokio::time::interval(self.inner.heartbeat_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.publish_heartbeat().await;
+            let dead = self.inner.table.write().unwrap().tick(Instant::now());
+            if !dead.is_empty() {
+                tracing::warn!(?dead, "members timed out");
+                self.notify();
             }
-        }));
-        Ok((view, tasks))
+        }
     }
 
     fn heartbeat(&self) -> Heartbeat {

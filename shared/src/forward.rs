@@ -6,6 +6,11 @@
 //! `service_unavailable` the router waits a little, re-resolves the owner and tries
 //! again with the *same* request (so a command keeps its id and takes effect once),
 //! until `router.request_deadline_ms`; then it answers `service_unavailable`.
+//!
+//! Every decision is the pure [`RetryPolicy`]'s ([`RetryPolicy::poll`]: attempt,
+//! pause or give up; [`RetryPolicy::target`]: where; [`RetryPolicy::observe`]: what an
+//! attempt's result means); [`Forwarder::request_until`] only executes them, so whole
+//! sequences are tested with a fake clock and no services (the `seq_*` tests).
 
 use crate::cluster_view::ClusterView;
 use crate::config::ms;
@@ -62,6 +67,9 @@ impl Forwarder {
             .await
     }
 
+    /// Sends `body` about `session` to its owner, retrying until `deadline`. A thin
+    /// loop over [`RetryPolicy`]: the policy decides every step (attempt where, pause
+    /// how long, answer what, give up how); this executes them.
     pub async fn request_until(
         &self,
         session: Uuid,
@@ -81,27 +89,28 @@ impl Forwarder {
         .into();
         let started = Instant::now();
         let mut policy = RetryPolicy::default();
-        let mut backoff = FIRST_BACKOFF;
         loop {
-            if Instant::now() >= deadline {
-                metrics::counter!("gs_router_forward_failed_total", "op" => op).increment(1);
-                return Err(policy.deadline_passed());
-            }
-            let target = policy
-                .take_hint()
-                .filter(|h| self.cluster.is_alive(h))
-                .or_else(|| self.cluster.owner(&session));
-            let attempt = match target {
+            let redirect = match policy.poll(Instant::now(), deadline) {
+                Poll::Attempt { redirect } => redirect,
+                Poll::Pause(pause) => {
+                    self.pause(pause).await;
+                    continue;
+                }
+                Poll::GiveUp(error) => {
+                    metrics::counter!("gs_router_forward_failed_total", "op" => op).increment(1);
+                    return Err(error);
+                }
+            };
+            let target = RetryPolicy::target(
+                redirect,
+                |n| self.cluster.is_alive(n),
+                || self.cluster.owner(&session),
+            );
+            let next = match target {
                 Some(node) => {
                     let attempt = self.attempt(session, op, &node, &payload, deadline).await;
                     tracing::debug!(%session, op, attempt = policy.attempts + 1, %node,
                         result = ?attempt.kind(), "forward attempt");
-                    Some((node, attempt))
-                }
-                None => None,
-            };
-            let next = match attempt {
-                Some((node, attempt)) => {
                     if matches!(attempt, Attempt::NoResponders) {
                         // Never delivered. The node's NATS connection is gone: have
                         // the cluster check.
@@ -111,35 +120,27 @@ impl Forwarder {
                 }
                 None => policy.no_node(),
             };
-            match next {
-                Next::Done(result) => {
-                    if result.is_ok() {
-                        metrics::histogram!("gs_router_forward_seconds", "op" => op)
-                            .record(started.elapsed().as_secs_f64());
-                        if policy.attempts > 1 {
-                            metrics::counter!("gs_router_forward_retried_total", "op" => op)
-                                .increment(1);
-                        }
+            if let Next::Done(result) = next {
+                if result.is_ok() {
+                    metrics::histogram!("gs_router_forward_seconds", "op" => op)
+                        .record(started.elapsed().as_secs_f64());
+                    if policy.attempts > 1 {
+                        metrics::counter!("gs_router_forward_retried_total", "op" => op)
+                            .increment(1);
                     }
-                    return result;
                 }
-                Next::RetryNow => {
-                    backoff = FIRST_BACKOFF;
-                    continue;
-                }
-                Next::Backoff => {}
+                return result;
             }
-            // Wait out the backoff, or less if the ring changes meanwhile (a failed
-            // node just left, a new one joined): that is what a retry waits for.
-            // Attempts go on until the deadline itself; the last one may run into the
-            // grace period.
-            let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
-            let mut ring = self.cluster.ring_changes();
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = ring.changed() => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Waits out a backoff, or less if the ring changes meanwhile (a failed node just
+    /// left, a new one joined): that is what a retry waits for.
+    async fn pause(&self, pause: Duration) {
+        let mut ring = self.cluster.ring_changes();
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = ring.changed() => {}
         }
     }
 
@@ -236,6 +237,19 @@ pub enum Next {
     Backoff,
 }
 
+/// What the forwarder does now ([`RetryPolicy::poll`]).
+#[derive(Debug, PartialEq)]
+pub enum Poll {
+    /// Send an attempt: to the owner a `not_owner` answer named (`redirect`) if it is
+    /// alive, else to the ring's owner ([`RetryPolicy::target`]).
+    Attempt { redirect: Option<String> },
+    /// Wait this long (or until the ring changes), then poll again.
+    Pause(Duration),
+    /// The deadline passed without an answer that ends the request: answer
+    /// `service_unavailable` (`outcome` `not_applied` or `unknown`).
+    GiveUp(WireError),
+}
+
 /// The forwarder's decisions, without I/O: which answers end a request, which are
 /// retried and how soon, and — across every attempt — whether the command may have
 /// taken effect, so that a request that finally fails says `outcome: "unknown"` if any
@@ -254,9 +268,56 @@ pub struct RetryPolicy {
     /// Redirects followed without a pause, in a row.
     redirects: u32,
     last_error: Option<String>,
+    /// The last attempt asked for a pause before the next.
+    must_pause: bool,
+    /// The next pause ([`FIRST_BACKOFF`] when zero, before the first); doubles up to
+    /// [`MAX_BACKOFF`] and starts again after an attempt retried at once.
+    backoff: Duration,
 }
 
 impl RetryPolicy {
+    /// What to do now, at `now`, for a request due by `deadline`: attempt (at once
+    /// after a redirect or a node that left), pause after a refusal or a lost attempt
+    /// (never past the deadline), or give up once the deadline has passed. The last
+    /// attempt may start just before the deadline and run into [`DEADLINE_GRACE`].
+    pub fn poll(&mut self, now: Instant, deadline: Instant) -> Poll {
+        if now >= deadline {
+            return Poll::GiveUp(self.deadline_passed());
+        }
+        if std::mem::take(&mut self.must_pause) {
+            let backoff = self.backoff.max(FIRST_BACKOFF);
+            self.backoff = (backoff * 2).min(MAX_BACKOFF);
+            return Poll::Pause(backoff.min(deadline - now));
+        }
+        Poll::Attempt {
+            redirect: self.hint.take(),
+        }
+    }
+
+    /// The node to attempt: the one an answer named, if the member table has it alive
+    /// (a redirect is followed), else the ring's owner.
+    pub fn target(
+        redirect: Option<String>,
+        is_alive: impl Fn(&str) -> bool,
+        ring_owner: impl FnOnce() -> Option<String>,
+    ) -> Option<String> {
+        redirect.filter(|n| is_alive(n)).or_else(ring_owner)
+    }
+
+    /// Records the decision for [`poll`](Self::poll): a pause before the next attempt,
+    /// or none (and the backoff starts again).
+    fn decided(&mut self, next: Next) -> Next {
+        match next {
+            Next::Backoff => self.must_pause = true,
+            Next::RetryNow => {
+                self.must_pause = false;
+                self.backoff = FIRST_BACKOFF;
+            }
+            Next::Done(_) => {}
+        }
+        next
+    }
+
     /// The node to try next, if an answer named one.
     pub fn take_hint(&mut self) -> Option<String> {
         self.hint.take()
@@ -274,12 +335,17 @@ impl RetryPolicy {
             self.last_error = Some("no node available".into());
         }
         self.redirects = 0;
-        Next::Backoff
+        self.decided(Next::Backoff)
     }
 
     /// Decides what follows `attempt` at `node`.
     pub fn observe(&mut self, node: &str, attempt: Attempt) -> Next {
         self.attempts += 1;
+        let next = self.decide(node, attempt);
+        self.decided(next)
+    }
+
+    fn decide(&mut self, node: &str, attempt: Attempt) -> Next {
         match attempt {
             Attempt::Answered(NodeReply::Ok { body }) => Next::Done(Ok(body)),
             Attempt::Answered(NodeReply::Err { error, owner }) if error.is_retryable() => {
@@ -521,5 +587,169 @@ mod tests {
             let expected = if pending { "unknown" } else { "not_applied" };
             assert_eq!(outcome_of(&p.deadline_passed()), expected);
         }
+    }
+
+    /// One step of a scripted run: the ring has no node, or the attempt's result and
+    /// how long it took.
+    enum Step {
+        NoNode,
+        At(Attempt, u64),
+    }
+    use Step::{At, NoNode};
+
+    fn lost() -> Attempt {
+        Attempt::Lost("timed out".into())
+    }
+
+    fn to(owner: &str) -> Attempt {
+        refused(codes::NOT_OWNER, None, Some(owner))
+    }
+
+    fn busy() -> Attempt {
+        refused(codes::OVERLOADED, None, None)
+    }
+
+    /// Runs the forwarder's loop ([`Forwarder::request_until`]) over the policy against a
+    /// script, with a fake clock: the ring's owner is `n1`, the nodes in `dead` are not
+    /// alive, each attempt takes its scripted time and each pause its full length. The
+    /// trace names each attempt's node, each pause, and the answer.
+    fn run(deadline_ms: u64, dead: &[&str], script: Vec<Step>) -> Vec<String> {
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(deadline_ms);
+        let mut now = start;
+        let mut p = RetryPolicy::default();
+        let mut script = script.into_iter();
+        let mut trace = vec![];
+        loop {
+            let redirect = match p.poll(now, deadline) {
+                Poll::Attempt { redirect } => redirect,
+                Poll::Pause(d) => {
+                    trace.push(format!("pause {}", d.as_millis()));
+                    now += d;
+                    continue;
+                }
+                Poll::GiveUp(e) => {
+                    assert_eq!(e.code, codes::SERVICE_UNAVAILABLE);
+                    trace.push(format!(
+                        "give up {} after {}",
+                        outcome_of(&e),
+                        e.details["attempts"]
+                    ));
+                    break;
+                }
+            };
+            let step = script
+                .next()
+                .unwrap_or_else(|| panic!("another attempt past the script: {trace:?}"));
+            let next = match step {
+                NoNode => {
+                    trace.push("no node".into());
+                    p.no_node()
+                }
+                At(attempt, took) => {
+                    let node =
+                        RetryPolicy::target(redirect, |n| !dead.contains(&n), || Some("n1".into()))
+                            .expect("n1 owns it");
+                    trace.push(node.clone());
+                    now += Duration::from_millis(took);
+                    p.observe(&node, attempt)
+                }
+            };
+            if let Next::Done(r) = next {
+                trace.push(match r {
+                    Ok(_) => "ok".into(),
+                    Err(e) => match e.details["outcome"].as_str() {
+                        Some(o) => format!("{} {o}", e.code),
+                        None => e.code,
+                    },
+                });
+                break;
+            }
+        }
+        assert!(script.next().is_none(), "the run ended early: {trace:?}");
+        trace
+    }
+
+    /// Table cases: each a deadline (ms), the dead nodes, the script, the trace.
+    macro_rules! sequences {
+        ($( $(#[$m:meta])* $name:ident: $deadline:expr, $dead:expr, [$($step:expr),* $(,)?] => [$($t:expr),* $(,)?]; )*) => {
+            $( $(#[$m])* #[test] fn $name() {
+                assert_eq!(run($deadline, &$dead, vec![$($step),*]), vec![$($t.to_string()),*]);
+            } )*
+        };
+    }
+
+    sequences! {
+        /// The usual case.
+        seq_first_attempt_answers: 5000, [], [At(ack(), 3)] => ["n1", "ok"];
+        /// The sequence through the loop: timeout, then `not_owner` naming n2
+        /// (followed at once), then `service_unavailable` until the deadline, which
+        /// must say "unknown".
+        seq_timeout_not_owner_unavailable_is_unknown: 100, [], [
+            At(lost(), 50),
+            At(to("n2"), 1),
+            At(refused(codes::SERVICE_UNAVAILABLE, None, None), 1),
+            At(refused(codes::SERVICE_UNAVAILABLE, None, None), 10),
+        ] => ["n1", "pause 20", "n1", "n2", "pause 20", "n1", "give up unknown after 4"];
+        /// A redirect to a live node is followed without a pause.
+        seq_redirect_is_followed_at_once: 5000, [], [At(to("n2"), 1), At(ack(), 1)]
+            => ["n1", "n2", "ok"];
+        /// A redirect to a node the member table has dead goes to the ring's owner.
+        seq_redirect_to_a_dead_node_goes_to_the_ring_owner: 5000, ["n3"],
+            [At(to("n3"), 1), At(ack(), 1)] => ["n1", "n1", "ok"];
+        /// Two nodes naming each other: three redirects at once, then a pause, then
+        /// the named node again.
+        seq_redirect_loop_pauses_after_three: 5000, [], [
+            At(to("n2"), 1), At(to("n1"), 1), At(to("n2"), 1), At(to("n1"), 1), At(ack(), 1),
+        ] => ["n1", "n2", "n1", "n2", "pause 20", "n1", "ok"];
+        /// Pauses double up to the cap.
+        seq_backoff_doubles_up_to_the_cap: 5000, [], [
+            At(Attempt::NoResponders, 0), At(Attempt::NoResponders, 0),
+            At(Attempt::NoResponders, 0), At(Attempt::NoResponders, 0),
+            At(Attempt::NoResponders, 0), At(Attempt::NoResponders, 0), At(ack(), 0),
+        ] => ["n1", "pause 20", "n1", "pause 40", "n1", "pause 80", "n1", "pause 160",
+              "n1", "pause 200", "n1", "pause 200", "n1", "ok"];
+        /// A redirect in between starts the backoff again.
+        seq_a_redirect_resets_the_backoff: 5000, [], [
+            At(busy(), 0), At(busy(), 0), At(to("n2"), 0), At(busy(), 0), At(ack(), 0),
+        ] => ["n1", "pause 20", "n1", "pause 40", "n1", "n2", "pause 20", "n1", "ok"];
+        /// The deadline falls inside a pause: the pause is cut short, then the request
+        /// gives up; refusals only, so "not_applied".
+        seq_deadline_during_backoff: 30, [], [
+            At(Attempt::NoResponders, 0), At(Attempt::NoResponders, 0),
+        ] => ["n1", "pause 20", "n1", "pause 10", "give up not_applied after 2"];
+        /// A deadline already past: no attempt at all.
+        seq_deadline_before_the_first_attempt: 0, [], [] => ["give up not_applied after 0"];
+        /// The node refuses as too late after refusals only: not applied.
+        seq_overloaded_then_too_late_is_not_applied: 5000, [], [
+            At(busy(), 0), At(refused(codes::DEADLINE_EXCEEDED, None, None), 0),
+        ] => ["n1", "pause 20", "n1", "service_unavailable not_applied"];
+        /// A node unsure of its commit, then too late: unknown.
+        seq_unsure_commit_then_too_late_is_unknown: 5000, [], [
+            At(refused(codes::SERVICE_UNAVAILABLE, Some("unknown"), None), 0),
+            At(refused(codes::DEADLINE_EXCEEDED, None, None), 0),
+        ] => ["n1", "pause 20", "n1", "service_unavailable unknown"];
+        /// No live node, then one: waits, then goes to it.
+        seq_no_node_then_the_ring_owner: 5000, [], [NoNode, At(ack(), 0)]
+            => ["no node", "pause 20", "n1", "ok"];
+        /// No node until the deadline: nothing was sent, so "not_applied".
+        seq_no_node_until_the_deadline: 50, [], [NoNode, NoNode]
+            => ["no node", "pause 20", "no node", "pause 30", "give up not_applied after 2"];
+        /// The node left with the request in flight: retried at once, and the command
+        /// may have been applied, whatever follows.
+        seq_node_gone_retries_at_once_and_is_unknown: 30, [], [
+            At(Attempt::NodeGone, 5), At(Attempt::NoResponders, 0), At(Attempt::NoResponders, 0),
+        ] => ["n1", "n1", "pause 20", "n1", "pause 5", "give up unknown after 3"];
+        /// A refusal that is final ends the request with it, pending or not.
+        seq_final_refusal_after_a_timeout_ends_it: 5000, [], [
+            At(lost(), 10), At(refused(codes::CONFLICT, None, None), 0),
+        ] => ["n1", "pause 20", "n1", "conflict"];
+        /// An answer that cannot be read is an internal error, not retried.
+        seq_bad_reply_ends_it: 5000, [], [At(Attempt::BadReply("eof".into()), 0)]
+            => ["n1", "internal_error"];
+        /// The last attempt may start just before the deadline; its answer counts.
+        seq_an_answer_after_the_deadline_counts: 100, [], [
+            At(busy(), 79), At(ack(), 300),
+        ] => ["n1", "pause 20", "n1", "ok"];
     }
 }

@@ -15,58 +15,9 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-/// Wire error codes. Codes are part of the contract: clients branch on them.
-pub mod codes {
-    // --- framing and envelope
-    pub const MALFORMED_JSON: &str = "malformed_json";
-    pub const INVALID_MESSAGE: &str = "invalid_message";
-    pub const MESSAGE_TOO_LARGE: &str = "message_too_large";
-    pub const UNKNOWN_TYPE: &str = "unknown_type";
-    pub const INVALID_PAYLOAD: &str = "invalid_payload";
-    /// A bound on messages or the state document (`details.limit` names it).
-    pub const LIMIT_EXCEEDED: &str = "limit_exceeded";
-    /// A string holds a character the service cannot store (U+0000).
-    pub const UNSUPPORTED_CHARACTER: &str = "unsupported_character";
-    // --- auth
-    pub const MISSING_TOKEN: &str = "missing_token";
-    pub const INVALID_TOKEN: &str = "invalid_token";
-    pub const TOKEN_EXPIRED: &str = "token_expired";
-    pub const WRONG_SESSION: &str = "wrong_session";
-    pub const WRONG_USER: &str = "wrong_user";
-    pub const FORBIDDEN: &str = "forbidden";
-    pub const NOT_MEMBER: &str = "not_member";
-    // --- limits
-    pub const RATE_LIMITED: &str = "rate_limited";
-    pub const TOO_MANY_IN_FLIGHT: &str = "too_many_in_flight";
-    /// Over a connection cap: the router's (503), or one user's or one IP's open
-    /// WebSockets (429).
-    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
-    /// `connection_error` before a close (4408): the client sent no message (only
-    /// pings, pongs or nothing) for `router.ws_idle_timeout_ms`.
-    pub const IDLE_TIMEOUT: &str = "idle_timeout";
-    /// `connection_error` before a close (4408): nothing at all came from the client
-    /// (no message, no pong, no ping) for `router.client_silence_timeout_ms`.
-    pub const SILENCE_TIMEOUT: &str = "silence_timeout";
-    /// `connection_error` before a close (4008): the client did not read and fell more
-    /// than `router.max_outbound_queue` events behind.
-    pub const SLOW_CONSUMER: &str = "slow_consumer";
-    // --- state
-    pub const SESSION_NOT_FOUND: &str = "session_not_found";
-    /// The session's stored data cannot be loaded; it is set aside (a node metric and
-    /// log line tell operators) and refused until repaired.
-    pub const SESSION_QUARANTINED: &str = "session_quarantined";
-    pub const NOT_FOUND: &str = "not_found";
-    pub const CONFLICT: &str = "conflict";
-    pub const INVALID_PATH: &str = "invalid_path";
-    pub const BAD_REQUEST: &str = "bad_request";
-    // --- cluster
-    pub const NOT_OWNER: &str = "not_owner";
-    pub const OVERLOADED: &str = "overloaded";
-    pub const SERVICE_UNAVAILABLE: &str = "service_unavailable";
-    /// Between routers and nodes only: the router had stopped waiting.
-    pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
-    pub const INTERNAL: &str = "internal_error";
-}
+/// The wire error type and its one code table live in `gs_wire` (below the rules and
+/// this crate): each code's HTTP status, retryability and meaning are read from there.
+pub use gs_wire::{codes, Code, WireError, CODES};
 
 /// WebSocket close codes the server uses besides the standard ones (1000 session
 /// ended, 1001 router shutting down). 4000–4999 are for applications (RFC 6455
@@ -91,15 +42,12 @@ pub mod close_codes {
     /// The client does not read (`slow_consumer`).
     pub const SLOW_CONSUMER: u16 = 4008;
 
-    /// The close code after a `connection_error` carrying `err`: 4000 + the HTTP
-    /// status of its code (4008 for `slow_consumer`).
+    /// The close code after a `connection_error` carrying `err`: 4000 + its HTTP
+    /// status ([`WireError::http_status`], from the code table; 4503 for a full
+    /// router), except 4008 for `slow_consumer`.
     pub fn for_error(err: &WireError) -> u16 {
         if err.code == super::codes::SLOW_CONSUMER {
             return SLOW_CONSUMER;
-        }
-        // A full router is "unavailable" (503), a user or IP at its cap "too many" (429).
-        if err.code == super::codes::TOO_MANY_CONNECTIONS && err.details["scope"] == "router" {
-            return 4503;
         }
         match err.http_status() {
             s @ 400..=599 => 4000 + s,
@@ -107,76 +55,6 @@ pub mod close_codes {
         }
     }
 }
-
-/// An error as it appears on the wire (`error` events, REST error bodies, node replies).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WireError {
-    pub code: String,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Value::is_null")]
-    pub details: Value,
-}
-
-impl WireError {
-    pub fn new(code: &str, message: impl Into<String>) -> Self {
-        Self {
-            code: code.into(),
-            message: message.into(),
-            details: Value::Null,
-        }
-    }
-
-    pub fn with_details(mut self, details: Value) -> Self {
-        self.details = details;
-        self
-    }
-
-    /// Whether a router should retry the request (same command id) elsewhere or later.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self.code.as_str(),
-            codes::NOT_OWNER | codes::OVERLOADED | codes::SERVICE_UNAVAILABLE
-        )
-    }
-
-    /// The HTTP status a REST endpoint answers this error with.
-    pub fn http_status(&self) -> u16 {
-        match self.code.as_str() {
-            codes::MALFORMED_JSON
-            | codes::INVALID_MESSAGE
-            | codes::INVALID_PAYLOAD
-            | codes::INVALID_PATH
-            | codes::BAD_REQUEST
-            | codes::UNSUPPORTED_CHARACTER
-            | codes::UNKNOWN_TYPE => 400,
-            codes::MISSING_TOKEN | codes::INVALID_TOKEN | codes::TOKEN_EXPIRED => 401,
-            codes::FORBIDDEN | codes::WRONG_SESSION | codes::WRONG_USER | codes::NOT_MEMBER => 403,
-            codes::SESSION_NOT_FOUND | codes::NOT_FOUND => 404,
-            codes::CONFLICT => 409,
-            codes::IDLE_TIMEOUT | codes::SILENCE_TIMEOUT => 408,
-            codes::MESSAGE_TOO_LARGE | codes::LIMIT_EXCEEDED => 413,
-            codes::RATE_LIMITED
-            | codes::TOO_MANY_IN_FLIGHT
-            | codes::TOO_MANY_CONNECTIONS
-            | codes::SLOW_CONSUMER => 429,
-            codes::NOT_OWNER
-            | codes::OVERLOADED
-            | codes::SERVICE_UNAVAILABLE
-            | codes::DEADLINE_EXCEEDED => 503,
-            codes::INTERNAL | codes::SESSION_QUARANTINED => 500,
-            // Rule violations (not_your_turn, ...) are client mistakes about game state.
-            _ => 422,
-        }
-    }
-}
-
-impl std::fmt::Display for WireError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for WireError {}
 
 /// A JSON object as received, kept as text: the router checks the envelope and passes
 /// the payload on without building a JSON value; the owner reads it straight into the
@@ -326,7 +204,38 @@ pub fn parse_client_message(
             .with_details(json!({"limit": max_bytes, "size": text.len()})),
         });
     }
-    let env: Envelope = serde_json::from_str(text).map_err(|e| match e.classify() {
+    let env = envelope(text, max_depth)?;
+    let (id, anonymous) = envelope_id(&env)?;
+    let kind = envelope_type(&env).ok_or_else(|| {
+        rejected(
+            Some(id),
+            codes::INVALID_MESSAGE,
+            "`type` must be a lowercase identifier such as \"state_update\"",
+        )
+    })?;
+    let data = envelope_data(&env).ok_or_else(|| {
+        rejected(
+            Some(id),
+            codes::INVALID_MESSAGE,
+            "`data` must be a JSON object",
+        )
+    })?;
+    // The payload sits one level inside the envelope.
+    check_json_text(data.get(), max_depth.saturating_sub(1)).map_err(|error| Rejected {
+        id: Some(id),
+        error,
+    })?;
+    Ok(ClientMessage {
+        id,
+        anonymous,
+        kind,
+        data,
+    })
+}
+
+/// Reads the envelope's fields (no id can be read if this fails).
+fn envelope(text: &str, max_depth: usize) -> Result<Envelope<'_>, Rejected> {
+    serde_json::from_str(text).map_err(|e| match e.classify() {
         // Nested past serde_json's own limit (128): no id can be read.
         serde_json::error::Category::Syntax if e.to_string().contains("recursion limit") => {
             rejected(
@@ -341,62 +250,45 @@ pub fn parse_client_message(
             "a message must be a JSON object",
         ),
         _ => rejected(None, codes::MALFORMED_JSON, format!("not valid JSON: {e}")),
-    })?;
-    let (id, anonymous) = match env.id.map(|r| serde_json::from_str::<String>(r.get())) {
-        Some(Ok(s)) => (
+    })
+}
+
+/// The message's id, and whether it had none of its own ([`icd_message_id`]).
+fn envelope_id(env: &Envelope) -> Result<(Uuid, bool), Rejected> {
+    match env.id.map(|r| serde_json::from_str::<String>(r.get())) {
+        Some(Ok(s)) => Ok((
             Uuid::parse_str(&s)
                 .map_err(|_| rejected(None, codes::INVALID_MESSAGE, "`id` must be a UUID"))?,
             false,
-        ),
-        None => (icd_message_id(env.kind, env.data), true),
-        Some(Err(_)) => {
-            return Err(rejected(
-                None,
-                codes::INVALID_MESSAGE,
-                "`id` must be a UUID string (or absent)",
-            ))
-        }
-    };
-    let kind = match env.kind.map(|r| serde_json::from_str::<String>(r.get())) {
-        Some(Ok(s))
-            if !s.is_empty()
-                && s.len() <= MAX_TYPE_LEN
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.') =>
-        {
-            s
-        }
-        _ => {
-            return Err(rejected(
-                Some(id),
-                codes::INVALID_MESSAGE,
-                "`type` must be a lowercase identifier such as \"state_update\"",
-            ))
-        }
-    };
-    let data = match env.data {
-        None => RawJson::empty_object(),
-        Some(r) if r.get() == "null" => RawJson::empty_object(),
-        Some(r) if r.get().starts_with('{') => RawJson(r.to_owned()),
-        Some(_) => {
-            return Err(rejected(
-                Some(id),
-                codes::INVALID_MESSAGE,
-                "`data` must be a JSON object",
-            ))
-        }
-    };
-    // The payload sits one level inside the envelope.
-    check_json_text(data.get(), max_depth.saturating_sub(1)).map_err(|error| Rejected {
-        id: Some(id),
-        error,
-    })?;
-    Ok(ClientMessage {
-        id,
-        anonymous,
-        kind,
-        data,
-    })
+        )),
+        None => Ok((icd_message_id(env.kind, env.data), true)),
+        Some(Err(_)) => Err(rejected(
+            None,
+            codes::INVALID_MESSAGE,
+            "`id` must be a UUID string (or absent)",
+        )),
+    }
+}
+
+/// The message's `type`, if it is a lowercase identifier of at most
+/// [`MAX_TYPE_LEN`] bytes.
+fn envelope_type(env: &Envelope) -> Option<String> {
+    let s = serde_json::from_str::<String>(env.kind?.get()).ok()?;
+    let ok = !s.is_empty()
+        && s.len() <= MAX_TYPE_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.');
+    ok.then_some(s)
+}
+
+/// The message's `data`: an object (`{}` when absent or null), else `None`.
+fn envelope_data(env: &Envelope) -> Option<RawJson> {
+    match env.data {
+        None => Some(RawJson::empty_object()),
+        Some(r) if r.get() == "null" => Some(RawJson::empty_object()),
+        Some(r) if r.get().starts_with('{') => Some(RawJson(r.to_owned())),
+        Some(_) => None,
+    }
 }
 
 /// The id of a message without an envelope `id`: a `state_update`'s `data.update_id`
@@ -439,6 +331,46 @@ pub const COMBAT_TYPES: &[&str] = &[
 /// classifies without parsing the payload).
 pub fn is_combat_type(kind: &str) -> bool {
     COMBAT_TYPES.contains(&kind)
+}
+
+/// A session's lifecycle status as clients see it: the view's `game.status`, and the
+/// `data.status` of a `session_status_changed` event. Routers read a session's end
+/// from it (typed, not by comparing text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    Created,
+    Active,
+    Paused,
+    Ended,
+}
+
+impl SessionStatus {
+    /// Nothing follows: the session has ended.
+    pub fn is_final(self) -> bool {
+        self == SessionStatus::Ended
+    }
+
+    /// The status a rendered event moves its session to, if it is a
+    /// `session_status_changed`.
+    pub fn changed_by(event_json: &str) -> Option<SessionStatus> {
+        #[derive(Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum Lifecycle {
+            SessionStatusChanged { data: Change },
+        }
+        #[derive(Deserialize)]
+        struct Change {
+            status: SessionStatus,
+        }
+        // Most events are not one: skip them without parsing.
+        if !event_json.contains(r#""session_status_changed""#) {
+            return None;
+        }
+        match serde_json::from_str::<Lifecycle>(event_json).ok()? {
+            Lifecycle::SessionStatusChanged { data } => Some(data.status),
+        }
+    }
 }
 
 /// ISO 8601 / RFC 3339 timestamp with milliseconds, UTC.
@@ -663,5 +595,22 @@ mod tests {
         assert_eq!(WireError::new(codes::CONFLICT, "").http_status(), 409);
         assert_eq!(WireError::new("not_your_turn", "").http_status(), 422);
         assert_eq!(WireError::new(codes::WRONG_USER, "").http_status(), 403);
+    }
+
+    #[test]
+    fn a_session_ends_with_its_status_change_to_ended() {
+        let end = r#"{"type":"session_status_changed","version":9,"data":{"status":"ended","previous":"active"}}"#;
+        assert_eq!(SessionStatus::changed_by(end), Some(SessionStatus::Ended));
+        assert!(SessionStatus::Ended.is_final() && !SessionStatus::Paused.is_final());
+        let pause = r#"{"type":"session_status_changed","version":3,"data":{"status":"paused"}}"#;
+        assert_eq!(
+            SessionStatus::changed_by(pause),
+            Some(SessionStatus::Paused)
+        );
+        let other = r#"{"type":"state_update","version":1,"data":{"status":"ended"}}"#;
+        assert_eq!(SessionStatus::changed_by(other), None);
+        let text =
+            r#"{"type":"state_update","version":1,"data":{"note":"session_status_changed"}}"#;
+        assert_eq!(SessionStatus::changed_by(text), None);
     }
 }

@@ -212,6 +212,13 @@ pub struct SessionView {
     pub timestamp: String,
 }
 
+impl SessionView {
+    /// The session's lifecycle status (`game.status`), if the view has one.
+    pub fn status(&self) -> Option<crate::protocol::SessionStatus> {
+        Deserialize::deserialize(&self.game["status"]).ok()
+    }
+}
+
 impl Serialize for SessionView {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]

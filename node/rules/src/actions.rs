@@ -83,10 +83,11 @@
 //! mechanics.
 
 use crate::character::{Ability, Character, Concentration, DamageReport, DamageType};
-use crate::combat::{not_a_participant, Opportunity};
+use crate::combat::not_a_participant;
 use crate::command::{ActionDeclare, ActionType, Cost, Ctx, DurationSpec, SaveEndsSpec};
 use crate::conditions::{attack_conditions, Boundary, Condition, Duration, Effect};
 use crate::dice::{Dice, Mode};
+use crate::encounter::Opportunity;
 use crate::error::{codes, Result, RuleError};
 use crate::event::{ActionDeclared, ActionResolved, AttackRoll, Event, Outcome};
 use crate::game::{save_ends_of, Actor, Game, Scratch};
@@ -574,7 +575,7 @@ impl Resolution {
         })
     }
 
-    fn turn(&mut self) -> &mut crate::combat::Turn {
+    fn turn(&mut self) -> &mut crate::encounter::Turn {
         self.s
             .g
             .combat

@@ -35,6 +35,7 @@
 
 use crate::conditions::{Condition, Conditions};
 use crate::error::{codes, Result, RuleError};
+pub use crate::types::Ability;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,30 +48,6 @@ pub const MAX_SPEED: i64 = 1_000;
 pub const MAX_COORD: i32 = 10_000;
 pub const MAX_NAME: usize = 100;
 pub const MAX_SIDE: usize = 50;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Ability {
-    Str,
-    Dex,
-    Con,
-    Int,
-    Wis,
-    Cha,
-}
-
-impl Ability {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Ability::Str => "str",
-            Ability::Dex => "dex",
-            Ability::Con => "con",
-            Ability::Int => "int",
-            Ability::Wis => "wis",
-            Ability::Cha => "cha",
-        }
-    }
-}
 
 /// What a trait gives advantage or disadvantage on (`save_advantages`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -4,11 +4,13 @@
 //! either refused with a [`crate::RuleError`], or turned into events. Commands are never
 //! stored; the events they produce are.
 
-use crate::character::{Ability, CharacterChanges, Pos};
+use crate::character::{CharacterChanges, Pos};
 use crate::conditions::{Boundary, Condition};
 use crate::error::{codes, Result, RuleError};
 use crate::terrain::TerrainSquare;
-use serde::{Deserialize, Deserializer, Serialize};
+use crate::types::{present, Ability, SessionRole};
+pub use crate::types::{ActionType, ChangeOp, Cost};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -28,15 +30,6 @@ pub struct Ctx {
 
 /// Largest number of changes in one `state_update`.
 pub const MAX_CHANGES: usize = 100;
-
-/// `op` of one change in a `state_update`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeOp {
-    #[default]
-    Set,
-    Remove,
-}
 
 /// One change of a `state_update`: set `path` to `value` (or remove it), only if the
 /// current value equals `previous` when `previous` is given (compare-and-set).
@@ -59,13 +52,6 @@ pub struct Change {
     pub op: ChangeOp,
 }
 
-/// Distinguishes an absent field (`None`) from an explicit `null` (`Some(Null)`).
-pub(crate) fn present<'de, D: Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
-}
-
 /// The ICD's `state_update` payload. Besides `changes`: `update_id`, the command id
 /// of a message sent without an envelope `id` (an ICD client's), and `timestamp`, the
 /// client's clock (informational: never used for ordering). Other fields are ignored.
@@ -85,7 +71,7 @@ pub struct JoinRequest {
     pub character_id: Option<Uuid>,
     /// `player` (default) or `observer`; `dm` only for the session's creator.
     #[serde(default)]
-    pub role: Option<crate::state::SessionRole>,
+    pub role: Option<SessionRole>,
     /// An optional character sheet for the rules (hit points, armour class, ...).
     #[serde(default)]
     pub character: Option<Value>,
@@ -229,57 +215,6 @@ pub struct ActionDeclare {
     pub targets: Vec<Uuid>,
     #[serde(default)]
     pub details: Value,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ActionType {
-    /// An attack roll against each target's armour class.
-    Attack,
-    /// Each target makes a saving throw against a DC.
-    Save,
-    /// Healing (or temporary hit points).
-    Heal,
-    Dash,
-    Disengage,
-    Dodge,
-    /// Help an ally: advantage on its next attack against a creature near the helper,
-    /// or on its next ability check.
-    Help,
-    /// A Dexterity (Stealth) check to become hidden.
-    Hide,
-    /// Ready an action to release with the reaction when a trigger occurs.
-    Ready,
-    /// Anything else: spends the action, no mechanics.
-    Other,
-}
-
-impl ActionType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ActionType::Attack => "attack",
-            ActionType::Save => "save",
-            ActionType::Heal => "heal",
-            ActionType::Dash => "dash",
-            ActionType::Disengage => "disengage",
-            ActionType::Dodge => "dodge",
-            ActionType::Help => "help",
-            ActionType::Hide => "hide",
-            ActionType::Ready => "ready",
-            ActionType::Other => "other",
-        }
-    }
-}
-
-/// What an action spends from the action economy (`details.cost`; default `action`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Cost {
-    #[default]
-    Action,
-    BonusAction,
-    /// The only cost usable outside the character's own turn.
-    Reaction,
 }
 
 /// A duration as clients write it: `{rounds, ends: "start"|"end", of}` or

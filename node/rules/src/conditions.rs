@@ -61,7 +61,7 @@
 //! its turns, the target can make another Wisdom saving throw. On a success, the spell
 //! ends on the target."). See [`crate::combat`].
 
-use crate::character::Ability;
+use crate::types::Ability;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use uuid::Uuid;

@@ -7,12 +7,11 @@
 //! computed value is inside the event, so replaying the log reproduces the state
 //! exactly.
 
-use crate::character::{Ability, CharacterChanges, DamageReport, Pos};
-use crate::command::{ActionType, Cost};
+use crate::character::{CharacterChanges, DamageReport, Pos};
 use crate::conditions::{Condition, Duration, SaveEnds};
 use crate::dice::{Mode, Roll};
-use crate::state::{SessionRole, Status};
 use crate::terrain::{Cover, TerrainSquare};
+use crate::types::{Ability, ActionType, ChangeOp, Cost, SessionRole, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -27,22 +26,22 @@ pub struct AppliedChange {
     /// (found by fuzzing: `"value": null` was read back as absent).
     #[serde(
         default,
-        deserialize_with = "crate::command::present",
+        deserialize_with = "crate::types::present",
         skip_serializing_if = "Option::is_none"
     )]
     pub value: Option<Value>,
     #[serde(
         default,
-        deserialize_with = "crate::command::present",
+        deserialize_with = "crate::types::present",
         skip_serializing_if = "Option::is_none"
     )]
     pub previous: Option<Value>,
     #[serde(default, skip_serializing_if = "is_set")]
-    pub op: crate::command::ChangeOp,
+    pub op: ChangeOp,
 }
 
-fn is_set(op: &crate::command::ChangeOp) -> bool {
-    *op == crate::command::ChangeOp::Set
+fn is_set(op: &ChangeOp) -> bool {
+    *op == ChangeOp::Set
 }
 
 // Variants differ in size; events are built once and moved a few times, so boxing

@@ -26,10 +26,10 @@
 //! * The dice counter only grows, also across rollbacks, so no roll is ever repeated.
 
 use crate::character::{Character, CharacterChanges, Concentration, Pos};
-use crate::combat::Combat;
 use crate::command::{Command, Ctx, DurationSpec, JoinRequest, SaveEndsSpec};
 use crate::conditions::{Condition, Duration, Effect, SaveEnds};
 use crate::dice::{self, Roll, Roller};
+use crate::encounter::Combat;
 use crate::error::{codes, Result, RuleError};
 use crate::event::{
     CharacterPlaced, CharacterSpawned, CharacterUpdated, ConcentrationEnded, ConditionApplied,
@@ -427,7 +427,7 @@ impl Game {
             return;
         };
         for (id, p) in combat.participants.iter_mut() {
-            let held = |r: &crate::combat::Readied| {
+            let held = |r: &crate::encounter::Readied| {
                 !r.spell
                     || self
                         .characters

@@ -18,7 +18,8 @@
 //!   decided on a scratch copy and applied as merge patches ([`patch`]).
 //! * [`character`]: characters in play, sheets, hit points, damage, healing.
 //! * [`conditions`]: the 5e conditions, their mechanical effects, timed effects.
-//! * [`combat`]: initiative, turn order, rounds, action economy, turn boundaries.
+//! * [`combat`]: initiative, turn order, rounds, action economy, turn boundaries (the
+//!   rules; the data of a running combat is [`encounter`], below [`game`]).
 //! * [`actions`]: attacks, saving throws, damage, healing, concentration.
 //! * [`tactics`]: the Help, Hide and Ready actions.
 //! * [`saves`]: saving throws (conditions, traits, exhaustion, cover).
@@ -26,7 +27,17 @@
 //! * [`terrain`]: difficult terrain and cover on the battle map.
 //! * [`dice`]: the seeded counter-based dice and dice expressions.
 //! * [`history`]: audit-log entries.
-//! * [`error`]: [`RuleError`] and its stable codes.
+//! * [`error`]: [`RuleError`] (the service's one wire error type, `gs_wire`) and its
+//!   stable codes.
+//! * [`types`]: plain data the modules share (roles, lifecycle status, abilities,
+//!   action types and costs); it imports nothing else of the crate, so the modules
+//!   above import each other without circles.
+//!
+//! Imports go one way (a test, `tests/layers.rs`, finds any circle): plain data at
+//! the bottom ([`types`], then `character`, `conditions`, `dice`, `terrain`,
+//! [`encounter`]), the descriptions ([`command`], [`event`]) above it, then [`game`],
+//! then the rules that change play (`combat`, `actions`, `movement`, `tactics`) and
+//! [`state`] on top.
 //!
 //! The wire contract of play (every message and event) is `docs/protocol.md`, part
 //! "Game messages"; `docs/rules.md` maps each SRD 5.1 rule to its code and scenario
@@ -38,6 +49,7 @@ pub mod combat;
 pub mod command;
 pub mod conditions;
 pub mod dice;
+pub mod encounter;
 pub mod error;
 pub mod event;
 pub mod game;
@@ -50,6 +62,7 @@ pub mod saves;
 pub mod state;
 pub mod tactics;
 pub mod terrain;
+pub mod types;
 
 pub use command::{Command, Ctx};
 pub use error::{Result, RuleError};

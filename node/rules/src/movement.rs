@@ -50,9 +50,9 @@
 //! Teleporting and being placed by the DM (`place_character`) provoke nothing.
 
 use crate::character::Pos;
-use crate::combat::Opportunity;
 use crate::command::Ctx;
 use crate::conditions::Condition;
+use crate::encounter::Opportunity;
 use crate::error::{codes, Result, RuleError};
 use crate::event::{CharacterMoved, Event, OpportunityAttack, ReactionDeclined, StoodUp};
 use crate::game::{check_in_bounds, occupied_error, Actor, Game, Scratch};

@@ -7,57 +7,18 @@
 //! and replay call only `apply`. Maps are `BTreeMap`s so that serialisation (snapshots,
 //! views) is deterministic.
 
-use crate::command::{ChangeOp, Command, Ctx, JoinRequest, StateUpdate, MAX_CHANGES};
+use crate::command::{Command, Ctx, JoinRequest, StateUpdate, MAX_CHANGES};
 use crate::error::{codes, Result, RuleError};
 use crate::event::{AppliedChange, Event, StateRestored};
 use crate::game::{Actor, Game};
 use crate::limits::{self, DocLimits, SizeCache};
 use crate::pointer;
+use crate::types::ChangeOp;
+pub use crate::types::{SessionRole, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use uuid::Uuid;
-
-/// Lifecycle: created → active ⇄ paused → ended (ended is final).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    #[default]
-    Created,
-    Active,
-    Paused,
-    Ended,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Created => "created",
-            Status::Active => "active",
-            Status::Paused => "paused",
-            Status::Ended => "ended",
-        }
-    }
-}
-
-/// A member's role inside one session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SessionRole {
-    Dm,
-    Player,
-    Observer,
-}
-
-impl SessionRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SessionRole::Dm => "dm",
-            SessionRole::Player => "player",
-            SessionRole::Observer => "observer",
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Member {

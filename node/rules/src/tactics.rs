@@ -4,7 +4,7 @@
 //!
 //! * **Help** (`targets: [ally]`, `details.against: enemy`): "the next attack roll
 //!   your ally makes against that creature before the start of your next turn has
-//!   advantage" ([`crate::combat::HelpGiven`]); the enemy must be within 5 ft of the
+//!   advantage" ([`crate::encounter::HelpGiven`]); the enemy must be within 5 ft of the
 //!   helper (`out_of_range`, when both are on the grid). Without `against`, the help
 //!   is with a task: the ally's next ability check has advantage (the rules roll one:
 //!   Hide's).
@@ -27,10 +27,10 @@
 
 use crate::actions::{bad, Resolution};
 use crate::character::{Ability, Concentration};
-use crate::combat::{HelpGiven, Readied};
 use crate::command::{ActionType, Cost};
 use crate::conditions::Condition;
 use crate::dice::Mode;
+use crate::encounter::{HelpGiven, Readied};
 use crate::error::{codes, Result, RuleError};
 use crate::event::{CheckRoll, Outcome};
 use serde_json::json;

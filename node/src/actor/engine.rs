@@ -678,7 +678,7 @@ impl<R> SessionCore<R> {
         let cmd = match cmd {
             Ok(c) => c,
             Err(e) => {
-                let error = into_wire(e);
+                let error = e;
                 self.batch.waiting.push(Waiting::Refused {
                     reply: o.reply,
                     error,
@@ -686,7 +686,7 @@ impl<R> SessionCore<R> {
                 return;
             }
         };
-        let mut events = self.state.decide(&o.ctx(now), &cmd).map_err(into_wire);
+        let mut events = self.state.decide(&o.ctx(now), &cmd);
         // The session's quotas count only what its members were allowed to do and
         // that changes something: an outsider's refused saves or joins use none.
         if let Ok(ev) = &events {
@@ -851,7 +851,7 @@ impl<R> SessionCore<R> {
     ) -> Flow {
         let ctx = o.ctx(now);
         if let Err(e) = self.state.check_rollback(&ctx, to_version) {
-            self.stage_events(o, Err(into_wire(e)), now);
+            self.stage_events(o, Err(e), now);
             return Flow::Continue;
         }
         self.wait = Wait::Past {
@@ -878,11 +878,7 @@ impl<R> SessionCore<R> {
             debug_assert!(false, "Past while not loading");
             return;
         };
-        let events = past.and_then(|past| {
-            self.state
-                .decide_rollback(&ctx, to_version, &past)
-                .map_err(into_wire)
-        });
+        let events = past.and_then(|past| self.state.decide_rollback(&ctx, to_version, &past));
         self.stage_events(origin, events, now);
         self.run(now, out);
     }
@@ -1198,14 +1194,6 @@ pub fn command_id(body: &RequestBody) -> Option<Uuid> {
         | RequestBody::Join { command_id, .. } => Some(*command_id),
         RequestBody::HubEvent { event_id, .. } => Some(*event_id),
         _ => None,
-    }
-}
-
-pub fn into_wire(e: gs_rules::RuleError) -> WireError {
-    WireError {
-        code: e.code,
-        message: e.message,
-        details: e.details,
     }
 }
 

@@ -4,6 +4,7 @@
 
 use super::*;
 use gs_shared::protocol;
+use gs_shared::protocol::codes;
 
 impl HubConnection {
     pub(super) async fn consume_loop(&self, hub: &Arc<Hub>, ctx: &Arc<NodeCtx>) -> String {
@@ -244,7 +245,7 @@ async fn relay(
         match r {
             Ok(_) => {}
             // Malformed details: no session will ever accept it.
-            Err(e) if e.code == "invalid_payload" || e.code == "invalid_character" => {
+            Err(e) if e.code == codes::INVALID_PAYLOAD || e.code == codes::INVALID_CHARACTER => {
                 return Verdict::Poison(format!(
                     "session {s} refused it: {}: {}",
                     e.code, e.message
@@ -267,10 +268,10 @@ async fn relay(
 /// Session answers to an inbound event that mean "nothing to apply there" (the
 /// message is then done for that session). Any other refusal is retried.
 const NOT_APPLICABLE: &[&str] = &[
-    "unknown_character",
-    "session_ended",
-    "session_not_found",
-    "not_member",
+    codes::UNKNOWN_CHARACTER,
+    codes::SESSION_ENDED,
+    codes::SESSION_NOT_FOUND,
+    codes::NOT_MEMBER,
 ];
 
 /// Requeues a message through the retry queue of its attempt, back after that
@@ -349,7 +350,7 @@ pub fn command_for(kind: &str, payload: &Value) -> Result<gs_rules::Command, gs_
                 .as_str()
                 .and_then(|s| Uuid::parse_str(s).ok())
                 .ok_or_else(|| {
-                    gs_rules::RuleError::new("invalid_payload", "`character_id` is missing")
+                    gs_rules::RuleError::new(codes::INVALID_PAYLOAD, "`character_id` is missing")
                 })?;
             let changes = gs_rules::character::CharacterChanges::from_hub(&payload["details"])?;
             Ok(gs_rules::Command::CharacterSync {
@@ -380,7 +381,7 @@ pub fn command_for(kind: &str, payload: &Value) -> Result<gs_rules::Command, gs_
             ))
         }
         other => Err(gs_rules::RuleError::new(
-            "invalid_payload",
+            codes::INVALID_PAYLOAD,
             format!("unknown hub event {other:?}"),
         )),
     }

@@ -7,6 +7,7 @@ mod actions;
 mod combat;
 mod conditions;
 mod harness;
+mod layers;
 mod movement;
 mod property;
 mod scenarios;

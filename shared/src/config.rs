@@ -346,6 +346,8 @@ pub struct NodeConfig {
     pub redis_refresh_ms: u64,
     /// Drain deadline on SIGTERM.
     pub shutdown_timeout_ms: u64,
+    /// The `fault_*` settings act only in a gs-node built with its `fault-injection`
+    /// feature (the test builds); other builds ignore them.
     /// Fault injection for tests (empty = off): the node aborts right after committing
     /// an event whose JSON contains this text, before publishing or acknowledging it.
     pub fault_crash_after_commit: String,

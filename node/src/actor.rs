@@ -146,7 +146,7 @@ pub async fn run(
             if let NodeError::Corrupt(reason) = &e {
                 ctx.registry.quarantine(id, reason.clone());
             }
-            ctx.registry.remove(&ctx, &id, gen);
+            ctx.registry.remove(&id, gen);
             inbox.close();
             let err = e.to_wire();
             while let Ok(env) = inbox.try_recv() {
@@ -496,7 +496,7 @@ impl Session {
         } = self;
         let id = core.id();
         tracing::info!(session = %id, reason = ?stop, version = core.state().version, "session actor stopping");
-        ctx.registry.remove(&ctx, &id, gen);
+        ctx.registry.remove(&id, gen);
         inbox.close();
         let mut queued = Vec::new();
         while let Ok(env) = inbox.try_recv() {

@@ -249,10 +249,9 @@ impl Registry {
         actors.tasks.spawn(task);
     }
 
-    /// Called by an actor when it stops (only removes its own generation); keeps the
-    /// session count the node announces current. (`_ctx`: the actor's call predates
-    /// the registry holding its own handles; drop it with the actor's rewrite.)
-    pub fn remove(&self, _ctx: &NodeCtx, sid: &Uuid, gen: u64) {
+    /// Called by a session task when it stops (only removes its own generation); keeps
+    /// the session count the node announces current.
+    pub fn remove(&self, sid: &Uuid, gen: u64) {
         self.forget(sid, gen);
     }
 

@@ -439,6 +439,8 @@ fn answer(reply: &NodeReply) -> String {
     }
 }
 
+/// The table itself: one entry per case, read top to bottom; long because it is data
+/// (splitting it would only scatter the cases).
 fn cases() -> Vec<Case> {
     use super::Stop as Why;
     use In::*;

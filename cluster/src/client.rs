@@ -577,9 +577,9 @@ pub fn apply(v: &mut ClientView, msg: &Value) {
                 for c in msg["data"]["changes"].as_array().into_iter().flatten() {
                     let path = c["path"].as_str().unwrap_or("");
                     if c["op"] == "remove" {
-                        let _ = gs_rules::pointer::remove(&mut v.doc, path);
+                        let _ = gs_wire::pointer::remove(&mut v.doc, path);
                     } else {
-                        let _ = gs_rules::pointer::set(&mut v.doc, path, c["value"].clone());
+                        let _ = gs_wire::pointer::set(&mut v.doc, path, c["value"].clone());
                     }
                 }
             }

@@ -472,7 +472,7 @@ pub fn expected_changes(records: &[Record], session: usize) -> Vec<(String, u64)
 pub fn missing_changes(doc: &Value, records: &[Record], session: usize) -> Vec<String> {
     expected_changes(records, session)
         .into_iter()
-        .filter(|(path, v)| gs_rules::pointer::get(doc, path).ok().flatten() != Some(&json!(v)))
+        .filter(|(path, v)| gs_wire::pointer::get(doc, path).ok().flatten() != Some(&json!(v)))
         .map(|(p, _)| p)
         .collect()
 }

@@ -11,6 +11,8 @@
 //! This crate sits below both the pure rules (`gs_rules`, which must not reach
 //! `shared`'s config, tokio or clients) and `gs_shared`: it depends on serde alone.
 
+pub mod pointer;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

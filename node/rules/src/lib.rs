@@ -57,7 +57,9 @@ pub mod history;
 pub mod limits;
 pub mod movement;
 pub mod patch;
-pub mod pointer;
+/// JSON Pointer paths into the state document: part of the wire contract, so they
+/// live in `gs_wire` (clients such as the cluster tool use them without the rules).
+pub use gs_wire::pointer;
 pub mod saves;
 pub mod state;
 pub mod tactics;

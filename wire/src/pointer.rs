@@ -63,7 +63,7 @@ pub fn parse(path: &str) -> Result<Vec<String>, PathError> {
 }
 
 /// Index of an array token, or `None` for `-` (one past the end).
-pub(crate) fn array_index(path: &str, token: &str) -> Result<Option<usize>, PathError> {
+pub fn array_index(path: &str, token: &str) -> Result<Option<usize>, PathError> {
     if token == "-" {
         return Ok(None);
     }

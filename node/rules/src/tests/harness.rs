@@ -222,15 +222,7 @@ impl Table {
 
     pub fn set_turn(&mut self, active: Uuid) {
         let c = self.s.game.combat.as_mut().unwrap();
-        c.turn = Some(Turn {
-            character_id: active,
-            action_used: false,
-            bonus_action_used: false,
-            attacks_left: 0,
-            movement_used: 0,
-            movement_bonus: 0,
-            disengaged: false,
-        });
+        c.turn = Some(Turn::new(active));
         c.turn_number = c.order.iter().position(|x| *x == active).unwrap() as u32 + 1;
     }
 

@@ -646,12 +646,16 @@ async fn open(
     Some((conn, events))
 }
 
-/// Tells a client its connection cannot be opened: `connection_error`, then the close.
+/// Tells a client its connection cannot be opened: `connection_error`, then the close,
+/// if the client takes them within [`CLOSE_GRACE`] (a client that does not read holds
+/// the task no longer than that).
 async fn refuse(ws: &mut Socket, err: &WireError) {
-    let _ = ws
-        .feed(Message::text(protocol::connection_error(err)))
-        .await;
-    let _ = ws.send(close(close_codes::for_error(err), &err.code)).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        ws.feed(Message::text(protocol::connection_error(err)))
+            .await?;
+        ws.send(close(close_codes::for_error(err), &err.code)).await
+    })
+    .await;
 }
 
 /// Attaches the connection to the session's owner: the member's role, the session's

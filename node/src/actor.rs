@@ -40,9 +40,7 @@ use crate::NodeCtx;
 use engine::{Committed, CoreConfig, Input, Now, Output, Recovered, SessionCore, Stop};
 use faults::Faults;
 use gs_shared::protocol::{self, codes, WireError};
-use gs_shared::rpc::{
-    EventBatch, NodeReply, NodeRequest, RawEvent, BATCH_ACKS_HEADER, BATCH_HEADER,
-};
+use gs_shared::rpc::{NodeReply, NodeRequest, RawEvent};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -320,19 +318,9 @@ impl Session {
         match o {
             Output::Publish { events, acks } => {
                 let mut acks = acks.iter().peekable();
-                let with_acks = events
-                    .iter()
-                    .enumerate()
-                    .map(|(i, ev)| (ev, acks.next_if(|(at, _)| *at == i).map(|(_, id)| *id)));
-                if events.len() == 1 {
-                    for (ev, ack) in with_acks {
-                        self.publish(ev, ack).await;
-                    }
-                } else {
-                    // One message per commit: one publish here, one wake-up per router.
-                    for batch in EventBatch::split(with_acks) {
-                        self.publish_batch(batch).await;
-                    }
+                for (i, ev) in events.iter().enumerate() {
+                    let ack = acks.next_if(|(at, _)| *at == i).map(|(_, id)| *id);
+                    self.publish(ev, ack).await;
                 }
                 self.ctx
                     .hub
@@ -415,23 +403,6 @@ impl Session {
         {
             // Routers fill the gap from the log when the next event arrives.
             tracing::debug!(error = %e, "event not published");
-        }
-    }
-
-    /// Publishes several events of the session in one message (`Gs-Batch`).
-    async fn publish_batch(&self, batch: EventBatch) {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(BATCH_HEADER, batch.index.as_str());
-        if !batch.acks.is_empty() {
-            headers.insert(BATCH_ACKS_HEADER, batch.acks.as_str());
-        }
-        if let Err(e) = self
-            .ctx
-            .nats
-            .publish_with_headers(self.events_subject.clone(), headers, batch.payload.freeze())
-            .await
-        {
-            tracing::debug!(error = %e, "events not published");
         }
     }
 

@@ -15,9 +15,7 @@ use futures::StreamExt;
 use gs_shared::auth::Role;
 use gs_shared::forward::Forwarder;
 use gs_shared::protocol::{SessionStatus, ACK_HEADER, VERSION_HEADER};
-use gs_shared::rpc::{
-    Caller, EventBatch, RawEvent, ReplyBody, RequestBody, Subjects, BATCH_ACKS_HEADER, BATCH_HEADER,
-};
+use gs_shared::rpc::{Caller, RawEvent, ReplyBody, RequestBody, Subjects};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -326,7 +324,23 @@ async fn run_hub(
             msg = sub.next() => {
                 let Some(msg) = msg else { return };
                 let Some(hub) = hub.upgrade() else { return };
-                receive(&hub, &acks, msg);
+                let Ok(json) = Utf8Bytes::try_from(msg.payload) else { continue };
+                let version = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(VERSION_HEADER))
+                    .and_then(|v| v.as_str().parse::<u64>().ok())
+                    .or_else(|| serde_json::from_str::<serde_json::Value>(json.as_str()).ok()?["version"].as_u64());
+                let Some(version) = version else { continue };
+                let ack = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(ACK_HEADER))
+                    .and_then(|v| Uuid::parse_str(v.as_str()).ok());
+                hub.offer(version, Ev::new(version, json));
+                if let Some(command) = ack {
+                    acks.acked(command, version);
+                }
                 if hub.gap().is_some() {
                     fill(&hub, &forwarder).await;
                 }
@@ -338,45 +352,6 @@ async fn run_hub(
                 }
             }
         }
-    }
-}
-
-/// Offers the event(s) of one message from the owner: one event (`Gs-Version`, maybe
-/// `Gs-Ack`), or a commit's events together (`Gs-Batch`, maybe `Gs-Acks`). What does
-/// not parse is dropped: the gap it leaves is filled from the log.
-fn receive(hub: &Hub, acks: &AckWaiters, msg: async_nats::Message) {
-    let header = |name: &str| {
-        msg.headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str())
-    };
-    if let Some(index) = header(BATCH_HEADER) {
-        let Some(events) = EventBatch::parse(index, &msg.payload) else {
-            return;
-        };
-        for (version, text) in events {
-            if let Ok(json) = Utf8Bytes::try_from(text) {
-                hub.offer(version, Ev::new(version, json));
-            }
-        }
-        for (version, command) in EventBatch::parse_acks(header(BATCH_ACKS_HEADER).unwrap_or("")) {
-            acks.acked(command, version);
-        }
-        return;
-    }
-    let version = header(VERSION_HEADER).and_then(|v| v.parse::<u64>().ok());
-    let ack = header(ACK_HEADER).and_then(|v| Uuid::parse_str(v).ok());
-    let Ok(json) = Utf8Bytes::try_from(msg.payload.clone()) else {
-        return;
-    };
-    let version = version.or_else(|| {
-        serde_json::from_str::<serde_json::Value>(json.as_str()).ok()?["version"].as_u64()
-    });
-    let Some(version) = version else { return };
-    hub.offer(version, Ev::new(version, json));
-    if let Some(command) = ack {
-        acks.acked(command, version);
     }
 }
 

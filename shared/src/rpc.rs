@@ -5,7 +5,7 @@
 //! | subject                         | direction        | payload                 |
 //! |---------------------------------|------------------|-------------------------|
 //! | `gs.node.{node}.rpc`            | router → node    | [`NodeRequest`] → [`NodeReply`] (request/reply) |
-//! | `gs.session.{session}.events`   | owner → routers  | a rendered event, header `Gs-Version`; or a commit's events together ([`EventBatch`], header `Gs-Batch`) |
+//! | `gs.session.{session}.events`   | owner → routers  | a rendered event, header `Gs-Version` |
 //! | `gs.cluster.heartbeat`          | every member     | [`crate::membership::Heartbeat`] |
 //! | `gs.cluster.leave`              | leaving member   | [`crate::membership::Leave`] |
 //! | `gs.cluster.suspect`            | router → all     | a node id that gave "no responders" |
@@ -387,164 +387,10 @@ pub struct Present {
     pub connections: u32,
 }
 
-/// NATS header of a message carrying several events of one session (one commit's):
-/// `version:length,version:length,…`, the payload being their JSON texts one after
-/// the other, in version order. A router splits it without parsing JSON.
-pub const BATCH_HEADER: &str = "Gs-Batch";
-
-/// With [`BATCH_HEADER`]: `version:command-id,…`, the events that answer a command
-/// sent with `ack_by_event` (what [`crate::protocol::ACK_HEADER`] is on one event).
-pub const BATCH_ACKS_HEADER: &str = "Gs-Acks";
-
-/// Events at most in one batch message, and bytes at most (a commit with more goes
-/// out as several messages; NATS refuses payloads over its `max_payload`, 1 MiB by
-/// default).
-pub const BATCH_MAX_EVENTS: usize = 64;
-pub const BATCH_MAX_BYTES: usize = 256 * 1024;
-
-/// Several events of one session in one NATS message (see [`BATCH_HEADER`]): one
-/// publish per commit instead of one per event, and one wake-up for each router.
-#[derive(Debug, Default)]
-pub struct EventBatch {
-    /// `Gs-Batch`.
-    pub index: String,
-    /// `Gs-Acks` (empty: none).
-    pub acks: String,
-    /// The events' texts, concatenated.
-    pub payload: bytes::BytesMut,
-}
-
-impl EventBatch {
-    /// Splits `events` (each with the command id it acks, if any) into batches under
-    /// [`BATCH_MAX_EVENTS`] and [`BATCH_MAX_BYTES`] (an event larger than that goes
-    /// alone).
-    pub fn split<'a>(
-        events: impl IntoIterator<Item = (&'a RawEvent, Option<Uuid>)>,
-    ) -> Vec<EventBatch> {
-        let mut out: Vec<EventBatch> = Vec::new();
-        let mut count = 0;
-        for (ev, ack) in events {
-            let text = ev.json.as_str().as_bytes();
-            let full = out.last().is_none_or(|b| {
-                count >= BATCH_MAX_EVENTS
-                    || (!b.payload.is_empty() && b.payload.len() + text.len() > BATCH_MAX_BYTES)
-            });
-            if full {
-                out.push(EventBatch::default());
-                count = 0;
-            }
-            let b = out.last_mut().expect("pushed above");
-            b.push(ev.version, text, ack);
-            count += 1;
-        }
-        out
-    }
-
-    fn push(&mut self, version: u64, text: &[u8], ack: Option<Uuid>) {
-        use std::fmt::Write;
-        let sep = |s: &String| if s.is_empty() { "" } else { "," };
-        let _ = write!(self.index, "{}{version}:{}", sep(&self.index), text.len());
-        if let Some(id) = ack {
-            let _ = write!(self.acks, "{}{version}:{id}", sep(&self.acks));
-        }
-        self.payload.extend_from_slice(text);
-    }
-
-    /// The events of a batch message: `(version, its text)` in order, slices of
-    /// `payload` (not copied). `None`: the header does not describe the payload.
-    pub fn parse(index: &str, payload: &bytes::Bytes) -> Option<Vec<(u64, bytes::Bytes)>> {
-        let mut at = 0usize;
-        let mut out = Vec::new();
-        for entry in index.split(',') {
-            let (v, len) = entry.split_once(':')?;
-            let (v, len) = (v.parse::<u64>().ok()?, len.parse::<usize>().ok()?);
-            let end = at.checked_add(len).filter(|e| *e <= payload.len())?;
-            out.push((v, payload.slice(at..end)));
-            at = end;
-        }
-        (at == payload.len()).then_some(out)
-    }
-
-    /// The `Gs-Acks` header: `(version, command id)` pairs; malformed entries skipped.
-    pub fn parse_acks(acks: &str) -> impl Iterator<Item = (u64, Uuid)> + '_ {
-        acks.split(',').filter_map(|e| {
-            let (v, id) = e.split_once(':')?;
-            Some((v.parse().ok()?, Uuid::parse_str(id).ok()?))
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-
-    fn raw(version: u64, text: &str) -> RawEvent {
-        RawEvent {
-            version,
-            json: SharedJson::from(text),
-        }
-    }
-
-    #[test]
-    fn an_event_batch_round_trips_with_its_acks() {
-        let evs = [
-            raw(7, r#"{"a":"é"}"#),
-            raw(8, "{}"),
-            raw(9, r#"{"b":[1,2]}"#),
-        ];
-        let id = Uuid::new_v4();
-        let batches = EventBatch::split(evs.iter().zip([None, Some(id), None]));
-        assert_eq!(batches.len(), 1);
-        let b = &batches[0];
-        let payload = b.payload.clone().freeze();
-        let parsed = EventBatch::parse(&b.index, &payload).unwrap();
-        let got: Vec<(u64, &str)> = parsed
-            .iter()
-            .map(|(v, t)| (*v, std::str::from_utf8(t).unwrap()))
-            .collect();
-        assert_eq!(
-            got,
-            vec![(7, r#"{"a":"é"}"#), (8, "{}"), (9, r#"{"b":[1,2]}"#)]
-        );
-        assert_eq!(
-            EventBatch::parse_acks(&b.acks).collect::<Vec<_>>(),
-            vec![(8, id)]
-        );
-    }
-
-    #[test]
-    fn event_batches_are_split_by_count_and_size() {
-        let many: Vec<RawEvent> = (1..=BATCH_MAX_EVENTS as u64 + 1)
-            .map(|v| raw(v, "{}"))
-            .collect();
-        let b = EventBatch::split(many.iter().map(|e| (e, None)));
-        assert_eq!(b.len(), 2);
-        assert_eq!(b[1].index, format!("{}:2", BATCH_MAX_EVENTS + 1));
-        let big = "x".repeat(BATCH_MAX_BYTES);
-        let evs = [raw(1, "{}"), raw(2, &big), raw(3, "{}")];
-        let b = EventBatch::split(evs.iter().map(|e| (e, None)));
-        let sizes: Vec<usize> = b.iter().map(|b| b.payload.len()).collect();
-        assert_eq!(
-            sizes,
-            vec![2, BATCH_MAX_BYTES, 2],
-            "a large event goes alone"
-        );
-    }
-
-    #[test]
-    fn a_batch_header_that_does_not_fit_its_payload_is_refused() {
-        let p = bytes::Bytes::from_static(b"{}{}");
-        assert!(EventBatch::parse("1:2,2:2", &p).is_some());
-        assert!(
-            EventBatch::parse("1:2,2:3", &p).is_none(),
-            "longer than the payload"
-        );
-        assert!(EventBatch::parse("1:2", &p).is_none(), "payload left over");
-        assert!(EventBatch::parse("1:2,x:2", &p).is_none());
-        assert!(EventBatch::parse("", &p).is_none());
-        assert!(EventBatch::parse(&format!("1:{}", usize::MAX), &p).is_none());
-    }
 
     #[test]
     fn requests_round_trip_as_json() {

@@ -59,8 +59,10 @@ const ATTEMPTS_HEADER: &str = "x-gs-attempts";
 const REASON_HEADER: &str = "x-gs-reason";
 const ORIGINAL_KEY_HEADER: &str = "x-gs-original-routing-key";
 
+pub mod breaker;
 mod consume;
 pub mod publish;
+pub mod rpc;
 
 pub use consume::command_for;
 

@@ -457,8 +457,21 @@ impl ServiceClient {
         };
         metrics::counter!("gs_node_rpc_requests_total", "service" => label, "result" => result)
             .increment(1);
-        // Done with the call before the breaker hears of it.
+        // Done with the call before the breaker hears of it; answers that came in
+        // after the one taken (or after giving up) are dropped and counted.
+        let how = guard.how;
         drop(guard);
+        rx.close();
+        while let Ok(_extra) = rx.try_recv() {
+            inner.drop_answer(
+                service,
+                if how == Finished::Answered {
+                    "duplicate"
+                } else {
+                    "late"
+                },
+            );
+        }
         match outcome {
             Ok(a) => {
                 self.report(service, now, probe, true);
@@ -556,7 +569,12 @@ fn timeout(service: &str, attempts: u32) -> CallError {
 
 fn gauge(service: &str, before: BreakerState, after: BreakerState) {
     if before != after {
-        tracing::info!(service, from = before.name(), to = after.name(), "service breaker");
+        tracing::info!(
+            service,
+            from = before.name(),
+            to = after.name(),
+            "service breaker"
+        );
     }
     metrics::gauge!("gs_node_rpc_breaker_state", "service" => service.to_string())
         .set(after.gauge());
@@ -693,12 +711,28 @@ mod tests {
 
     #[test]
     fn answers_parse() {
-        let ok = parse_answer(&json!({"request_id": "x", "status": "ok", "details": {"a": 1}, "timestamp": "t"}));
+        let ok = parse_answer(
+            &json!({"request_id": "x", "status": "ok", "details": {"a": 1}, "timestamp": "t"}),
+        );
         assert!(matches!(ok, Some(Reply::Ok { ref details, .. }) if details["a"] == 1));
-        let err = parse_answer(&json!({"status": "error", "details": {"code": "busy", "retryable": true}}));
-        assert!(matches!(err, Some(Reply::Error { retryable: true, .. })));
+        let err = parse_answer(
+            &json!({"status": "error", "details": {"code": "busy", "retryable": true}}),
+        );
+        assert!(matches!(
+            err,
+            Some(Reply::Error {
+                retryable: true,
+                ..
+            })
+        ));
         let err = parse_answer(&json!({"status": "error", "details": {"code": "not_found"}}));
-        assert!(matches!(err, Some(Reply::Error { retryable: false, .. })));
+        assert!(matches!(
+            err,
+            Some(Reply::Error {
+                retryable: false,
+                ..
+            })
+        ));
         assert!(parse_answer(&json!({"status": "maybe"})).is_none());
         assert!(parse_answer(&json!({"details": {}})).is_none());
     }
@@ -745,6 +779,8 @@ mod tests {
         assert!(calls.pending.is_empty());
         assert_eq!(calls.finished.len(), REMEMBER_FINISHED);
         assert!(!calls.finished.contains_key("0"));
-        assert!(calls.finished.contains_key(&(REMEMBER_FINISHED + 9).to_string()));
+        assert!(calls
+            .finished
+            .contains_key(&(REMEMBER_FINISHED + 9).to_string()));
     }
 }

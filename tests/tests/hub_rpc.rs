@@ -271,8 +271,9 @@ async fn nobody_answering_times_out_at_the_deadline() -> Result<()> {
         }
         other => panic!("expected a timeout, got {other:?}"),
     }
+    // Bounded: at the deadline, not later than a scheduling delay after it.
     assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_millis(450),
+        took >= Duration::from_millis(300) && took < Duration::from_millis(600),
         "timed out after {took:?}"
     );
     let st = s.client.stats("nobody");
@@ -446,8 +447,10 @@ async fn breaker_opens_and_closes(fail_with_error: bool) -> Result<()> {
     }
     assert_eq!(s.client.breaker_state("campaign"), BreakerState::Open);
 
-    // Open: fails fast, nothing is published.
+    // Open: fails fast (no I/O, nothing is published, nothing awaited). The fastest of
+    // three within 5 ms; none near the 100 ms deadline even on a loaded CI machine.
     let mut retry_in = Duration::ZERO;
+    let mut fastest = Duration::MAX;
     for _ in 0..3 {
         let started = Instant::now();
         let r = s
@@ -455,8 +458,9 @@ async fn breaker_opens_and_closes(fail_with_error: bool) -> Result<()> {
             .call("campaign", "membership", None, json!({}))
             .await;
         let took = started.elapsed();
+        fastest = fastest.min(took);
         assert!(
-            took <= Duration::from_millis(5),
+            took < Duration::from_millis(50),
             "failing fast took {took:?}"
         );
         let err = r.expect_err("breaker open");
@@ -467,6 +471,10 @@ async fn breaker_opens_and_closes(fail_with_error: bool) -> Result<()> {
             retry_in = r;
         }
     }
+    assert!(
+        fastest <= Duration::from_millis(5),
+        "failing fast took {fastest:?}"
+    );
     assert_eq!(s.client.stats("campaign").rejected, 3);
     assert!(seen.try_recv().is_err(), "a request went out while open");
 

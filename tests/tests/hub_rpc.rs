@@ -504,3 +504,26 @@ async fn the_breaker_opens_after_repeated_timeouts_and_closes_after_a_probe() ->
 async fn the_breaker_opens_after_repeated_errors_and_closes_after_a_probe() -> Result<()> {
     breaker_opens_and_closes(true).await
 }
+
+#[tokio::test]
+async fn calls_fail_at_once_when_the_connection_is_gone() -> Result<()> {
+    let s = Setup::new(|o| o.deadline = Duration::from_secs(2)).await?;
+    let Setup {
+        conn,
+        exchange,
+        client,
+    } = s;
+    // Remove the private exchange first, then lose the connection.
+    let ch = conn.create_channel().await?;
+    ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await?;
+    conn.close(0, "gone".into()).await?;
+    let started = Instant::now();
+    let r = tokio::time::timeout(WAIT, client.call("character", "get", None, json!({}))).await?;
+    let took = started.elapsed();
+    let err = r.expect_err("no connection");
+    assert!(matches!(err, CallError::Hub(_)), "{err:?}");
+    assert_eq!(err.code(), "service_unavailable");
+    assert!(took < Duration::from_secs(1), "failed after {took:?}");
+    Ok(())
+}

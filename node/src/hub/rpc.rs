@@ -22,6 +22,10 @@
 //!   retryable error is a failure; any other answer (including a definitive error such
 //!   as `not_found`) is a success. While open, calls fail fast with
 //!   `service_unavailable` (`{"service", "breaker": "open"}`).
+//!
+//! A client lives as long as the broker connection it was started on: when that
+//! connection is lost, running calls end with [`CallError::Hub`] and new ones fail at
+//! once; whoever owns the connection starts a new client after reconnecting.
 
 use super::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use futures::StreamExt;
@@ -32,6 +36,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -193,6 +198,8 @@ struct Inner {
     stats: Mutex<HashMap<String, ServiceStats>>,
     /// Bumped on every change of `stats`.
     changed: watch::Sender<u64>,
+    /// The reply consumer ended (the connection is gone): calls fail at once.
+    closed: AtomicBool,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -274,6 +281,7 @@ impl ServiceClient {
             breakers: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
+            closed: AtomicBool::new(false),
             reader: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
@@ -317,6 +325,9 @@ impl ServiceClient {
     ) -> Result<Answer, CallError> {
         let inner = &*self.inner;
         let started = Instant::now();
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(CallError::Hub("the reply consumer stopped".into()));
+        }
         let probe = match self.admit(service, started) {
             Ok(probe) => probe,
             Err(retry_in) => {
@@ -699,6 +710,7 @@ async fn read_answers(inner: Weak<Inner>, mut consumer: lapin::Consumer) {
     }
     // The consumer ended (connection lost): running calls end now.
     if let Some(inner) = inner.upgrade() {
+        inner.closed.store(true, Ordering::Release);
         if let Ok(mut calls) = inner.calls.lock() {
             calls.pending.clear();
         }

@@ -387,8 +387,8 @@ impl ServiceClient {
                 if attempts >= max_attempts {
                     break Err((CallError::Hub(e.to_string()), true));
                 }
-                tokio::time::sleep_until((Instant::now() + backoff).min(deadline).into()).await;
-                backoff *= 2;
+                tokio::time::sleep_until(later(backoff, deadline).into()).await;
+                backoff = backoff.saturating_mul(2);
                 continue;
             }
             // Wait for an answer to this (or an earlier) attempt.
@@ -396,9 +396,9 @@ impl ServiceClient {
             let until = if last {
                 deadline
             } else {
-                (Instant::now() + wait).min(deadline)
+                later(wait, deadline)
             };
-            wait *= 2;
+            wait = wait.saturating_mul(2);
             match tokio::time::timeout_at(until.into(), rx.recv()).await {
                 Ok(Some(Reply::Ok { details, timestamp })) => {
                     break Ok(Answer {
@@ -420,8 +420,8 @@ impl ServiceClient {
                         break Err((err, true));
                     }
                     // Back off, still taking an answer to an earlier attempt.
-                    let pause = (Instant::now() + backoff).min(deadline);
-                    backoff *= 2;
+                    let pause = later(backoff, deadline);
+                    backoff = backoff.saturating_mul(2);
                     if let Ok(Some(Reply::Ok { details, timestamp })) =
                         tokio::time::timeout_at(pause.into(), rx.recv()).await
                     {
@@ -569,6 +569,13 @@ impl ServiceClient {
             }
         }
     }
+}
+
+/// `now + d`, at most `deadline`.
+fn later(d: Duration, deadline: Instant) -> Instant {
+    Instant::now()
+        .checked_add(d)
+        .map_or(deadline, |t| t.min(deadline))
 }
 
 fn timeout(service: &str, attempts: u32) -> CallError {

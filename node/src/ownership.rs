@@ -228,6 +228,14 @@ impl Ownership {
         })
     }
 
+    /// How many of the lock's instances answered their latest command or health ping,
+    /// and of how many.
+    pub fn instances_up(&self) -> (usize, usize) {
+        let all = &self.instances.all;
+        let up = all.iter().filter(|i| i.up.load(Ordering::SeqCst)).count();
+        (up, all.len())
+    }
+
     fn manager(&self) -> LockManager {
         self.instances.locks.lock().unwrap().clone()
     }
@@ -239,7 +247,7 @@ impl Ownership {
         reset_manager(&self.instances);
     }
 
-/// Acquires the lock of `session` before `deadline`. `is_dead(holder)` says whether
+    /// Acquires the lock of `session` before `deadline`. `is_dead(holder)` says whether
     /// a holder node is known dead (its lock may then be broken).
     pub async fn acquire(
         &self,

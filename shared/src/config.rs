@@ -666,7 +666,11 @@ mod tests {
     fn the_lock_is_on_the_primary_redis_unless_lock_urls_are_given() {
         let mut r = RedisConfig::default();
         assert_eq!(r.lock_instances(), vec![r.url.clone()]);
-        r.lock_urls = vec!["redis://a:1".into(), "redis://b:2".into(), "redis://c:3".into()];
+        r.lock_urls = vec![
+            "redis://a:1".into(),
+            "redis://b:2".into(),
+            "redis://c:3".into(),
+        ];
         assert_eq!(r.lock_instances(), r.lock_urls);
     }
 

@@ -9,7 +9,8 @@
 use anyhow::{Context, Result};
 use cluster::harness::{ClusterSpec, LocalCluster};
 use cluster::load::{self, Record, Target};
-use gs_tests::{owners, verify_workload, PrivateServer};
+use gs_shared::membership::MemberKind;
+use gs_tests::{owners, verify_workload, PrivateServer, WAIT};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -44,12 +45,15 @@ async fn run(cluster: &LocalCluster, locks: &mut [PrivateServer]) -> Result<()> 
     let (ids, clients) = load::setup(&target, SESSIONS, CLIENTS_PER_SESSION, None).await?;
     let running = load::start(clients, INTERVAL, ANSWER_TIMEOUT, None);
     let progress = running.progress.clone();
-    let all_served_since = |t: Instant| {
-        move |p: &load::Progress| (0..SESSIONS).all(|s| p.acked_since(s, t))
-    };
+    let all_served_since =
+        |t: Instant| move |p: &load::Progress| (0..SESSIONS).all(|s| p.acked_since(s, t));
     let warm = Instant::now();
     progress
-        .wait("every session served", PHASE_TIMEOUT, all_served_since(warm))
+        .wait(
+            "every session served",
+            PHASE_TIMEOUT,
+            all_served_since(warm),
+        )
         .await?;
 
     // One of three down: nothing visible happens.
@@ -65,7 +69,10 @@ async fn run(cluster: &LocalCluster, locks: &mut [PrivateServer]) -> Result<()> 
         })
         .await?;
     let errors_one_down = progress.errors();
-    assert_eq!(errors_one_down, 0, "one lock instance of three down: no error");
+    assert_eq!(
+        errors_one_down, 0,
+        "one lock instance of three down: no error"
+    );
     let owners_after = owners(cluster, &ids).await?;
     assert_eq!(
         owners_before, owners_after,
@@ -84,6 +91,7 @@ async fn run(cluster: &LocalCluster, locks: &mut [PrivateServer]) -> Result<()> 
         )
         .await?;
     let refused_by = two_down.elapsed();
+    await_readiness(cluster, 503, "readiness reports the lock quorum lost").await?;
 
     // Both back: service recovers by itself.
     locks[0].start().await?;
@@ -103,6 +111,7 @@ async fn run(cluster: &LocalCluster, locks: &mut [PrivateServer]) -> Result<()> 
             p.acks() >= acks_at + (SESSIONS * CLIENTS_PER_SESSION * 5) as u64
         })
         .await?;
+    await_readiness(cluster, 200, "readiness recovers").await?;
     let (clients, records) = running.stop().await?;
 
     let errors: Vec<&Record> = records.iter().filter(|r| r.result.is_err()).collect();
@@ -173,4 +182,26 @@ async fn refused_and_stored(
         }
     }
     Ok(stored)
+}
+
+/// Waits (bounded) until every node's readiness answers `status`.
+async fn await_readiness(cluster: &LocalCluster, status: u16, what: &str) -> Result<()> {
+    let http = cluster.http();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut now = Vec::new();
+        for m in cluster
+            .members
+            .values()
+            .filter(|m| m.kind == MemberKind::Node)
+        {
+            let r = http.get(format!("{}/health/ready", m.url)).send().await?;
+            now.push(r.status().as_u16());
+        }
+        if now.iter().all(|s| *s == status) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what}: readiness is {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -63,7 +63,7 @@ pub async fn readiness(ctx: &NodeCtx) -> (bool, serde_json::Value) {
         "disabled".to_string()
     } else {
         let (up, of) = ctx.ownership.instances_up();
-        if up >= of / 2 + 1 {
+        if up > of / 2 {
             "up".to_string()
         } else {
             format!("down: {up} of {of} lock instances answer")

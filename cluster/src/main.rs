@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cluster up [--nodes N] [--routers R] [--tls]   start services' schema, N nodes, R routers
+//!            [--redis-lock-quorum K]              (and K local redis-servers for the lock)
 //! cluster token --user UUID --role ROLE           mint an access token
 //! cluster status                                  members, owners, health
 //! cluster kill ID | pause ID | resume ID          SIGKILL / SIGSTOP / SIGCONT a member
@@ -56,6 +57,11 @@ enum Cmd {
         /// Serve https/wss with a generated self-signed certificate.
         #[arg(long)]
         tls: bool,
+        /// Start this many local redis-servers (free ports) as the ownership lock's
+        /// independent masters (`redis.lock_urls`, Redlock); 0: the lock is on
+        /// `redis.url`.
+        #[arg(long, default_value_t = 0)]
+        redis_lock_quorum: usize,
     },
     /// Mint an access token with the configured secret.
     Token {
@@ -141,7 +147,18 @@ async fn main() -> Result<()> {
             nodes,
             routers,
             tls,
-        } => up(&cli.dir, cli.config.as_deref(), nodes, routers, tls).await,
+            redis_lock_quorum,
+        } => {
+            up(
+                &cli.dir,
+                cli.config.as_deref(),
+                nodes,
+                routers,
+                tls,
+                redis_lock_quorum,
+            )
+            .await
+        }
         Cmd::Token { user, role, ttl } => {
             let cfg = load_config(&cli.dir, cli.config.as_deref())?;
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
@@ -226,11 +243,24 @@ async fn up(
     nodes: usize,
     routers: usize,
     tls: bool,
+    redis_lock_quorum: usize,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
     refuse_if_running(&dir)?;
-    let (base, saved) = dev_config(&dir, file)?;
+    let (mut base, saved) = dev_config(&dir, file)?;
+    // Killed when `up` ends (kill_on_drop).
+    let mut lock_servers = Vec::new();
+    let mut lock_urls = Vec::new();
+    for i in 0..redis_lock_quorum {
+        let (child, url) = start_lock_redis(&dir, i).await?;
+        println!("lock Redis {i}: {url}");
+        lock_servers.push(child);
+        lock_urls.push(url);
+    }
+    if !lock_urls.is_empty() {
+        base.redis.lock_urls = lock_urls;
+    }
     println!(
         "starting {nodes} nodes and {routers} routers (logs in {}) ...",
         dir.display()
@@ -273,8 +303,41 @@ async fn up(
     stop_members(&mut cluster, &ClusterState::load(&dir).unwrap_or(state)).await;
     cluster.shutdown().await;
     let _ = std::fs::remove_file(ClusterState::path(&dir));
+    for mut c in lock_servers {
+        let _ = c.kill().await;
+    }
     println!("stopped");
     Ok(())
+}
+
+/// Starts a `redis-server` (no persistence) on a free local port for the ownership
+/// lock and waits until it accepts connections; its URL.
+async fn start_lock_redis(dir: &Path, i: usize) -> Result<(tokio::process::Child, String)> {
+    let port = cluster::harness::free_port()?;
+    let data = dir.join(format!("redis-lock-{i}"));
+    std::fs::create_dir_all(&data)?;
+    let log = std::fs::File::create(dir.join(format!("redis-lock-{i}.log")))?;
+    let child = tokio::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&data)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting redis-server (scripts/services.sh installs it)")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if std::time::Instant::now() >= deadline {
+            bail!("redis-server on port {port} did not start");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok((child, format!("redis://127.0.0.1:{port}")))
 }
 
 /// Refuses to start over a cluster whose processes still run.

@@ -1,5 +1,6 @@
 //! The node's operator endpoints: `/health/live` (the process runs), `/health/ready`
-//! (PostgreSQL, Redis, NATS answer and the Message Hub is connected; 503 otherwise,
+//! (PostgreSQL, Redis, a majority of the lock's Redis instances, NATS answer and the
+//! Message Hub is connected; 503 otherwise,
 //! with each dependency's state) and `/metrics` (Prometheus).
 
 use crate::NodeCtx;
@@ -57,8 +58,19 @@ pub async fn readiness(ctx: &NodeCtx) -> (bool, serde_json::Value) {
     } else {
         "down: warming up".to_string()
     };
+    // The lock's own instances, when they are not the primary Redis (checked above).
+    let redis_lock = if ctx.cfg.redis.lock_urls.is_empty() {
+        "disabled".to_string()
+    } else {
+        let (up, of) = ctx.ownership.instances_up();
+        if up > of / 2 {
+            "up".to_string()
+        } else {
+            format!("down: {up} of {of} lock instances answer")
+        }
+    };
     let checks = json!({ "postgres": flat(pg), "redis": flat(redis), "nats": nats,
-        "rabbitmq": hub, "membership": membership });
+        "rabbitmq": hub, "membership": membership, "redis_lock": redis_lock });
     let up = checks
         .as_object()
         .map(|m| m.values().all(|v| v == "up" || v == "disabled"))

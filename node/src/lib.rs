@@ -139,8 +139,7 @@ async fn start(
     let ownership = ownership::Ownership::new(
         id.clone(),
         keys.clone(),
-        &cfg.redis.url,
-        redis.clone(),
+        &cfg.redis.lock_instances(),
         ms(cfg.node.lock_ttl_ms),
         ms(cfg.node.lock_renew_ms),
         ms(cfg.redis.op_timeout_ms),

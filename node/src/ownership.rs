@@ -1,5 +1,5 @@
-//! Ownership of sessions: Redis locks (rslock) with a renewal task, plus the record of
-//! who holds each lock.
+//! Ownership of sessions: Redis locks (rslock's Redlock over `redis.lock_urls`) with a
+//! renewal task, plus the record of who holds each lock.
 //!
 //! A node serves session S only while it holds S's lock (`{prefix}lock:session:S`,
 //! TTL `node.lock_ttl_ms`, renewed every `node.lock_renew_ms`) **and** S's newest
@@ -8,19 +8,33 @@
 //! once in the normal case; the epoch makes that safe in every case: a paused or
 //! partitioned ex-owner's writes are refused by PostgreSQL.
 //!
-//! rslock gives no fencing token and no holder identity (its value is random), so a
-//! holder key (`…:holder` = node id, same TTL) is written beside the lock. When the
-//! lock is busy and its holder is a member the membership table declares dead, the
-//! lock is broken at once instead of waiting for the TTL: failover then takes the
-//! failure-detection time, not failure detection plus the remaining TTL. Breaking the
-//! lock of a node that is in fact alive is safe (it is fenced by the epoch, and its
-//! next renewal fails, so it stops serving).
+//! The lock lives on N independent Redis masters (`redis.lock_urls`; default: the one
+//! `redis.url`): acquired, extended and released when a majority (N/2+1) agrees. Every
+//! other lock-related key and check follows the same quorum rule, so a minority of the
+//! instances may be down without any effect:
+//! * the holder record (`…:holder` = node id) is written beside the lock on each
+//!   instance where the lock is ours; a lookup takes the answer of a majority;
+//! * breaking a dead holder's lock runs, atomically per instance, on each instance;
+//! * [`Lease::confirm`] counts the instances where the lock value is ours.
+//!
+//! With a majority down no lease can be taken or renewed: sessions stop and commands
+//! are refused with `service_unavailable` until the instances return. Each instance is
+//! reconnected on its own (a health check pings the instances and rebuilds rslock's
+//! connections when one comes back).
+//!
+//! rslock gives no fencing token and no holder identity (its value is random), hence
+//! the holder record. When the lock is busy and its holder is a member the membership
+//! table declares dead, the lock is broken at once instead of waiting for the TTL:
+//! failover then takes the failure-detection time, not failure detection plus the
+//! remaining TTL. Breaking the lock of a node that is in fact alive is safe (it is
+//! fenced by the epoch, and its next renewal fails, so it stops serving).
 
+use futures::future::join_all;
 use gs_shared::keys::Keys;
-use redis::aio::ConnectionManager;
+use redis::aio::MultiplexedConnection;
 use rslock::{Lock, LockError, LockManager};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -43,11 +57,23 @@ end
 return 0
 "#;
 
+/// Writes the holder key where the lock (KEYS[1]) has our value (ARGV[1]).
+const WRITE_HOLDER_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"#;
+
 /// Poll interval while waiting for a busy lock, for the first [`LOCK_POLL_FAST_FOR`].
 const LOCK_POLL_FAST: Duration = Duration::from_millis(5);
 const LOCK_POLL_FAST_FOR: Duration = Duration::from_millis(500);
 /// Longest poll interval afterwards.
 const LOCK_POLL_MAX: Duration = Duration::from_millis(100);
+/// How often the instances of a multi-instance lock are pinged (to rebuild rslock's
+/// connections when one returns).
+const HEALTH_EVERY: Duration = Duration::from_millis(250);
 
 /// A busy lock, after looking at its holder.
 enum Busy {
@@ -65,59 +91,160 @@ pub enum AcquireError {
     Redis(String),
 }
 
+/// One Redis instance of the lock, with our own connection for the holder record and
+/// the lock checks (rslock keeps its own).
+struct Instance {
+    client: redis::Client,
+    con: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    up: AtomicBool,
+}
+
+impl Instance {
+    /// Runs `cmd` within `timeout`; on any failure the connection is dropped, and the
+    /// next call connects afresh.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        timeout: Duration,
+    ) -> Result<T, String> {
+        let r = tokio::time::timeout(timeout, async {
+            let mut con = self.connection().await?;
+            cmd.query_async::<T>(&mut con)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|_| Err("timeout".into()));
+        if r.is_err() {
+            *self.con.lock().await = None;
+        }
+        self.up.store(r.is_ok(), Ordering::SeqCst);
+        r
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, String> {
+        let mut con = self.con.lock().await;
+        if let Some(c) = &*con {
+            return Ok(c.clone());
+        }
+        let c = self
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        *con = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// The lock's Redis instances.
+struct Instances {
+    urls: Vec<String>,
+    all: Vec<Instance>,
+    locks: Mutex<LockManager>,
+}
+
+impl Instances {
+    fn quorum(&self) -> usize {
+        self.all.len() / 2 + 1
+    }
+
+    /// Runs `cmd` on every instance at once.
+    async fn each<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        timeout: Duration,
+    ) -> Vec<Result<T, String>> {
+        join_all(self.all.iter().map(|i| i.query::<T>(cmd, timeout))).await
+    }
+}
+
 /// Lock service of one node.
 #[derive(Clone)]
 pub struct Ownership {
     node: String,
     keys: Keys,
-    locks: Arc<Mutex<LockManager>>,
-    redis_url: String,
-    redis: ConnectionManager,
+    instances: Arc<Instances>,
     ttl: Duration,
     renew: Duration,
     op_timeout: Duration,
 }
 
-fn new_lock_manager(url: &str) -> Result<LockManager, redis::RedisError> {
-    let client = redis::Client::open(url)?;
-    let mut m = LockManager::from_clients(vec![client]);
+fn new_lock_manager(urls: &[String]) -> Result<LockManager, redis::RedisError> {
+    let clients = urls
+        .iter()
+        .map(|u| redis::Client::open(u.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut m = LockManager::from_clients(clients);
     // Our own loop retries (it also checks for dead holders between tries).
     m.set_retry(1, Duration::from_millis(1));
     Ok(m)
 }
 
+fn eval(script: &str, keys: &[&str], args: &[&[u8]]) -> redis::Cmd {
+    let mut c = redis::cmd("EVAL");
+    c.arg(script).arg(keys.len()).arg(keys);
+    for a in args {
+        c.arg(*a);
+    }
+    c
+}
+
 impl Ownership {
+    /// `lock_urls`: the lock's independent Redis instances (at least one).
     pub fn new(
         node: String,
         keys: Keys,
-        redis_url: &str,
-        redis: ConnectionManager,
+        lock_urls: &[String],
         ttl: Duration,
         renew: Duration,
         op_timeout: Duration,
     ) -> Result<Self, redis::RedisError> {
+        let all = lock_urls
+            .iter()
+            .map(|u| {
+                Ok(Instance {
+                    client: redis::Client::open(u.as_str())?,
+                    con: tokio::sync::Mutex::new(None),
+                    up: AtomicBool::new(true),
+                })
+            })
+            .collect::<Result<Vec<_>, redis::RedisError>>()?;
+        let instances = Arc::new(Instances {
+            urls: lock_urls.to_vec(),
+            all,
+            locks: Mutex::new(new_lock_manager(lock_urls)?),
+        });
+        if lock_urls.len() > 1 {
+            tokio::spawn(health_loop(Arc::downgrade(&instances), op_timeout));
+        }
         Ok(Self {
             node,
             keys,
-            locks: Arc::new(Mutex::new(new_lock_manager(redis_url)?)),
-            redis_url: redis_url.to_string(),
-            redis,
+            instances,
             ttl,
             renew,
             op_timeout,
         })
     }
 
-    fn manager(&self) -> LockManager {
-        self.locks.lock().unwrap().clone()
+    /// How many of the lock's instances answered their latest command or health ping,
+    /// and of how many.
+    pub fn instances_up(&self) -> (usize, usize) {
+        let all = &self.instances.all;
+        let up = all.iter().filter(|i| i.up.load(Ordering::SeqCst)).count();
+        (up, all.len())
     }
 
-    /// rslock keeps one multiplexed connection; after Redis restarts it may stay
-    /// broken, so a fresh manager replaces it on errors.
+    fn manager(&self) -> LockManager {
+        self.instances.locks.lock().unwrap().clone()
+    }
+
+    /// rslock keeps one multiplexed connection per instance; after an instance restarts
+    /// it may stay broken, so a fresh manager (connecting to each instance lazily)
+    /// replaces it on errors and when an instance comes back.
     fn reset_manager(&self) {
-        if let Ok(m) = new_lock_manager(&self.redis_url) {
-            *self.locks.lock().unwrap() = m;
-        }
+        reset_manager(&self.instances);
     }
 
     /// Acquires the lock of `session` before `deadline`. `is_dead(holder)` says whether
@@ -145,7 +272,8 @@ impl Ownership {
             match attempt {
                 Ok(Ok(lock)) => {
                     let valid_until = started + Duration::from_millis(lock.validity_time as u64);
-                    self.write_holder(session, &holder_key).await;
+                    self.write_holder(session, &key, &holder_key, &lock.val)
+                        .await;
                     return Ok(Lease::start(self.clone(), session, lock, valid_until));
                 }
                 Ok(Err(LockError::Unavailable)) | Ok(Err(LockError::TtlExceeded)) => {
@@ -174,28 +302,31 @@ impl Ownership {
         }
     }
 
-    /// Records this node as the lock's holder. The holder key only speeds up takeover
-    /// after a crash; without it a successor waits for the TTL.
-    async fn write_holder(&self, session: Uuid, holder_key: &str) {
-        let mut redis = self.redis.clone();
-        let set = tokio::time::timeout(
-            self.op_timeout,
-            redis::cmd("SET")
-                .arg(holder_key)
-                .arg(&self.node)
-                .arg("PX")
-                .arg(self.ttl.as_millis() as u64)
-                .query_async::<()>(&mut redis),
-        )
-        .await;
-        if !matches!(set, Ok(Ok(()))) {
-            tracing::debug!(%session, "holder key not written");
+    /// Records this node as the lock's holder, on each instance where the lock is ours.
+    /// The holder key only speeds up takeover after a crash; without it a successor
+    /// waits for the TTL.
+    async fn write_holder(&self, session: Uuid, key: &str, holder_key: &str, val: &[u8]) {
+        let ttl = self.ttl.as_millis().to_string();
+        let cmd = eval(
+            WRITE_HOLDER_SCRIPT,
+            &[key, holder_key],
+            &[val, self.node.as_bytes(), ttl.as_bytes()],
+        );
+        let written = self
+            .instances
+            .each::<i64>(&cmd, self.op_timeout)
+            .await
+            .into_iter()
+            .filter(|r| matches!(r, Ok(1)))
+            .count();
+        if written < self.instances.quorum() {
+            tracing::debug!(%session, written, "holder key not written on a majority");
         }
     }
 
-    /// The lock is busy (or Redis unreachable, which rslock reports the same way): asks
-    /// Redis who holds it, which also tells whether it answers at all, and breaks the
-    /// lock if its holder is dead.
+    /// The lock is busy (or a majority of its instances unreachable, which rslock
+    /// reports the same way): asks the instances who holds it, which also tells whether
+    /// a majority answers at all, and breaks the lock if its holder is dead.
     async fn busy(
         &self,
         session: Uuid,
@@ -234,36 +365,77 @@ impl Ownership {
         Ok(())
     }
 
-    /// The node recorded as holding a lock; `Err` when Redis does not answer.
+    /// The node recorded as holding a lock (the name most instances give); `Err` when
+    /// fewer than a majority of the instances answer.
     async fn holder(&self, holder_key: &str) -> Result<Option<String>, String> {
-        let mut redis = self.redis.clone();
-        match tokio::time::timeout(
-            self.op_timeout,
-            redis::cmd("GET")
-                .arg(holder_key)
-                .query_async::<Option<String>>(&mut redis),
-        )
-        .await
-        {
-            Ok(Ok(h)) => Ok(h),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timeout".into()),
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(holder_key);
+        let answers = self
+            .instances
+            .each::<Option<String>>(&cmd, self.op_timeout)
+            .await;
+        let mut names: Vec<(String, usize)> = Vec::new();
+        let mut answered = 0;
+        let mut error = None;
+        for a in answers {
+            match a {
+                Ok(Some(h)) => {
+                    answered += 1;
+                    match names.iter_mut().find(|(n, _)| *n == h) {
+                        Some((_, c)) => *c += 1,
+                        None => names.push((h, 1)),
+                    }
+                }
+                Ok(None) => answered += 1,
+                Err(e) => error = Some(e),
+            }
         }
+        if answered < self.instances.quorum() {
+            return Err(error.unwrap_or_else(|| "no lock quorum".into()));
+        }
+        Ok(names.into_iter().max_by_key(|(_, c)| *c).map(|(n, _)| n))
     }
 
+    /// Breaks the lock on every instance where `holder` still holds it (atomic per
+    /// instance); whether it was broken anywhere.
     async fn break_lock(&self, key: &str, holder_key: &str, holder: &str) -> bool {
-        let mut redis = self.redis.clone();
-        let script = redis::Script::new(BREAK_SCRIPT);
-        let r = tokio::time::timeout(
-            self.op_timeout,
-            script
-                .key(key)
-                .key(holder_key)
-                .arg(holder)
-                .invoke_async::<i64>(&mut redis),
-        )
-        .await;
-        matches!(r, Ok(Ok(1)))
+        let cmd = eval(BREAK_SCRIPT, &[key, holder_key], &[holder.as_bytes()]);
+        self.instances
+            .each::<i64>(&cmd, self.op_timeout)
+            .await
+            .into_iter()
+            .any(|r| matches!(r, Ok(1)))
+    }
+}
+
+fn reset_manager(instances: &Instances) {
+    if let Ok(m) = new_lock_manager(&instances.urls) {
+        *instances.locks.lock().unwrap() = m;
+    }
+}
+
+/// Pings the instances of a multi-instance lock; when one that was down answers again,
+/// rslock's connections are rebuilt so that it counts towards the quorum again. Ends
+/// with the [`Ownership`].
+async fn health_loop(instances: Weak<Instances>, op_timeout: Duration) {
+    let mut tick = tokio::time::interval(HEALTH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cmd = redis::cmd("PING");
+    cmd.arg("lock-health");
+    loop {
+        tick.tick().await;
+        let Some(i) = instances.upgrade() else { return };
+        let before: Vec<bool> = i.all.iter().map(|x| x.up.load(Ordering::SeqCst)).collect();
+        let after: Vec<bool> = i
+            .each::<String>(&cmd, op_timeout)
+            .await
+            .iter()
+            .map(Result::is_ok)
+            .collect();
+        if before.iter().zip(&after).any(|(b, a)| !b && *a) {
+            tracing::info!(up = ?after, "a lock instance is back; reconnecting the lock");
+            reset_manager(&i);
+        }
     }
 }
 
@@ -320,26 +492,30 @@ impl Lease {
             let l = self.shared.lock.lock().unwrap();
             (l.resource.clone(), l.val.clone())
         };
-        let mut redis = self.ownership.redis.clone();
-        let r = tokio::time::timeout(
-            self.ownership.op_timeout,
-            redis::cmd("GET")
-                .arg(key)
-                .query_async::<Option<Vec<u8>>>(&mut redis),
-        )
-        .await;
-        match r {
-            Ok(Ok(held)) => {
-                let ours = held.as_deref() == Some(val.as_slice());
-                if !ours {
-                    self.shared.lost.store(true, Ordering::SeqCst);
-                    self.shared.lost_tx.send_replace(true);
-                }
-                Ok(ours)
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timeout".into()),
+        let instances = &self.ownership.instances;
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        let answers = instances
+            .each::<Option<Vec<u8>>>(&cmd, self.ownership.op_timeout)
+            .await;
+        let ours = answers
+            .iter()
+            .filter(|a| matches!(a, Ok(Some(v)) if *v == val))
+            .count();
+        let unanswered = answers.iter().filter(|a| a.is_err()).count();
+        if ours >= instances.quorum() {
+            return Ok(true);
         }
+        if ours + unanswered < instances.quorum() {
+            // A majority says the lock is not ours.
+            self.shared.lost.store(true, Ordering::SeqCst);
+            self.shared.lost_tx.send_replace(true);
+            return Ok(false);
+        }
+        Err(answers
+            .into_iter()
+            .find_map(Result::err)
+            .unwrap_or_else(|| "no lock quorum".into()))
     }
 
     /// Resolves when the lease is lost.
@@ -361,15 +537,9 @@ impl Lease {
         };
         let own = &self.ownership;
         let _ = tokio::time::timeout(own.op_timeout, own.manager().unlock(&lock)).await;
-        let mut redis = own.redis.clone();
-        let _ = tokio::time::timeout(
-            own.op_timeout,
-            redis::Script::new(CLEAR_HOLDER_SCRIPT)
-                .key(own.keys.lock_holder(&self.session))
-                .arg(&own.node)
-                .invoke_async::<i64>(&mut redis),
-        )
-        .await;
+        let holder_key = own.keys.lock_holder(&self.session);
+        let cmd = eval(CLEAR_HOLDER_SCRIPT, &[&holder_key], &[own.node.as_bytes()]);
+        let _ = own.instances.each::<i64>(&cmd, own.op_timeout).await;
     }
 }
 
@@ -404,15 +574,10 @@ async fn renew_loop(own: Ownership, session: Uuid, shared: Arc<LeaseShared>) {
                 *shared.valid_until.lock().unwrap() =
                     started + Duration::from_millis(renewed.validity_time as u64);
                 *shared.lock.lock().unwrap() = renewed;
-                let mut redis = own.redis.clone();
-                let _ = tokio::time::timeout(
-                    own.op_timeout,
-                    redis::cmd("PEXPIRE")
-                        .arg(own.keys.lock_holder(&session))
-                        .arg(own.ttl.as_millis() as u64)
-                        .query_async::<i64>(&mut redis),
-                )
-                .await;
+                let mut cmd = redis::cmd("PEXPIRE");
+                cmd.arg(own.keys.lock_holder(&session))
+                    .arg(own.ttl.as_millis() as u64);
+                let _ = own.instances.each::<i64>(&cmd, own.op_timeout).await;
             }
             Ok(Err(e)) => {
                 tracing::warn!(%session, error = %e, "lock renewal failed; giving the session up");

@@ -68,17 +68,34 @@ impl Default for NatsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RedisConfig {
+    /// The primary Redis: rate-limit counters, the ICD cache keys, readiness.
     pub url: String,
+    /// Independent Redis masters for the session ownership lock (Redlock: acquired,
+    /// extended and released on a majority of them; the lock-holder record lives
+    /// beside the lock on each). Empty (the default): the lock is on `url` alone.
+    pub lock_urls: Vec<String>,
     /// Prefix of every key (the ICD keys become `{prefix}session:{id}:meta`, ...).
     pub key_prefix: String,
     /// Bound on every Redis round trip; past it the operation fails fast.
     pub op_timeout_ms: u64,
 }
 
+impl RedisConfig {
+    /// The Redis instances of the ownership lock: `lock_urls`, or `url` when empty.
+    pub fn lock_instances(&self) -> Vec<String> {
+        if self.lock_urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.lock_urls.clone()
+        }
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            lock_urls: Vec::new(),
             key_prefix: String::new(),
             op_timeout_ms: 500,
         }
@@ -643,6 +660,18 @@ mod tests {
         let cfg = Config::default();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("jwt_secret"), "{err}");
+    }
+
+    #[test]
+    fn the_lock_is_on_the_primary_redis_unless_lock_urls_are_given() {
+        let mut r = RedisConfig::default();
+        assert_eq!(r.lock_instances(), vec![r.url.clone()]);
+        r.lock_urls = vec![
+            "redis://a:1".into(),
+            "redis://b:2".into(),
+            "redis://c:3".into(),
+        ];
+        assert_eq!(r.lock_instances(), r.lock_urls);
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct NatsConfig {
+    /// One NATS server, or the seed URLs of a NATS cluster, comma-separated
+    /// (`nats://127.0.0.1:4222,nats://127.0.0.1:4223`; `GS_NATS__URL` takes the same
+    /// form). The client connects to any of them and reconnects across all of them
+    /// (and the servers the cluster advertises) when the one it uses goes away.
     pub url: String,
     /// First token of every subject, so several clusters can share one NATS server.
     pub subject_prefix: String,
@@ -52,6 +56,17 @@ pub struct NatsConfig {
     /// `router.request_deadline_ms`.
     pub request_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+}
+
+impl NatsConfig {
+    /// The seed URLs of `url`, trimmed, empty entries dropped.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
 }
 
 impl Default for NatsConfig {
@@ -580,6 +595,11 @@ impl Config {
                 "nats.subject_prefix must be a non-empty NATS token".into(),
             ));
         }
+        if self.nats.urls().is_empty() {
+            return Err(ConfigError::Invalid(
+                "nats.url must name at least one server".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -602,7 +622,7 @@ pub fn redact_secrets(text: &str) -> String {
         out.push_str(head);
         // The authority ends at the first '/', '?', '#' or whitespace (or quote).
         let end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'') || c.is_whitespace())
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | ',') || c.is_whitespace())
             .unwrap_or(tail.len());
         let authority = &tail[..end];
         match authority.rfind('@') {
@@ -672,6 +692,21 @@ mod tests {
             "redis://c:3".into(),
         ];
         assert_eq!(r.lock_instances(), r.lock_urls);
+    }
+
+    #[test]
+    fn nats_url_takes_the_seed_urls_of_a_cluster_comma_separated() {
+        let mut n = NatsConfig::default();
+        assert_eq!(n.urls(), vec!["nats://127.0.0.1:4222"]);
+        n.url = "nats://a:1, nats://b:2,,nats://c:3".into();
+        assert_eq!(n.urls(), vec!["nats://a:1", "nats://b:2", "nats://c:3"]);
+        assert_eq!(
+            redact_url("nats://u:pw@a:1,nats://u:pw2@b:2"),
+            "nats://u:***@a:1,nats://u:***@b:2"
+        );
+        let mut cfg = Config::default();
+        cfg.nats.url = " , ".into();
+        assert!(cfg.validate().is_err());
     }
 
     #[test]

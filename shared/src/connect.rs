@@ -17,14 +17,27 @@ pub enum ConnectError {
     Redis { url: String, error: String },
 }
 
+/// Connects to NATS: one server, or any of the seed URLs of a cluster (`nats.url`,
+/// comma-separated). async-nats keeps every seed (and the servers the cluster
+/// advertises) and, when the server in use goes away, reconnects to another at once.
 pub async fn nats(cfg: &Config, name: &str) -> Result<async_nats::Client, ConnectError> {
+    let seeds = cfg
+        .nats
+        .urls()
+        .into_iter()
+        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConnectError::Nats {
+            url: redact_url(&cfg.nats.url),
+            error: redact_secrets(&e.to_string()),
+        })?;
     let deadline = Instant::now() + STARTUP_WAIT;
     loop {
         let opts = async_nats::ConnectOptions::new()
             .name(name)
             .connection_timeout(ms(cfg.nats.connect_timeout_ms))
             .request_timeout(Some(ms(cfg.nats.request_timeout_ms)));
-        let error = match opts.connect(&cfg.nats.url).await {
+        let error = match opts.connect(seeds.clone()).await {
             Ok(c) => return Ok(c),
             Err(e) => redact_secrets(&e.to_string()),
         };

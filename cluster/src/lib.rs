@@ -15,5 +15,6 @@ pub mod bench;
 pub mod client;
 pub mod harness;
 pub mod load;
+pub mod nats_cluster;
 pub mod state;
 pub mod tls;

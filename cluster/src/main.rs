@@ -62,6 +62,11 @@ enum Cmd {
         /// `redis.url`.
         #[arg(long, default_value_t = 0)]
         redis_lock_quorum: usize,
+        /// Start this many local nats-servers (free ports) joined by routes as a NATS
+        /// cluster, and give every process all their URLs (`nats.url`); 0: `nats.url`
+        /// as configured.
+        #[arg(long, default_value_t = 0)]
+        nats_cluster: usize,
     },
     /// Mint an access token with the configured secret.
     Token {
@@ -148,6 +153,7 @@ async fn main() -> Result<()> {
             routers,
             tls,
             redis_lock_quorum,
+            nats_cluster,
         } => {
             up(
                 &cli.dir,
@@ -156,6 +162,7 @@ async fn main() -> Result<()> {
                 routers,
                 tls,
                 redis_lock_quorum,
+                nats_cluster,
             )
             .await
         }
@@ -244,6 +251,7 @@ async fn up(
     routers: usize,
     tls: bool,
     redis_lock_quorum: usize,
+    nats_cluster: usize,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
@@ -261,6 +269,16 @@ async fn up(
     if !lock_urls.is_empty() {
         base.redis.lock_urls = lock_urls;
     }
+    // Killed when `up` ends (kill_on_drop).
+    let nats = match nats_cluster {
+        0 => None,
+        n => {
+            let c = cluster::nats_cluster::NatsCluster::start_logging(n, Some(&dir)).await?;
+            println!("NATS cluster {} of {n}: {}", c.name, c.url());
+            base.nats.url = c.url();
+            Some(c)
+        }
+    };
     println!(
         "starting {nodes} nodes and {routers} routers (logs in {}) ...",
         dir.display()
@@ -305,6 +323,11 @@ async fn up(
     let _ = std::fs::remove_file(ClusterState::path(&dir));
     for mut c in lock_servers {
         let _ = c.kill().await;
+    }
+    if let Some(mut c) = nats {
+        for i in 0..c.servers.len() {
+            let _ = c.kill(i).await;
+        }
     }
     println!("stopped");
     Ok(())

@@ -7,7 +7,6 @@ use anyhow::{Context, Result};
 use cluster::harness::{ClusterSpec, LocalCluster};
 use cluster::load::{self, Record, Target};
 use gs_tests::{verify_workload, NatsCluster};
-use serde_json::Value;
 use std::time::{Duration, Instant};
 
 const SESSIONS: usize = 20;
@@ -54,7 +53,7 @@ async fn run(cluster: &LocalCluster, nats: &mut NatsCluster) -> Result<()> {
         .await?;
 
     // Kill the server the service uses most (nodes and routers pick a seed at random).
-    let conns = connections(nats).await?;
+    let conns = nats.connections().await?;
     let victim = (0..conns.len()).max_by_key(|i| conns[*i]).unwrap_or(0);
     anyhow::ensure!(
         conns[victim] > 0,
@@ -124,22 +123,4 @@ async fn run(cluster: &LocalCluster, nats: &mut NatsCluster) -> Result<()> {
         "recovery took {recovery:?} (bound {RECOVER_WITHIN:?})"
     );
     verify_workload(cluster, &ids, &clients, &records).await
-}
-
-/// Client connections per server of the cluster (from each server's `/connz`; a killed
-/// server counts 0).
-async fn connections(nats: &NatsCluster) -> Result<Vec<u64>> {
-    let http = cluster::client::http_client(None);
-    let mut out = Vec::new();
-    for s in &nats.servers {
-        let url = format!("http://127.0.0.1:{}/connz", s.monitor_port);
-        let n = match http.get(&url).send().await {
-            Ok(r) => r.json::<Value>().await?["num_connections"]
-                .as_u64()
-                .unwrap_or(0),
-            Err(_) => 0,
-        };
-        out.push(n);
-    }
-    Ok(out)
 }

@@ -328,160 +328,34 @@ impl ServiceClient {
         if inner.closed.load(Ordering::Acquire) {
             return Err(CallError::Hub("the reply consumer stopped".into()));
         }
-        let probe = match self.admit(service, started) {
-            Ok(probe) => probe,
-            Err(retry_in) => {
-                inner.count(service, |s| s.rejected += 1);
-                metrics::counter!("gs_node_rpc_rejected_total", "service" => service.to_string())
-                    .increment(1);
-                return Err(CallError::Unavailable {
-                    service: service.to_string(),
-                    retry_in,
-                });
-            }
-        };
+        let probe = self.admit_or_refuse(service, started)?;
         let request_id = Uuid::new_v4();
-        let id = request_id.to_string();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        if let Ok(mut calls) = inner.calls.lock() {
-            calls.pending.insert(
-                id.clone(),
-                Pending {
-                    service: service.to_string(),
-                    tx,
-                },
-            );
-        }
-        let mut guard = CallGuard {
-            inner,
-            id: id.clone(),
-            how: Finished::GaveUp,
+        let (mut rx, mut guard) = self.register(service, request_id);
+        let request = Request {
+            service,
+            key: format!("{service}.{request_type}"),
+            id: guard.id.clone(),
+            request_id,
+            body: request_body(request_id, request_type, session_id, details),
+            deadline,
         };
-        let body = json!({
-            "request_id": request_id,
-            "request_type": request_type,
-            "session_id": session_id,
-            "details": details,
-            "timestamp": gs_shared::protocol::timestamp_now(),
-        })
-        .to_string();
-        let key = format!("{service}.{request_type}");
-        let mut attempts = 0u32;
-        let mut wait = inner.opts.attempt_timeout.max(Duration::from_millis(1));
-        let mut backoff = inner.opts.retry_backoff;
-        let max_attempts = inner.opts.max_attempts.max(1);
-        // The outcome: Ok, or Err(error, counts as a breaker failure).
-        let outcome: Result<Answer, (CallError, bool)> = 'call: loop {
-            let now = Instant::now();
-            if now >= deadline {
-                break Err((timeout(service, attempts), true));
-            }
-            if attempts >= 1 {
-                inner.count(service, |s| s.retries += 1);
-                metrics::counter!("gs_node_rpc_retries_total", "service" => service.to_string())
-                    .increment(1);
-            }
-            attempts += 1;
-            let left = deadline - now;
-            if let Err(e) = inner.publish(&key, &id, &body, left).await {
-                if attempts >= max_attempts {
-                    break Err((CallError::Hub(e.to_string()), true));
-                }
-                tokio::time::sleep_until(later(backoff, deadline).into()).await;
-                backoff = backoff.saturating_mul(2);
-                continue;
-            }
-            // Wait for an answer to this (or an earlier) attempt.
-            let last = attempts >= max_attempts;
-            let until = if last {
-                deadline
-            } else {
-                later(wait, deadline)
-            };
-            wait = wait.saturating_mul(2);
-            match tokio::time::timeout_at(until.into(), rx.recv()).await {
-                Ok(Some(Reply::Ok { details, timestamp })) => {
-                    break Ok(Answer {
-                        request_id,
-                        details,
-                        timestamp,
-                        attempts,
-                    });
-                }
-                Ok(Some(Reply::Error { details, retryable })) => {
-                    let err = CallError::Refused {
-                        service: service.to_string(),
-                        details,
-                    };
-                    if !retryable {
-                        break Err((err, false));
-                    }
-                    if last {
-                        break Err((err, true));
-                    }
-                    // Back off, still taking an answer to an earlier attempt.
-                    let pause = later(backoff, deadline);
-                    backoff = backoff.saturating_mul(2);
-                    if let Ok(Some(Reply::Ok { details, timestamp })) =
-                        tokio::time::timeout_at(pause.into(), rx.recv()).await
-                    {
-                        break 'call Ok(Answer {
-                            request_id,
-                            details,
-                            timestamp,
-                            attempts,
-                        });
-                    }
-                    if Instant::now() >= deadline {
-                        break Err((err, true));
-                    }
-                }
-                Ok(None) => break Err((CallError::Hub("the reply consumer stopped".into()), true)),
-                Err(_) if last || Instant::now() >= deadline => {
-                    break Err((timeout(service, attempts), true));
-                }
-                Err(_) => {}
-            }
-        };
+        let outcome = self.exchange(&request, &mut rx).await;
         let now = Instant::now();
-        let label = service.to_string();
-        match &outcome {
-            Ok(_) | Err((CallError::Refused { .. }, _)) => {
-                guard.how = Finished::Answered;
-                inner.count(service, |s| s.answered += 1);
-                metrics::histogram!("gs_node_rpc_seconds", "service" => label.clone())
-                    .record(now.duration_since(started).as_secs_f64());
-            }
-            Err((CallError::Timeout { .. }, _)) => {
-                inner.count(service, |s| s.timeouts += 1);
-                metrics::counter!("gs_node_rpc_timeouts_total", "service" => label.clone())
-                    .increment(1);
-            }
-            Err(_) => {}
+        if record(inner, service, started, now, &outcome) {
+            guard.how = Finished::Answered;
         }
-        let result = match outcome {
-            Ok(_) => "ok",
-            Err((CallError::Refused { .. }, false)) => "error",
-            Err((CallError::Refused { .. }, true)) => "failed",
-            Err((CallError::Timeout { .. }, _)) => "timeout",
-            Err(_) => "hub_error",
-        };
-        metrics::counter!("gs_node_rpc_requests_total", "service" => label, "result" => result)
-            .increment(1);
         // Done with the call before the breaker hears of it; answers that came in
         // after the one taken (or after giving up) are dropped and counted.
         let how = guard.how;
         drop(guard);
         rx.close();
+        let extra = if how == Finished::Answered {
+            "duplicate"
+        } else {
+            "late"
+        };
         while let Ok(_extra) = rx.try_recv() {
-            inner.drop_answer(
-                service,
-                if how == Finished::Answered {
-                    "duplicate"
-                } else {
-                    "late"
-                },
-            );
+            inner.drop_answer(service, extra);
         }
         match outcome {
             Ok(a) => {
@@ -491,6 +365,109 @@ impl ServiceClient {
             Err((e, failure)) => {
                 self.report(service, now, probe, !failure);
                 Err(e)
+            }
+        }
+    }
+
+    /// The breaker's admission (`Ok(probe?)`), or the fast refusal while it is open.
+    fn admit_or_refuse(&self, service: &str, now: Instant) -> Result<bool, CallError> {
+        self.admit(service, now).map_err(|retry_in| {
+            self.inner.count(service, |s| s.rejected += 1);
+            metrics::counter!("gs_node_rpc_rejected_total", "service" => service.to_string())
+                .increment(1);
+            CallError::Unavailable {
+                service: service.to_string(),
+                retry_in,
+            }
+        })
+    }
+
+    /// Registers a call: where its answers go, and a guard that files it as finished.
+    fn register(
+        &self,
+        service: &str,
+        request_id: Uuid,
+    ) -> (mpsc::UnboundedReceiver<Reply>, CallGuard<'_>) {
+        let id = request_id.to_string();
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut calls) = self.inner.calls.lock() {
+            let service = service.to_string();
+            calls.pending.insert(id.clone(), Pending { service, tx });
+        }
+        let guard = CallGuard {
+            inner: &self.inner,
+            id,
+            how: Finished::GaveUp,
+        };
+        (rx, guard)
+    }
+
+    /// Publishes the request and waits for an answer, again (same correlation id) after
+    /// a silent attempt or a retryable error, within the deadline. The outcome: the
+    /// answer, or the error and whether it counts as a failure for the breaker.
+    async fn exchange(
+        &self,
+        r: &Request<'_>,
+        rx: &mut mpsc::UnboundedReceiver<Reply>,
+    ) -> Result<Answer, (CallError, bool)> {
+        let inner = &*self.inner;
+        let mut a = Attempts::new(&inner.opts);
+        loop {
+            let now = Instant::now();
+            if now >= r.deadline {
+                return Err((timeout(r.service, a.made), true));
+            }
+            if a.made >= 1 {
+                inner.count(r.service, |s| s.retries += 1);
+                metrics::counter!("gs_node_rpc_retries_total", "service" => r.service.to_string())
+                    .increment(1);
+            }
+            a.made += 1;
+            if let Err(e) = inner
+                .publish(&r.key, &r.id, &r.body, r.deadline - now)
+                .await
+            {
+                if a.last() {
+                    return Err((CallError::Hub(e.to_string()), true));
+                }
+                tokio::time::sleep_until(a.backoff(r.deadline).into()).await;
+                continue;
+            }
+            // Wait for an answer to this (or an earlier) attempt.
+            let until = a.wait_until(r.deadline);
+            match tokio::time::timeout_at(until.into(), rx.recv()).await {
+                Ok(Some(Reply::Ok { details, timestamp })) => {
+                    return Ok(r.answer(details, timestamp, a.made));
+                }
+                Ok(Some(Reply::Error { details, retryable })) => {
+                    let err = CallError::Refused {
+                        service: r.service.to_string(),
+                        details,
+                    };
+                    if !retryable {
+                        return Err((err, false));
+                    }
+                    if a.last() {
+                        return Err((err, true));
+                    }
+                    // Back off, still taking an answer to an earlier attempt.
+                    let pause = a.backoff(r.deadline);
+                    if let Ok(Some(Reply::Ok { details, timestamp })) =
+                        tokio::time::timeout_at(pause.into(), rx.recv()).await
+                    {
+                        return Ok(r.answer(details, timestamp, a.made));
+                    }
+                    if Instant::now() >= r.deadline {
+                        return Err((err, true));
+                    }
+                }
+                Ok(None) => {
+                    return Err((CallError::Hub("the reply consumer stopped".into()), true));
+                }
+                Err(_) if a.last() || Instant::now() >= r.deadline => {
+                    return Err((timeout(r.service, a.made), true));
+                }
+                Err(_) => {}
             }
         }
     }
@@ -572,6 +549,119 @@ impl ServiceClient {
 }
 
 /// `now + d`, at most `deadline`.
+/// One call's request, as every attempt sends it.
+struct Request<'a> {
+    service: &'a str,
+    /// The routing key, `<service>.<request_type>`.
+    key: String,
+    /// The correlation id (the request id as text).
+    id: String,
+    request_id: Uuid,
+    body: String,
+    deadline: Instant,
+}
+
+impl Request<'_> {
+    fn answer(&self, details: Value, timestamp: Value, attempts: u32) -> Answer {
+        Answer {
+            request_id: self.request_id,
+            details,
+            timestamp,
+            attempts,
+        }
+    }
+}
+
+/// The attempts of one call: how many were made, how long the next waits for its
+/// answer (doubling), how long the next pause is (doubling).
+struct Attempts {
+    made: u32,
+    max: u32,
+    wait: Duration,
+    backoff: Duration,
+}
+
+impl Attempts {
+    fn new(opts: &ClientOptions) -> Attempts {
+        Attempts {
+            made: 0,
+            max: opts.max_attempts.max(1),
+            wait: opts.attempt_timeout.max(Duration::from_millis(1)),
+            backoff: opts.retry_backoff,
+        }
+    }
+
+    fn last(&self) -> bool {
+        self.made >= self.max
+    }
+
+    /// Until when the attempt just made waits for an answer (the last: the deadline).
+    fn wait_until(&mut self, deadline: Instant) -> Instant {
+        let until = if self.last() {
+            deadline
+        } else {
+            later(self.wait, deadline)
+        };
+        self.wait = self.wait.saturating_mul(2);
+        until
+    }
+
+    /// The end of the next pause between attempts.
+    fn backoff(&mut self, deadline: Instant) -> Instant {
+        let until = later(self.backoff, deadline);
+        self.backoff = self.backoff.saturating_mul(2);
+        until
+    }
+}
+
+/// The request's payload, in the ICD's event style.
+fn request_body(
+    request_id: Uuid,
+    request_type: &str,
+    session_id: Option<Uuid>,
+    details: Value,
+) -> String {
+    json!({
+        "request_id": request_id,
+        "request_type": request_type,
+        "session_id": session_id,
+        "details": details,
+        "timestamp": gs_shared::protocol::timestamp_now(),
+    })
+    .to_string()
+}
+
+/// Counts a finished call in the metrics; `true` when the service answered (ok or an
+/// error of its own).
+fn record(
+    inner: &Inner,
+    service: &str,
+    started: Instant,
+    now: Instant,
+    outcome: &Result<Answer, (CallError, bool)>,
+) -> bool {
+    let label = service.to_string();
+    let answered = matches!(outcome, Ok(_) | Err((CallError::Refused { .. }, _)));
+    if answered {
+        inner.count(service, |s| s.answered += 1);
+        metrics::histogram!("gs_node_rpc_seconds", "service" => label.clone())
+            .record(now.duration_since(started).as_secs_f64());
+    } else if let Err((CallError::Timeout { .. }, _)) = outcome {
+        inner.count(service, |s| s.timeouts += 1);
+        metrics::counter!("gs_node_rpc_timeouts_total", "service" => label.clone()).increment(1);
+    }
+    let result = match outcome {
+        Ok(_) => "ok",
+        Err((CallError::Refused { .. }, false)) => "error",
+        Err((CallError::Refused { .. }, true)) => "failed",
+        Err((CallError::Timeout { .. }, _)) => "timeout",
+        Err(_) => "hub_error",
+    };
+    metrics::counter!("gs_node_rpc_requests_total", "service" => label, "result" => result)
+        .increment(1);
+    answered
+}
+
 fn later(d: Duration, deadline: Instant) -> Instant {
     Instant::now()
         .checked_add(d)

@@ -108,6 +108,16 @@ const view = (version, state = {}, extra = {}) => ({
   data: { state, metadata: {}, game: { status: "created", members: {}, play: { characters: {} } }, version, timestamp: "t", ...extra },
 });
 
+// Connects `client` and brings it up to version 1 (with `state`); the open socket.
+async function connected(client, last, state = {}) {
+  const ready = client.connect();
+  const ws = last();
+  ws.established(1);
+  ws.receive(view(1, state));
+  await ready;
+  return ws;
+}
+
 test("pointers behave as the server's (RFC 6901, objects created, '-' appends)", () => {
   assert.deepEqual(parsePointer("/a~1b/c~0d"), ["a/b", "c~d"]);
   assert.throws(() => parsePointer("a"));
@@ -193,11 +203,7 @@ test("connects with the tokens as query parameters and takes the server's state"
 
 test("send resolves on the ack and rejects on the error reply", async () => {
   const { client, last } = makeClient();
-  const ready = client.connect();
-  const ws = last();
-  ws.established(1);
-  ws.receive(view(1));
-  await ready;
+  const ws = await connected(client, last);
   const ok = client.send("state_update", { changes: [{ path: "/x", value: 1 }] });
   const bad = client.send("combat_start", { participants: [] });
   assert.deepEqual(ws.sent.map((m) => [m.id, m.type]), [["id-1", "state_update"], ["id-2", "combat_start"]]);
@@ -216,11 +222,7 @@ test("a drop resumes on the next router with last_version and resends unanswered
   client.on("status", (d) => statuses.push(d.status));
   const seen = [];
   client.on("event", (e) => seen.push(e.version));
-  const ready = client.connect();
-  let ws = last();
-  ws.established(1);
-  ws.receive(view(1));
-  await ready;
+  let ws = await connected(client, last);
   const answered = client.send("state_update", { changes: [{ path: "/a", value: 1 }] });
   const lost = client.send("state_update", { changes: [{ path: "/b", value: 2 }] });
   ws.receive({ type: "state_update", version: 2, data: { changes: [{ path: "/a", value: 1 }] } });
@@ -338,11 +340,7 @@ test("a 1006 whose probe finds nothing wrong (router down) is retried elsewhere"
 
 test("the end of the session closes the client for good", async () => {
   const { client, last } = makeClient();
-  const ready = client.connect();
-  const ws = last();
-  ws.established(1);
-  ws.receive(view(1));
-  await ready;
+  const ws = await connected(client, last);
   ws.receive({ type: "session_status_changed", version: 2, data: { status: "ended", previous: "created" } });
   ws.drop(1000);
   assert.equal(client.status, "ended");
@@ -352,11 +350,7 @@ test("the end of the session closes the client for good", async () => {
 
 test("a gap asks for the state again; a full sync_response replaces the view", async () => {
   const { client, last } = makeClient();
-  const ready = client.connect();
-  const ws = last();
-  ws.established(1);
-  ws.receive(view(1, { old: true }));
-  await ready;
+  const ws = await connected(client, last, { old: true });
   ws.receive({ type: "state_update", version: 5, data: { changes: [{ path: "/x", value: 1 }] } });
   const req = ws.sent.find((m) => m.type === "sync_request");
   assert.ok(req, "sync_request sent");
@@ -369,11 +363,7 @@ test("a gap asks for the state again; a full sync_response replaces the view", a
 
 test("service_unavailable with outcome unknown is asked again under the same id", async () => {
   const { client, timers, last } = makeClient();
-  const ready = client.connect();
-  const ws = last();
-  ws.established(1);
-  ws.receive(view(1));
-  await ready;
+  const ws = await connected(client, last);
   const p = client.send("end_turn", {});
   ws.receive({ type: "error", id: "id-1", error: { code: "service_unavailable", message: "owner moving", details: { outcome: "unknown" } } });
   timers.run(10000);
@@ -384,11 +374,7 @@ test("service_unavailable with outcome unknown is asked again under the same id"
 
 test("heartbeats go out on schedule and their acks are not reported", async () => {
   const { client, timers, last } = makeClient({ heartbeatMs: 100 });
-  const ready = client.connect();
-  const ws = last();
-  ws.established(1);
-  ws.receive(view(1));
-  await ready;
+  const ws = await connected(client, last);
   const errors = [];
   client.on("error", (e) => errors.push(e));
   timers.run(100);
@@ -401,11 +387,7 @@ test("heartbeats go out on schedule and their acks are not reported", async () =
 
 test("a silent server is dropped and the client resumes elsewhere", async () => {
   const { client, timers, last } = makeClient({ staleMs: 500, heartbeatMs: 0 });
-  const ready = client.connect();
-  const ws = last();
-  ws.established(1);
-  ws.receive(view(1));
-  await ready;
+  const ws = await connected(client, last);
   timers.run(500); // the stale timer fires: reconnect scheduled (delay 0)
   timers.run(0);
   assert.equal(ws.closed.code, 4000);

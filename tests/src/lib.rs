@@ -577,3 +577,19 @@ impl PrivateServer {
         Ok(())
     }
 }
+
+/// The versions at which `command` of `session` is stored in the log (exactly one for an
+/// applied command, none for a refused one).
+pub async fn stored_versions_of(
+    pg: &tokio_postgres::Client,
+    session: Uuid,
+    command: Uuid,
+) -> Result<Vec<u64>> {
+    let rows = pg
+        .query(
+            "SELECT seq FROM session_events WHERE session_id = $1 AND command_id = $2",
+            &[&session, &command],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+}

@@ -60,13 +60,7 @@ async fn check_stored(f: &Fixture, answers: &BTreeMap<Uuid, Result<u64, String>>
     let pg = f.cluster.pg().await?;
     let sid = Uuid::parse_str(&f.session)?;
     for (id, answer) in answers {
-        let rows = pg
-            .query(
-                "SELECT seq FROM session_events WHERE session_id = $1 AND command_id = $2",
-                &[&sid, id],
-            )
-            .await?;
-        let stored: Vec<u64> = rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect();
+        let stored = gs_tests::stored_versions_of(&pg, sid, *id).await?;
         match answer {
             Ok(v) => assert_eq!(stored, vec![*v], "acknowledged {id} must be stored once"),
             Err(_) => {

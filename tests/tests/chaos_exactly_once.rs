@@ -50,14 +50,9 @@ async fn a_command_whose_ack_died_with_the_owner_takes_effect_once() -> Result<(
         );
 
         // Stored once, at the acknowledged version; applied once.
-        let rows = pg
-            .query(
-                "SELECT seq FROM session_events WHERE session_id = $1 AND command_id = $2",
-                &[&sid, &probe],
-            )
-            .await?;
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].get::<_, i64>(0) as u64, version);
+        let stored = gs_tests::stored_versions_of(&pg, sid, probe).await?;
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0], version);
         let state = f.api(0, &f.dm_token).get_state(&f.session).await?;
         assert_eq!(state["state"]["log"], json!([MARKER]));
 
@@ -108,13 +103,8 @@ async fn a_command_resent_after_it_left_the_dedupe_window_takes_effect_once() ->
 
         // Applied once: one row, ten entries, no event after the last append.
         let pg = f.cluster.pg().await?;
-        let rows = pg
-            .query(
-                "SELECT seq FROM session_events WHERE session_id = $1 AND command_id = $2",
-                &[&sid, &first],
-            )
-            .await?;
-        assert_eq!(rows.len(), 1);
+        let stored = gs_tests::stored_versions_of(&pg, sid, first).await?;
+        assert_eq!(stored.len(), 1);
         let state = f.api(0, &f.dm_token).get_state(&f.session).await?;
         assert_eq!(state["state"]["log"], json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]));
         let newest: i64 = pg

@@ -170,14 +170,9 @@ async fn refused_and_stored(
     let mut stored = 0;
     for r in refused {
         let sid = Uuid::parse_str(&ids[r.session])?;
-        let rows = pg
-            .query(
-                "SELECT seq FROM session_events WHERE session_id = $1 AND command_id = $2",
-                &[&sid, &r.id],
-            )
-            .await?;
-        if !rows.is_empty() {
-            println!("refused {} stored at {:?}", r.id, rows[0].get::<_, i64>(0));
+        let stored_at = gs_tests::stored_versions_of(&pg, sid, r.id).await?;
+        if !stored_at.is_empty() {
+            println!("refused {} stored at {:?}", r.id, stored_at[0]);
             stored += 1;
         }
     }

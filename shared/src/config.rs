@@ -528,6 +528,24 @@ impl Default for LogConfig {
 /// Prefix of environment variables.
 pub const ENV_PREFIX: &str = "GS";
 
+/// Fields that are lists: their variables hold comma-separated items
+/// (`GS_REDIS__LOCK_URLS=redis://a:6379,redis://b:6379,redis://c:6379`), as the
+/// deployment manifests set them. Every other variable stays one string.
+pub const ENV_LIST_FIELDS: &[&str] = &["redis.lock_urls", "auth.public_keys_pem"];
+
+/// The `GS_<SECTION>__<FIELD>` variables, read from `vars` (tests) or the process.
+fn environment(vars: Option<config::Map<String, String>>) -> config::Environment {
+    let env = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .source(vars);
+    ENV_LIST_FIELDS
+        .iter()
+        .fold(env, |env, key| env.with_list_parse_key(key))
+}
+
 impl Config {
     /// Loads defaults, then the file (if any), then `GS_*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -542,12 +560,7 @@ impl Config {
             }
             builder = builder.add_source(config::File::from(path));
         }
-        builder = builder.add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true),
-        );
+        builder = builder.add_source(environment(None));
         let cfg: Config = builder.build()?.try_deserialize()?;
         Ok(cfg)
     }
@@ -673,6 +686,37 @@ mod tests {
         assert_eq!(cfg.postgres.host, "127.0.0.1");
         assert_eq!(cfg.router.max_message_bytes, 65536);
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn list_fields_take_comma_separated_variables() {
+        let vars = [
+            (
+                "GS_REDIS__LOCK_URLS",
+                "redis://a:6379,redis://b:6379,redis://c:6379",
+            ),
+            ("GS_AUTH__PUBLIC_KEYS_PEM", "/keys/one.pem"),
+            // Other fields stay single strings, commas and all.
+            ("GS_NATS__URL", "nats://a:4222,nats://b:4222"),
+            ("GS_POSTGRES__PASSWORD", "a,b"),
+            ("GS_POSTGRES__PORT", "6543"),
+        ];
+        let vars = vars.map(|(k, v)| (k.to_string(), v.to_string()));
+        let cfg: Config = config::Config::builder()
+            .add_source(config::Config::try_from(&Config::default()).unwrap())
+            .add_source(environment(Some(vars.into_iter().collect())))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert_eq!(
+            cfg.redis.lock_urls,
+            ["redis://a:6379", "redis://b:6379", "redis://c:6379"]
+        );
+        assert_eq!(cfg.auth.public_keys_pem, ["/keys/one.pem"]);
+        assert_eq!(cfg.nats.url, "nats://a:4222,nats://b:4222");
+        assert_eq!(cfg.postgres.password, "a,b");
+        assert_eq!(cfg.postgres.port, 6543);
     }
 
     #[test]

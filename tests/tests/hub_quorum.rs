@@ -106,8 +106,10 @@ async fn wait_count(conn: &Connection, name: &str, n: u32) -> Result<()> {
     }
 }
 
-async fn clean(conn: &Connection, c: &RabbitConfig) {
-    let Ok(ch) = conn.create_channel().await else {
+/// Deletes the namespace's queues and exchanges, on a connection of its own (a
+/// failed test may have left its connection closed by the broker).
+async fn clean(c: &RabbitConfig) {
+    let Ok((conn, ch)) = connect(c).await else {
         return;
     };
     let holding = format!("{}{MIGRATING_SUFFIX}", c.inbound_queue);
@@ -125,6 +127,7 @@ async fn clean(conn: &Connection, c: &RabbitConfig) {
             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
             .await;
     }
+    let _ = conn.close(0, "clean-up".into()).await;
 }
 
 #[tokio::test]
@@ -167,7 +170,7 @@ async fn classic_queues_are_migrated_when_empty_and_kept_while_not() -> Result<(
         anyhow::Ok(())
     }
     .await;
-    clean(&conn, &c).await;
+    clean(&c).await;
     r
 }
 
@@ -217,7 +220,7 @@ async fn a_holding_queue_left_by_an_interrupted_migration_is_emptied() -> Result
         anyhow::Ok(())
     }
     .await;
-    clean(&conn, &c).await;
+    clean(&c).await;
     r
 }
 
@@ -263,7 +266,7 @@ async fn a_message_nobody_acks_is_dead_lettered_at_the_delivery_limit() -> Resul
         anyhow::Ok(())
     }
     .await;
-    clean(&conn, &c).await;
+    clean(&c).await;
     r
 }
 

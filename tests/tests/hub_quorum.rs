@@ -14,6 +14,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::json;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -308,6 +309,141 @@ async fn the_relay_works_past_a_dead_first_broker() -> Result<()> {
             got.len()
         );
         let _ = conn.close(0, "done".into()).await;
+        anyhow::Ok(())
+    }
+    .await;
+    gs_tests::finish(f, r).await
+}
+
+/// A TCP relay standing in for a second broker: forwards to the real one until
+/// stopped, then refuses (listener closed) and cuts every relayed connection.
+struct Relay {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Result<Relay> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut a, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                conns.spawn(async move {
+                    if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                });
+            }
+            // Dropping `conns` aborts (and closes) every relayed connection.
+        });
+        Ok(Relay {
+            port,
+            accepted,
+            task,
+        })
+    }
+
+    /// Stops: the port refuses, relayed connections are cut.
+    async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// The versions of `session` among published messages (batches unpacked).
+fn versions_of(got: &[gs_tests::rabbit::Got], session: &str) -> std::collections::BTreeSet<u64> {
+    let mut out = std::collections::BTreeSet::new();
+    for g in got {
+        let m = g.json();
+        let events = if m["change_type"] == "batch" {
+            m["details"]["events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        } else {
+            vec![m]
+        };
+        for e in events.iter().filter(|e| e["session_id"] == session) {
+            if let Some(v) = e["version"].as_u64() {
+                out.insert(v);
+            }
+        }
+    }
+    out
+}
+
+/// `rabbitmq.url` = a relay to the broker, then the broker. The node connects through
+/// the relay (first in the list); the relay dies under play: the hub reconnects to
+/// the next URL and every committed event is published, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_moves_to_the_next_broker_when_its_broker_dies() -> Result<()> {
+    use gs_tests::rabbit::Rabbit;
+    let mut spec = cluster::harness::ClusterSpec::test(1, 1);
+    let real = spec.base.rabbitmq.url.clone();
+    // The broker's port, from its URL (`amqp://user:pw@host:PORT/vhost`).
+    let real_port: u16 = real
+        .rsplit_once(':')
+        .and_then(|(_, tail)| tail.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5672);
+    let relay = Relay::start(real_port).await?;
+    spec.base.rabbitmq.url = format!("amqp://guest:guest@127.0.0.1:{}/%2f,{real}", relay.port);
+    let f = gs_tests::Fixture::with_spec(spec).await?;
+    let r = async {
+        anyhow::ensure!(
+            relay.accepted.load(std::sync::atomic::Ordering::SeqCst) > 0,
+            "the node connected through the first URL"
+        );
+        // The test reads the broker directly, not through the relay it cuts.
+        let mut direct = f.cluster.base.rabbitmq.clone();
+        direct.url = real.clone();
+        let rabbit = Rabbit::connect(&direct).await?;
+        let tap = rabbit.tap_outbound().await?;
+        let mut dm = f.connect(0, "dm", &f.dm_token, &f.session_token).await?;
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            ids.push(
+                dm.send("state_update", gs_tests::set(&format!("/a{i}"), json!(i)))
+                    .await?,
+            );
+        }
+        for id in &ids[..10] {
+            anyhow::ensure!(dm.wait_answer(*id, WAIT).await?.is_ok(), "update refused");
+        }
+        relay.stop().await;
+        let cut = Instant::now();
+        let mut more = Vec::new();
+        for i in 0..20 {
+            more.push(
+                dm.send("state_update", gs_tests::set(&format!("/b{i}"), json!(i)))
+                    .await?,
+            );
+        }
+        for id in ids[10..].iter().chain(&more) {
+            anyhow::ensure!(dm.wait_answer(*id, WAIT).await?.is_ok(), "update refused");
+        }
+        let last = f.stored_event_count_of(&f.session).await? as u64;
+        let session = f.session.clone();
+        let got = rabbit
+            .drain_until(&tap, WAIT, |all| {
+                versions_of(all, &session).last().copied() >= Some(last)
+            })
+            .await?;
+        let published_in = cut.elapsed();
+        let versions = versions_of(&got, &f.session);
+        let first = *versions.first().context("nothing published")?;
+        let missing: Vec<u64> = (first..=last).filter(|v| !versions.contains(v)).collect();
+        anyhow::ensure!(missing.is_empty(), "versions never published: {missing:?}");
+        println!(
+            "hub across brokers: the first broker (a relay) cut under play; every event up to \
+             version {last} published through the second within {:.0} ms, none missing",
+            published_in.as_secs_f64() * 1000.0
+        );
         anyhow::Ok(())
     }
     .await;

@@ -558,7 +558,11 @@ pub const ENV_PREFIX: &str = "GS";
 /// Fields that are lists: their variables hold comma-separated items
 /// (`GS_REDIS__LOCK_URLS=redis://a:6379,redis://b:6379,redis://c:6379`), as the
 /// deployment manifests set them. Every other variable stays one string.
-pub const ENV_LIST_FIELDS: &[&str] = &["redis.lock_urls", "auth.public_keys_pem"];
+pub const ENV_LIST_FIELDS: &[&str] = &[
+    "redis.lock_urls",
+    "redis.cluster_urls",
+    "auth.public_keys_pem",
+];
 
 /// The `GS_<SECTION>__<FIELD>` variables, read from `vars` (tests) or the process.
 fn environment(vars: Option<config::Map<String, String>>) -> config::Environment {
@@ -735,6 +739,7 @@ mod tests {
                 "redis://a:6379,redis://b:6379,redis://c:6379",
             ),
             ("GS_AUTH__PUBLIC_KEYS_PEM", "/keys/one.pem"),
+            ("GS_REDIS__CLUSTER_URLS", "redis://c1:7000,redis://c2:7000"),
             // Other fields stay single strings, commas and all.
             ("GS_NATS__URL", "nats://a:4222,nats://b:4222"),
             ("GS_POSTGRES__PASSWORD", "a,b"),
@@ -753,6 +758,10 @@ mod tests {
             ["redis://a:6379", "redis://b:6379", "redis://c:6379"]
         );
         assert_eq!(cfg.auth.public_keys_pem, ["/keys/one.pem"]);
+        assert_eq!(
+            cfg.redis.cluster_urls,
+            ["redis://c1:7000", "redis://c2:7000"]
+        );
         assert_eq!(cfg.nats.url, "nats://a:4222,nats://b:4222");
         assert_eq!(cfg.postgres.password, "a,b");
         assert_eq!(cfg.postgres.port, 6543);

@@ -1,6 +1,6 @@
 //! The state file `cluster up` writes (`<dir>/state.json`): which processes it runs,
-//! so `status`, `kill`, `pause`, `resume` and `add-node` can act on them from another
-//! terminal.
+//! so `status`, `kill`, `pause`, `resume`, `add-node`, `scale` and `restart` can act
+//! on them from another terminal.
 
 use anyhow::{Context, Result};
 use gs_shared::membership::MemberKind;
@@ -58,8 +58,20 @@ impl ClusterState {
     }
 }
 
-/// Whether a process is alive (signal 0).
+/// Whether a process is alive (signal 0) and not a zombie: a member `up` started and
+/// `scale` drained has exited, but stays a zombie until `up` reaps it.
 pub fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill(2) with signal 0 only checks for existence.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+    if unsafe { libc::kill(pid as i32, 0) } != 0 {
+        return false;
+    }
+    // Linux: the state is the field after the parenthesised command name.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
+            Some(Some('Z' | 'X'))
+        ),
+        Err(_) => true,
+    }
 }

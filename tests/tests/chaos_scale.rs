@@ -64,6 +64,22 @@ fn slowest_in_flight(
         .max_by(|a, b| a.total_cmp(b))
 }
 
+/// The longest time, in ms, `session` went without any acknowledgement (of any of its
+/// clients) across `[from, to]`: the pause it saw, give or take one interval between
+/// its clients' commands (its 5 clients send 20 changes/s together).
+fn longest_gap(records: &[Record], session: usize, from: Instant, to: Instant) -> Option<f64> {
+    let mut acks: Vec<Instant> = records
+        .iter()
+        .filter(|r| r.session == session && r.result.is_ok())
+        .map(|r| r.answered)
+        .collect();
+    acks.sort();
+    acks.windows(2)
+        .filter(|w| w[1] >= from && w[0] <= to)
+        .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0)
+        .max_by(|a, b| a.total_cmp(b))
+}
+
 /// The longest time, in ms, any session went without an acknowledgement while the
 /// load ran (its clients kept sending meanwhile).
 fn longest_silence(records: &[Record], sessions: usize) -> f64 {
@@ -169,13 +185,27 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
     };
     let up = pause(&moved_up, t_up, t_up + up_took);
     let down = pause(&moved_down, t_down, t_down + down_took);
+    let gaps = |moved: &[usize], from: Instant, to: Instant| {
+        percentiles(
+            moved
+                .iter()
+                .filter_map(|s| longest_gap(&records, *s, from, to))
+                .collect(),
+        )
+    };
+    let gap_up = gaps(&moved_up, t_up, t_up + up_took);
+    let gap_down = gaps(&moved_down, t_down, t_down + down_took);
+    let stayed: Vec<usize> = (0..SESSIONS).filter(|s| !moved_up.contains(s)).collect();
+    let gap_stayed = gaps(&stayed, t_up, t_down + down_took);
     let base = baseline(&records, t_up);
     let errors: Vec<_> = records.iter().filter(|r| r.result.is_err()).collect();
     println!(
         "chaos scale 2->5->2: {} commands, {} errors; scale up took {up_took:?} ({} sessions moved), \
          scale down {down_took:?} ({} moved); slowest in-flight ack per moved session: \
          up p50 {:.0} ms p99 {:.0} ms max {:.0} ms, down p50 {:.0} ms p99 {:.0} ms max {:.0} ms \
-         (before scaling: p50 {:.0} ms, p99 {:.0} ms); longest time a session went unacknowledged {:.0} ms",
+         (before scaling: p50 {:.0} ms, p99 {:.0} ms); longest time a session went unacknowledged {:.0} ms; \
+         pause per moved session (longest time without any ack across the change): up p50 {:.0} ms p99 {:.0} ms, \
+         down p50 {:.0} ms p99 {:.0} ms (sessions that never moved, over the whole change: p99 {:.0} ms)",
         records.len(),
         errors.len(),
         moved_up.len(),
@@ -188,7 +218,12 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
         down.max,
         base.p50,
         base.p99,
-        longest_silence(&records, SESSIONS)
+        longest_silence(&records, SESSIONS),
+        gap_up.p50,
+        gap_up.p99,
+        gap_down.p50,
+        gap_down.p99,
+        gap_stayed.p99
     );
     assert!(
         errors.is_empty(),
@@ -256,11 +291,13 @@ async fn rolling_restart(cluster: &mut LocalCluster) -> Result<()> {
     // while a node was drained (planned handoff), and each client's while a router was.
     let windows = windows.lock().unwrap().clone();
     let mut node_pauses = Vec::new();
+    let mut node_gaps = Vec::new();
     let mut router_pauses = Vec::new();
     for w in windows.iter().filter(|w| matches!(w.step, Step::Drain(_))) {
         if w.id.starts_with("node-") {
             node_pauses
                 .extend((0..SESSIONS).filter_map(|s| slowest_in_flight(&records, s, w.from, w.to)));
+            node_gaps.extend((0..SESSIONS).filter_map(|s| longest_gap(&records, s, w.from, w.to)));
         } else {
             for c in &clients {
                 let slowest = records
@@ -274,6 +311,7 @@ async fn rolling_restart(cluster: &mut LocalCluster) -> Result<()> {
         }
     }
     let nodes = percentiles(node_pauses);
+    let node_gaps = percentiles(node_gaps);
     let routers = percentiles(router_pauses);
     let base = baseline(&records, t0);
     let errors: Vec<_> = records.iter().filter(|r| r.result.is_err()).collect();
@@ -282,7 +320,8 @@ async fn rolling_restart(cluster: &mut LocalCluster) -> Result<()> {
         "chaos rolling restart: {} steps in {took:?}; {} commands, {} errors; {} clients resumed ({reconnects} reconnects); \
          slowest in-flight ack per session during a node drain p50 {:.0} ms p99 {:.0} ms max {:.0} ms; \
          per client during a router drain p50 {:.0} ms p99 {:.0} ms max {:.0} ms \
-         (before: p50 {:.0} ms, p99 {:.0} ms); longest time a session went unacknowledged {:.0} ms",
+         (before: p50 {:.0} ms, p99 {:.0} ms); longest time a session went unacknowledged {:.0} ms; \
+         longest time without any ack per session across a node drain p50 {:.0} ms p99 {:.0} ms",
         windows.len(),
         records.len(),
         errors.len(),
@@ -295,7 +334,9 @@ async fn rolling_restart(cluster: &mut LocalCluster) -> Result<()> {
         routers.max,
         base.p50,
         base.p99,
-        longest_silence(&records, SESSIONS)
+        longest_silence(&records, SESSIONS),
+        node_gaps.p50,
+        node_gaps.p99
     );
     assert!(
         errors.is_empty(),

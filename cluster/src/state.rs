@@ -75,3 +75,33 @@ pub fn pid_alive(pid: u32) -> bool {
         Err(_) => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A child that has exited but is not reaped yet (a zombie, as the members `up`
+    /// started are after `scale` drains them) is not alive; a running one is.
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut running = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(pid_alive(running.id()));
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        let pid = exited.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Not reaped: kill(pid, 0) keeps answering; the state turns to Z.
+        while pid_alive(pid) {
+            assert!(Instant::now() < deadline, "{pid} still alive after exiting");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: signal 0 to our own unreaped child only checks for existence.
+        assert_eq!(unsafe { libc::kill(pid as i32, 0) }, 0, "still a zombie");
+        exited.wait().unwrap();
+        running.kill().unwrap();
+        running.wait().unwrap();
+    }
+}

@@ -96,6 +96,9 @@ pub struct LocalCluster {
     next_node: usize,
     drop_database: bool,
     node_patch: Option<fn(&str, &mut Config)>,
+    /// The routers' front door, once [`LocalCluster::open_front`] has opened it; kept
+    /// pointing at the live routers.
+    pub front: Option<crate::front::Front>,
 }
 
 /// A free TCP port on loopback (bound and released; the OS does not hand it out again
@@ -184,6 +187,14 @@ pub fn node_config(base: &Config, id: &str, port: u16) -> Config {
     cfg
 }
 
+/// A router's configuration: `base` with its id and listen port.
+pub fn router_config(base: &Config, id: &str, port: u16) -> Config {
+    let mut cfg = base.clone();
+    cfg.router.id = id.to_string();
+    cfg.router.listen = format!("127.0.0.1:{port}");
+    cfg
+}
+
 /// Whether a member's `/health/ready` answers 200.
 pub async fn is_ready(http: &reqwest::Client, url: &str) -> bool {
     match http.get(format!("{url}/health/ready")).send().await {
@@ -261,6 +272,7 @@ impl LocalCluster {
             next_node: 1,
             drop_database: spec.drop_database,
             node_patch: spec.node_patch,
+            front: None,
         };
         for _ in 0..spec.nodes {
             cluster.spawn_node().await?;
@@ -307,9 +319,7 @@ impl LocalCluster {
 
     async fn spawn_router(&mut self, id: &str) -> Result<()> {
         let port = free_port()?;
-        let mut cfg = self.base.clone();
-        cfg.router.id = id.to_string();
-        cfg.router.listen = format!("127.0.0.1:{port}");
+        let mut cfg = router_config(&self.base, id, port);
         let scheme = if let Some(c) = &self.cert {
             cfg.router.tls_cert = c.cert_path.display().to_string();
             cfg.router.tls_key = c.key_path.display().to_string();
@@ -326,6 +336,78 @@ impl LocalCluster {
         let id = self.spawn_node().await?;
         self.wait_ready(std::slice::from_ref(&id)).await?;
         Ok(id)
+    }
+
+    /// Adds a router (the next free `router-N`), waits until it is ready and sees
+    /// every node, and puts it behind the front door.
+    pub async fn add_router(&mut self) -> Result<String> {
+        let ids: Vec<String> = self.members.keys().cloned().collect();
+        let id = crate::scale::next_id(MemberKind::Router, &ids);
+        self.spawn_router(&id).await?;
+        let nodes = self.node_ids();
+        self.wait_ready(&nodes).await?;
+        self.sync_front();
+        Ok(id)
+    }
+
+    /// Drains a member: off the front door first (a router), then SIGTERM, then waits
+    /// until it has exited (at most [`crate::scale::EXIT_TIMEOUT`]).
+    pub async fn drain(&mut self, id: &str) -> Result<()> {
+        if let Some(front) = &self.front {
+            let url = self
+                .members
+                .get(id)
+                .map(|m| m.url.clone())
+                .unwrap_or_default();
+            let gone = crate::front::host_port(&url);
+            front.set_backends(
+                front
+                    .backends()
+                    .into_iter()
+                    .filter(|b| *b != gone)
+                    .collect(),
+            );
+        }
+        self.signal(id, libc::SIGTERM)?;
+        let m = self.members.get_mut(id).context("no such member")?;
+        if let Some(mut c) = m.child.take() {
+            match tokio::time::timeout(crate::scale::EXIT_TIMEOUT, c.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    m.child = Some(c);
+                    bail!(
+                        "{id} did not exit within {:?} of SIGTERM",
+                        crate::scale::EXIT_TIMEOUT
+                    );
+                }
+            }
+        }
+        self.sync_front();
+        Ok(())
+    }
+
+    /// Opens a front door for the routers (a local TCP forwarder, as a load balancer
+    /// in front of them); returns its `host:port`. It follows the routers this
+    /// cluster starts and drains.
+    pub async fn open_front(&mut self) -> Result<String> {
+        let front = crate::front::Front::start(self.router_backends()).await?;
+        let addr = front.addr.clone();
+        self.front = Some(front);
+        Ok(addr)
+    }
+
+    fn router_backends(&self) -> Vec<String> {
+        self.router_urls()
+            .iter()
+            .map(|u| crate::front::host_port(u))
+            .collect()
+    }
+
+    /// Points the front door (if open) at the running routers.
+    fn sync_front(&self) {
+        if let Some(front) = &self.front {
+            front.set_backends(self.router_backends());
+        }
     }
 
     pub fn node_ids(&self) -> Vec<String> {
@@ -474,6 +556,7 @@ impl LocalCluster {
                 let _ = c.wait().await;
             }
         }
+        self.sync_front();
         Ok(())
     }
 
@@ -609,7 +692,8 @@ async fn delete_rabbit_topology(c: &gs_shared::config::RabbitConfig) {
     let _ = conn.close(0, "clean-up".into()).await;
 }
 
-fn nodes_on_ring(v: &serde_json::Value) -> Vec<String> {
+/// The `nodes_on_ring` of a router's cluster view (`GET /api/v2/cluster`).
+pub fn nodes_on_ring(v: &serde_json::Value) -> Vec<String> {
     v["nodes_on_ring"]
         .as_array()
         .map(|a| {

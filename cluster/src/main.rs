@@ -7,6 +7,9 @@
 //! cluster status                                  members, owners, health
 //! cluster kill ID | pause ID | resume ID          SIGKILL / SIGSTOP / SIGCONT a member
 //! cluster add-node                                start one more node
+//! cluster scale [--nodes N] [--routers M]         grow (start, wait ready) or shrink
+//!                                                 (drain, largest index first)
+//! cluster restart --rolling                       replace every node, then every router
 //! cluster migrate                                 create the database, apply migrations
 //! cluster bench [...]                             load generator (see --help)
 //! ```
@@ -14,9 +17,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use cluster::client::{cluster_info, http_client, Api};
-use cluster::harness::{
-    bin_dir, free_port, launch, node_config, wait_until_ready, ClusterSpec, LocalCluster,
-};
+use cluster::harness::{ClusterSpec, LocalCluster};
+use cluster::scale::{self, Members, StateCluster};
 use cluster::state::{pid_alive, ClusterState, MemberState};
 use cluster::tls::DevCert;
 use gs_shared::auth::{Authority, Role};
@@ -88,6 +90,24 @@ enum Cmd {
     Resume { id: String },
     /// Start one more node in the running cluster.
     AddNode,
+    /// Change the running cluster's size: new members are started and waited for
+    /// (ready, on every router's ring); removed ones are drained (SIGTERM: planned
+    /// handoff of a node's sessions, 1001 to a router's clients), largest index first.
+    Scale {
+        /// Nodes the cluster should have.
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// Routers the cluster should have.
+        #[arg(long)]
+        routers: Option<usize>,
+    },
+    /// Replace members one at a time: start a replacement, wait until it is ready,
+    /// drain the old one; every node first, then every router.
+    Restart {
+        /// One at a time (the only mode).
+        #[arg(long)]
+        rolling: bool,
+    },
     /// Create the database if needed and apply migrations.
     Migrate,
     /// Load generator: P clients on each of S sessions send changes at a rate for a
@@ -181,6 +201,28 @@ async fn main() -> Result<()> {
         Cmd::Pause { id } => signal(&cli.dir, &id, libc::SIGSTOP, "paused"),
         Cmd::Resume { id } => signal(&cli.dir, &id, libc::SIGCONT, "resumed"),
         Cmd::AddNode => add_node(&cli.dir).await,
+        Cmd::Scale { nodes, routers } => {
+            if nodes.is_none() && routers.is_none() {
+                bail!("nothing to do: give --nodes and/or --routers");
+            }
+            let mut c = StateCluster::open(&cli.dir)?;
+            scale::scale(&mut c, nodes, routers, print_step).await?;
+            println!(
+                "cluster has {} nodes and {} routers",
+                c.running(MemberKind::Node).len(),
+                c.running(MemberKind::Router).len()
+            );
+            Ok(())
+        }
+        Cmd::Restart { rolling } => {
+            if !rolling {
+                bail!("only rolling restarts are supported: `cluster restart --rolling`");
+            }
+            let mut c = StateCluster::open(&cli.dir)?;
+            let done = scale::restart_rolling(&mut c, print_step).await?;
+            println!("rolling restart done: {} steps", done.len());
+            Ok(())
+        }
         Cmd::Bench {
             sessions,
             clients,
@@ -536,37 +578,23 @@ fn signal(dir: &Path, id: &str, sig: i32, what: &str) -> Result<()> {
 }
 
 /// Starts one more node with the configuration of the cluster's first node (its own
-/// id and port), records it in the state file and waits until it is ready. The node
-/// outlives this command; `up` stops it with the others.
+/// id and port), records it in the state file and waits until it is ready and on every
+/// router's ring. The node outlives this command; `up` stops it with the others.
 async fn add_node(dir: &Path) -> Result<()> {
-    let mut state = ClusterState::load(dir)?;
-    let template = state
-        .members
-        .iter()
-        .find(|m| m.kind == MemberKind::Node)
-        .context("the cluster has no node to copy the configuration from")?;
-    let base = Config::load(Some(&template.config))?;
-    let n = (1..)
-        .find(|i| !state.members.iter().any(|m| m.id == format!("node-{i}")))
-        .unwrap_or(1);
-    let id = format!("node-{n}");
-    let port = free_port()?;
-    let cfg = node_config(&base, &id, port);
-    let launched = launch(&bin_dir()?, dir, &id, MemberKind::Node, &cfg, false)?;
-    let pid = launched.child.id().context("the node exited at once")?;
-    let url = format!("http://127.0.0.1:{port}");
-    state.members.push(MemberState {
-        id: id.clone(),
-        kind: MemberKind::Node,
-        pid,
-        url: url.clone(),
-        log: launched.log,
-        config: launched.config,
-    });
-    state.save(dir)?;
-    wait_until_ready(&http_client(None), &id, &url).await?;
-    println!("added {id} (pid {pid}) at {url}");
+    let mut c = StateCluster::open(dir)?;
+    let id = c.start_member(MemberKind::Node).await?;
+    let state = ClusterState::load(dir)?;
+    let m = state.member(&id)?;
+    println!("added {id} (pid {}) at {}", m.pid, m.url);
     Ok(())
+}
+
+/// Progress of `scale` and `restart`.
+fn print_step(d: &scale::Done) {
+    match &d.step {
+        scale::Step::Start(kind) => println!("started {kind} {} (ready in {:.1?})", d.id, d.took),
+        scale::Step::Drain(_) => println!("drained {} (exited in {:.1?})", d.id, d.took),
+    }
 }
 
 async fn status(dir: &Path) -> Result<()> {

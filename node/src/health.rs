@@ -1,7 +1,9 @@
 //! The node's operator endpoints: `/health/live` (the process runs), `/health/ready`
 //! (PostgreSQL, Redis, a majority of the lock's Redis instances, NATS answer and the
 //! Message Hub is connected; 503 otherwise,
-//! with each dependency's state) and `/metrics` (Prometheus).
+//! with each dependency's state; also 503 until the node is on the ring, and again
+//! once it drains) and `/metrics` (Prometheus, with the gauges an autoscaler reads
+//! refreshed at each scrape).
 
 use crate::NodeCtx;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -52,9 +54,13 @@ pub async fn readiness(ctx: &NodeCtx) -> (bool, serde_json::Value) {
     } else {
         "down: reconnecting".to_string()
     };
-    // A node is ready once it has announced itself (past its membership warm-up).
-    let membership = if ctx.cluster.announced() {
+    // A node is ready once it is on the ring (its own view: past its membership
+    // warm-up, announced, not draining), so a new node reports ready only once it
+    // takes sessions, and a draining one stops being ready at once.
+    let membership = if ctx.cluster.on_ring(&ctx.id) {
         "up".to_string()
+    } else if ctx.cluster.announced() {
+        "down: draining".to_string()
     } else {
         "down: warming up".to_string()
     };
@@ -76,6 +82,17 @@ pub async fn readiness(ctx: &NodeCtx) -> (bool, serde_json::Value) {
         .map(|m| m.values().all(|v| v == "up" || v == "disabled"))
         .unwrap_or(false);
     (up, checks)
+}
+
+/// The autoscaler's signals that are states rather than events, refreshed at each
+/// scrape (docs/architecture.md, "Metrics to scale on"): sessions owned, requests
+/// queued in the actors' inboxes, whether the node is on the ring, process CPU time.
+fn record_gauges(ctx: &NodeCtx) {
+    metrics::gauge!("gs_node_sessions_owned").set(ctx.registry.len() as f64);
+    metrics::gauge!("gs_node_inbox_depth").set(ctx.registry.inbox_depth() as f64);
+    let on_ring = ctx.cluster.on_ring(&ctx.id);
+    metrics::gauge!("gs_node_on_ring").set(if on_ring { 1.0 } else { 0.0 });
+    gs_shared::telemetry::record_process_metrics();
 }
 
 /// Serves `/health/live`, `/health/ready` and `/metrics` until `stop` resolves (then
@@ -106,7 +123,11 @@ pub async fn serve(
             warp::reply::with_status(warp::reply::json(&body), status)
         }
     });
-    let metrics_route = warp::path!("metrics").map(move || metrics.render());
+    let metrics_ctx = ctx.clone();
+    let metrics_route = warp::path!("metrics").map(move || {
+        record_gauges(&metrics_ctx);
+        metrics.render()
+    });
     let routes = warp::get().and(live.or(ready).or(metrics_route));
     warp::serve(routes)
         .incoming(listener)

@@ -267,6 +267,17 @@ impl Registry {
         self.actors.lock().unwrap().by_session.len()
     }
 
+    /// Requests waiting in the inboxes of all running actors (an autoscaler's signal:
+    /// a node whose actors cannot keep up queues here before it sheds `overloaded`).
+    pub fn inbox_depth(&self) -> usize {
+        let actors = self.actors.lock().unwrap();
+        actors
+            .by_session
+            .values()
+            .map(|e| e.tx.max_capacity() - e.tx.capacity())
+            .sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

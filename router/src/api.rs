@@ -212,6 +212,7 @@ fn ops_routes(
         .and(with_auth())
         .map(|ctx: Arc<RouterCtx>, auth: Auth| {
             reply(require_admin(&ctx, &auth, "metrics").map(|_| {
+                gs_shared::telemetry::record_process_metrics();
                 warp::reply::with_header(
                     ctx.metrics.render(),
                     "content-type",

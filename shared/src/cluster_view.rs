@@ -308,6 +308,11 @@ impl ClusterView {
         self.announced() && !self.is_alive(id)
     }
 
+    /// Whether `node` is on this member's ring (it takes sessions here).
+    pub fn on_ring(&self, node: &str) -> bool {
+        self.inner.table.read().unwrap().ring().contains(node)
+    }
+
     /// Whether this member has announced itself (it is past its warm-up).
     pub fn announced(&self) -> bool {
         self.is_alive(&self.inner.me)

@@ -22,6 +22,17 @@ pub fn init(cfg: &LogConfig) {
     };
 }
 
+/// Latency histograms an autoscaler (or an alert) reads across processes: exported as
+/// Prometheus histograms with these buckets (seconds), so `histogram_quantile` can
+/// aggregate them over nodes; the other timings stay summaries (per-process quantiles).
+pub const LATENCY_HISTOGRAMS: [&str; 2] = ["gs_node_commit_seconds", "gs_node_commit_wait_seconds"];
+
+/// Bucket bounds (seconds) of [`LATENCY_HISTOGRAMS`]: from a fast local commit
+/// (about a millisecond) to a stalled one.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
 /// Installs the process-wide Prometheus recorder (once) and returns its handle, which
 /// renders `/metrics`.
 pub fn metrics_recorder() -> metrics_exporter_prometheus::PrometheusHandle {
@@ -29,11 +40,49 @@ pub fn metrics_recorder() -> metrics_exporter_prometheus::PrometheusHandle {
         std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
+            let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+            for name in LATENCY_HISTOGRAMS {
+                builder = builder
+                    .set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(name.to_string()),
+                        &LATENCY_BUCKETS,
+                    )
+                    .expect("the bucket list is not empty");
+            }
+            let handle = builder
                 .install_recorder()
-                .expect("the metrics recorder is installed once")
+                .expect("the metrics recorder is installed once");
+            metrics::describe_gauge!(
+                PROCESS_CPU_SECONDS,
+                metrics::Unit::Seconds,
+                "CPU time (user + system) this process has used since it started"
+            );
+            handle
         })
         .clone()
+}
+
+/// The process's CPU time, under the name Prometheus' own clients use, so dashboards
+/// and autoscaler rules (`rate(process_cpu_seconds_total[1m])`) work unchanged. It is
+/// a gauge set from `getrusage` at each scrape (the `metrics` crate's counters take
+/// integers).
+pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
+
+/// CPU seconds (user + system) used by this process so far.
+pub fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass; RUSAGE_SELF is valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Refreshes the per-process gauges (CPU); called by each `/metrics` handler just
+/// before it renders.
+pub fn record_process_metrics() {
+    metrics::gauge!(PROCESS_CPU_SECONDS).set(process_cpu_seconds());
 }
 
 /// Resolves on SIGINT or SIGTERM: what the binaries run until.

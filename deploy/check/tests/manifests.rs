@@ -354,3 +354,40 @@ fn objects_that_do_not_fit_together_are_found() {
         println!("found ({what}): {}", problems[0]);
     }
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn the_autoscalers_custom_metrics_are_exported_by_the_service() {
+    let mut sources = Vec::new();
+    for dir in ["node/src", "router/src", "shared/src"] {
+        rust_files(&repo_root().join(dir), &mut sources);
+    }
+    let code: String = sources
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let names: Vec<String> = app_objects()
+        .iter()
+        .filter(|o| o.value["kind"] == "HorizontalPodAutoscaler")
+        .flat_map(|o| o.value["spec"]["metrics"].as_array().unwrap().clone())
+        .filter_map(|m| m["pods"]["metric"]["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    for name in names {
+        assert!(
+            code.contains(&format!("\"{name}\"")),
+            "the autoscalers scale on {name}, which no node or router exports"
+        );
+    }
+}

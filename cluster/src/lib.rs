@@ -7,6 +7,9 @@
 //! * [`bench`]: `cluster bench`, the load generator and its report.
 //! * [`client`]: REST and WebSocket clients that check what they receive.
 //! * [`load`]: a workload of many sessions and clients (chaos tests, `bench`).
+//! * [`stand_ins`]: stand-ins of the Character, Campaign, LLM and Image services on
+//!   the real RabbitMQ, answering from a fixture directory (`cluster stand-ins`,
+//!   started by `cluster up`; in-process in the tests).
 //! * [`tls`]: self-signed development certificates.
 //! * [`state`]: the state file of `cluster up` (`.cluster/state.json`), read by the
 //!   other commands.
@@ -16,5 +19,6 @@ pub mod client;
 pub mod harness;
 pub mod load;
 pub mod nats_cluster;
+pub mod stand_ins;
 pub mod state;
 pub mod tls;

@@ -188,17 +188,15 @@ async fn main() -> Result<()> {
             fixtures,
         } => {
             let stand_ins = (!no_stand_ins).then(|| fixtures.unwrap_or_else(Fixture::default_dir));
-            up(
-                &cli.dir,
-                cli.config.as_deref(),
+            let spec = UpSpec {
                 nodes,
                 routers,
                 tls,
                 redis_lock_quorum,
                 nats_cluster,
                 stand_ins,
-            )
-            .await
+            };
+            up(&cli.dir, cli.config.as_deref(), spec).await
         }
         Cmd::StandIns {
             fixtures,
@@ -300,16 +298,26 @@ fn load_config(dir: &Path, file: Option<&Path>) -> Result<Config> {
     Ok(cfg)
 }
 
-async fn up(
-    dir: &Path,
-    file: Option<&Path>,
+/// What `cluster up` starts.
+struct UpSpec {
     nodes: usize,
     routers: usize,
     tls: bool,
     redis_lock_quorum: usize,
     nats_cluster: usize,
+    /// The stand-ins' fixture directory; `None`: no stand-ins.
     stand_ins: Option<PathBuf>,
-) -> Result<()> {
+}
+
+async fn up(dir: &Path, file: Option<&Path>, spec: UpSpec) -> Result<()> {
+    let UpSpec {
+        nodes,
+        routers,
+        tls,
+        redis_lock_quorum,
+        nats_cluster,
+        stand_ins,
+    } = spec;
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
     refuse_if_running(&dir)?;

@@ -246,9 +246,12 @@ impl SessionState {
             ));
         }
         let mut s = Scratch::new(&self.game);
-        s.g.map = Some(json!({
-            "request_id": request_id, "url": url, "asset_id": asset_id, "grid": grid,
-        }));
+        let mut map = json!({"request_id": request_id, "url": url, "grid": grid});
+        if let Some(a) = &asset_id {
+            // Never a null: a merge patch would read it as "remove".
+            map["asset_id"] = json!(a);
+        }
+        s.g.map = Some(map);
         Ok(vec![Event::MapUpdated(MapUpdated {
             request_id,
             url: url.to_string(),
@@ -307,5 +310,316 @@ pub fn summary(event: &Event) -> String {
         Event::MapUpdated(e) => format!("map updated: {}", e.url),
         Event::MapFailed(e) => format!("map failed: {}", e.reason),
         other => other.kind().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::JoinRequest;
+    use crate::Status;
+
+    const T: &str = "2026-01-01T00:00:00.000Z";
+
+    fn ctx(user: Uuid, admin: bool) -> Ctx {
+        Ctx {
+            user_id: user,
+            admin,
+            command_id: Uuid::new_v4(),
+            timestamp: T.into(),
+        }
+    }
+
+    /// An active session of `dm` with sheets from the Character Service.
+    fn session() -> (SessionState, Uuid) {
+        let (id, dm) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut s = SessionState::empty(id);
+        s.apply(&SessionState::creation(
+            id,
+            Uuid::new_v4(),
+            "t".into(),
+            json!({}),
+            dm,
+            T.into(),
+        ));
+        s.policy.sheets_from_service = true;
+        (s, dm)
+    }
+
+    fn run(s: &mut SessionState, c: &Ctx, cmd: &Command) -> Result<Vec<Event>> {
+        let events = s.decide(c, cmd)?;
+        for e in &events {
+            s.apply(e);
+        }
+        Ok(events)
+    }
+
+    fn join(c: Uuid, sheet: Option<Value>, lookup: Option<CharacterLookup>) -> Command {
+        Command::Join(JoinRequest {
+            character_id: Some(c),
+            character: sheet,
+            lookup,
+            ..Default::default()
+        })
+    }
+
+    fn found(owner: Uuid) -> Option<CharacterLookup> {
+        Some(CharacterLookup::Found {
+            owner_id: owner,
+            sheet: json!({"name": "Aria", "max_hp": 24, "ac": 15}),
+        })
+    }
+
+    #[test]
+    fn joins_with_the_character_services_answer() {
+        let unavailable = || {
+            Some(CharacterLookup::Unavailable {
+                reason: "timeout".into(),
+            })
+        };
+        let own_sheet = Some(json!({"max_hp": 300, "ac": 30}));
+        // (who joins: owner / other / dm, lookup, own sheet) → error code or the
+        // character's (name, pending) in play.
+        type Case = (
+            &'static str,
+            Option<CharacterLookup>,
+            Option<Value>,
+            std::result::Result<(&'static str, bool), &'static str>,
+        );
+        let owner = Uuid::new_v4();
+        let cases: Vec<Case> = vec![
+            ("owner", found(owner), None, Ok(("Aria", false))),
+            ("other", found(owner), None, Err(codes::NOT_YOUR_CHARACTER)),
+            ("dm", found(owner), None, Ok(("Aria", false))),
+            (
+                "owner",
+                Some(CharacterLookup::NotFound),
+                None,
+                Err(codes::CHARACTER_NOT_FOUND),
+            ),
+            ("owner", unavailable(), None, Ok(("(pending)", true))),
+            (
+                "owner",
+                found(owner),
+                own_sheet.clone(),
+                Err(codes::FORBIDDEN_FOR_ROLE),
+            ),
+            ("dm", found(owner), own_sheet, Ok(("character", false))),
+        ];
+        for (i, (who, lookup, sheet, want)) in cases.into_iter().enumerate() {
+            let (mut s, dm) = session();
+            let user = match who {
+                "owner" => owner,
+                "dm" => dm,
+                _ => Uuid::new_v4(),
+            };
+            let c = Uuid::new_v4();
+            let version = s.version;
+            let got = run(&mut s, &ctx(user, false), &join(c, sheet, lookup));
+            match want {
+                Ok((name, pending)) => {
+                    got.unwrap_or_else(|e| panic!("case {i}: {e:?}"));
+                    let ch = &s.game.characters[&c];
+                    assert_eq!((ch.name.as_str(), ch.pending), (name, pending), "case {i}");
+                    assert!(s.members[&user].characters.contains(&c), "case {i}");
+                }
+                Err(code) => {
+                    assert_eq!(got.unwrap_err().code, code, "case {i}");
+                    assert_eq!(s.version, version, "case {i}: a refusal changed nothing");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_pending_character_is_filled_once_by_its_owner() {
+        let (mut s, _dm) = session();
+        let (owner, c) = (Uuid::new_v4(), Uuid::new_v4());
+        let pending = Some(CharacterLookup::Unavailable {
+            reason: "timeout".into(),
+        });
+        run(&mut s, &ctx(owner, false), &join(c, None, pending)).unwrap();
+        let fill = |by: Uuid| Command::CharacterFill {
+            character_id: c,
+            owner_id: by,
+            sheet: json!({"name": "Borin", "max_hp": 31, "ac": 17}),
+        };
+        let system = ctx(Uuid::nil(), true);
+        // Not for a client, nor for another owner.
+        assert_eq!(
+            run(&mut s, &ctx(owner, false), &fill(owner))
+                .unwrap_err()
+                .code,
+            codes::FORBIDDEN_FOR_ROLE
+        );
+        assert_eq!(
+            run(&mut s, &system, &fill(Uuid::new_v4()))
+                .unwrap_err()
+                .code,
+            codes::NOT_YOUR_CHARACTER
+        );
+        let events = run(&mut s, &system, &fill(owner)).unwrap();
+        assert!(
+            matches!(&events[..], [Event::CharacterUpdated(e)] if e.source == "character_service")
+        );
+        let ch = &s.game.characters[&c];
+        assert_eq!(
+            (ch.name.as_str(), ch.max_hp, ch.ac, ch.pending),
+            ("Borin", 31, 17, false)
+        );
+        // A second answer (a retry) changes nothing.
+        assert!(run(&mut s, &system, &fill(owner)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn requests_and_answers() {
+        let (mut s, dm) = session();
+        let player = Uuid::new_v4();
+        run(
+            &mut s,
+            &ctx(player, false),
+            &Command::Join(JoinRequest::default()),
+        )
+        .unwrap();
+        let grid = Grid {
+            width: 30,
+            height: 20,
+        };
+        let narrate = Command::Narrate {
+            prompt: "the cave".into(),
+            context: None,
+        };
+        let cases: Vec<(Uuid, bool, Command, std::result::Result<&str, &str>)> = vec![
+            (dm, false, narrate.clone(), Ok("narration_requested")),
+            (player, false, narrate, Err(codes::FORBIDDEN_FOR_ROLE)),
+            (
+                dm,
+                false,
+                Command::Narrate {
+                    prompt: " ".into(),
+                    context: None,
+                },
+                Err(codes::INVALID_PAYLOAD),
+            ),
+            (
+                dm,
+                false,
+                Command::MonsterDecide {
+                    character_id: Uuid::new_v4(),
+                    prompt: None,
+                },
+                Err(codes::UNKNOWN_CHARACTER),
+            ),
+            (
+                dm,
+                false,
+                Command::MapRequest {
+                    description: "a forest".into(),
+                    grid,
+                },
+                Ok("map_requested"),
+            ),
+            (
+                dm,
+                false,
+                Command::MapRequest {
+                    description: "x".into(),
+                    grid: Grid {
+                        width: 0,
+                        height: 5,
+                    },
+                },
+                Err(codes::INVALID_PAYLOAD),
+            ),
+            (
+                dm,
+                false,
+                Command::NarrationDone {
+                    request_id: Uuid::nil(),
+                    text: "x".into(),
+                    character_id: None,
+                    action: None,
+                },
+                Err(codes::FORBIDDEN_FOR_ROLE),
+            ),
+            (
+                Uuid::nil(),
+                true,
+                Command::NarrationDone {
+                    request_id: Uuid::nil(),
+                    text: "Dust falls.".into(),
+                    character_id: None,
+                    action: None,
+                },
+                Ok("narration"),
+            ),
+            (
+                Uuid::nil(),
+                true,
+                Command::ServiceFailed {
+                    request_id: Uuid::nil(),
+                    what: "narration".into(),
+                    reason: "timeout".into(),
+                },
+                Ok("narration_failed"),
+            ),
+            (
+                Uuid::nil(),
+                true,
+                Command::ServiceFailed {
+                    request_id: Uuid::nil(),
+                    what: "map".into(),
+                    reason: "timeout".into(),
+                },
+                Ok("map_failed"),
+            ),
+            (
+                Uuid::nil(),
+                true,
+                Command::MapDone {
+                    request_id: Uuid::nil(),
+                    url: "https://maps.example/a.png".into(),
+                    asset_id: None,
+                    grid,
+                },
+                Ok("map_updated"),
+            ),
+            (
+                Uuid::nil(),
+                true,
+                Command::MapDone {
+                    request_id: Uuid::nil(),
+                    url: "".into(),
+                    asset_id: None,
+                    grid,
+                },
+                Err(codes::INVALID_PAYLOAD),
+            ),
+        ];
+        for (i, (user, admin, cmd, want)) in cases.into_iter().enumerate() {
+            let got = run(&mut s, &ctx(user, admin), &cmd).map(|e| e[0].kind());
+            match want {
+                Ok(kind) => assert_eq!(
+                    got.unwrap_or_else(|e| panic!("case {i}: {e:?}")),
+                    kind,
+                    "case {i}"
+                ),
+                Err(code) => assert_eq!(got.unwrap_err().code, code, "case {i}"),
+            }
+        }
+        assert_eq!(
+            s.game.map.as_ref().unwrap()["url"],
+            "https://maps.example/a.png"
+        );
+        // An ended session takes no more.
+        s.status = Status::Ended;
+        let narrate = Command::Narrate {
+            prompt: "late".into(),
+            context: None,
+        };
+        assert_eq!(
+            run(&mut s, &ctx(dm, false), &narrate).unwrap_err().code,
+            codes::SESSION_ENDED
+        );
     }
 }

@@ -575,20 +575,32 @@ impl Drop for LocalCluster {
 
 /// Deletes a namespace's queues and exchanges (best effort).
 async fn delete_rabbit_topology(c: &gs_shared::config::RabbitConfig) {
-    let Ok(Ok(conn)) = tokio::time::timeout(
-        Duration::from_secs(5),
-        lapin::Connection::connect(&c.url, lapin::ConnectionProperties::default()),
-    )
-    .await
-    else {
+    let mut open = None;
+    for url in c.urls() {
+        if let Ok(Ok(conn)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+        )
+        .await
+        {
+            open = Some(conn);
+            break;
+        }
+    }
+    let Some(conn) = open else {
         return;
     };
     if let Ok(ch) = conn.create_channel().await {
         let retries =
             (1..=c.max_redeliveries.max(1)).map(|l| format!("{}.retry.{l}", c.inbound_queue));
-        for q in [c.inbound_queue.clone(), c.dead_letter_queue.clone()]
-            .into_iter()
-            .chain(retries)
+        let holding = format!("{}.migrating", c.inbound_queue);
+        for q in [
+            c.inbound_queue.clone(),
+            c.dead_letter_queue.clone(),
+            holding,
+        ]
+        .into_iter()
+        .chain(retries)
         {
             let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
         }

@@ -155,6 +155,8 @@ impl StandIns {
     pub async fn start(url: &str, exchange: &str, fixture: Fixture, seed: u64) -> Result<StandIns> {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("gs stand-ins {exchange}").into());
+        // `rabbitmq.url` may list several brokers: the first one.
+        let url = url.split(',').map(str::trim).next().unwrap_or(url);
         let conn = Connection::connect(url, props)
             .await
             .context("connecting the stand-ins to RabbitMQ")?;

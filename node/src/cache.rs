@@ -18,7 +18,7 @@
 //! new owner wrote. A new owner rewrites every key on activation.
 
 use gs_shared::keys::{self, Keys};
-use redis::aio::ConnectionManager;
+use gs_shared::primary::PrimaryRedis;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -85,6 +85,20 @@ enum Op {
     Flush(oneshot::Sender<()>),
 }
 
+impl Op {
+    /// The session whose keys the write touches.
+    fn session(&self) -> Option<Uuid> {
+        match self {
+            Op::Meta(s, ..)
+            | Op::Attach(s, ..)
+            | Op::Detach(s, ..)
+            | Op::Refresh(s, ..)
+            | Op::Combat(s, ..) => Some(*s),
+            Op::Flush(_) => None,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Cache {
     tx: mpsc::Sender<Op>,
@@ -92,12 +106,12 @@ pub struct Cache {
 
 impl Cache {
     pub fn start(
-        redis: ConnectionManager,
+        redis: impl Into<PrimaryRedis>,
         keys: Keys,
         op_timeout: Duration,
     ) -> (Cache, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(16_384);
-        let task = tokio::spawn(writer(redis, keys, op_timeout, rx));
+        let task = tokio::spawn(writer(redis.into(), keys, op_timeout, rx));
         (Cache { tx }, task)
     }
 
@@ -175,7 +189,7 @@ fn pairs(ttl: Duration, fields: impl IntoIterator<Item = (String, String)>) -> V
 /// The writer task: takes what is queued (up to 512 writes), sends it as one pipeline,
 /// then answers the flushes that were among it.
 async fn writer(
-    mut redis: ConnectionManager,
+    mut redis: PrimaryRedis,
     keys: Keys,
     op_timeout: Duration,
     mut rx: mpsc::Receiver<Op>,
@@ -189,20 +203,30 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        let mut pipe = redis::pipe();
+        // One pipeline; on a Redis Cluster one per session (its keys share a slot).
+        let per_session = redis.is_cluster();
+        let mut pipes: BTreeMap<Option<Uuid>, redis::Pipeline> = BTreeMap::new();
         let mut flushed = Vec::new();
-        let mut writes = 0;
         for op in ops {
             match op {
                 Op::Flush(done) => flushed.push(done),
                 op => {
-                    writes += 1;
-                    add(&mut pipe, &keys, op);
+                    let key = per_session.then(|| op.session()).flatten();
+                    add(pipes.entry(key).or_insert_with(redis::pipe), &keys, op);
                 }
             }
         }
-        if writes > 0 {
-            send(&mut redis, &pipe, op_timeout, &mut failures).await;
+        if per_session {
+            let sends = pipes.values().map(|pipe| {
+                let mut conn = redis.clone();
+                async move { send_one(&mut conn, pipe, op_timeout).await }
+            });
+            for r in futures::future::join_all(sends).await {
+                count_failure(r, &mut failures);
+            }
+        } else if let Some(pipe) = pipes.values().next() {
+            let r = send_one(&mut redis, pipe, op_timeout).await;
+            count_failure(r, &mut failures);
         }
         for done in flushed {
             let _ = done.send(());
@@ -258,20 +282,24 @@ fn add(pipe: &mut redis::Pipeline, keys: &Keys, op: Op) {
     }
 }
 
-/// Sends a pipeline; a failure is counted (and logged at every power of two).
-async fn send(
-    redis: &mut ConnectionManager,
+/// Sends a pipeline, bounded by `op_timeout`; the error text if it failed.
+async fn send_one(
+    redis: &mut PrimaryRedis,
     pipe: &redis::Pipeline,
     op_timeout: Duration,
-    failures: &mut u64,
-) {
+) -> Result<(), String> {
     let r: Result<Result<(), redis::RedisError>, _> =
         tokio::time::timeout(op_timeout, pipe.query_async(redis)).await;
-    let err = match r {
-        Ok(Ok(())) => return,
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => "timeout".to_string(),
-    };
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timeout".to_string()),
+    }
+}
+
+/// Counts a failed pipeline (and logs at every power of two).
+fn count_failure(r: Result<(), String>, failures: &mut u64) {
+    let Err(err) = r else { return };
     *failures += 1;
     metrics::counter!("gs_node_cache_errors_total").increment(1);
     if failures.is_power_of_two() {

@@ -64,7 +64,8 @@ pub struct NodeCtx {
     pub cluster: ClusterView,
     pub cache: cache::Cache,
     pub registry: registry::Registry,
-    pub redis: redis::aio::ConnectionManager,
+    /// The primary Redis (cache keys, readiness): one instance or a cluster.
+    pub redis: gs_shared::primary::PrimaryRedis,
     pub hub: Arc<hub::Hub>,
 }
 
@@ -138,8 +139,8 @@ async fn start(
     );
     tasks.service("committer", workers);
 
-    let redis = gs_shared::connect::redis(&cfg).await?;
-    let keys = Keys::new(&cfg.redis.key_prefix);
+    let redis = gs_shared::connect::primary_redis(&cfg).await?;
+    let keys = Keys::for_config(&cfg.redis);
     let ownership = ownership::Ownership::new(
         id.clone(),
         keys.clone(),

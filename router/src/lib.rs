@@ -58,7 +58,8 @@ pub struct RouterCtx {
     /// `wss://host:port` (or `ws://`): the WebSocket base.
     pub ws_base: String,
     pub nats: async_nats::Client,
-    pub redis: redis::aio::ConnectionManager,
+    /// The primary Redis (rate limits, readiness): one instance or a cluster.
+    pub redis: gs_shared::primary::PrimaryRedis,
     pub connections: AtomicUsize,
     pub shutdown: watch::Receiver<bool>,
     /// The WebSocket connections' tasks and their detach notices: [`run`] waits for
@@ -183,7 +184,7 @@ async fn connect(
     if let Some(keys) = auth.public_keys() {
         tracing::info!(kids = ?keys.kids(), "external token issuers' public keys loaded");
     }
-    let redis = gs_shared::connect::redis(cfg).await?;
+    let redis = gs_shared::connect::primary_redis(cfg).await?;
     let nats = gs_shared::connect::nats(cfg, id).await?;
     let subjects = Subjects::new(&cfg.nats.subject_prefix);
     let (cluster, cluster_tasks) = ClusterView::start(
@@ -210,7 +211,7 @@ async fn connect(
     );
     let limiter = limits::Limiter::new(
         redis.clone(),
-        Keys::new(&cfg.redis.key_prefix),
+        Keys::for_config(&cfg.redis),
         ms(cfg.redis.op_timeout_ms),
     );
     let ctx = Arc::new(RouterCtx {

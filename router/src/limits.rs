@@ -11,6 +11,7 @@
 //! back when the socket's task ends, however it ends.
 
 use gs_shared::keys::Keys;
+use gs_shared::primary::PrimaryRedis;
 use gs_shared::protocol::{codes, WireError};
 use serde_json::json;
 use std::collections::HashMap;
@@ -21,15 +22,15 @@ use uuid::Uuid;
 
 #[derive(Clone)]
 pub struct Limiter {
-    redis: redis::aio::ConnectionManager,
+    redis: PrimaryRedis,
     keys: Keys,
     timeout: Duration,
 }
 
 impl Limiter {
-    pub fn new(redis: redis::aio::ConnectionManager, keys: Keys, timeout: Duration) -> Self {
+    pub fn new(redis: impl Into<PrimaryRedis>, keys: Keys, timeout: Duration) -> Self {
         Self {
-            redis,
+            redis: redis.into(),
             keys,
             timeout,
         }

@@ -91,6 +91,11 @@ pub struct RedisConfig {
     /// extended and released on a majority of them; the lock-holder record lives
     /// beside the lock on each). Empty (the default): the lock is on `url` alone.
     pub lock_urls: Vec<String>,
+    /// A Redis Cluster for the rate-limit counters and the ICD cache keys, instead of
+    /// `url` (seed URLs of any of its masters). When set, the session keys carry a
+    /// hash tag (`session:{<id>}:meta`) so every multi-key script of one session stays
+    /// on one slot. Empty (the default): `url`.
+    pub cluster_urls: Vec<String>,
     /// Prefix of every key (the ICD keys become `{prefix}session:{id}:meta`, ...).
     pub key_prefix: String,
     /// Bound on every Redis round trip; past it the operation fails fast.
@@ -113,6 +118,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             lock_urls: Vec::new(),
+            cluster_urls: Vec::new(),
             key_prefix: String::new(),
             op_timeout_ms: 500,
         }
@@ -156,6 +162,10 @@ impl Default for PostgresConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RabbitConfig {
+    /// One broker, or several brokers' URLs, comma-separated
+    /// (`amqp://h1:5672/%2f,amqp://h2:5672/%2f`; `GS_RABBITMQ__URL` takes the same
+    /// form). The hub connects to the first that answers, trying them in turn from the
+    /// one that worked last, and does the same on every reconnect.
     pub url: String,
     /// Durable topic exchange the node publishes session events to.
     pub exchange: String,
@@ -167,8 +177,13 @@ pub struct RabbitConfig {
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub prefetch: u16,
-    /// Deliveries of one inbound message before it is dead-lettered.
+    /// Failed attempts of one inbound message (counted by the node in `x-gs-attempts`)
+    /// before it is dead-lettered.
     pub max_redeliveries: u32,
+    /// Broker-side poison limit of the inbound (quorum) queue, `x-delivery-limit`:
+    /// a message delivered this many times without being acked (its consumers died or
+    /// nacked it) is dead-lettered by the broker to `dead_letter_exchange`.
+    pub delivery_limit: u32,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
     /// Events read back from the log per session and relay pass (after a restart, a
@@ -182,6 +197,17 @@ pub struct RabbitConfig {
     pub enabled: bool,
 }
 
+impl RabbitConfig {
+    /// The broker URLs of `url`, trimmed, empty entries dropped.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+}
+
 impl Default for RabbitConfig {
     fn default() -> Self {
         Self {
@@ -193,6 +219,7 @@ impl Default for RabbitConfig {
             dead_letter_queue: "gs.session-service.dead-letter".into(),
             prefetch: 32,
             max_redeliveries: 5,
+            delivery_limit: 10,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5000,
             outbox_batch: 256,
@@ -672,6 +699,18 @@ impl Config {
                 "nats.url must name at least one server".into(),
             ));
         }
+        if !self.redis.cluster_urls.is_empty() && self.redis.key_prefix.contains('{') {
+            return Err(ConfigError::Invalid(
+                "redis.key_prefix must not contain '{' with redis.cluster_urls (it would \
+                 become the keys' hash tag)"
+                    .into(),
+            ));
+        }
+        if self.rabbitmq.enabled && self.rabbitmq.urls().is_empty() {
+            return Err(ConfigError::Invalid(
+                "rabbitmq.url must name at least one broker".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -779,6 +818,18 @@ mod tests {
         let mut cfg = Config::default();
         cfg.nats.url = " , ".into();
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn rabbitmq_url_takes_several_brokers_comma_separated() {
+        let mut r = RabbitConfig::default();
+        assert_eq!(r.urls(), vec!["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+        r.url = "amqp://u:pw@a:1/%2f, amqp://u:pw@b:2/%2f,".into();
+        assert_eq!(r.urls(), vec!["amqp://u:pw@a:1/%2f", "amqp://u:pw@b:2/%2f"]);
+        assert_eq!(
+            redact_url(&r.url),
+            "amqp://u:***@a:1/%2f, amqp://u:***@b:2/%2f,"
+        );
     }
 
     #[test]

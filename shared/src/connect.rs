@@ -4,6 +4,7 @@
 //! redacted ([`redact_url`]).
 
 use crate::config::{ms, redact_secrets, redact_url, Config};
+use crate::primary::PrimaryRedis;
 use std::time::{Duration, Instant};
 
 /// How long a process waits for a dependency at start-up.
@@ -52,6 +53,38 @@ pub async fn nats(cfg: &Config, name: &str) -> Result<async_nats::Client, Connec
     }
 }
 
+/// Connects to the primary Redis: the cluster of `redis.cluster_urls` when set, else
+/// `redis.url`.
+pub async fn primary_redis(cfg: &Config) -> Result<PrimaryRedis, ConnectError> {
+    if cfg.redis.cluster_urls.is_empty() {
+        return Ok(redis(cfg).await?.into());
+    }
+    let shown = redact_url(&cfg.redis.cluster_urls.join(","));
+    let err = |error: String| ConnectError::Redis {
+        url: shown.clone(),
+        error: redact_secrets(&error),
+    };
+    let client = redis::cluster::ClusterClient::builder(cfg.redis.cluster_urls.iter().cloned())
+        .connection_timeout(ms(cfg.redis.op_timeout_ms.max(1000)))
+        .response_timeout(ms(cfg.redis.op_timeout_ms))
+        .retries(2)
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let deadline = Instant::now() + STARTUP_WAIT;
+    loop {
+        let error = match client.get_async_connection().await {
+            Ok(c) => return Ok(c.into()),
+            Err(e) => redact_secrets(&e.to_string()),
+        };
+        if Instant::now() >= deadline {
+            return Err(err(error));
+        }
+        tracing::warn!(%error, urls = %shown, "Redis Cluster not reachable yet; retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Connects to the single Redis instance of `redis.url`.
 pub async fn redis(cfg: &Config) -> Result<redis::aio::ConnectionManager, ConnectError> {
     let err = |error: String| ConnectError::Redis {
         url: redact_url(&cfg.redis.url),

@@ -12,6 +12,7 @@
 //! * [`keys`]: Redis key names and the ICD's TTLs.
 //! * [`db`]: creating the database, migrations, the connection pool.
 //! * [`connect`]: connecting to NATS and Redis at start-up.
+//! * [`primary`]: the primary Redis (limits, cache keys): one instance or a cluster.
 //! * [`forward`]: requests to a session's owner, retried across failovers.
 //! * [`telemetry`]: logging, metrics recorder, shutdown signal.
 
@@ -23,6 +24,7 @@ pub mod db;
 pub mod forward;
 pub mod keys;
 pub mod membership;
+pub mod primary;
 pub mod protocol;
 pub mod ring;
 pub mod rpc;

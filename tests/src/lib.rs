@@ -19,6 +19,7 @@ pub use cluster::nats_cluster::NatsCluster;
 
 pub mod cdp;
 pub mod rabbit;
+pub mod redis_cluster;
 
 /// Upper bound of any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(30);

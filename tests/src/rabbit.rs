@@ -43,12 +43,11 @@ impl Got {
 
 impl Rabbit {
     pub async fn connect(cfg: &RabbitConfig) -> Result<Rabbit> {
-        let conn = Connection::connect(
-            &cfg.url,
-            ConnectionProperties::default().with_connection_name("gs-test".into()),
-        )
-        .await
-        .context("connecting to RabbitMQ")?;
+        let brokers = gs_node::hub::brokers::Brokers::from_list(&cfg.url);
+        let (conn, _) = brokers
+            .connect(ConnectionProperties::default().with_connection_name("gs-test".into()))
+            .await
+            .context("connecting to RabbitMQ")?;
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Rabbit {

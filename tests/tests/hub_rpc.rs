@@ -527,3 +527,41 @@ async fn calls_fail_at_once_when_the_connection_is_gone() -> Result<()> {
     assert!(took < Duration::from_secs(1), "failed after {took:?}");
     Ok(())
 }
+
+/// `rabbitmq.url` with several brokers, the first dead (a closed port): the client is
+/// started on the connection `Brokers` opens to the next one, and is answered.
+#[tokio::test]
+async fn a_client_connects_past_a_dead_broker() -> Result<()> {
+    let s = Setup::new(|_| {}).await?;
+    let url = gs_shared::config::Config::load(None)?.rabbitmq.url;
+    let dead = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        cluster::harness::free_port()?
+    );
+    let brokers = gs_node::hub::brokers::Brokers::from_list(&format!("{dead},{url}"));
+    let started = Instant::now();
+    let (conn, used) = brokers
+        .connect(ConnectionProperties::default().with_connection_name("gs-test brokers".into()))
+        .await?;
+    let connect_took = started.elapsed();
+    assert_eq!(used, 1, "the second broker");
+    let client = ServiceClient::start(&conn, ClientOptions::new(s.exchange.clone())).await?;
+    let _seen = s
+        .responder(
+            "character",
+            Arc::new(|_, req| vec![(Duration::ZERO, answer_ok(req, json!({"ok": 1})))]),
+        )
+        .await?;
+    let answer = client
+        .call("character", "get", None, json!({"character_id": "c1"}))
+        .await?;
+    assert_eq!(answer.details["ok"], 1);
+    // The next connection starts with the broker that worked.
+    let (again, used) = brokers.connect(ConnectionProperties::default()).await?;
+    assert_eq!(used, 1);
+    println!("past a dead broker: connected in {connect_took:?}, answered");
+    let _ = again.close(0, "done".into()).await;
+    let _ = conn.close(0, "done".into()).await;
+    s.finish().await;
+    Ok(())
+}

@@ -36,12 +36,10 @@ use gs_shared::forward::Forwarder;
 use gs_shared::rpc::{Caller, RequestBody};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,9 +58,11 @@ const REASON_HEADER: &str = "x-gs-reason";
 const ORIGINAL_KEY_HEADER: &str = "x-gs-original-routing-key";
 
 pub mod breaker;
+pub mod brokers;
 mod consume;
 pub mod publish;
 pub mod rpc;
+pub mod topology;
 
 pub use consume::command_for;
 
@@ -76,6 +76,8 @@ const RELAY_DEADLINE: Duration = Duration::from_secs(10);
 /// The relay's shared state.
 pub struct Hub {
     cfg: RabbitConfig,
+    /// The broker URLs, tried in turn on every (re)connection.
+    brokers: brokers::Brokers,
     /// Settings of the request/response client started on every connection.
     service_opts: rpc::ClientOptions,
     /// The request/response client of the current connection (`None` while down).
@@ -89,6 +91,7 @@ pub struct Hub {
 impl Hub {
     pub fn new(cfg: RabbitConfig, service_opts: rpc::ClientOptions) -> Arc<Hub> {
         Arc::new(Hub {
+            brokers: brokers::Brokers::from_list(&cfg.url),
             cfg,
             service_opts,
             services: Mutex::new(None),
@@ -190,21 +193,16 @@ impl Hub {
         let props = ConnectionProperties::default().with_connection_name(
             format!("gs-node {} {}", ctx.id, ctx.cfg.nats.subject_prefix).into(),
         );
-        let conn = tokio::time::timeout(
-            Duration::from_secs(10),
-            Connection::connect(&self.cfg.url, props),
-        )
-        .await
-        .map_err(|_| {
-            lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
-                lapin::ConnectionState::Closed,
-            ))
-        })??;
+        let (conn, i) = self.brokers.connect(props).await?;
+        tracing::info!(
+            broker = %gs_shared::config::redact_url(&self.brokers.urls()[i]),
+            "Message Hub broker chosen"
+        );
+        self.declare(&conn).await?;
         let publish = conn.create_channel().await?;
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        self.declare(&publish).await?;
         let side = conn.create_channel().await?;
         side.confirm_select(ConfirmSelectOptions::default()).await?;
         let consume = conn.create_channel().await?;
@@ -220,73 +218,12 @@ impl Hub {
         })
     }
 
-    /// Exchanges and queues (idempotent).
-    async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        for (name, kind) in [
-            (&self.cfg.exchange, ExchangeKind::Topic),
-            (&self.cfg.inbound_exchange, ExchangeKind::Topic),
-            (&self.cfg.dead_letter_exchange, ExchangeKind::Fanout),
-        ] {
-            ch.exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
-                .await?;
-        }
-        let queue = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        ch.queue_declare(
-            self.cfg.inbound_queue.as_str().into(),
-            queue,
-            FieldTable::default(),
-        )
-        .await?;
-        for key in [CHARACTER_CHANGED, CAMPAIGN_CHANGED] {
-            ch.queue_bind(
-                self.cfg.inbound_queue.as_str().into(),
-                self.cfg.inbound_exchange.as_str().into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
-        // Retry queues: after their TTL, messages go back to the main queue.
-        for level in 1..=self.cfg.max_redeliveries.max(1) as i64 {
-            let mut retry_args = FieldTable::default();
-            retry_args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(self.retry_backoff_ms(level) as i64),
-            );
-            retry_args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString("".into()),
-            );
-            retry_args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(self.cfg.inbound_queue.as_str().into()),
-            );
-            ch.queue_declare(self.retry_queue(level).as_str().into(), queue, retry_args)
-                .await?;
-        }
-        ch.queue_declare(
-            self.cfg.dead_letter_queue.as_str().into(),
-            queue,
-            FieldTable::default(),
-        )
-        .await?;
-        ch.queue_bind(
-            self.cfg.dead_letter_queue.as_str().into(),
-            self.cfg.dead_letter_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        Ok(())
+    /// Exchanges and queues (idempotent; quorum queues, see [`topology`]).
+    async fn declare(&self, conn: &Connection) -> lapin::Result<()> {
+        let retries: Vec<(String, u64)> = (1..=self.cfg.max_redeliveries.max(1) as i64)
+            .map(|level| (self.retry_queue(level), self.retry_backoff_ms(level)))
+            .collect();
+        topology::declare_all(conn, &self.cfg, &retries).await
     }
 }
 

@@ -622,3 +622,78 @@ async fn breaker(o: &Orchestra) -> Result<()> {
     }
     Ok(())
 }
+
+/// The round trip through the hub (request committed → answer committed, from the
+/// events' timestamps) while 20 sessions × 5 clients play at the bench's rate (one
+/// change per client every 100 ms). Printed for BENCHMARKS.md; asserted: every request
+/// answered, none failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_under_bench_load() -> Result<()> {
+    let o = Orchestra::start(3, |c| {
+        // The load's sessions belong to random campaigns and play without characters.
+        c.campaign.require_membership = false;
+        c.services.character_lookup = false;
+    })
+    .await?;
+    let result = round_trip_under_load(&o).await;
+    finish(o, result).await
+}
+
+async fn round_trip_under_load(o: &Orchestra) -> Result<()> {
+    use cluster::load::{self, percentiles, Target};
+    const REQUESTS: usize = 60;
+    let target = Target::of(&o.cluster);
+    let (_ids, clients) = load::setup(&target, 20, 5, None).await?;
+    let running = load::start(
+        clients,
+        Duration::from_millis(100),
+        Duration::from_secs(15),
+        None,
+    );
+    let warm = Instant::now();
+    running
+        .progress
+        .wait("every session served", Duration::from_secs(30), |p| {
+            (0..20).all(|s| p.acked_since(s, warm))
+        })
+        .await?;
+    let mut dm = o.connect("dm", &o.dm_token, &o.session_token).await?;
+    for i in 0..REQUESTS {
+        let id = dm
+            .send("narrate", json!({"prompt": format!("under load {i}")}))
+            .await?;
+        ensure!(dm.wait_answer(id, WAIT).await?.is_ok(), "narrate refused");
+        dm.wait_for("the answer", WAIT, |v| {
+            let done = |k: &str| v.frames.iter().filter(|f| f["type"] == k).count();
+            done("narration") + done("narration_failed") > i
+        })
+        .await?;
+    }
+    let acks = running.progress.acks();
+    let (_, records) = running.stop().await?;
+    let asked = events_of(&dm, "narration_requested");
+    let told = events_of(&dm, "narration");
+    let failed = events_of(&dm, "narration_failed").len();
+    let rt: Vec<f64> = asked
+        .iter()
+        .zip(&told)
+        .filter_map(|(a, t)| millis_between(a, t).map(|ms| ms as f64))
+        .collect();
+    let p = percentiles(rt);
+    println!(
+        "hub round trip under 20 sessions × 5 clients ({} load commands acked, {} records): {} requests, p50 {} ms, p95 {} ms, p99 {} ms, max {} ms; {failed} failed",
+        acks,
+        records.len(),
+        p.count,
+        p.p50,
+        p.p95,
+        p.p99,
+        p.max
+    );
+    ensure!(
+        failed == 0 && told.len() == REQUESTS,
+        "{failed} failed, {} answered",
+        told.len()
+    );
+    Ok(())
+}

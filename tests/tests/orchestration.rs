@@ -10,9 +10,11 @@
 //! * membership: a non-member cannot create or join (`403 not_in_campaign`);
 //! * narration and maps: `narrate` → `narration` to every client in order, in the log
 //!   across an owner failover; a silent LLM → `narration_failed` after the deadline,
-//!   play goes on; `map_request` → `map_updated` with the URL;
+//!   play goes on; `map_request` → `map_updated` with the URL; `monster_decide` →
+//!   the LLM's action through the rules (refused outside combat → `narration_failed`);
 //! * the breaker: an LLM failing every request opens it, then requests fail fast
-//!   until a probe succeeds.
+//!   until a probe succeeds;
+//! * the round trip under the bench load (20 sessions × 5 clients), printed.
 //!
 //! Figures (round trips) are printed, not asserted against tight bounds.
 
@@ -447,6 +449,47 @@ async fn narration_and_maps(o: &mut Orchestra) -> Result<()> {
         "the map is not in the play state"
     );
 
+    // monster_decide: the LLM's action goes through the rules; outside combat they
+    // refuse it, which ends in narration_failed (the action is never forced in).
+    let gob = Uuid::new_v4();
+    let id = dm
+        .send(
+            "spawn_character",
+            json!({"character_id": gob, "sheet": {"name": "Gob", "max_hp": 7, "ac": 15}}),
+        )
+        .await?;
+    ensure!(dm.wait_answer(id, WAIT).await?.is_ok(), "spawn refused");
+    let id = dm
+        .send("monster_decide", json!({"character_id": gob}))
+        .await?;
+    ensure!(
+        dm.wait_answer(id, WAIT).await?.is_ok(),
+        "monster_decide refused"
+    );
+    player
+        .wait_for("the monster's narration and its refusal", WAIT, |v| {
+            v.frames.iter().any(|f| f["type"] == "narration_failed")
+        })
+        .await?;
+    let told = events_of(&player, "narration").remove(5);
+    ensure!(
+        told["data"]["character_id"] == gob.to_string()
+            && told["data"]["action"]["action_type"].is_string(),
+        "{told}"
+    );
+    let refused = events_of(&player, "narration_failed").remove(0);
+    ensure!(
+        refused["data"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("refused"),
+        "{refused}"
+    );
+    ensure!(
+        refused["data"]["request_id"] == told["data"]["request_id"],
+        "{refused}"
+    );
+
     // A silent LLM: narration_failed after the deadline; play goes on meanwhile.
     o.stand_ins.set(
         "llm",
@@ -471,11 +514,15 @@ async fn narration_and_maps(o: &mut Orchestra) -> Result<()> {
     );
     player
         .wait_for("narration_failed", WAIT, |v| {
-            v.frames.iter().any(|f| f["type"] == "narration_failed")
+            v.frames
+                .iter()
+                .filter(|f| f["type"] == "narration_failed")
+                .count()
+                > 1
         })
         .await?;
-    let failed = events_of(&player, "narration_failed").remove(0);
-    let asked = events_of(&player, "narration_requested").remove(5);
+    let failed = events_of(&player, "narration_failed").remove(1);
+    let asked = events_of(&player, "narration_requested").remove(6);
     let waited = millis_between(&asked, &failed).unwrap_or(-1);
     ensure!(
         waited >= 350,
@@ -499,7 +546,7 @@ async fn narration_and_maps(o: &mut Orchestra) -> Result<()> {
 /// them (a fresh client's sync) and narrates on.
 async fn narration_survives_failover(o: &mut Orchestra) -> Result<()> {
     let before = o.stored("narration").await?;
-    ensure!(before == 5, "stored narrations: {before}");
+    ensure!(before == 6, "stored narrations: {before}");
     let owners = gs_tests::owners(&o.cluster, std::slice::from_ref(&o.session)).await?;
     let owner = owners.keys().next().context("no owner")?.clone();
     o.cluster.kill(&owner).await?;

@@ -647,9 +647,10 @@ async fn breaker(o: &Orchestra) -> Result<()> {
     let deadline = Instant::now() + WAIT;
     loop {
         let n = events_of(&dm, "narration").len();
+        // Counted before sending: a fast failure can arrive with the ack.
+        let before = events_of(&dm, "narration_failed").len();
         let id = dm.send("narrate", json!({"prompt": "probe"})).await?;
         ensure!(dm.wait_answer(id, WAIT).await?.is_ok(), "narrate refused");
-        let before = events_of(&dm, "narration_failed").len();
         dm.wait_for("an answer", WAIT, |v| {
             let told = v.frames.iter().filter(|f| f["type"] == "narration").count();
             let failed = v

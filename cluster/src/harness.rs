@@ -59,6 +59,11 @@ impl ClusterSpec {
         base.limits.joins_per_min_per_session = 100_000;
         // Every test client connects from 127.0.0.1.
         base.router.max_sockets_per_ip = 0;
+        // No Campaign or Character Service unless a test starts the stand-ins
+        // (`tests/orchestration.rs` turns these back on): sessions are open and a
+        // player's join sheet is taken as sent.
+        base.campaign.require_membership = false;
+        base.services.character_lookup = false;
         ClusterSpec {
             nodes,
             routers,

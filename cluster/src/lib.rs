@@ -12,6 +12,9 @@
 //! * [`front`]: a front door for the routers (a TCP forwarder, as a load balancer),
 //!   so clients survive every router being replaced.
 //! * [`nats_cluster`]: a local NATS cluster joined by routes.
+//! * [`stand_ins`]: stand-ins of the Character, Campaign, LLM and Image services on
+//!   the real RabbitMQ, answering from a fixture directory (`cluster stand-ins`,
+//!   started by `cluster up`; in-process in the tests).
 //! * [`tls`]: self-signed development certificates.
 //! * [`state`]: the state file of `cluster up` (`.cluster/state.json`), read by the
 //!   other commands.
@@ -23,5 +26,6 @@ pub mod harness;
 pub mod load;
 pub mod nats_cluster;
 pub mod scale;
+pub mod stand_ins;
 pub mod state;
 pub mod tls;

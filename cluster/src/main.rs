@@ -19,12 +19,14 @@ use clap::{Parser, Subcommand};
 use cluster::client::{cluster_info, http_client, Api};
 use cluster::harness::{ClusterSpec, LocalCluster};
 use cluster::scale::{self, Members, StateCluster};
+use cluster::stand_ins::{Behaviour, Fixture, StandIns};
 use cluster::state::{pid_alive, ClusterState, MemberState};
 use cluster::tls::DevCert;
 use gs_shared::auth::{Authority, Role};
 use gs_shared::config::Config;
 use gs_shared::membership::MemberKind;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use uuid::Uuid;
 
 /// mimalloc instead of glibc's malloc: the services allocate many small, short-lived
@@ -69,6 +71,34 @@ enum Cmd {
         /// as configured.
         #[arg(long, default_value_t = 0)]
         nats_cluster: usize,
+        /// Do not start the stand-ins of the Character, Campaign, LLM and Image
+        /// services (character lookups are then off too).
+        #[arg(long)]
+        no_stand_ins: bool,
+        /// Fixture directory of the stand-ins (default: the repository's
+        /// `config/stand-ins`).
+        #[arg(long)]
+        fixtures: Option<PathBuf>,
+    },
+    /// Run only the stand-ins of the Character, Campaign, LLM and Image services on
+    /// the configured RabbitMQ (requests exchange: `services.exchange`, else
+    /// `rabbitmq.inbound_exchange`), until Ctrl-C.
+    StandIns {
+        /// Fixture directory (default: the repository's `config/stand-ins`).
+        #[arg(long)]
+        fixtures: Option<PathBuf>,
+        /// Milliseconds every stand-in waits before answering.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Share of requests answered with a retryable error (0.0–1.0).
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+        /// Take requests and never answer.
+        #[arg(long)]
+        silent: bool,
+        /// Seed of the error draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Mint an access token with the configured secret.
     Token {
@@ -174,17 +204,41 @@ async fn main() -> Result<()> {
             tls,
             redis_lock_quorum,
             nats_cluster,
+            no_stand_ins,
+            fixtures,
         } => {
-            up(
-                &cli.dir,
-                cli.config.as_deref(),
+            let stand_ins = (!no_stand_ins).then(|| fixtures.unwrap_or_else(Fixture::default_dir));
+            let spec = UpSpec {
                 nodes,
                 routers,
                 tls,
                 redis_lock_quorum,
                 nats_cluster,
-            )
-            .await
+                stand_ins,
+            };
+            up(&cli.dir, cli.config.as_deref(), spec).await
+        }
+        Cmd::StandIns {
+            fixtures,
+            delay_ms,
+            error_rate,
+            silent,
+            seed,
+        } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            let behaviour = Behaviour {
+                delay: Duration::from_millis(delay_ms),
+                error_rate,
+                silent,
+            };
+            let dir = fixtures.unwrap_or_else(Fixture::default_dir);
+            let s = start_stand_ins(&cfg, &dir, seed).await?;
+            for service in cluster::stand_ins::SERVICES {
+                s.set(service, behaviour);
+            }
+            gs_shared::telemetry::shutdown_signal().await;
+            s.stop().await;
+            Ok(())
         }
         Cmd::Token { user, role, ttl } => {
             let cfg = load_config(&cli.dir, cli.config.as_deref())?;
@@ -286,19 +340,32 @@ fn load_config(dir: &Path, file: Option<&Path>) -> Result<Config> {
     Ok(cfg)
 }
 
-async fn up(
-    dir: &Path,
-    file: Option<&Path>,
+/// What `cluster up` starts.
+struct UpSpec {
     nodes: usize,
     routers: usize,
     tls: bool,
     redis_lock_quorum: usize,
     nats_cluster: usize,
-) -> Result<()> {
+    /// The stand-ins' fixture directory; `None`: no stand-ins.
+    stand_ins: Option<PathBuf>,
+}
+
+async fn up(dir: &Path, file: Option<&Path>, spec: UpSpec) -> Result<()> {
+    let UpSpec {
+        nodes,
+        routers,
+        tls,
+        redis_lock_quorum,
+        nats_cluster,
+        stand_ins,
+    } = spec;
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
     refuse_if_running(&dir)?;
     let (mut base, saved) = dev_config(&dir, file)?;
+    // Without stand-ins nobody answers character.get: a player's sheet is taken as sent.
+    base.services.character_lookup = stand_ins.is_some();
     // Killed when `up` ends (kill_on_drop).
     let mut lock_servers = Vec::new();
     let mut lock_urls = Vec::new();
@@ -336,6 +403,18 @@ async fn up(
         node_patch: None,
     };
     let mut cluster = LocalCluster::start(spec).await?;
+    // Stopped (their queues deleted) when `up` ends.
+    let stand_ins = match &stand_ins {
+        Some(fixtures) => {
+            let s = start_stand_ins(&cluster.base, fixtures, 1).await?;
+            println!(
+                "stand-ins of the Character, Campaign, LLM and Image services: fixtures in {}",
+                fixtures.display()
+            );
+            Some(s)
+        }
+        None => None,
+    };
     let state = ClusterState {
         name: cluster.name.clone(),
         config: saved,
@@ -362,6 +441,9 @@ async fn up(
     // Members started later by `add-node` are in the state file too.
     stop_members(&mut cluster, &ClusterState::load(&dir).unwrap_or(state)).await;
     cluster.shutdown().await;
+    if let Some(s) = stand_ins {
+        s.stop().await;
+    }
     let _ = std::fs::remove_file(ClusterState::path(&dir));
     for mut c in lock_servers {
         let _ = c.kill().await;
@@ -373,6 +455,17 @@ async fn up(
     }
     println!("stopped");
     Ok(())
+}
+
+/// The stand-ins on `cfg`'s RabbitMQ and requests exchange, answering from `fixtures`.
+async fn start_stand_ins(cfg: &Config, fixtures: &Path, seed: u64) -> Result<StandIns> {
+    let fixture = Fixture::load(fixtures)?;
+    let exchange = if cfg.services.exchange.is_empty() {
+        &cfg.rabbitmq.inbound_exchange
+    } else {
+        &cfg.services.exchange
+    };
+    StandIns::start(&cfg.rabbitmq.url, exchange, fixture, seed).await
 }
 
 /// Starts a `redis-server` (no persistence) on a free local port for the ownership
@@ -432,6 +525,9 @@ fn dev_config(dir: &Path, file: Option<&Path>) -> Result<(Config, PathBuf)> {
     // Development limits: the ICD's per-IP connection limit (10/min) would stop a
     // local demo with several clients on 127.0.0.1.
     base.limits.ws_connects_per_min_per_ip = base.limits.ws_connects_per_min_per_ip.max(600);
+    // Local development: anyone may create and join (the stand-ins' campaign fixture
+    // lists only its demo users).
+    base.campaign.require_membership = false;
     // Likewise the cap on open sockets per IP (0 = none stays none).
     if base.router.max_sockets_per_ip > 0 {
         base.router.max_sockets_per_ip = base.router.max_sockets_per_ip.max(10_000);

@@ -322,6 +322,8 @@ impl Session {
                     let ack = acks.next_if(|(at, _)| *at == i).map(|(_, id)| *id);
                     self.publish(ev, ack).await;
                 }
+                // Requests to other services start once what asked for them is durable.
+                crate::services::after_commit(&self.ctx, id, &self.committed);
                 self.ctx
                     .hub
                     .committed(id, std::mem::take(&mut self.committed));

@@ -18,6 +18,9 @@
 //! * [`ownership`]: Redis locks (rslock), renewal, breaking a dead owner's lock.
 //! * [`cache`]: the ICD's Redis keys, written in the background.
 //! * [`outbox`], [`hub`]: Message Hub (RabbitMQ) outbox and relay.
+//! * [`services`]: the other services (Character, Campaign, LLM, Image) asked over
+//!   the hub: checks before a create or join, requests after a commit, answers
+//!   committed as events.
 //! * [`health`]: `/health/live`, `/health/ready`, `/metrics`.
 
 pub mod actor;
@@ -30,6 +33,7 @@ pub mod hub;
 pub mod outbox;
 pub mod ownership;
 pub mod registry;
+pub mod services;
 pub mod store;
 
 use crate::actor::{Envelope, Reply};
@@ -169,7 +173,7 @@ async fn start(
 
     let ctx = Arc::new(NodeCtx {
         registry: registry::Registry::new(id.clone(), cluster.clone(), cfg.node.inbox_capacity),
-        hub: hub::Hub::new(cfg.rabbitmq.clone()),
+        hub: hub::Hub::new(cfg.rabbitmq.clone(), services::client_options(&cfg)),
         cfg,
         id,
         subjects,
@@ -247,6 +251,17 @@ async fn request(ctx: &Arc<NodeCtx>, msg: async_nats::Message) {
                 body: ReplyBody::Done,
             };
             reply.send(ctx, pong).await
+        }
+        Ok(req) if services::needs_admission(ctx, &req) => {
+            // Asking other services takes up to their deadline: beside the request
+            // loop, never in it (nor in the session's task).
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                match services::admit(&ctx, req).await {
+                    Ok(req) => registry::dispatch(&ctx, Envelope { req, reply }).await,
+                    Err(error) => reply.send(&ctx, NodeReply::err(error)).await,
+                }
+            });
         }
         Ok(req) => registry::dispatch(ctx, Envelope { req, reply }).await,
         Err(e) => {

@@ -26,6 +26,19 @@ use uuid::Uuid;
 
 pub const STATE_CHANGED: &str = "session.state.changed";
 pub const COMBAT_CHANGED: &str = "session.combat.changed";
+/// A character's hit points or conditions changed in play: for the Character Service
+/// to persist (one message per character and event, beside the event's own message).
+pub const CHARACTER_CHANGED: &str = "session.character.changed";
+/// Fields of a character in play the Character Service is told about.
+const CHARACTER_FIELDS: &[&str] = &[
+    "hp",
+    "temp_hp",
+    "max_hp",
+    "conditions",
+    "death_saves",
+    "stable",
+    "exhaustion",
+];
 /// `change_type` of a message carrying several events.
 pub const BATCH: &str = "batch";
 
@@ -173,7 +186,17 @@ pub fn messages(session: Uuid, rows: &[HubRow], max_events: usize) -> Vec<HubMes
         {
             end += 1;
         }
-        out.push(message(session, key, &rows[start..end]));
+        let main = message(session, key, &rows[start..end]);
+        let last_seq = main.last_seq;
+        out.push(main);
+        for row in &rows[start..end] {
+            // Carried with the message's last version, so the cursor moves as before.
+            out.extend(
+                character_messages(session, row)
+                    .into_iter()
+                    .map(|m| HubMessage { last_seq, ..m }),
+            );
+        }
         start = end;
     }
     out
@@ -205,6 +228,56 @@ fn message(session: Uuid, key: &'static str, run: &[HubRow]) -> HubMessage {
         body: body.into_bytes(),
         last_seq: last.seq,
     }
+}
+
+/// `session.character.changed` messages of one event: for each character whose hit
+/// points or conditions the event changed (read from its play-state patch), `{event_id,
+/// session_id, character_id, version, change_type, details: {hp, conditions, …},
+/// timestamp, correlation_id}`. Not for characters entering play, nor for changes that
+/// came from the Character Service itself.
+fn character_messages(session: Uuid, row: &HubRow) -> Vec<HubMessage> {
+    if matches!(
+        row.kind.as_str(),
+        "player_joined" | "character_spawned" | "session_created"
+    ) || !row.data_json.contains("\"characters\"")
+    {
+        return vec![];
+    }
+    let Ok(data) = serde_json::from_str::<Value>(&row.data_json) else {
+        return vec![];
+    };
+    if matches!(data["source"].as_str(), Some("hub" | "character_service")) {
+        return vec![];
+    }
+    let Some(Value::Object(chars)) = data.get("patch").and_then(|p| p.get("characters")) else {
+        return vec![];
+    };
+    chars
+        .iter()
+        .filter_map(|(id, c)| {
+            let c = c.as_object()?;
+            let details: serde_json::Map<String, Value> = CHARACTER_FIELDS
+                .iter()
+                .filter_map(|f| c.get(*f).map(|v| (f.to_string(), v.clone())))
+                .collect();
+            if details.is_empty() {
+                return None;
+            }
+            let character_id = Uuid::parse_str(id).ok()?;
+            let event_id = Uuid::new_v5(&row.id, id.as_bytes());
+            let body = serde_json::json!({
+                "event_id": event_id, "session_id": session, "character_id": character_id,
+                "version": row.seq, "change_type": row.kind, "details": details,
+                "timestamp": data.get("timestamp"), "correlation_id": row.correlation,
+            });
+            Some(HubMessage {
+                routing_key: CHARACTER_CHANGED,
+                message_id: event_id,
+                body: body.to_string().into_bytes(),
+                last_seq: row.seq,
+            })
+        })
+        .collect()
 }
 
 /// Characters a batch brings into the session (joins with a character, spawns).

@@ -25,6 +25,9 @@ fn sample(kind: &str) -> Value {
         "apply_condition" | "remove_condition" => json!({"character_id": id, "condition": "prone"}),
         "terrain_set" => json!({"clear": true}),
         "rollback" => json!({"to_version": 1}),
+        "narrate" => json!({"prompt": "the cave"}),
+        "monster_decide" => json!({"character_id": id}),
+        "map_request" => json!({"description": "a cave", "grid": {"width": 10, "height": 10}}),
         _ => json!({}),
     }
 }

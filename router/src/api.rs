@@ -380,6 +380,7 @@ async fn join_session(
             RequestBody::Join {
                 command_id: Uuid::new_v4(),
                 data: body,
+                lookup: None,
             },
         )
         .await?;

@@ -40,6 +40,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub document: DocumentConfig,
     pub log: LogConfig,
+    pub services: ServicesConfig,
+    pub campaign: CampaignConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -548,6 +550,76 @@ impl Default for LogConfig {
             // with the whole message; the relay counts them instead.
             filter: "info,lapin::returned_messages=error".into(),
             format: "text".into(),
+        }
+    }
+}
+
+/// Requests to the other services over the Message Hub (Character, Campaign, LLM,
+/// Image; `docs/message-hub.md`, "Requests to other services").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServicesConfig {
+    /// Exchange requests are published to; empty: `rabbitmq.inbound_exchange`.
+    pub exchange: String,
+    /// Deadline of one call (the SRD's orchestration round trip is under 500 ms).
+    pub deadline_ms: u64,
+    /// How long the first attempt waits before the request is sent again (doubled).
+    pub attempt_timeout_ms: u64,
+    /// Pause before retrying after a retryable error answer (doubled).
+    pub retry_backoff_ms: u64,
+    /// Publishes of one call at most.
+    pub max_attempts: u32,
+    /// Consecutive failed calls that open a service's circuit breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker fails calls fast before a probe goes out.
+    pub breaker_cool_down_ms: u64,
+    /// Joins with a `character_id` ask the Character Service (`character.get`) for the
+    /// sheet and its owner, and players can no longer declare their own sheets (the DM
+    /// still can). Off: a player's join sheet is taken as it is (local development
+    /// without the Character Service).
+    pub character_lookup: bool,
+    /// How long a character left `pending` (the Character Service did not answer in
+    /// time) keeps being asked for in the background.
+    pub pending_retry_ms: u64,
+    /// Deadline of an `llm.request` (narration, a monster's decision); past it the
+    /// session gets `narration_failed` and play goes on.
+    pub llm_deadline_ms: u64,
+    /// Deadline of an `image.request` (a map); past it the session gets `map_failed`.
+    pub image_deadline_ms: u64,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self {
+            exchange: String::new(),
+            deadline_ms: 400,
+            attempt_timeout_ms: 150,
+            retry_backoff_ms: 20,
+            max_attempts: 3,
+            breaker_failure_threshold: 5,
+            breaker_cool_down_ms: 5000,
+            character_lookup: true,
+            pending_retry_ms: 10_000,
+            llm_deadline_ms: 400,
+            image_deadline_ms: 400,
+        }
+    }
+}
+
+/// The Campaign Service's say over sessions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CampaignConfig {
+    /// Session creation and joins ask `campaign.membership` whether the user is in the
+    /// session's campaign (as player or DM); non-members get `403 not_in_campaign`.
+    /// Off for local development without the Campaign Service.
+    pub require_membership: bool,
+}
+
+impl Default for CampaignConfig {
+    fn default() -> Self {
+        Self {
+            require_membership: true,
         }
     }
 }

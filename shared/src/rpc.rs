@@ -98,7 +98,15 @@ pub enum RequestBody {
         settings: Value,
     },
     /// `POST /sessions/{id}/join`; `data` is the request body.
-    Join { command_id: Uuid, data: Value },
+    Join {
+        command_id: Uuid,
+        data: Value,
+        /// The Character Service's answer about `data.character_id`, added by the
+        /// owner before the join enters the session (`gs_rules::command::CharacterLookup`
+        /// as JSON); never from the client.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lookup: Option<Value>,
+    },
     /// A client command from a WebSocket (`state_update`, combat messages, ...).
     Command {
         command_id: Uuid,

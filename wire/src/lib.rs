@@ -68,6 +68,7 @@ code_table! {
     WRONG_USER = "wrong_user" => 403, once, "the session token belongs to another user";
     FORBIDDEN = "forbidden" => 403, once, "a valid identity asking for what it may not have";
     NOT_MEMBER = "not_member" => 403, once, "not a member of the session: join it first";
+    NOT_IN_CAMPAIGN = "not_in_campaign" => 403, once, "the Campaign Service says the user is not in the session's campaign (creation and joins, when `campaign.require_membership` is on)";
     // --- limits
     RATE_LIMITED = "rate_limited" => 429, once, "over a rate limit";
     TOO_MANY_IN_FLIGHT = "too_many_in_flight" => 429, once, "too many requests of one connection in flight";
@@ -98,7 +99,8 @@ code_table! {
     TOO_MANY_CHANGES = "too_many_changes" => 422, once, "more than 100 changes in one `state_update`";
     INVALID_CHARACTER = "invalid_character" => 422, once, "a character sheet or character change is invalid";
     UNKNOWN_CHARACTER = "unknown_character" => 422, once, "the character id is not in play in this session";
-    NOT_YOUR_CHARACTER = "not_your_character" => 422, once, "the sender does not control that character (the DM controls all)";
+    CHARACTER_NOT_FOUND = "character_not_found" => 404, once, "the Character Service does not know that character id (a join)";
+    NOT_YOUR_CHARACTER = "not_your_character" => 403, once, "the sender does not control that character (the DM controls all), or the Character Service says another user owns it";
     COMBAT_NOT_ACTIVE = "combat_not_active" => 422, once, "no combat is running";
     COMBAT_ALREADY_ACTIVE = "combat_already_active" => 422, once, "a combat is already running";
     INITIATIVE_PENDING = "initiative_pending" => 422, once, "acting before every participant has rolled initiative";

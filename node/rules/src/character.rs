@@ -213,6 +213,15 @@ pub struct Character {
     pub save_advantages: BTreeSet<SaveTag>,
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub save_disadvantages: BTreeSet<SaveTag>,
+    /// In play before its sheet: the Character Service did not answer the join in
+    /// time. Its stand-in numbers are replaced when the sheet arrives (a
+    /// `character_updated` from the service's answer or a hub event).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pending: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_zero_u8(n: &u8) -> bool {
@@ -336,6 +345,9 @@ pub struct Sheet {
     pub save_advantages: BTreeSet<SaveTag>,
     #[serde(default)]
     pub save_disadvantages: BTreeSet<SaveTag>,
+    /// A stand-in until the Character Service's sheet arrives (set by the rules).
+    #[serde(default)]
+    pub pending: bool,
 }
 
 /// `invalid_character` unless `lo <= v <= hi`.
@@ -454,6 +466,7 @@ impl Character {
             )? as u8,
             save_advantages: s.save_advantages.clone(),
             save_disadvantages: s.save_disadvantages.clone(),
+            pending: s.pending,
         };
         c.hp = c.hp.min(c.hp_max());
         if c.conditions.contains(&Condition::Unconscious) {

@@ -75,6 +75,38 @@ pub struct JoinRequest {
     /// An optional character sheet for the rules (hit points, armour class, ...).
     #[serde(default)]
     pub character: Option<Value>,
+    /// What the Character Service said about `character_id` (asked by the node
+    /// before the join reaches the session; never read from the client's body).
+    #[serde(skip)]
+    pub lookup: Option<CharacterLookup>,
+}
+
+/// The Character Service's answer to `character.get`, as the node hands it to the
+/// rules with a join.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum CharacterLookup {
+    /// The sheet and the user who owns the character.
+    Found { owner_id: Uuid, sheet: Value },
+    /// The service does not know the id.
+    NotFound,
+    /// No answer in time (or the service is down): the character enters play
+    /// `pending`, filled in when the sheet arrives.
+    Unavailable { reason: String },
+}
+
+/// Largest prompt or scene description sent to the LLM or Image services (characters).
+pub const MAX_PROMPT_CHARS: usize = 2000;
+/// Largest narration kept from the LLM Service (characters; longer text is cut).
+pub const MAX_NARRATION_CHARS: usize = 8000;
+/// Largest side of a requested map grid (squares).
+pub const MAX_GRID: u32 = 200;
+
+/// A battle map's grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grid {
+    pub width: u32,
+    pub height: u32,
 }
 
 /// Every command the rules know.
@@ -196,6 +228,55 @@ pub enum Command {
     ReactionDecline {
         character_id: Uuid,
     },
+    // ---- Content from other services (docs/protocol.md, "Narration and maps") ----
+    /// DM: ask the LLM Service for a narration.
+    Narrate {
+        prompt: String,
+        #[serde(default)]
+        context: Option<Value>,
+    },
+    /// DM: ask the LLM Service what a monster or NPC does; its answer is declared as
+    /// the creature's action through the rules.
+    MonsterDecide {
+        character_id: Uuid,
+        #[serde(default)]
+        prompt: Option<String>,
+    },
+    /// DM: ask the Image Service for a battle map.
+    MapRequest {
+        description: String,
+        grid: Grid,
+    },
+    /// Internal, not a client type (needs `ctx.admin`): the LLM Service answered.
+    NarrationDone {
+        request_id: Uuid,
+        text: String,
+        #[serde(default)]
+        character_id: Option<Uuid>,
+        #[serde(default)]
+        action: Option<Value>,
+    },
+    /// Internal: the Image Service answered with a map.
+    MapDone {
+        request_id: Uuid,
+        url: String,
+        #[serde(default)]
+        asset_id: Option<String>,
+        grid: Grid,
+    },
+    /// Internal: a request to the LLM (`narration`) or Image (`map`) Service failed.
+    ServiceFailed {
+        request_id: Uuid,
+        /// `narration` or `map`.
+        what: String,
+        reason: String,
+    },
+    /// Internal: the Character Service's sheet of a `pending` character arrived.
+    CharacterFill {
+        character_id: Uuid,
+        owner_id: Uuid,
+        sheet: Value,
+    },
     /// DM: restore the session to an earlier version. The node decides it with
     /// [`crate::SessionState::decide_rollback`], which needs the past state.
     Rollback {
@@ -303,6 +384,9 @@ pub const CLIENT_TYPES: &[&str] = &[
     "terrain_set",
     "reaction_decline",
     "rollback",
+    "narrate",
+    "monster_decide",
+    "map_request",
 ];
 
 impl Command {
@@ -377,6 +461,13 @@ impl Command {
             Command::TerrainSet { .. } => "terrain_set",
             Command::ReactionDecline { .. } => "reaction_decline",
             Command::Rollback { .. } => "rollback",
+            Command::Narrate { .. } => "narrate",
+            Command::MonsterDecide { .. } => "monster_decide",
+            Command::MapRequest { .. } => "map_request",
+            Command::NarrationDone { .. } => "narration_done",
+            Command::MapDone { .. } => "map_done",
+            Command::ServiceFailed { .. } => "service_failed",
+            Command::CharacterFill { .. } => "character_fill",
         }
     }
 

@@ -124,6 +124,80 @@ pub enum Event {
     RepeatSave(RepeatSave),
     /// A DM's rollback: the document and play state of an earlier version.
     StateRestored(StateRestored),
+
+    // ---- Content from other services (`crate::services`) ----
+    /// A `narrate` or `monster_decide` went to the LLM Service.
+    NarrationRequested(NarrationRequested),
+    /// The LLM Service's answer.
+    Narration(Narration),
+    /// The LLM Service did not answer in time (or refused): play goes on.
+    NarrationFailed(ServiceFailed),
+    /// A `map_request` went to the Image Service.
+    MapRequested(MapRequested),
+    /// The Image Service's map (a URL, never the image).
+    MapUpdated(MapUpdated),
+    /// The Image Service did not answer in time (or refused).
+    MapFailed(ServiceFailed),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NarrationRequested {
+    /// The command id of the request; the answer's `request_id`.
+    pub request_id: Uuid,
+    /// `narrate` or `monster_decide`.
+    pub request_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub character_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
+    pub by: Uuid,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Narration {
+    pub request_id: Uuid,
+    pub text: String,
+    /// `monster_decide`: the creature and the action the LLM chose (declared next,
+    /// through the rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub character_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Value>,
+    pub by: Uuid,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceFailed {
+    pub request_id: Uuid,
+    pub reason: String,
+    pub by: Uuid,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MapRequested {
+    pub request_id: Uuid,
+    pub description: String,
+    pub grid: crate::command::Grid,
+    pub by: Uuid,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MapUpdated {
+    pub request_id: Uuid,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_id: Option<String>,
+    pub grid: crate::command::Grid,
+    pub by: Uuid,
+    #[serde(default, skip_serializing_if = "patch_field::skip")]
+    pub patch: Value,
+    pub timestamp: String,
 }
 
 /// Serde helpers for the `patch` field every play event has.
@@ -601,6 +675,12 @@ impl Event {
             Event::ReactionDeclined(_) => "reaction_declined",
             Event::RepeatSave(_) => "repeat_save",
             Event::StateRestored(_) => "state_restored",
+            Event::NarrationRequested(_) => "narration_requested",
+            Event::Narration(_) => "narration",
+            Event::NarrationFailed(_) => "narration_failed",
+            Event::MapRequested(_) => "map_requested",
+            Event::MapUpdated(_) => "map_updated",
+            Event::MapFailed(_) => "map_failed",
         }
     }
 
@@ -633,6 +713,11 @@ impl Event {
             Event::ReactionDeclined(e) => &e.timestamp,
             Event::RepeatSave(e) => &e.timestamp,
             Event::StateRestored(e) => &e.timestamp,
+            Event::NarrationRequested(e) => &e.timestamp,
+            Event::Narration(e) => &e.timestamp,
+            Event::NarrationFailed(e) | Event::MapFailed(e) => &e.timestamp,
+            Event::MapRequested(e) => &e.timestamp,
+            Event::MapUpdated(e) => &e.timestamp,
         }
     }
 
@@ -665,6 +750,11 @@ impl Event {
             Event::ReactionDeclined(e) => e.by,
             Event::RepeatSave(e) => e.by,
             Event::StateRestored(e) => e.by,
+            Event::NarrationRequested(e) => e.by,
+            Event::Narration(e) => e.by,
+            Event::NarrationFailed(e) | Event::MapFailed(e) => e.by,
+            Event::MapRequested(e) => e.by,
+            Event::MapUpdated(e) => e.by,
         }
     }
 
@@ -676,7 +766,12 @@ impl Event {
             | Event::StateUpdate { .. }
             | Event::PlayerJoined { .. }
             | Event::PlayerLeft { .. }
-            | Event::SessionStatusChanged { .. } => return None,
+            | Event::SessionStatusChanged { .. }
+            | Event::NarrationRequested(_)
+            | Event::Narration(_)
+            | Event::NarrationFailed(_)
+            | Event::MapRequested(_)
+            | Event::MapFailed(_) => return None,
             Event::CharacterSpawned(e) => &e.patch,
             Event::CharacterUpdated(e) => &e.patch,
             Event::CharacterPlaced(e) => &e.patch,
@@ -698,6 +793,7 @@ impl Event {
             Event::ReactionDeclined(e) => &e.patch,
             Event::RepeatSave(e) => &e.patch,
             Event::StateRestored(e) => &e.patch,
+            Event::MapUpdated(e) => &e.patch,
         })
     }
 

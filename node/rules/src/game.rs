@@ -68,6 +68,10 @@ pub struct Game {
     /// ([`terrain::key`]).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub terrain: BTreeMap<String, Terrain>,
+    /// The battle map from the Image Service (`map_updated`): `{url, asset_id, grid,
+    /// request_id}`, never the image itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub map: Option<Value>,
 }
 
 /// Who issues a play command, as the rules see it.
@@ -580,6 +584,10 @@ impl Game {
         }
         let mut s = Scratch::new(self);
         changes.apply_stats(s.ch(id))?;
+        if source == "hub" {
+            // The Character Service's word: a pending stand-in is now its character.
+            s.ch(id).pending = false;
+        }
         let mut effects_ended = vec![];
         for c in &changes.conditions_remove {
             effects_ended.extend(s.g.remove_condition(id, *c));

@@ -169,5 +169,6 @@ pub fn summary(event: &Event) -> String {
             }
         ),
         Event::StateRestored(e) => format!("rolled back to version {}", e.to_version),
+        other => crate::services::summary(other),
     }
 }

@@ -25,6 +25,8 @@
 //! * [`saves`]: saving throws (conditions, traits, exhaustion, cover).
 //! * [`movement`]: the grid, step-by-step movement, opportunity attacks.
 //! * [`terrain`]: difficult terrain and cover on the battle map.
+//! * [`services`]: characters from the Character Service (joins, pending sheets),
+//!   narration and maps from the LLM and Image services, as rules.
 //! * [`dice`]: the seeded counter-based dice and dice expressions.
 //! * [`history`]: audit-log entries.
 //! * [`error`]: [`RuleError`] (the service's one wire error type, `gs_wire`) and its
@@ -61,6 +63,7 @@ pub mod patch;
 /// live in `gs_wire` (clients such as the cluster tool use them without the rules).
 pub use gs_wire::pointer;
 pub mod saves;
+pub mod services;
 pub mod state;
 pub mod tactics;
 pub mod terrain;

@@ -55,6 +55,20 @@ pub struct SessionState {
     /// The document's serialised size, kept up to date by `apply` once measured.
     #[serde(skip)]
     doc_size: SizeCache,
+    /// How the session works with the other services (set by the node from its
+    /// configuration; not stored).
+    #[serde(skip)]
+    pub policy: Policy,
+}
+
+/// The node's configuration as the rules need it (not stored: a replay decides
+/// nothing, so it cannot depend on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// Character sheets come from the Character Service: a player cannot declare one
+    /// (the DM still can); a join's `character_id` is checked against the service's
+    /// owner (`JoinRequest::lookup`).
+    pub sheets_from_service: bool,
 }
 
 impl SessionState {
@@ -151,6 +165,13 @@ impl SessionState {
                 self.require_not_ended()?;
                 self.game.decide(&self.actor(ctx), ctx, cmd)
             }
+            Command::Narrate { .. }
+            | Command::MonsterDecide { .. }
+            | Command::MapRequest { .. }
+            | Command::NarrationDone { .. }
+            | Command::MapDone { .. }
+            | Command::ServiceFailed { .. }
+            | Command::CharacterFill { .. } => self.decide_service(ctx, cmd),
             Command::Rollback { to_version } => {
                 self.check_rollback(ctx, *to_version)?;
                 Err(RuleError::new(
@@ -558,6 +579,7 @@ impl SessionState {
 
     fn decide_join(&self, ctx: &Ctx, j: &JoinRequest) -> Result<Vec<Event>> {
         self.require_not_ended()?;
+        let j = &self.with_service_sheet(ctx, j)?;
         let existing = self.role_of(&ctx.user_id);
         let role = match (existing, j.role) {
             (Some(r), _) => r,

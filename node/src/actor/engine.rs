@@ -85,6 +85,7 @@ pub struct CoreConfig {
     pub state_saves_per_min: u32,
     pub joins_per_min: u32,
     pub doc_limits: gs_rules::limits::DocLimits,
+    pub policy: gs_rules::state::Policy,
 }
 
 impl CoreConfig {
@@ -104,6 +105,9 @@ impl CoreConfig {
                 max_value_bytes: d.max_value_bytes,
                 max_document_bytes: d.max_document_bytes,
                 max_keys_per_object: d.max_keys_per_object,
+            },
+            policy: gs_rules::state::Policy {
+                sheets_from_service: cfg.services.character_lookup,
             },
         }
     }
@@ -406,6 +410,7 @@ impl<R> SessionCore<R> {
     pub fn new(id: Uuid, epoch: u64, cfg: CoreConfig, rec: Recovered, now: Instant) -> Self {
         let mut state = rec.state;
         state.limits = cfg.doc_limits;
+        state.policy = cfg.policy;
         let last_snapshot = state.version / cfg.snapshot_every * cfg.snapshot_every;
         SessionCore {
             id,
@@ -616,9 +621,17 @@ impl<R> SessionCore<R> {
                 let cmd = Ok(Command::SaveState { state, metadata });
                 self.stage(Origin::new(reply, user, role, command_id), cmd, now);
             }
-            RequestBody::Join { command_id, data } => {
+            RequestBody::Join {
+                command_id,
+                data,
+                lookup,
+            } => {
                 let cmd = serde_json::from_value::<JoinRequest>(data)
-                    .map(Command::Join)
+                    .map(|mut j| {
+                        // The node's own addition (the Character Service's answer).
+                        j.lookup = lookup.and_then(|l| serde_json::from_value(l).ok());
+                        Command::Join(j)
+                    })
                     .map_err(|e| {
                         gs_rules::RuleError::new(
                             codes::INVALID_PAYLOAD,
@@ -961,6 +974,7 @@ impl<R> SessionCore<R> {
             Ok(rec) => {
                 self.state = rec.state;
                 self.state.limits = self.cfg.doc_limits;
+                self.state.policy = self.cfg.policy;
                 self.recent = rec.recent.into();
                 self.dedupe.reset(rec.commands, rec.complete);
                 if let Some(last) = self.recent.back() {

@@ -407,6 +407,13 @@ pub fn command_for(kind: &str, payload: &Value) -> Result<gs_rules::Command, gs_
                 },
             ))
         }
+        // A service's answer, handed to the owner by `crate::services` as a command.
+        crate::services::SERVICE_COMMAND => serde_json::from_value(payload.clone()).map_err(|e| {
+            gs_rules::RuleError::new(
+                codes::INVALID_PAYLOAD,
+                format!("unreadable service command: {e}"),
+            )
+        }),
         other => Err(gs_rules::RuleError::new(
             codes::INVALID_PAYLOAD,
             format!("unknown hub event {other:?}"),

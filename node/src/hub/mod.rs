@@ -78,6 +78,10 @@ pub struct Hub {
     cfg: RabbitConfig,
     /// The broker URLs, tried in turn on every (re)connection.
     brokers: brokers::Brokers,
+    /// Settings of the request/response client started on every connection.
+    service_opts: rpc::ClientOptions,
+    /// The request/response client of the current connection (`None` while down).
+    services: Mutex<Option<rpc::ServiceClient>>,
     /// Committed events waiting for the broker.
     outbound: Mutex<publish::Outbound>,
     wake: Notify,
@@ -85,14 +89,21 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(cfg: RabbitConfig) -> Arc<Hub> {
+    pub fn new(cfg: RabbitConfig, service_opts: rpc::ClientOptions) -> Arc<Hub> {
         Arc::new(Hub {
             brokers: brokers::Brokers::from_list(&cfg.url),
             cfg,
+            service_opts,
+            services: Mutex::new(None),
             outbound: Mutex::new(publish::Outbound::default()),
             wake: Notify::new(),
             up: AtomicBool::new(false),
         })
+    }
+
+    /// The client for requests to other services, while the hub is connected.
+    pub fn services(&self) -> Option<rpc::ServiceClient> {
+        self.services.lock().unwrap().clone()
     }
 
     /// Whether the relay is connected (always true when disabled).
@@ -142,12 +153,20 @@ impl Hub {
             match self.connect(&ctx).await {
                 Ok(session) => {
                     backoff = min;
+                    // A new request/response client on each connection (the old one's
+                    // reply queue died with its connection).
+                    match rpc::ServiceClient::start(&session.conn, self.service_opts.clone()).await
+                    {
+                        Ok(client) => *self.services.lock().unwrap() = Some(client),
+                        Err(e) => tracing::warn!(error = %e, "service client not started"),
+                    }
                     self.up.store(true, Ordering::Relaxed);
                     tracing::info!("Message Hub connected");
                     // Publish whatever waited while we were away.
                     self.wake.notify_one();
                     let reason = session.serve(&self, &ctx).await;
                     self.up.store(false, Ordering::Relaxed);
+                    self.services.lock().unwrap().take();
                     tracing::warn!(%reason, "Message Hub connection lost; reconnecting");
                     let _ = tokio::time::timeout(
                         Duration::from_secs(2),

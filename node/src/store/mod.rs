@@ -532,6 +532,19 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// The campaign of a session (`None`: no such session), for the membership check
+    /// of a join.
+    pub async fn session_campaign(&self, session: Uuid) -> Result<Option<Uuid>> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT campaign_id FROM sessions WHERE id = $1",
+                &[&session],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     /// Sessions a node owned according to PostgreSQL (for operators and tests).
     pub async fn session_count(&self) -> Result<i64> {
         let client = self.pool.get().await?;

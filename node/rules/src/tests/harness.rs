@@ -95,6 +95,7 @@ impl Table {
                     character_id: Some(pcs[i]),
                     role: None,
                     character: Some(sheet),
+                    lookup: None,
                 }),
             );
         }

@@ -17,6 +17,7 @@ fn join(c: Option<Uuid>, sheet: Option<serde_json::Value>) -> Command {
         character_id: c,
         role: None,
         character: sheet,
+        lookup: None,
     })
 }
 

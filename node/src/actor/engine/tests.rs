@@ -207,6 +207,7 @@ impl Harness {
                 let body = RequestBody::Join {
                     command_id: cmd(n),
                     data: json!({}),
+                    lookup: None,
                 };
                 (r, user, body, false)
             }

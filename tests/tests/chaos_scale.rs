@@ -162,9 +162,12 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
     let at_2_again = owners(cluster, &ids).await?;
     let (clients, records) = running.stop().await?;
 
+    // The new nodes took sessions. (Not "all five own one": placement hashes random
+    // session ids, and with 20 sessions over 5 nodes one node owns none in ~6 % of runs;
+    // that none of the three new nodes owns any is ~1e-8.)
     anyhow::ensure!(
-        at_5.len() == 5,
-        "sessions on 5 nodes at the peak: {:?}",
+        at_5.keys().any(|n| !at_2.contains_key(n)),
+        "no session moved to a new node at the peak: {:?}",
         at_5.keys()
     );
     let mut nodes = cluster.node_ids();

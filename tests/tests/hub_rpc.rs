@@ -482,14 +482,17 @@ async fn breaker_opens_and_closes(fail_with_error: bool) -> Result<()> {
     // through, succeeds and closes the breaker.
     healthy.store(true, Ordering::SeqCst);
     tokio::time::sleep(retry_in + Duration::from_millis(5)).await;
+    // The healthy calls get a generous deadline of their own: the 100 ms above is for
+    // the failures, and a round trip through a loaded broker can take longer.
+    let healthy_until = || Instant::now() + WAIT;
     let answer = s
         .client
-        .call("campaign", "membership", None, json!({}))
+        .call_until("campaign", "membership", None, json!({}), healthy_until())
         .await?;
     assert_eq!(answer.details["member"], true);
     assert_eq!(s.client.breaker_state("campaign"), BreakerState::Closed);
     s.client
-        .call("campaign", "membership", None, json!({}))
+        .call_until("campaign", "membership", None, json!({}), healthy_until())
         .await?;
     s.finish().await;
     Ok(())

@@ -143,6 +143,9 @@ const CASES: &[(&str, CaseFn)] = &[
     ("presence_refuses_outsiders_and_bad_ids", |c| {
         Box::pin(presence_refusals(c))
     }),
+    ("service_requests_refuse_players_and_bad_payloads", |c| {
+        Box::pin(service_request_refusals(c))
+    }),
 ];
 
 /// Runs every case of [`CASES`] at once on one cluster, each on its own session.
@@ -439,6 +442,65 @@ async fn presence_refusals(c: &Case<'_>) -> Result<()> {
         (404, "session_not_found")
     );
     assert_eq!(f.get(&c.dm_token, &path).await?.status, 200);
+    Ok(())
+}
+
+/// `narrate`, `monster_decide` and `map_request` (issue 12): bad payloads and a
+/// player's request are refused with their codes, and nothing is asked of the other
+/// services (no event, so no request).
+async fn service_request_refusals(c: &Case<'_>) -> Result<()> {
+    let bad = [
+        ("narrate", json!({"prompt": ""}), "invalid_payload"),
+        (
+            "narrate",
+            json!({"prompt": "x".repeat(2001)}),
+            "invalid_payload",
+        ),
+        ("narrate", json!({}), "invalid_payload"),
+        (
+            "monster_decide",
+            json!({"character_id": Uuid::new_v4()}),
+            "unknown_character",
+        ),
+        (
+            "map_request",
+            json!({"description": "a field", "grid": {"width": 0, "height": 20}}),
+            "invalid_payload",
+        ),
+        (
+            "map_request",
+            json!({"description": "a field", "grid": {"width": 30, "height": 201}}),
+            "invalid_payload",
+        ),
+    ];
+    for (kind, data, code) in bad {
+        let id = Uuid::new_v4();
+        let text = json!({"id": id, "type": kind, "data": data}).to_string();
+        c.refused_then_usable(text, Some(id), code)
+            .await
+            .with_context(|| kind.to_string())?;
+    }
+    // A player may not ask for narration or maps.
+    let user = Uuid::new_v4();
+    let token = c.f.cluster.token(user, Role::Player);
+    let joined = c.api(&token).join(&c.session, json!({})).await?;
+    let st = joined["connection_token"]
+        .as_str()
+        .context("connection_token")?;
+    let mut p = c.f.connect_to(0, "player", &c.session, &token, st).await?;
+    let before_requests = c.snapshot().await?;
+    for (kind, data) in [
+        ("narrate", json!({"prompt": "the end"})),
+        (
+            "map_request",
+            json!({"description": "a field", "grid": {"width": 3, "height": 3}}),
+        ),
+    ] {
+        let id = p.send(kind, data).await?;
+        let err = p.wait_answer(id, WAIT).await?.expect_err("refused");
+        assert_eq!(err["code"], "forbidden_for_role", "{kind}: {err}");
+    }
+    assert_eq!(c.snapshot().await?, before_requests);
     Ok(())
 }
 

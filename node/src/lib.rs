@@ -24,6 +24,7 @@
 //! * [`health`]: `/health/live`, `/health/ready`, `/metrics`.
 
 pub mod actor;
+pub mod adopt;
 pub mod cache;
 pub mod committer;
 pub mod error;
@@ -272,12 +273,25 @@ async fn request(ctx: &Arc<NodeCtx>, msg: async_nats::Message) {
 }
 
 /// Hands sessions off when the ring moves them elsewhere, until the stop signal.
+/// Members that left without a drain have their sessions adopted ([`adopt`]).
 async fn follow_ring(ctx: Arc<NodeCtx>, stop: watch::Receiver<bool>) {
     let mut ring_changes = ctx.cluster.ring_changes();
+    let mut ring = ctx.cluster.ring().nodes().clone();
+    // Adoptions under way (aborted with this task at the stop signal).
+    let mut adoptions = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             changed = ring_changes.changed() => match changed {
-                Ok(()) => ctx.registry.rebalance(),
+                Ok(()) => {
+                    ctx.registry.rebalance();
+                    let dead = adopt::departed(&ctx, &ring);
+                    ring = ctx.cluster.ring().nodes().clone();
+                    while adoptions.try_join_next().is_some() {}
+                    if !dead.is_empty() {
+                        let ctx = ctx.clone();
+                        adoptions.spawn(async move { adopt::adopt(&ctx, dead).await });
+                    }
+                }
                 Err(_) => break,
             },
             _ = stopped(stop.clone()) => break,

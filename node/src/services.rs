@@ -23,6 +23,9 @@ use crate::hub::rpc::{Answer, CallError, ClientOptions, ServiceClient};
 use crate::store::EventRow;
 use crate::NodeCtx;
 use gs_rules::event::{MapRequested, NarrationRequested};
+use gs_rules::services::MONSTER_ACTION;
+use gs_rules::state::OpenRequest;
+use gs_rules::SessionState;
 use gs_shared::auth::Role;
 use gs_shared::config::{ms, Config};
 use gs_shared::forward::Forwarder;
@@ -209,6 +212,34 @@ pub fn after_commit(ctx: &Arc<NodeCtx>, session: Uuid, rows: &[EventRow]) {
     }
 }
 
+/// What a new owner of `session` asks again: the requests the log shows unanswered
+/// (their asker may have died with the previous owner; an answer that arrives twice
+/// is a no-op) and the sheets of characters still `pending`.
+pub fn resume(ctx: &Arc<NodeCtx>, session: Uuid, state: &SessionState) {
+    for request in state.open_requests.values().cloned() {
+        let ctx = ctx.clone();
+        match request {
+            OpenRequest::Llm(ev) => tokio::spawn(async move { narrate(&ctx, session, ev).await }),
+            OpenRequest::Image(ev) => {
+                tokio::spawn(async move { draw_map(&ctx, session, ev).await })
+            }
+        };
+    }
+    for (user, member) in &state.members {
+        for character in &member.characters {
+            if state
+                .game
+                .characters
+                .get(character)
+                .is_some_and(|c| c.pending)
+            {
+                let (ctx, character, user) = (ctx.clone(), *character, *user);
+                tokio::spawn(async move { fill_pending(&ctx, session, character, user).await });
+            }
+        }
+    }
+}
+
 /// The character and user of a join that put a character in play `pending`.
 fn pending_join(data_json: &str) -> Option<(Uuid, Uuid)> {
     if !data_json.contains("\"pending\"") {
@@ -272,7 +303,8 @@ async fn narrate(ctx: &Arc<NodeCtx>, session: Uuid, ev: NarrationRequested) {
         let declare = json!({"type": "action_declare", "data": action});
         if let Err(e) = apply(ctx, session, declare).await {
             let reason = format!("the monster's action was refused: {}", e.message);
-            let _ = apply(ctx, session, failed(ev.request_id, "narration", &reason)).await;
+            let refused = failed(ev.request_id, MONSTER_ACTION, &reason);
+            let _ = apply(ctx, session, refused).await;
         }
     }
 }

@@ -581,6 +581,74 @@ async fn narration_survives_failover(o: &mut Orchestra) -> Result<()> {
     Ok(())
 }
 
+/// A request whose asker dies before the answer: the next owner finds it open in the
+/// log and asks again, so the narration still arrives, once.
+#[tokio::test]
+async fn an_unanswered_request_is_asked_again_by_the_next_owner() -> Result<()> {
+    // A deadline long enough that the first owner is killed while it still waits.
+    let mut o = Orchestra::start(2, |c| c.services.llm_deadline_ms = 8000).await?;
+    let result = asked_again(&mut o).await;
+    finish(o, result).await
+}
+
+async fn asked_again(o: &mut Orchestra) -> Result<()> {
+    let mut dm = o.connect("dm", &o.dm_token, &o.session_token).await?;
+    o.stand_ins.set(
+        "llm",
+        Behaviour {
+            silent: true,
+            ..Default::default()
+        },
+    );
+    let id = dm.send("narrate", json!({"prompt": "the vault"})).await?;
+    ensure!(dm.wait_answer(id, WAIT).await?.is_ok(), "narrate refused");
+    // The owner has asked (the LLM stand-in took the request and keeps silent).
+    tokio::time::timeout(WAIT, async {
+        while o.stand_ins.served("llm") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("the owner never asked the LLM Service")?;
+    let owners = gs_tests::owners(&o.cluster, std::slice::from_ref(&o.session)).await?;
+    let owner = owners.keys().next().context("no owner")?.clone();
+    o.stand_ins.set("llm", Behaviour::default());
+    let killed = Instant::now();
+    o.cluster.kill(&owner).await?;
+    let request = id.to_string();
+    dm.wait_for(
+        "the narration, from the next owner",
+        Duration::from_secs(30),
+        |v| {
+            v.frames
+                .iter()
+                .any(|f| f["type"] == "narration" && f["data"]["request_id"] == request)
+        },
+    )
+    .await?;
+    let after_ms = killed.elapsed().as_millis();
+    let frames = |kind: &str| {
+        events_of(&dm, kind)
+            .iter()
+            .filter(|d| d["data"]["request_id"] == request)
+            .count()
+    };
+    ensure!(
+        frames("narration") == 1,
+        "narrations: {}",
+        frames("narration")
+    );
+    ensure!(frames("narration_failed") == 0, "the request failed");
+    ensure!(o.stored("narration").await? == 1, "stored narrations");
+    ensure!(o.stored("narration_failed").await? == 0, "stored failures");
+    println!(
+        "owner {owner} killed while the LLM Service held its request: the next owner asked again, \
+         narration {after_ms} ms after the kill ({} requests taken)",
+        o.stand_ins.served("llm")
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_breaker_fails_fast_until_a_probe_succeeds() -> Result<()> {
     let o = Orchestra::start(1, |c| c.services.breaker_cool_down_ms = 1500).await?;

@@ -267,7 +267,8 @@ pub enum Command {
     /// Internal: a request to the LLM (`narration`) or Image (`map`) Service failed.
     ServiceFailed {
         request_id: Uuid,
-        /// `narration` or `map`.
+        /// `narration`, `map`, or `monster_action` (the LLM's action for a monster
+        /// was refused by the rules).
         what: String,
         reason: String,
     },

@@ -32,6 +32,10 @@ use crate::state::{Policy, SessionState};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+/// `ServiceFailed::what` of a monster's action the rules refused after its narration
+/// (the request is answered by then: this failure is not a second answer).
+pub const MONSTER_ACTION: &str = "monster_action";
+
 /// The stand-in sheet of a character whose sheet has not arrived.
 fn pending_sheet() -> Value {
     json!({"name": "(pending)", "max_hp": 1, "ac": 10, "pending": true})
@@ -134,6 +138,18 @@ impl SessionState {
                 self.decide_request(ctx, cmd)
             }
             _ if !ctx.admin => Err(forbidden("service answers are internal to the service")),
+            // An answer to a request answered already (by the node that asked before
+            // the session moved, and again by its new owner): nothing to do.
+            Command::NarrationDone { request_id, .. } | Command::MapDone { request_id, .. }
+                if !self.open_requests.contains_key(request_id) =>
+            {
+                Ok(vec![])
+            }
+            Command::ServiceFailed {
+                request_id, what, ..
+            } if what != MONSTER_ACTION && !self.open_requests.contains_key(request_id) => {
+                Ok(vec![])
+            }
             Command::NarrationDone {
                 request_id,
                 text,
@@ -317,6 +333,7 @@ pub fn summary(event: &Event) -> String {
 mod tests {
     use super::*;
     use crate::command::JoinRequest;
+    use crate::state::OpenRequest;
     use crate::Status;
 
     const T: &str = "2026-01-01T00:00:00.000Z";
@@ -597,6 +614,10 @@ mod tests {
             ),
         ];
         for (i, (user, admin, cmd, want)) in cases.into_iter().enumerate() {
+            if admin {
+                // Each answer answers an open request (see the test below for others).
+                open(&mut s, Uuid::nil());
+            }
             let got = run(&mut s, &ctx(user, admin), &cmd).map(|e| e[0].kind());
             match want {
                 Ok(kind) => assert_eq!(
@@ -621,5 +642,88 @@ mod tests {
             run(&mut s, &ctx(dm, false), &narrate).unwrap_err().code,
             codes::SESSION_ENDED
         );
+    }
+
+    /// An open LLM request with id `id`, as its `narration_requested` would leave it.
+    fn open(s: &mut SessionState, id: Uuid) {
+        s.open_requests.insert(
+            id,
+            OpenRequest::Llm(NarrationRequested {
+                request_id: id,
+                request_type: "narrate".into(),
+                prompt: Some("p".into()),
+                character_id: None,
+                context: None,
+                by: Uuid::nil(),
+                timestamp: T.into(),
+            }),
+        );
+    }
+
+    #[test]
+    fn a_request_stays_open_until_answered_once() {
+        let (mut s, dm) = session();
+        let system = ctx(Uuid::nil(), true);
+        let asked = ctx(dm, false);
+        let narrate = Command::Narrate {
+            prompt: "the crypt".into(),
+            context: None,
+        };
+        run(&mut s, &asked, &narrate).unwrap();
+        let map = Command::MapRequest {
+            description: "a forest".into(),
+            grid: Grid {
+                width: 3,
+                height: 3,
+            },
+        };
+        let map_ctx = ctx(dm, false);
+        run(&mut s, &map_ctx, &map).unwrap();
+        assert_eq!(s.open_requests.len(), 2, "both requests are open");
+        assert!(matches!(
+            s.open_requests[&asked.command_id],
+            OpenRequest::Llm(_)
+        ));
+        // Snapshots keep them.
+        let stored: SessionState =
+            serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(stored.open_requests, s.open_requests);
+        let done = Command::NarrationDone {
+            request_id: asked.command_id,
+            text: "Dust falls.".into(),
+            character_id: None,
+            action: None,
+        };
+        assert_eq!(run(&mut s, &system, &done).unwrap()[0].kind(), "narration");
+        // A second answer (the old owner's and the new owner's): nothing happens.
+        assert!(run(&mut s, &system, &done).unwrap().is_empty());
+        let late_failure = Command::ServiceFailed {
+            request_id: asked.command_id,
+            what: "narration".into(),
+            reason: "timeout".into(),
+        };
+        assert!(run(&mut s, &system, &late_failure).unwrap().is_empty());
+        // A monster's refused action after its narration is still told.
+        let refused = Command::ServiceFailed {
+            request_id: asked.command_id,
+            what: MONSTER_ACTION.into(),
+            reason: "the monster's action was refused".into(),
+        };
+        assert_eq!(
+            run(&mut s, &system, &refused).unwrap()[0].kind(),
+            "narration_failed"
+        );
+        // The map request is still open; its failure closes it, once.
+        let failed = Command::ServiceFailed {
+            request_id: map_ctx.command_id,
+            what: "map".into(),
+            reason: "timeout".into(),
+        };
+        assert_eq!(
+            run(&mut s, &system, &failed).unwrap()[0].kind(),
+            "map_failed"
+        );
+        assert!(s.open_requests.is_empty());
+        assert!(run(&mut s, &system, &failed).unwrap().is_empty());
     }
 }

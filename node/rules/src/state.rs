@@ -29,6 +29,14 @@ pub struct Member {
     pub joined_at: String,
 }
 
+/// A request to another service that has no answer in the log yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "service", rename_all = "snake_case")]
+pub enum OpenRequest {
+    Llm(crate::event::NarrationRequested),
+    Image(crate::event::MapRequested),
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct SessionState {
     pub id: Uuid,
@@ -48,6 +56,12 @@ pub struct SessionState {
     pub version: u64,
     /// Timestamp of the last event.
     pub updated_at: String,
+    /// Requests to the LLM and Image services committed and not answered yet (no
+    /// `narration`, `narration_failed`, `map_updated` or `map_failed` for their
+    /// `request_id`): a new owner asks again for each, and a second answer to one is
+    /// a no-op. Stored with snapshots; absent from older ones (none open).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub open_requests: BTreeMap<Uuid, OpenRequest>,
     /// Bounds on the state document, checked by `decide` (set by the node from its
     /// configuration; not stored).
     #[serde(skip)]
@@ -373,6 +387,23 @@ impl SessionState {
                 self.doc = e.doc.clone();
                 self.doc_size.set(None);
                 self.metadata = e.metadata.clone();
+            }
+            Event::NarrationRequested(e) => {
+                self.open_requests
+                    .insert(e.request_id, OpenRequest::Llm(e.clone()));
+            }
+            Event::MapRequested(e) => {
+                self.open_requests
+                    .insert(e.request_id, OpenRequest::Image(e.clone()));
+            }
+            Event::Narration(e) => {
+                self.open_requests.remove(&e.request_id);
+            }
+            Event::MapUpdated(e) => {
+                self.open_requests.remove(&e.request_id);
+            }
+            Event::NarrationFailed(e) | Event::MapFailed(e) => {
+                self.open_requests.remove(&e.request_id);
             }
             // Play events change only the play state (below).
             _ => {}

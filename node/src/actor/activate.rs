@@ -82,6 +82,8 @@ pub(super) async fn activate(
             session.rewrite_combat_cache();
             // Outbox rows the previous owner committed but did not get confirmed.
             ctx.hub.dirty(id);
+            // Requests to other services the previous owner may not have seen through.
+            crate::services::resume(ctx, id, session.core.state());
             Ok(session)
         }
     }

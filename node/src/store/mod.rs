@@ -248,6 +248,20 @@ impl Store {
         Ok(Created::New)
     }
 
+    /// The sessions last owned by one of `nodes` that were not stopped cleanly (their
+    /// hub cursor is still active): what a departed member leaves to adopt.
+    pub async fn unfinished_sessions_of(&self, nodes: &[String]) -> Result<Vec<Uuid>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT s.id FROM sessions s JOIN hub_cursor c ON c.session_id = s.id \
+                 WHERE c.active AND s.owner_node = ANY($1) AND NOT COALESCE(s.is_deleted, false)",
+                &[&nodes],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Becomes the owner of `session`: bumps `owner_epoch` and returns the new epoch,
     /// or `SessionNotFound`. Called only while holding the session's lock. The epoch
     /// bump holds the session's advisory lock exclusively, so it waits for in-flight

@@ -238,7 +238,12 @@ impl LocalCluster {
                 let t = tempfile::Builder::new()
                     .prefix(&format!("gs-{name}-"))
                     .tempdir()?;
-                (t.path().to_path_buf(), Some(t))
+                // GS_KEEP_LOGS=1 keeps the directory (the members' logs) for a look.
+                if std::env::var_os("GS_KEEP_LOGS").is_some() {
+                    (t.keep(), None)
+                } else {
+                    (t.path().to_path_buf(), Some(t))
+                }
             }
         };
         let mut base = spec.base.clone();

@@ -342,6 +342,10 @@ impl Session {
                     self.ctx.cache.attach(id, epoch, conn, *user);
                 }
             }
+            Output::Reattach { conn, user, router } => {
+                self.connections.insert(conn, (user, router));
+                self.ctx.cache.attach(id, epoch, conn, user);
+            }
             Output::Answer(reply, answer) => reply.send(&self.ctx, answer).await,
             Output::NotOwner(reply) => reply.send(&self.ctx, not_owner(&self.ctx, &id)).await,
             // Suspensions go through `execute`, stopping outputs through `finish`.

@@ -83,6 +83,10 @@ const FINAL_ANSWERS_WAIT: Duration = Duration::from_secs(2);
 const DETACH_DEADLINE: Duration = Duration::from_secs(2);
 /// How long telling the owner a connection is alive may take (best effort).
 const TOUCH_DEADLINE: Duration = Duration::from_secs(2);
+/// How long attaching a connection to its session's new owner may take.
+const REATTACH_DEADLINE: Duration = Duration::from_secs(2);
+/// The least time between a ring change and a connection's attach to the new owner.
+const REATTACH_AFTER: Duration = Duration::from_millis(250);
 /// Client heartbeats refresh the connection's presence at most this often.
 pub const TOUCH_MIN_GAP: Duration = Duration::from_secs(1);
 /// Rounds of one catch-up (each answer holds at most half a MiB of events).
@@ -202,6 +206,12 @@ pub struct Conn {
     last_touch: tokio::time::Instant,
     /// The connection's id at the owner (its `session:{id}:connections` field).
     conn_id: Uuid,
+    /// The session's owner on this router's ring when the connection was last attached:
+    /// after a ring change that moves the session (a handoff, a failover), the new
+    /// owner has never heard of the connection, so it is attached there again.
+    owner: Option<String>,
+    /// The attach to a new owner under way (the detach waits for it).
+    reattach: Option<tokio::task::JoinHandle<()>>,
     /// Set when the router ends the connection itself.
     stop: Option<Stop>,
     /// The session's DM (or an admin acting as one): its combat actions, mostly its
@@ -286,6 +296,38 @@ impl Conn {
     /// Gives the socket's places back (before it is closed).
     fn release(&mut self) {
         self.slot = None;
+    }
+
+    /// After a ring change: if the session has a new owner, attaches the connection
+    /// there in the background (its presence and Redis entry follow the session; a
+    /// new owner after a failover is activated at once), within [`REATTACH_DEADLINE`].
+    /// The connection's detach waits for it, so it cannot be overtaken.
+    fn follow_owner(&mut self) {
+        let owner = self.ctx.cluster.owner(&self.sid);
+        if owner.is_none() || owner == self.owner {
+            return;
+        }
+        self.owner = owner;
+        metrics::counter!("gs_router_reattached_total").increment(1);
+        let body = RequestBody::Reattach {
+            conn_id: self.conn_id,
+            router_id: self.ctx.id.clone(),
+        };
+        let (ctx, sid, caller) = (self.ctx.clone(), self.sid, self.caller);
+        let before = self.reattach.take();
+        // After the move itself, spread over a second: the handoff's activations and
+        // the commands waiting for them come first.
+        let spread = REATTACH_AFTER + Duration::from_millis((self.conn_id.as_u128() % 1000) as u64);
+        self.reattach = Some(self.ctx.tasks.spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            tokio::time::sleep(spread).await;
+            let deadline = Instant::now() + REATTACH_DEADLINE;
+            if let Err(e) = ctx.forwarder.request_until(sid, caller, body, deadline).await {
+                tracing::debug!(session = %sid, code = %e.code, "connection not attached to the new owner");
+            }
+        }));
     }
 
     /// Tells the owner the connection is alive (in the background): it refreshes the
@@ -532,6 +574,7 @@ enum Step {
     Expired,
     SilenceCheck,
     IdleCheck,
+    Ring,
 }
 
 /// When a token expiring at `exp` (unix seconds) stops being accepted, as a timer
@@ -584,8 +627,9 @@ pub async fn run(
         .await;
     }
     // The socket's places were given back first (see `Conn::slot`).
+    let reattach = conn.reattach.take();
     drop(conn);
-    detach(ctx, sid, caller, conn_id);
+    detach_after(ctx, sid, caller, conn_id, reattach);
 }
 
 /// Joins the hub, attaches to the owner and brings the client up to date; `None`
@@ -729,6 +773,8 @@ impl Conn {
             last_message: now,
             last_touch: now,
             conn_id,
+            owner: ctx.cluster.owner(&sid),
+            reattach: None,
             stop: None,
             dm: role == "dm",
         }
@@ -769,6 +815,7 @@ async fn serve(
     let mut io = ConnIo::new(&conn.ctx);
     let mut shutdown = conn.ctx.shutdown.clone();
     let mut clocks = Clocks::start(conn, expires).await;
+    let mut ring = conn.ctx.cluster.ring_changes();
     loop {
         let step = tokio::select! {
             biased;
@@ -780,6 +827,7 @@ async fn serve(
             _ = clocks.heartbeat.tick() => Step::Heartbeat,
             _ = &mut clocks.silence_check => Step::SilenceCheck,
             _ = &mut clocks.idle_check, if clocks.idle.is_some() => Step::IdleCheck,
+            Ok(()) = ring.changed() => Step::Ring,
         };
         let r = match step {
             Step::Shutdown => {
@@ -795,6 +843,10 @@ async fn serve(
                 return;
             }
             Step::Heartbeat => conn.heartbeat().await,
+            Step::Ring => {
+                conn.follow_owner();
+                Ok(())
+            }
             Step::SilenceCheck => {
                 let Some(due) = conn.check_silence(clocks.silence).await else {
                     return;
@@ -1164,9 +1216,23 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
 
 /// Tells the owner the connection is gone (best effort, in the background).
 fn detach(ctx: Arc<RouterCtx>, sid: Uuid, caller: Caller, conn_id: Uuid) {
+    detach_after(ctx, sid, caller, conn_id, None)
+}
+
+/// [`detach`], once the attach to a new owner (`reattach`) is done.
+fn detach_after(
+    ctx: Arc<RouterCtx>,
+    sid: Uuid,
+    caller: Caller,
+    conn_id: Uuid,
+    reattach: Option<tokio::task::JoinHandle<()>>,
+) {
     // Tracked: a shutting-down router tells the owners its sockets are gone first.
     let tasks = ctx.tasks.clone();
     tasks.spawn(async move {
+        if let Some(r) = reattach {
+            let _ = r.await;
+        }
         let _ = ctx
             .forwarder
             .request_until(

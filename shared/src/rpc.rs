@@ -139,6 +139,10 @@ pub enum RequestBody {
         last_version: Option<u64>,
         replay_limit: u64,
     },
+    /// A WebSocket connection whose session moved to this node (a handoff, a
+    /// failover): the new owner records it as attached (presence, the ICD's
+    /// `session:{id}:connections`); nothing is resumed (the router follows the stream).
+    Reattach { conn_id: Uuid, router_id: String },
     /// A WebSocket connection closed.
     Detach { conn_id: Uuid },
     /// A WebSocket connection is alive (its client sent a heartbeat, or answered the
@@ -173,6 +177,7 @@ impl RequestBody {
             RequestBody::Sync { .. } => "sync",
             RequestBody::EventsSince { .. } => "events_since",
             RequestBody::Attach { .. } => "attach",
+            RequestBody::Reattach { .. } => "reattach",
             RequestBody::Detach { .. } => "detach",
             RequestBody::Touch { .. } => "touch",
             RequestBody::Presence => "presence",

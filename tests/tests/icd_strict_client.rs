@@ -883,3 +883,58 @@ async fn a_client_that_stops_answering_pings_is_closed_and_leaves_presence() -> 
     .await;
     finish(fx, r).await
 }
+
+/// Presence follows the session to its next owner: after the owner is killed, the
+/// routers attach their open sockets to the new owner (`Reattach`), so `GET …/presence`
+/// (answered by the new owner) lists the same clients, with no client doing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_survives_the_owner_dying() -> Result<()> {
+    let mut fx = Fixture::start(2, 1, false).await?;
+    let r = async {
+        let f = &fx;
+        let dm = f.connect(0, "dm", &f.dm_token, &f.session_token).await?;
+        let (player, token, st) = f.player(0, json!({})).await?;
+        let p = f.connect(0, "player", &token, &st).await?;
+        let mut want = vec![(f.dm, 1), (player, 1)];
+        want.sort();
+        ensure!(
+            presence(f, &f.session, &f.dm_token).await? == want,
+            "presence before the kill"
+        );
+        // The clients stay connected (and answer pings) until the end.
+        Ok::<_, anyhow::Error>((want, dm, p))
+    }
+    .await;
+    let (want, _dm, _p) = match r {
+        Ok(w) => w,
+        Err(e) => return finish(fx, Err(e)).await,
+    };
+    let owners = gs_tests::owners(&fx.cluster, std::slice::from_ref(&fx.session)).await?;
+    let owner = owners.keys().next().context("no owner")?.clone();
+    let killed = Instant::now();
+    if let Err(e) = fx.cluster.kill(&owner).await {
+        return finish(fx, Err(e)).await;
+    }
+    let r = async {
+        let f = &fx;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            // Polling the endpoint: there is no event that says the new owner knows.
+            if let Ok(p) = presence(f, &f.session, &f.dm_token).await {
+                if p == want {
+                    break;
+                }
+                ensure!(Instant::now() < deadline, "presence after the kill: {p:?}");
+            }
+            ensure!(Instant::now() < deadline, "presence never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "owner {owner} killed: presence back on the new owner {} ms later",
+            killed.elapsed().as_millis()
+        );
+        Ok(())
+    }
+    .await;
+    finish(fx, r).await
+}

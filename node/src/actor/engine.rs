@@ -192,6 +192,12 @@ pub enum Output<R> {
     Detach(Uuid),
     /// A connection is alive.
     Touch(Uuid),
+    /// A member's connection (of a router) attached again after the session moved.
+    Reattach {
+        conn: Uuid,
+        user: Uuid,
+        router: String,
+    },
     Answer(R, NodeReply),
     /// Answer `not_owner`, naming the owner the task knows.
     NotOwner(R),
@@ -595,6 +601,17 @@ impl<R> SessionCore<R> {
             }
             RequestBody::Touch { conn_id } => {
                 out.push(Output::Touch(conn_id));
+                self.done(reply);
+            }
+            RequestBody::Reattach { conn_id, router_id } => {
+                // No state is read, so no flush: only a member's socket is recorded.
+                if role == Role::Admin || self.state.role_of(&user).is_some() {
+                    out.push(Output::Reattach {
+                        conn: conn_id,
+                        user,
+                        router: router_id,
+                    });
+                }
                 self.done(reply);
             }
             body @ (RequestBody::SaveState { .. }

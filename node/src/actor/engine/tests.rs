@@ -392,6 +392,7 @@ impl Harness {
             .into(),
             Output::Detach(_) => "detach".into(),
             Output::Touch(_) => "touch".into(),
+            Output::Reattach { .. } => "reattach".into(),
             Output::Answer(r, reply) => format!("{r}:{}", answer(&reply)),
             Output::NotOwner(r) => format!("{r}:not_owner"),
             Output::Stop(s) => format!("stop {s:?}"),

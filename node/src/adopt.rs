@@ -13,9 +13,8 @@
 //! a request like any other, so a member that was only slow is fenced as usual.
 
 use crate::NodeCtx;
-use gs_shared::auth::Role;
-use gs_shared::forward::Forwarder;
-use gs_shared::rpc::{Caller, RequestBody};
+use crate::SYSTEM;
+use gs_shared::rpc::RequestBody;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,17 +55,7 @@ pub async fn adopt(ctx: &Arc<NodeCtx>, dead: Vec<String>) {
         sessions = mine.len(),
         "adopting the sessions of departed members"
     );
-    let forwarder = Forwarder::new(
-        ctx.nats.clone(),
-        ctx.subjects.clone(),
-        ctx.cluster.clone(),
-        ctx.cfg.nats.request_timeout_ms,
-        ADOPT_DEADLINE.as_millis() as u64,
-    );
-    let system = Caller {
-        user_id: Uuid::nil(),
-        role: Role::Admin,
-    };
+    let forwarder = ctx.forwarder(ADOPT_DEADLINE);
     use futures::StreamExt;
     futures::stream::iter(mine)
         .for_each_concurrent(ADOPT_CONCURRENCY, |session| {
@@ -74,7 +63,7 @@ pub async fn adopt(ctx: &Arc<NodeCtx>, dead: Vec<String>) {
             async move {
                 // Any request activates; presence is the cheapest read.
                 if let Err(e) = forwarder
-                    .request(session, system, RequestBody::Presence)
+                    .request(session, SYSTEM, RequestBody::Presence)
                     .await
                 {
                     tracing::info!(%session, code = %e.code, "session not adopted");

@@ -70,6 +70,26 @@ pub struct NodeCtx {
     pub hub: Arc<hub::Hub>,
 }
 
+impl NodeCtx {
+    /// A forwarder for the node's own requests to sessions' owners (this node
+    /// included: hub events, services' answers, adoption), each within `deadline`.
+    pub fn forwarder(&self, deadline: std::time::Duration) -> gs_shared::forward::Forwarder {
+        gs_shared::forward::Forwarder::new(
+            self.nats.clone(),
+            self.subjects.clone(),
+            self.cluster.clone(),
+            self.cfg.nats.request_timeout_ms,
+            deadline.as_millis() as u64,
+        )
+    }
+}
+
+/// The node acting as itself (as an admin, with no user).
+pub const SYSTEM: gs_shared::rpc::Caller = gs_shared::rpc::Caller {
+    user_id: uuid::Uuid::nil(),
+    role: gs_shared::auth::Role::Admin,
+};
+
 /// Every this many snapshots one is kept for good (the others are pruned once a newer
 /// one exists): a rollback to an old version replays at most this many snapshots'
 /// worth of events.

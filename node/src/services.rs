@@ -28,9 +28,8 @@ use gs_rules::state::OpenRequest;
 use gs_rules::SessionState;
 use gs_shared::auth::Role;
 use gs_shared::config::{ms, Config};
-use gs_shared::forward::Forwarder;
 use gs_shared::protocol::{codes, WireError};
-use gs_shared::rpc::{Caller, NodeRequest, RequestBody};
+use gs_shared::rpc::{NodeRequest, RequestBody};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -386,23 +385,13 @@ fn failed(request_id: Uuid, what: &str, reason: &str) -> Value {
 /// Hands an internal command to the session's owner (whichever node it is now), as
 /// the system, under a fresh command id (retried with that id: applied once).
 async fn apply(ctx: &NodeCtx, session: Uuid, command: Value) -> Result<(), WireError> {
-    let forwarder = Forwarder::new(
-        ctx.nats.clone(),
-        ctx.subjects.clone(),
-        ctx.cluster.clone(),
-        ctx.cfg.nats.request_timeout_ms,
-        APPLY_DEADLINE.as_millis() as u64,
-    );
-    let caller = Caller {
-        user_id: Uuid::nil(),
-        role: Role::Admin,
-    };
+    let forwarder = ctx.forwarder(APPLY_DEADLINE);
     let body = RequestBody::HubEvent {
         event_id: Uuid::new_v4(),
         kind: SERVICE_COMMAND.into(),
         payload: command,
     };
-    let result = forwarder.request(session, caller, body).await;
+    let result = forwarder.request(session, crate::SYSTEM, body).await;
     if let Err(e) = &result {
         tracing::info!(%session, code = %e.code, error = %e.message, "a service's answer was not applied");
     }

@@ -27,13 +27,7 @@ impl HubConnection {
             Err(e) => return format!("consume: {e}"),
         };
         let permits = Arc::new(Semaphore::new(hub.cfg.prefetch.max(1) as usize));
-        let forwarder = Forwarder::new(
-            ctx.nats.clone(),
-            ctx.subjects.clone(),
-            ctx.cluster.clone(),
-            ctx.cfg.nats.request_timeout_ms,
-            RELAY_DEADLINE.as_millis() as u64,
-        );
+        let forwarder = ctx.forwarder(RELAY_DEADLINE);
         while let Some(delivery) = consumer.next().await {
             let delivery = match delivery {
                 Ok(d) => d,
@@ -181,14 +175,10 @@ async fn relay(
         Ok(s) => s,
         Err(verdict) => return verdict,
     };
-    let caller = Caller {
-        user_id: Uuid::nil(),
-        role: Role::Admin,
-    };
     let results = futures::future::join_all(sessions.iter().map(|s| {
         forwarder.request(
             *s,
-            caller,
+            crate::SYSTEM,
             RequestBody::HubEvent {
                 event_id,
                 kind: key.to_string(),

@@ -30,10 +30,9 @@
 
 use crate::NodeCtx;
 use futures::StreamExt;
-use gs_shared::auth::Role;
 use gs_shared::config::RabbitConfig;
 use gs_shared::forward::Forwarder;
-use gs_shared::rpc::{Caller, RequestBody};
+use gs_shared::rpc::RequestBody;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,

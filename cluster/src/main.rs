@@ -225,20 +225,13 @@ async fn main() -> Result<()> {
             silent,
             seed,
         } => {
-            let cfg = Config::load(cli.config.as_deref())?;
             let behaviour = Behaviour {
                 delay: Duration::from_millis(delay_ms),
                 error_rate,
                 silent,
             };
             let dir = fixtures.unwrap_or_else(Fixture::default_dir);
-            let s = start_stand_ins(&cfg, &dir, seed).await?;
-            for service in cluster::stand_ins::SERVICES {
-                s.set(service, behaviour);
-            }
-            gs_shared::telemetry::shutdown_signal().await;
-            s.stop().await;
-            Ok(())
+            run_stand_ins(cli.config.as_deref(), &dir, behaviour, seed).await
         }
         Cmd::Token { user, role, ttl } => {
             let cfg = load_config(&cli.dir, cli.config.as_deref())?;
@@ -255,28 +248,8 @@ async fn main() -> Result<()> {
         Cmd::Pause { id } => signal(&cli.dir, &id, libc::SIGSTOP, "paused"),
         Cmd::Resume { id } => signal(&cli.dir, &id, libc::SIGCONT, "resumed"),
         Cmd::AddNode => add_node(&cli.dir).await,
-        Cmd::Scale { nodes, routers } => {
-            if nodes.is_none() && routers.is_none() {
-                bail!("nothing to do: give --nodes and/or --routers");
-            }
-            let mut c = StateCluster::open(&cli.dir)?;
-            scale::scale(&mut c, nodes, routers, print_step).await?;
-            println!(
-                "cluster has {} nodes and {} routers",
-                c.running(MemberKind::Node).len(),
-                c.running(MemberKind::Router).len()
-            );
-            Ok(())
-        }
-        Cmd::Restart { rolling } => {
-            if !rolling {
-                bail!("only rolling restarts are supported: `cluster restart --rolling`");
-            }
-            let mut c = StateCluster::open(&cli.dir)?;
-            let done = scale::restart_rolling(&mut c, print_step).await?;
-            println!("rolling restart done: {} steps", done.len());
-            Ok(())
-        }
+        Cmd::Scale { nodes, routers } => scale_to(&cli.dir, nodes, routers).await,
+        Cmd::Restart { rolling } => restart(&cli.dir, rolling).await,
         Cmd::Bench {
             sessions,
             clients,
@@ -324,6 +297,54 @@ async fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `cluster stand-ins`: the other services' stand-ins, all with `behaviour`, until
+/// Ctrl-C.
+async fn run_stand_ins(
+    config: Option<&std::path::Path>,
+    fixtures: &std::path::Path,
+    behaviour: Behaviour,
+    seed: u64,
+) -> Result<()> {
+    let cfg = Config::load(config)?;
+    let s = start_stand_ins(&cfg, fixtures, seed).await?;
+    for service in cluster::stand_ins::SERVICES {
+        s.set(service, behaviour);
+    }
+    gs_shared::telemetry::shutdown_signal().await;
+    s.stop().await;
+    Ok(())
+}
+
+/// `cluster scale`: the running cluster of `dir` to `nodes` nodes and `routers` routers.
+async fn scale_to(
+    dir: &std::path::Path,
+    nodes: Option<usize>,
+    routers: Option<usize>,
+) -> Result<()> {
+    if nodes.is_none() && routers.is_none() {
+        bail!("nothing to do: give --nodes and/or --routers");
+    }
+    let mut c = StateCluster::open(dir)?;
+    scale::scale(&mut c, nodes, routers, print_step).await?;
+    println!(
+        "cluster has {} nodes and {} routers",
+        c.running(MemberKind::Node).len(),
+        c.running(MemberKind::Router).len()
+    );
+    Ok(())
+}
+
+/// `cluster restart --rolling`: every node, then every router, replaced in turn.
+async fn restart(dir: &std::path::Path, rolling: bool) -> Result<()> {
+    if !rolling {
+        bail!("only rolling restarts are supported: `cluster restart --rolling`");
+    }
+    let mut c = StateCluster::open(dir)?;
+    let done = scale::restart_rolling(&mut c, print_step).await?;
+    println!("rolling restart done: {} steps", done.len());
+    Ok(())
 }
 
 /// The configuration `up` runs with: the given file, else the one a previous `up`

@@ -178,28 +178,22 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
     );
     let moved_up = moved(&at_2, &at_5);
     let moved_down = moved(&at_5, &at_2_again);
-    let pause = |moved: &[usize], from: Instant, to: Instant| {
+    // A per-session figure over [from, to], as percentiles over `sessions`.
+    type Measure = fn(&[Record], usize, Instant, Instant) -> Option<f64>;
+    let over = |measure: Measure, sessions: &[usize], from: Instant, to: Instant| {
         percentiles(
-            moved
+            sessions
                 .iter()
-                .filter_map(|s| slowest_in_flight(&records, *s, from, to))
+                .filter_map(|s| measure(&records, *s, from, to))
                 .collect(),
         )
     };
-    let up = pause(&moved_up, t_up, t_up + up_took);
-    let down = pause(&moved_down, t_down, t_down + down_took);
-    let gaps = |moved: &[usize], from: Instant, to: Instant| {
-        percentiles(
-            moved
-                .iter()
-                .filter_map(|s| longest_gap(&records, *s, from, to))
-                .collect(),
-        )
-    };
-    let gap_up = gaps(&moved_up, t_up, t_up + up_took);
-    let gap_down = gaps(&moved_down, t_down, t_down + down_took);
+    let up = over(slowest_in_flight, &moved_up, t_up, t_up + up_took);
+    let down = over(slowest_in_flight, &moved_down, t_down, t_down + down_took);
+    let gap_up = over(longest_gap, &moved_up, t_up, t_up + up_took);
+    let gap_down = over(longest_gap, &moved_down, t_down, t_down + down_took);
     let stayed: Vec<usize> = (0..SESSIONS).filter(|s| !moved_up.contains(s)).collect();
-    let gap_stayed = gaps(&stayed, t_up, t_down + down_took);
+    let gap_stayed = over(longest_gap, &stayed, t_up, t_down + down_took);
     let base = baseline(&records, t_up);
     let errors: Vec<_> = records.iter().filter(|r| r.result.is_err()).collect();
     println!(

@@ -212,14 +212,21 @@ async fn start(
     Ok((ctx, http_addr))
 }
 
-/// Creates the database if needed, applies migrations, opens the pool.
+/// Connections opened and prepared before the node joins the ring (see
+/// [`store::Store::warm`]): enough for the burst of activations a join brings, few
+/// enough that many nodes on one PostgreSQL stay far from `max_connections`.
+const WARM_CONNECTIONS: usize = 4;
+
+/// Creates the database if needed, applies migrations, opens the pool and warms it.
 async fn open_store(cfg: &Config) -> anyhow::Result<store::Store> {
     let applied = gs_shared::db::migrate(&cfg.postgres).await?;
     if !applied.is_empty() {
         tracing::info!(?applied, "migrations applied");
     }
     let pool = gs_shared::db::pool(&cfg.postgres, true)?;
-    Ok(store::Store::new(pool))
+    let store = store::Store::new(pool);
+    store.warm(WARM_CONNECTIONS).await?;
+    Ok(store)
 }
 
 /// Starts the tasks that end on the stop signal: health and metrics, requests from

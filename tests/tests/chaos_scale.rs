@@ -23,6 +23,10 @@ const CLIENTS_PER_SESSION: usize = 5;
 /// Each client sends one change per interval: 400 changes/s in all.
 const INTERVAL: Duration = Duration::from_millis(250);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often the harness asks the routers whether a new node is on their rings.
+const ROUTER_POLL: Duration = Duration::from_millis(100);
+/// Beyond one load interval after a handoff, for the answer of the command sent then.
+const ANSWER_SLACK: Duration = Duration::from_millis(50);
 
 /// A step as the test saw it: what, which member, when it began and ended.
 #[derive(Debug, Clone)]
@@ -104,6 +108,63 @@ fn baseline(records: &[Record], before: Instant) -> Percentiles {
             .iter()
             .filter(|r| r.result.is_ok() && r.answered < before)
             .map(|r| r.answered.duration_since(r.sent).as_secs_f64() * 1000.0)
+            .collect(),
+    )
+}
+
+/// When each moved session changed hands, as windows of time: the placement is
+/// recomputed after every step (the same ring as the members': 256 virtual nodes per
+/// node), and a session whose owner changed at a step moved within it — for a start,
+/// at its end (the new node joined the ring, then every router saw it: the harness
+/// polls the routers every 100 ms); for a drain, from the SIGTERM to the exit.
+fn handoffs(
+    windows: &[Window],
+    ids: &[String],
+    mut nodes: std::collections::BTreeSet<String>,
+) -> Vec<(usize, Instant, Instant)> {
+    let uuids: Vec<uuid::Uuid> = ids.iter().map(|s| s.parse().unwrap()).collect();
+    let place = |nodes: &std::collections::BTreeSet<String>| {
+        let ring = gs_shared::ring::Ring::with_nodes(256, nodes.iter());
+        uuids
+            .iter()
+            .map(|u| ring.owner(u).map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    let mut before = place(&nodes);
+    let mut out = Vec::new();
+    let until = |to: Instant| to + INTERVAL + ANSWER_SLACK;
+    for w in windows {
+        let (from, to) = match &w.step {
+            Step::Start(gs_shared::membership::MemberKind::Node) => {
+                nodes.insert(w.id.clone());
+                (
+                    w.to.checked_sub(ROUTER_POLL).unwrap_or(w.from).max(w.from),
+                    until(w.to),
+                )
+            }
+            Step::Drain(id) if nodes.remove(id) => (w.from, until(w.to)),
+            _ => continue,
+        };
+        let after = place(&nodes);
+        for (s, (a, b)) in before.iter().zip(&after).enumerate() {
+            if a != b {
+                out.push((s, from, to));
+            }
+        }
+        before = after;
+    }
+    out
+}
+
+/// The pause each moved session saw at its handoff: its slowest ack among the
+/// commands in flight from the step's window until one load interval after it (the
+/// first command each client sends after the move, which may wake the session on its
+/// new owner, is in flight by then).
+fn handoff_pauses(records: &[Record], handoffs: &[(usize, Instant, Instant)]) -> Percentiles {
+    percentiles(
+        handoffs
+            .iter()
+            .filter_map(|(s, from, until)| slowest_in_flight(records, *s, *from, *until))
             .collect(),
     )
 }
@@ -190,6 +251,20 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
     };
     let up = over(slowest_in_flight, &moved_up, t_up, t_up + up_took);
     let down = over(slowest_in_flight, &moved_down, t_down, t_down + down_took);
+    let steps = windows.lock().unwrap().clone();
+    let two: std::collections::BTreeSet<String> = at_2.keys().cloned().collect();
+    let handed = handoffs(&steps, &ids, two);
+    let (handed_up, handed_down): (Vec<_>, Vec<_>) = handed
+        .iter()
+        .copied()
+        .partition(|(_, from, _)| *from < t_down);
+    // Scaling up ends where scaling down begins.
+    let handed_up: Vec<_> = handed_up
+        .into_iter()
+        .map(|(s, from, until)| (s, from, until.min(t_down)))
+        .collect();
+    let at_handoff_up = handoff_pauses(&records, &handed_up);
+    let at_handoff_down = handoff_pauses(&records, &handed_down);
     let gap_up = over(longest_gap, &moved_up, t_up, t_up + up_took);
     let gap_down = over(longest_gap, &moved_down, t_down, t_down + down_took);
     let stayed: Vec<usize> = (0..SESSIONS).filter(|s| !moved_up.contains(s)).collect();
@@ -198,8 +273,10 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
     let errors: Vec<_> = records.iter().filter(|r| r.result.is_err()).collect();
     println!(
         "chaos scale 2->5->2: {} commands, {} errors; scale up took {up_took:?} ({} sessions moved), \
-         scale down {down_took:?} ({} moved); pause per moved session (its slowest in-flight ack): \
-         up p50 {:.0} ms p99 {:.0} ms max {:.0} ms, down p50 {:.0} ms p99 {:.0} ms max {:.0} ms \
+         scale down {down_took:?} ({} moved); pause per handoff (slowest ack in flight across it; \
+         {} handoffs up, {} down): up p50 {:.0} ms p99 {:.0} ms, down p50 {:.0} ms p99 {:.0} ms; \
+         slowest in-flight ack of a moved session over the whole scaling (new node processes \
+         starting on the same cores included): up p50 {:.0} ms p99 {:.0} ms max {:.0} ms, down p50 {:.0} ms p99 {:.0} ms max {:.0} ms \
          (acks before scaling: p50 {:.0} ms, p99 {:.0} ms); longest time a session went unacknowledged {:.0} ms; \
          longest gap between a moved session's acks (bounded below by the load's schedule: \
          each client sends every 250 ms): up p50 {:.0} ms p99 {:.0} ms, \
@@ -208,6 +285,12 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
         errors.len(),
         moved_up.len(),
         moved_down.len(),
+        handed_up.len(),
+        handed_down.len(),
+        at_handoff_up.p50,
+        at_handoff_up.p99,
+        at_handoff_down.p50,
+        at_handoff_down.p99,
         up.p50,
         up.p99,
         up.max,

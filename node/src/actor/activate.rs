@@ -6,7 +6,7 @@
 use super::engine::{render, render_stored, Recovered};
 use super::{Envelope, Parts, Session};
 use crate::error::NodeError;
-use crate::store::{Created, EventRow, NewSession, StoredEvent};
+use crate::store::{Created, EventRow, Loaded, NewSession, StoredEvent};
 use crate::NodeCtx;
 use gs_rules::{Event, SessionState};
 use gs_shared::protocol;
@@ -42,13 +42,19 @@ pub(super) async fn activate(
 ) -> Result<Session, NodeError> {
     let deadline = Instant::now() + Duration::from_millis(ctx.cfg.node.activation_timeout_ms);
     let cluster = ctx.cluster.clone();
+    let t0 = Instant::now();
     let lease = ctx
         .ownership
         .acquire(id, deadline, |holder| cluster.is_known_dead(holder))
         .await
         .map_err(|e| NodeError::Other(format!("ownership lock: {e}")))?;
+    let locked = t0.elapsed();
     let set_up = match set_up(ctx, id, held).await {
-        Ok(s) => s,
+        Ok(s) => {
+            tracing::debug!(session = %id, lock_ms = locked.as_millis() as u64,
+                set_up_ms = (t0.elapsed() - locked).as_millis() as u64, "activation steps");
+            s
+        }
         Err(e) => {
             lease.release().await;
             return Err(e);
@@ -99,11 +105,15 @@ async fn set_up(ctx: &NodeCtx, id: Uuid, held: &[Envelope]) -> Result<SetUp, Nod
         }
         // A retried create: take over below.
     }
+    let t0 = Instant::now();
     let epoch = ctx
         .store
         .take_ownership(id, &ctx.id, ctx.cfg.node.activation_timeout_ms / 2)
         .await?;
+    let took = t0.elapsed();
     let recovered = recover(ctx, id).await?;
+    tracing::debug!(session = %id, take_ms = took.as_millis() as u64,
+        recover_ms = (t0.elapsed() - took).as_millis() as u64, "taken over");
     Ok(SetUp::TakenOver { epoch, recovered })
 }
 
@@ -196,9 +206,9 @@ async fn create_session(
 
 /// A session rebuilt from the log: state, newest events, newest command ids.
 pub(super) async fn recover(ctx: &NodeCtx, id: Uuid) -> Result<Recovered, NodeError> {
-    let (state, events) = load_state(ctx, id).await?;
     let window = ctx.cfg.node.dedupe_window as u64;
-    let commands = ctx.store.recent_commands(id, window).await?;
+    let (loaded, commands) = ctx.store.load_with_commands(id, None, window).await?;
+    let (state, events) = rebuild(id, loaded)?;
     let complete = (commands.len() as u64) < window;
     let recent = events
         .iter()
@@ -229,7 +239,11 @@ pub async fn load_state_at(
     id: Uuid,
     at: Option<u64>,
 ) -> Result<(SessionState, Vec<StoredEvent>), NodeError> {
-    let loaded = ctx.store.load(id, at).await?;
+    rebuild(id, ctx.store.load(id, at).await?)
+}
+
+/// The state the snapshot and the events after it make.
+fn rebuild(id: Uuid, loaded: Loaded) -> Result<(SessionState, Vec<StoredEvent>), NodeError> {
     let mut state = match &loaded.snapshot {
         Some((seq, snap)) => {
             let s: SessionState = serde_json::from_value(snap.clone())

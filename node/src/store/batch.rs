@@ -264,6 +264,17 @@ impl<'a> SnapshotArrays<'a> {
     }
 }
 
+/// Every statement of a group commit (prepared ahead by [`super::Store::warm`]).
+pub(super) const STATEMENTS: [&str; 7] = [
+    LOCK_SESSIONS,
+    SESSION_EPOCHS,
+    INSERT_EVENTS,
+    INSERT_SNAPSHOTS,
+    PRUNE_SNAPSHOTS,
+    INSERT_CHARACTERS,
+    UPDATE_STATUS,
+];
+
 const LOCK_SESSIONS: &str =
     "SELECT count(pg_advisory_xact_lock_shared(k)) FROM unnest($1::int8[]) AS k";
 

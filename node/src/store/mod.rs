@@ -15,7 +15,31 @@ use crate::error::{NodeError, Result};
 use chrono::NaiveDateTime;
 use deadpool_postgres::Pool;
 use serde_json::Value;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
+
+/// The statements of an activation (epoch bump, snapshot + tail, command ids): prepared
+/// once per connection, and on [`Store::warm`]'s connections before the node serves.
+const BUMP_EPOCH: &str = "UPDATE sessions SET owner_epoch = owner_epoch + 1, owner_node = $2, \
+     updated_at = now() AT TIME ZONE 'utc' \
+     WHERE id = $1 AND NOT COALESCE(is_deleted, false) RETURNING owner_epoch";
+const ACTIVATE_CURSOR: &str = "INSERT INTO hub_cursor (session_id, published_seq, active, epoch) \
+     SELECT id, 0, true, owner_epoch FROM sessions \
+     WHERE id = $1 AND NOT COALESCE(is_deleted, false) \
+     ON CONFLICT (session_id) DO UPDATE SET active = true, epoch = EXCLUDED.epoch";
+const NEWEST_SNAPSHOT: &str = "SELECT seq, state FROM session_states \
+     WHERE session_id = $1 AND seq <= $2 ORDER BY seq DESC LIMIT 1";
+const EVENTS_AFTER: &str = "SELECT seq, event_type, event_data, command_id, user_id, created_at \
+     FROM session_events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+const RECENT_COMMANDS: &str = "SELECT command_id, seq FROM session_events \
+     WHERE session_id = $1 AND command_id IS NOT NULL ORDER BY seq DESC LIMIT $2";
+const ACTIVATION_STATEMENTS: [&str; 5] = [
+    BUMP_EPOCH,
+    ACTIVATE_CURSOR,
+    NEWEST_SNAPSHOT,
+    EVENTS_AFTER,
+    RECENT_COMMANDS,
+];
 
 /// One event row to insert.
 #[derive(Debug, Clone)]
@@ -188,6 +212,24 @@ impl Store {
         &self.pool
     }
 
+    /// Opens `connections` connections at once and prepares every statement of an
+    /// activation and of a group commit on each. Run before the node joins the ring: a
+    /// new node then takes over its first sessions on warm connections, instead of
+    /// paying for new server processes, their catalog caches and a prepare per
+    /// statement while the moved sessions' clients wait.
+    pub async fn warm(&self, connections: usize) -> Result<()> {
+        let n = connections.min(self.pool.status().max_size).max(1);
+        let clients = futures::future::try_join_all((0..n).map(|_| self.pool.get())).await?;
+        let statements = ACTIVATION_STATEMENTS.iter().chain(batch::STATEMENTS.iter());
+        futures::future::try_join_all(
+            clients
+                .iter()
+                .flat_map(|c| statements.clone().map(move |sql| c.prepare_cached(sql))),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Inserts a session, its first event (`session_created`, version 1) and its hub
     /// cursor at epoch 1, owned by `node`.
     pub async fn create_session(
@@ -276,34 +318,31 @@ impl Store {
         lock_timeout_ms: u64,
     ) -> Result<u64> {
         let mut client = self.pool.get().await?;
+        let (bump, cursor) = tokio::try_join!(
+            client.prepare_cached(BUMP_EPOCH),
+            client.prepare_cached(ACTIVATE_CURSOR)
+        )?;
         let tx = client.transaction().await?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = {}",
-            lock_timeout_ms.max(1)
-        ))
-        .await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&session)])
-            .await?;
-        let row = tx
-            .query_opt(
-                "UPDATE sessions SET owner_epoch = owner_epoch + 1, owner_node = $2, \
-                 updated_at = now() AT TIME ZONE 'utc' \
-                 WHERE id = $1 AND NOT COALESCE(is_deleted, false) RETURNING owner_epoch",
-                &[&session, &node],
-            )
-            .await?;
+        // Sent together, executed in order (one round trip): the timeout, the exclusive
+        // lock (its key a number computed here, not input), the bump, and the cursor
+        // (which reads the bumped epoch; nothing when the session does not exist).
+        let lock = format!(
+            "SET LOCAL lock_timeout = {}; SELECT pg_advisory_xact_lock({})",
+            lock_timeout_ms.max(1),
+            lock_key(&session)
+        );
+        let (bump_args, cursor_args): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 1]) =
+            ([&session, &node], [&session]);
+        let (_, row, _) = tokio::try_join!(
+            tx.batch_execute(&lock),
+            tx.query_opt(&bump, &bump_args),
+            tx.execute(&cursor, &cursor_args)
+        )?;
         let Some(row) = row else {
             tx.rollback().await?;
             return Err(NodeError::SessionNotFound(session));
         };
         let epoch: i64 = row.get(0);
-        tx.execute(
-            "INSERT INTO hub_cursor (session_id, published_seq, active, epoch) \
-             VALUES ($1, 0, true, $2) \
-             ON CONFLICT (session_id) DO UPDATE SET active = true, epoch = EXCLUDED.epoch",
-            &[&session, &epoch],
-        )
-        .await?;
         tx.commit().await?;
         Ok(epoch as u64)
     }
@@ -311,15 +350,34 @@ impl Store {
     /// The newest snapshot at or before version `at` (the newest of all when `None`)
     /// and the events after it up to `at`, in order.
     pub async fn load(&self, session: Uuid, at: Option<u64>) -> Result<Loaded> {
+        Ok(self.load_with_commands(session, at, 0).await?.0)
+    }
+
+    /// [`load`](Self::load), and the ids of the newest `commands` commands with their
+    /// versions, on one connection: the snapshot and the command ids are asked
+    /// together, then the events after the snapshot.
+    pub async fn load_with_commands(
+        &self,
+        session: Uuid,
+        at: Option<u64>,
+        commands: u64,
+    ) -> Result<(Loaded, Vec<(Uuid, u64)>)> {
         let client = self.pool.get().await?;
         let at = at.map(|v| v as i64).unwrap_or(i64::MAX);
-        let snap = client
-            .query_opt(
-                "SELECT seq, state FROM session_states WHERE session_id = $1 AND seq <= $2 \
-                 ORDER BY seq DESC LIMIT 1",
-                &[&session, &at],
-            )
-            .await?;
+        let (newest, after_stmt, recent) = tokio::try_join!(
+            client.prepare_cached(NEWEST_SNAPSHOT),
+            client.prepare_cached(EVENTS_AFTER),
+            client.prepare_cached(RECENT_COMMANDS)
+        )?;
+        let recent_rows = async {
+            match commands {
+                0 => Ok(Vec::new()),
+                n => client.query(&recent, &[&session, &(n as i64)]).await,
+            }
+        };
+        let newest_args: [&(dyn ToSql + Sync); 2] = [&session, &at];
+        let (snap, recent_rows) =
+            tokio::try_join!(client.query_opt(&newest, &newest_args), recent_rows)?;
         let snapshot = match snap {
             Some(r) => {
                 let seq = r.get::<_, i64>(0) as u64;
@@ -331,9 +389,19 @@ impl Store {
             None => None,
         };
         let after = snapshot.as_ref().map(|(s, _)| *s).unwrap_or(0);
-        let limit = (at as u64).saturating_sub(after);
-        let events = self.events_after(session, after, limit).await?;
-        Ok(Loaded { snapshot, events })
+        let limit = (at as u64).saturating_sub(after).min(i64::MAX as u64) as i64;
+        let rows = client
+            .query(&after_stmt, &[&session, &(after as i64), &limit])
+            .await?;
+        let events = rows
+            .iter()
+            .map(|r| row_to_event(session, r))
+            .collect::<Result<_>>()?;
+        let commands = recent_rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect();
+        Ok((Loaded { snapshot, events }, commands))
     }
 
     /// Events with `seq > after`, at most `limit`, in order.
@@ -344,10 +412,10 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<StoredEvent>> {
         let client = self.pool.get().await?;
+        let after_stmt = client.prepare_cached(EVENTS_AFTER).await?;
         let rows = client
             .query(
-                "SELECT seq, event_type, event_data, command_id, user_id, created_at \
-                 FROM session_events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &after_stmt,
                 &[
                     &session,
                     &(after as i64),
@@ -376,23 +444,6 @@ impl Store {
             )
             .await?;
         rows.iter().map(|r| row_to_event(session, r)).collect()
-    }
-
-    /// The `(command_id, seq)` of the newest `limit` commands of a session: the
-    /// exactly-once memory a new owner starts with.
-    pub async fn recent_commands(&self, session: Uuid, limit: u64) -> Result<Vec<(Uuid, u64)>> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT command_id, seq FROM session_events \
-                 WHERE session_id = $1 AND command_id IS NOT NULL ORDER BY seq DESC LIMIT $2",
-                &[&session, &(limit as i64)],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
-            .collect())
     }
 
     /// The versions of those of `ids` that a session has already committed.

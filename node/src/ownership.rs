@@ -4,7 +4,7 @@
 //! A node serves session S only while it holds S's lock (`{prefix}lock:session:S`,
 //! TTL `node.lock_ttl_ms`, renewed every `node.lock_renew_ms`) **and** S's newest
 //! fencing epoch (taken from PostgreSQL after the lock, see
-//! [`crate::store::Store::take_ownership`]). The lock keeps two nodes from serving S at
+//! [`crate::store::Store::take_over`]). The lock keeps two nodes from serving S at
 //! once in the normal case; the epoch makes that safe in every case: a paused or
 //! partitioned ex-owner's writes are refused by PostgreSQL.
 //!

@@ -105,15 +105,12 @@ async fn set_up(ctx: &NodeCtx, id: Uuid, held: &[Envelope]) -> Result<SetUp, Nod
         }
         // A retried create: take over below.
     }
-    let t0 = Instant::now();
-    let epoch = ctx
+    let window = ctx.cfg.node.dedupe_window as u64;
+    let (epoch, loaded, commands) = ctx
         .store
-        .take_ownership(id, &ctx.id, ctx.cfg.node.activation_timeout_ms / 2)
+        .take_over(id, &ctx.id, ctx.cfg.node.activation_timeout_ms / 2, window)
         .await?;
-    let took = t0.elapsed();
-    let recovered = recover(ctx, id).await?;
-    tracing::debug!(session = %id, take_ms = took.as_millis() as u64,
-        recover_ms = (t0.elapsed() - took).as_millis() as u64, "taken over");
+    let recovered = recovered(ctx, id, loaded, commands)?;
     Ok(SetUp::TakenOver { epoch, recovered })
 }
 
@@ -208,6 +205,18 @@ async fn create_session(
 pub(super) async fn recover(ctx: &NodeCtx, id: Uuid) -> Result<Recovered, NodeError> {
     let window = ctx.cfg.node.dedupe_window as u64;
     let (loaded, commands) = ctx.store.load_with_commands(id, None, window).await?;
+    recovered(ctx, id, loaded, commands)
+}
+
+/// A session rebuilt from what was read: the state, the newest events rendered, and
+/// the command ids (all of the session's, when fewer than the window).
+fn recovered(
+    ctx: &NodeCtx,
+    id: Uuid,
+    loaded: Loaded,
+    commands: Vec<(Uuid, u64)>,
+) -> Result<Recovered, NodeError> {
+    let window = ctx.cfg.node.dedupe_window as u64;
     let (state, events) = rebuild(id, loaded)?;
     let complete = (commands.len() as u64) < window;
     let recent = events

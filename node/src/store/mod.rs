@@ -5,7 +5,7 @@
 //! **Fencing.** Every write of a session's data carries the writer's epoch. A write
 //! takes a shared advisory lock on each of its sessions ([`lock_key`]) and checks their
 //! epochs once per batch ([`Store::write_batch`]); a new owner takes the lock
-//! exclusively while it bumps `sessions.owner_epoch` ([`Store::take_ownership`]). The
+//! exclusively while it bumps `sessions.owner_epoch` ([`Store::take_over`]). The
 //! `gs_fence_rows` statement trigger (migration V3) makes the same check inside
 //! PostgreSQL for every insert into the session tables, whoever sends it.
 
@@ -33,11 +33,16 @@ const EVENTS_AFTER: &str = "SELECT seq, event_type, event_data, command_id, user
      FROM session_events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 const RECENT_COMMANDS: &str = "SELECT command_id, seq FROM session_events \
      WHERE session_id = $1 AND command_id IS NOT NULL ORDER BY seq DESC LIMIT $2";
-const ACTIVATION_STATEMENTS: [&str; 5] = [
+const TAIL_AFTER_NEWEST_SNAPSHOT: &str =
+    "SELECT seq, event_type, event_data, command_id, user_id, created_at \
+     FROM session_events WHERE session_id = $1 AND seq > COALESCE((SELECT seq \
+     FROM session_states WHERE session_id = $1 ORDER BY seq DESC LIMIT 1), 0) ORDER BY seq";
+const ACTIVATION_STATEMENTS: [&str; 6] = [
     BUMP_EPOCH,
     ACTIVATE_CURSOR,
     NEWEST_SNAPSHOT,
     EVENTS_AFTER,
+    TAIL_AFTER_NEWEST_SNAPSHOT,
     RECENT_COMMANDS,
 ];
 
@@ -304,47 +309,79 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Becomes the owner of `session`: bumps `owner_epoch` and returns the new epoch,
-    /// or `SessionNotFound`. Called only while holding the session's lock. The epoch
-    /// bump holds the session's advisory lock exclusively, so it waits for in-flight
-    /// writes of a previous owner (at most `lock_timeout_ms`; PostgreSQL ends a paused
-    /// writer's transaction after `idle_in_transaction_timeout_ms`), and writes queued
-    /// behind it see the new epoch. The hub cursor is marked active (this owner may
-    /// leave events to publish).
-    pub async fn take_ownership(
+    /// Becomes the owner of `session`: bumps `owner_epoch` and returns the new epoch
+    /// with what recovery reads (the newest snapshot, the events after it, the newest
+    /// `commands` command ids), or `SessionNotFound`. Called only while holding the
+    /// session's lock. The epoch bump holds the session's advisory lock exclusively, so
+    /// it waits for in-flight writes of a previous owner (at most `lock_timeout_ms`;
+    /// PostgreSQL ends a paused writer's transaction after
+    /// `idle_in_transaction_timeout_ms`), and writes queued behind it see the new
+    /// epoch. The hub cursor is marked active (this owner may leave events to publish).
+    ///
+    /// Everything is sent together and executed in order, in one transaction: the lock
+    /// timeout, the exclusive lock (its key a number computed here, not input), the
+    /// bump, the cursor (which reads the bumped epoch; nothing when the session does
+    /// not exist), then the reads — one round trip and the commit. The reads run under
+    /// the exclusive lock, after the bump: no writer of the session (they all take the
+    /// lock shared) can add an event or a snapshot between them. Should the tail still
+    /// not start right after the snapshot, the reads are made again on their own.
+    pub async fn take_over(
         &self,
         session: Uuid,
         node: &str,
         lock_timeout_ms: u64,
-    ) -> Result<u64> {
+        commands: u64,
+    ) -> Result<(u64, Loaded, Vec<(Uuid, u64)>)> {
         let mut client = self.pool.get().await?;
-        let (bump, cursor) = tokio::try_join!(
+        let (bump, cursor, newest, tail, recent) = tokio::try_join!(
             client.prepare_cached(BUMP_EPOCH),
-            client.prepare_cached(ACTIVATE_CURSOR)
+            client.prepare_cached(ACTIVATE_CURSOR),
+            client.prepare_cached(NEWEST_SNAPSHOT),
+            client.prepare_cached(TAIL_AFTER_NEWEST_SNAPSHOT),
+            client.prepare_cached(RECENT_COMMANDS)
         )?;
         let tx = client.transaction().await?;
-        // Sent together, executed in order (one round trip): the timeout, the exclusive
-        // lock (its key a number computed here, not input), the bump, and the cursor
-        // (which reads the bumped epoch; nothing when the session does not exist).
         let lock = format!(
             "SET LOCAL lock_timeout = {}; SELECT pg_advisory_xact_lock({})",
             lock_timeout_ms.max(1),
             lock_key(&session)
         );
-        let (bump_args, cursor_args): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 1]) =
-            ([&session, &node], [&session]);
-        let (_, row, _) = tokio::try_join!(
+        let newest_at = i64::MAX;
+        let limit = commands as i64;
+        let bump_args: [&(dyn ToSql + Sync); 2] = [&session, &node];
+        let session_arg: [&(dyn ToSql + Sync); 1] = [&session];
+        let newest_args: [&(dyn ToSql + Sync); 2] = [&session, &newest_at];
+        let recent_args: [&(dyn ToSql + Sync); 2] = [&session, &limit];
+        let (_, row, _, snap, tail_rows, recent_rows) = tokio::try_join!(
             tx.batch_execute(&lock),
             tx.query_opt(&bump, &bump_args),
-            tx.execute(&cursor, &cursor_args)
+            tx.execute(&cursor, &session_arg),
+            tx.query_opt(&newest, &newest_args),
+            tx.query(&tail, &session_arg),
+            tx.query(&recent, &recent_args)
         )?;
         let Some(row) = row else {
             tx.rollback().await?;
             return Err(NodeError::SessionNotFound(session));
         };
-        let epoch: i64 = row.get(0);
+        let epoch = row.get::<_, i64>(0) as u64;
         tx.commit().await?;
-        Ok(epoch as u64)
+        drop(client);
+        let snapshot = snapshot_of(session, snap)?;
+        let events: Vec<StoredEvent> = tail_rows
+            .iter()
+            .map(|r| row_to_event(session, r))
+            .collect::<Result<_>>()?;
+        let after = snapshot.as_ref().map_or(0, |(seq, _)| *seq);
+        if events.first().is_some_and(|e| e.seq != after + 1) {
+            let (loaded, commands) = self.load_with_commands(session, None, commands).await?;
+            return Ok((epoch, loaded, commands));
+        }
+        Ok((
+            epoch,
+            Loaded { snapshot, events },
+            command_ids(&recent_rows),
+        ))
     }
 
     /// The newest snapshot at or before version `at` (the newest of all when `None`)
@@ -378,16 +415,7 @@ impl Store {
         let newest_args: [&(dyn ToSql + Sync); 2] = [&session, &at];
         let (snap, recent_rows) =
             tokio::try_join!(client.query_opt(&newest, &newest_args), recent_rows)?;
-        let snapshot = match snap {
-            Some(r) => {
-                let seq = r.get::<_, i64>(0) as u64;
-                let state = r.try_get::<_, Value>(1).map_err(|e| {
-                    NodeError::Corrupt(format!("snapshot {seq} of {session} cannot be read: {e}"))
-                })?;
-                Some((seq, state))
-            }
-            None => None,
-        };
+        let snapshot = snapshot_of(session, snap)?;
         let after = snapshot.as_ref().map(|(s, _)| *s).unwrap_or(0);
         let limit = (at as u64).saturating_sub(after).min(i64::MAX as u64) as i64;
         let rows = client
@@ -397,11 +425,7 @@ impl Store {
             .iter()
             .map(|r| row_to_event(session, r))
             .collect::<Result<_>>()?;
-        let commands = recent_rows
-            .iter()
-            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
-            .collect();
-        Ok((Loaded { snapshot, events }, commands))
+        Ok((Loaded { snapshot, events }, command_ids(&recent_rows)))
     }
 
     /// Events with `seq > after`, at most `limit`, in order.
@@ -622,6 +646,23 @@ impl Store {
 
 /// An event row. Its data is decoded fallibly (serde_json's nesting limit applies):
 /// a row that cannot be read is `Corrupt`, never a panic.
+/// A snapshot row (`seq`, `state`), if any.
+fn snapshot_of(session: Uuid, row: Option<tokio_postgres::Row>) -> Result<Option<(u64, Value)>> {
+    let Some(r) = row else { return Ok(None) };
+    let seq = r.get::<_, i64>(0) as u64;
+    let state = r.try_get::<_, Value>(1).map_err(|e| {
+        NodeError::Corrupt(format!("snapshot {seq} of {session} cannot be read: {e}"))
+    })?;
+    Ok(Some((seq, state)))
+}
+
+/// Command id rows (`command_id`, `seq`).
+fn command_ids(rows: &[tokio_postgres::Row]) -> Vec<(Uuid, u64)> {
+    rows.iter()
+        .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+        .collect()
+}
+
 fn row_to_event(session: Uuid, r: &tokio_postgres::Row) -> Result<StoredEvent> {
     let seq = r.get::<_, i64>(0) as u64;
     let data = r

@@ -237,23 +237,62 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
         nodes == ["node-1", "node-2"],
         "the oldest nodes stay: {nodes:?}"
     );
-    let moved_up = moved(&at_2, &at_5);
-    let moved_down = moved(&at_5, &at_2_again);
+    let steps = windows.lock().unwrap().clone();
+    let up = Change {
+        at: t_up,
+        took: up_took,
+        moved: moved(&at_2, &at_5),
+    };
+    let down = Change {
+        at: t_down,
+        took: down_took,
+        moved: moved(&at_5, &at_2_again),
+    };
+    print_figures(&records, &steps, &ids, &at_2, &up, &down);
+    let errors: Vec<_> = records.iter().filter(|r| r.result.is_err()).collect();
+    assert!(
+        errors.is_empty(),
+        "clients saw errors: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    verify_workload(cluster, &ids, &clients, &records).await
+}
+
+/// One change of the cluster's size as the test saw it: when it began, how long it
+/// took, which sessions ended up elsewhere.
+struct Change {
+    at: Instant,
+    took: Duration,
+    moved: Vec<usize>,
+}
+
+/// Prints the figures of a scale-up and the scale-down after it: the pause per
+/// handoff, each moved session's slowest ack over the whole change, the acks before it
+/// and the gaps between acks.
+fn print_figures(
+    records: &[Record],
+    steps: &[Window],
+    ids: &[String],
+    at_2: &BTreeMap<String, Vec<usize>>,
+    up: &Change,
+    down: &Change,
+) {
+    let (t_up, up_took, moved_up) = (up.at, up.took, &up.moved);
+    let (t_down, down_took, moved_down) = (down.at, down.took, &down.moved);
     // A per-session figure over [from, to], as percentiles over `sessions`.
     type Measure = fn(&[Record], usize, Instant, Instant) -> Option<f64>;
     let over = |measure: Measure, sessions: &[usize], from: Instant, to: Instant| {
         percentiles(
             sessions
                 .iter()
-                .filter_map(|s| measure(&records, *s, from, to))
+                .filter_map(|s| measure(records, *s, from, to))
                 .collect(),
         )
     };
-    let up = over(slowest_in_flight, &moved_up, t_up, t_up + up_took);
-    let down = over(slowest_in_flight, &moved_down, t_down, t_down + down_took);
-    let steps = windows.lock().unwrap().clone();
+    let whole_up = over(slowest_in_flight, moved_up, t_up, t_up + up_took);
+    let whole_down = over(slowest_in_flight, moved_down, t_down, t_down + down_took);
     let two: std::collections::BTreeSet<String> = at_2.keys().cloned().collect();
-    let handed = handoffs(&steps, &ids, two);
+    let handed = handoffs(steps, ids, two);
     let (handed_up, handed_down): (Vec<_>, Vec<_>) = handed
         .iter()
         .copied()
@@ -263,14 +302,13 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
         .into_iter()
         .map(|(s, from, until)| (s, from, until.min(t_down)))
         .collect();
-    let at_handoff_up = handoff_pauses(&records, &handed_up);
-    let at_handoff_down = handoff_pauses(&records, &handed_down);
-    let gap_up = over(longest_gap, &moved_up, t_up, t_up + up_took);
-    let gap_down = over(longest_gap, &moved_down, t_down, t_down + down_took);
+    let at_handoff_up = handoff_pauses(records, &handed_up);
+    let at_handoff_down = handoff_pauses(records, &handed_down);
+    let gap_up = over(longest_gap, moved_up, t_up, t_up + up_took);
+    let gap_down = over(longest_gap, moved_down, t_down, t_down + down_took);
     let stayed: Vec<usize> = (0..SESSIONS).filter(|s| !moved_up.contains(s)).collect();
     let gap_stayed = over(longest_gap, &stayed, t_up, t_down + down_took);
-    let base = baseline(&records, t_up);
-    let errors: Vec<_> = records.iter().filter(|r| r.result.is_err()).collect();
+    let base = baseline(records, t_up);
     println!(
         "chaos scale 2->5->2: {} commands, {} errors; scale up took {up_took:?} ({} sessions moved), \
          scale down {down_took:?} ({} moved); pause per handoff (slowest ack in flight across it; \
@@ -282,7 +320,7 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
          each client sends every 250 ms): up p50 {:.0} ms p99 {:.0} ms, \
          down p50 {:.0} ms p99 {:.0} ms (sessions that never moved, over the whole change: p99 {:.0} ms)",
         records.len(),
-        errors.len(),
+        records.iter().filter(|r| r.result.is_err()).count(),
         moved_up.len(),
         moved_down.len(),
         handed_up.len(),
@@ -291,27 +329,21 @@ async fn scale_up_and_down(cluster: &mut LocalCluster) -> Result<()> {
         at_handoff_up.p99,
         at_handoff_down.p50,
         at_handoff_down.p99,
-        up.p50,
-        up.p99,
-        up.max,
-        down.p50,
-        down.p99,
-        down.max,
+        whole_up.p50,
+        whole_up.p99,
+        whole_up.max,
+        whole_down.p50,
+        whole_down.p99,
+        whole_down.max,
         base.p50,
         base.p99,
-        longest_silence(&records, SESSIONS),
+        longest_silence(records, SESSIONS),
         gap_up.p50,
         gap_up.p99,
         gap_down.p50,
         gap_down.p99,
         gap_stayed.p99
     );
-    assert!(
-        errors.is_empty(),
-        "clients saw errors: {:?}",
-        &errors[..errors.len().min(5)]
-    );
-    verify_workload(cluster, &ids, &clients, &records).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

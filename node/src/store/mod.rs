@@ -368,10 +368,7 @@ impl Store {
         tx.commit().await?;
         drop(client);
         let snapshot = snapshot_of(session, snap)?;
-        let events: Vec<StoredEvent> = tail_rows
-            .iter()
-            .map(|r| row_to_event(session, r))
-            .collect::<Result<_>>()?;
+        let events = events_of(session, &tail_rows)?;
         let after = snapshot.as_ref().map_or(0, |(seq, _)| *seq);
         if events.first().is_some_and(|e| e.seq != after + 1) {
             let (loaded, commands) = self.load_with_commands(session, None, commands).await?;
@@ -421,10 +418,7 @@ impl Store {
         let rows = client
             .query(&after_stmt, &[&session, &(after as i64), &limit])
             .await?;
-        let events = rows
-            .iter()
-            .map(|r| row_to_event(session, r))
-            .collect::<Result<_>>()?;
+        let events = events_of(session, &rows)?;
         Ok((Loaded { snapshot, events }, command_ids(&recent_rows)))
     }
 
@@ -447,7 +441,7 @@ impl Store {
                 ],
             )
             .await?;
-        rows.iter().map(|r| row_to_event(session, r)).collect()
+        events_of(session, &rows)
     }
 
     /// Events with `seq < before` (all when `None`), newest first, at most `limit`.
@@ -467,7 +461,7 @@ impl Store {
                 &[&session, &before, &(limit as i64)],
             )
             .await?;
-        rows.iter().map(|r| row_to_event(session, r)).collect()
+        events_of(session, &rows)
     }
 
     /// The versions of those of `ids` that a session has already committed.
@@ -644,8 +638,6 @@ impl Store {
     }
 }
 
-/// An event row. Its data is decoded fallibly (serde_json's nesting limit applies):
-/// a row that cannot be read is `Corrupt`, never a panic.
 /// A snapshot row (`seq`, `state`), if any.
 fn snapshot_of(session: Uuid, row: Option<tokio_postgres::Row>) -> Result<Option<(u64, Value)>> {
     let Some(r) = row else { return Ok(None) };
@@ -663,6 +655,13 @@ fn command_ids(rows: &[tokio_postgres::Row]) -> Vec<(Uuid, u64)> {
         .collect()
 }
 
+/// Event rows, in their order (see [`row_to_event`]).
+fn events_of(session: Uuid, rows: &[tokio_postgres::Row]) -> Result<Vec<StoredEvent>> {
+    rows.iter().map(|r| row_to_event(session, r)).collect()
+}
+
+/// An event row. Its data is decoded fallibly (serde_json's nesting limit applies):
+/// a row that cannot be read is `Corrupt`, never a panic.
 fn row_to_event(session: Uuid, r: &tokio_postgres::Row) -> Result<StoredEvent> {
     let seq = r.get::<_, i64>(0) as u64;
     let data = r

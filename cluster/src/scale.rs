@@ -12,8 +12,9 @@
 //! * **removing** drains: SIGTERM, then waits for the process to exit (a node hands its
 //!   sessions off with the planned handoff; a router closes its sockets with 1001 and
 //!   its clients reconnect elsewhere). The member with the largest index goes first,
-//!   so the oldest members (and their placement) stay; drains in a row are
-//!   [`DRAIN_SPACING`] apart, so a session moves at most once while a command waits;
+//!   so the oldest members (and their placement) stay;
+//! * consecutive steps are [`STEP_SPACING`] apart, so the sessions one step moved are
+//!   taken over before the next step moves them again or starts a process beside them;
 //! * **rolling restart** replaces every node, then every router, one at a time: start
 //!   the replacement, wait for it, then drain the old one (surge first, like a
 //!   Kubernetes Deployment with `maxSurge: 1, maxUnavailable: 0`), so capacity never
@@ -117,16 +118,17 @@ pub struct Done {
     pub took: Duration,
 }
 
-/// Between two drains in a row: time for the sessions the first drain moved to be
-/// taken over by their next owners before the second drain may move them again. (A
-/// session of the first drained node can land on the next one to go; drained back to
-/// back, a command in flight then waits for two or three takeovers in a row. Draining
-/// them all at once instead makes one burst of every takeover on the nodes that stay,
-/// which measured worse.)
-pub const DRAIN_SPACING: Duration = Duration::from_millis(500);
+/// Between two consecutive steps: time for the sessions the first step moved to be
+/// taken over before the next one acts. Measured reasons (BENCHMARKS.md): drained back
+/// to back, a session of the first drained node can land on the next one to go and
+/// move two or three times while one command waits; started back to back, the next
+/// node's process start-up (its connections opened and warmed) runs on the same cores
+/// as the takeovers the previous join caused. Doing every step at once instead makes
+/// one burst of every takeover on the nodes that stay, which measured worse.
+pub const STEP_SPACING: Duration = Duration::from_millis(500);
 
-/// Executes `steps` in order, calling `each` after every one; consecutive drains are
-/// [`DRAIN_SPACING`] apart.
+/// Executes `steps` in order, calling `each` after every one; consecutive steps are
+/// [`STEP_SPACING`] apart.
 pub async fn execute<M: Members>(
     m: &mut M,
     steps: Vec<Step>,
@@ -134,12 +136,8 @@ pub async fn execute<M: Members>(
 ) -> Result<Vec<Done>> {
     let mut done: Vec<Done> = Vec::new();
     for step in steps {
-        if matches!(step, Step::Drain(_))
-            && done
-                .last()
-                .is_some_and(|d| matches!(d.step, Step::Drain(_)))
-        {
-            tokio::time::sleep(DRAIN_SPACING).await;
+        if !done.is_empty() {
+            tokio::time::sleep(STEP_SPACING).await;
         }
         let t = Instant::now();
         let id = match &step {

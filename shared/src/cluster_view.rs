@@ -38,6 +38,8 @@ struct Inner {
     state: RwLock<MemberState>,
     load: AtomicU64,
     ring_tx: watch::Sender<u64>,
+    /// Bumped whenever a member leaves or is declared dead ([`ClusterView::departures`]).
+    departed_tx: watch::Sender<u64>,
     nats: async_nats::Client,
     subjects: Subjects,
     heartbeat_every: Duration,
@@ -73,6 +75,7 @@ impl ClusterView {
         http: Option<String>,
     ) -> Result<(ClusterView, Vec<JoinHandle<()>>), async_nats::SubscribeError> {
         let (ring_tx, _) = watch::channel(0);
+        let (departed_tx, _) = watch::channel(0);
         let view = ClusterView {
             inner: Arc::new(Inner {
                 me,
@@ -86,6 +89,7 @@ impl ClusterView {
                 state: RwLock::new(MemberState::Alive),
                 load: AtomicU64::new(0),
                 ring_tx,
+                departed_tx,
                 nats: nats.clone(),
                 subjects: subjects.clone(),
                 heartbeat_every: Duration::from_millis(cfg.heartbeat_ms),
@@ -124,6 +128,7 @@ impl ClusterView {
                     if changed {
                         self.notify();
                     }
+                    self.departed();
                 }
             }
         }
@@ -157,6 +162,7 @@ impl ClusterView {
             if !dead.is_empty() {
                 tracing::warn!(?dead, "members timed out");
                 self.notify();
+                self.departed();
             }
         }
     }
@@ -184,6 +190,10 @@ impl ClusterView {
             tracing::info!(member = %id, "ring changed");
             self.notify();
         }
+    }
+
+    fn departed(&self) {
+        self.inner.departed_tx.send_modify(|n| *n += 1);
     }
 
     fn notify(&self) {
@@ -265,6 +275,7 @@ impl ClusterView {
                 if changed {
                     self.notify();
                 }
+                self.departed();
             }
         }
     }
@@ -325,6 +336,13 @@ impl ClusterView {
     /// Fires whenever the ring changes (the value is the ring version).
     pub fn ring_changes(&self) -> watch::Receiver<u64> {
         self.inner.ring_tx.subscribe()
+    }
+
+    /// Fires whenever a member leaves or is declared dead, whether or not the ring
+    /// changed: a draining node is off the ring already when it leaves, so a request
+    /// in flight to it learns of its exit only here.
+    pub fn departures(&self) -> watch::Receiver<u64> {
+        self.inner.departed_tx.subscribe()
     }
 
     /// Sets the load figure carried by the next heartbeats.

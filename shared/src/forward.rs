@@ -163,16 +163,19 @@ impl Forwarder {
         let req = async_nats::Request::new()
             .payload(payload.clone())
             .timeout(Some(timeout));
-        // A request in flight to a node that dies is never answered: give up on it as
-        // soon as the member table drops the node, not at the timeout.
-        let mut ring = self.cluster.ring_changes();
+        // A request in flight to a node that dies or leaves is never answered: give up
+        // on it as soon as the member table drops the node, not at the timeout. (Not
+        // only on ring changes: a draining node is off the ring before it leaves, and
+        // a redirect may still name it. Checked once first: the node may have left
+        // between choosing it and listening here.)
+        let mut departures = self.cluster.departures();
         let node_gone = async {
             loop {
-                if ring.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
                 if !self.cluster.is_alive(node) {
                     return;
+                }
+                if departures.changed().await.is_err() {
+                    std::future::pending::<()>().await;
                 }
             }
         };

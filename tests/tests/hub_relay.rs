@@ -383,8 +383,11 @@ async fn a_malformed_message_is_dead_lettered_and_the_rest_flows() -> Result<()>
             assert!(!reason.is_empty(), "a dead letter carries its reason");
             println!("dead-lettered: {reason}");
         }
-        assert!(dead[0].header("x-gs-reason").unwrap().contains("not JSON"));
-        assert!(dead[1].header("x-gs-reason").unwrap().contains("character_id"));
+        // Each bad message dead-lettered with its own reason (in either order: the
+        // relay handles the messages it has prefetched concurrently).
+        let reasons: Vec<String> = dead.iter().map(|d| d.header("x-gs-reason").unwrap_or_default()).collect();
+        assert!(reasons.iter().any(|r| r.contains("not JSON")), "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("character_id")), "{reasons:?}");
         let state = f.api(0, &token).get_state(&f.session).await?;
         assert_eq!(state["game"]["play"]["characters"][character.to_string()]["ac"], 17);
         Ok(())

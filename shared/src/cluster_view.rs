@@ -1,7 +1,7 @@
 //! The membership runtime: publishes this process's heartbeat, feeds every heartbeat
 //! and leave it hears into the sans-IO [`Membership`] table, expires silent members, and
-//! tells subscribers when the ring changes. Nodes and routers run the same code, so
-//! they keep the same member table.
+//! tells subscribers when the ring changes and when a member departs. Nodes and routers
+//! run the same code, so they keep the same member table.
 //!
 //! Fast failure detection: a node killed outright (SIGKILL, crash) loses its NATS
 //! connection, and NATS answers requests to it with "no responders" at once. A router

@@ -166,20 +166,26 @@ impl Forwarder {
         // A request in flight to a node that dies or leaves is never answered: give up
         // on it as soon as the member table drops the node, not at the timeout. (Not
         // only on ring changes: a draining node is off the ring before it leaves, and
-        // a redirect may still name it. Checked once first: the node may have left
-        // between choosing it and listening here.)
+        // a stale `not_owner` may still name it.) The node may have left between
+        // choosing it and listening here: then nothing is sent.
         let mut departures = self.cluster.departures();
+        if !self.cluster.is_alive(node) {
+            return Attempt::NotSent;
+        }
         let node_gone = async {
             loop {
-                if !self.cluster.is_alive(node) {
-                    return;
-                }
                 if departures.changed().await.is_err() {
                     std::future::pending::<()>().await;
                 }
+                if !self.cluster.is_alive(node) {
+                    return;
+                }
             }
         };
+        // An answer that is there is taken even if the node has left since (a draining
+        // node answers, then leaves).
         let outcome = tokio::select! {
+            biased;
             r = self.nats.send_request(self.subjects.node_rpc(node), req) => r,
             _ = node_gone => {
                 metrics::counter!("gs_router_forward_abandoned_total").increment(1);
@@ -212,6 +218,8 @@ pub enum Attempt {
     /// The node left the cluster while the request was in flight: it may have
     /// committed before it died.
     NodeGone,
+    /// The node had left the cluster before the request was sent: nothing was sent.
+    NotSent,
     /// The answer could not be decoded.
     BadReply(String),
 }
@@ -224,6 +232,7 @@ impl Attempt {
             Attempt::NoResponders => "no_responders",
             Attempt::Lost(_) => "lost",
             Attempt::NodeGone => "node_gone",
+            Attempt::NotSent => "not_sent",
             Attempt::BadReply(_) => "bad_reply",
         }
     }
@@ -397,6 +406,12 @@ impl RetryPolicy {
                 self.last_error = Some(format!("{node}: left the cluster"));
                 Next::RetryNow
             }
+            // The next target is a live member (a redirect only to one, else the
+            // ring's owner), so this cannot repeat without another departure.
+            Attempt::NotSent => {
+                self.last_error = Some(format!("{node}: left the cluster"));
+                Next::RetryNow
+            }
         }
     }
 
@@ -481,6 +496,18 @@ mod tests {
         assert_eq!(e.code, codes::SERVICE_UNAVAILABLE);
         assert_eq!(outcome_of(&e), "unknown");
         assert_eq!(e.details["attempts"], 3);
+    }
+
+    /// A node gone before anything was sent to it: retried at once, and nothing may
+    /// have been applied by that attempt.
+    #[test]
+    fn not_sent_then_deadline_refusal_is_not_applied() {
+        let mut p = RetryPolicy::default();
+        assert!(matches!(p.observe("n1", Attempt::NotSent), Next::RetryNow));
+        match p.observe("n2", refused(codes::DEADLINE_EXCEEDED, None, None)) {
+            Next::Done(Err(e)) => assert_eq!(outcome_of(&e), "not_applied"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! * [`rpc`]: the router ↔ node contract over NATS, and subject names.
 //! * [`ring`]: placement of sessions on nodes (consistent hashing, sans-IO).
 //! * [`membership`]: the live-member table fed by heartbeats (sans-IO).
-//! * [`cluster_view`]: the membership runtime (heartbeats over NATS, ring changes).
+//! * [`cluster_view`]: the membership runtime (heartbeats over NATS, ring changes, departures).
 //! * [`keys`]: Redis key names and the ICD's TTLs.
 //! * [`db`]: creating the database, migrations, the connection pool.
 //! * [`connect`]: connecting to NATS and Redis at start-up.

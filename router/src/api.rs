@@ -213,6 +213,8 @@ fn ops_routes(
         .map(|ctx: Arc<RouterCtx>, auth: Auth| {
             reply(require_admin(&ctx, &auth, "metrics").map(|_| {
                 gs_shared::telemetry::record_process_metrics();
+                metrics::gauge!("gs_router_requests_waiting")
+                    .set(ctx.forwarder.requests_waiting() as f64);
                 warp::reply::with_header(
                     ctx.metrics.render(),
                     "content-type",

@@ -15,6 +15,7 @@
 use crate::cluster_view::ClusterView;
 use crate::config::ms;
 use crate::protocol::{codes, WireError};
+use crate::replies::{Replies, RequestFailed};
 use crate::rpc::{Caller, NodeReply, NodeRequest, ReplyBody, RequestBody, Subjects};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -32,7 +33,9 @@ const MAX_IMMEDIATE_REDIRECTS: u32 = 3;
 
 #[derive(Clone)]
 pub struct Forwarder {
-    nats: async_nats::Client,
+    /// Requests and their answers (not `send_request`: a command acknowledged by its
+    /// event gets no answer, and the client's multiplexer would keep its waiter).
+    replies: std::sync::Arc<Replies>,
     subjects: Subjects,
     cluster: ClusterView,
     attempt_timeout: Duration,
@@ -48,12 +51,18 @@ impl Forwarder {
         deadline_ms: u64,
     ) -> Self {
         Self {
-            nats,
+            replies: std::sync::Arc::new(Replies::new(nats)),
             subjects,
             cluster,
             attempt_timeout: ms(attempt_timeout_ms),
             deadline: ms(deadline_ms),
         }
+    }
+
+    /// Requests sent and not yet answered, timed out or given up (a gauge: it must
+    /// not grow with the number of requests ever sent).
+    pub fn requests_waiting(&self) -> usize {
+        self.replies.waiting()
     }
 
     /// Sends `body` about `session` to its owner, retrying until the deadline.
@@ -160,9 +169,6 @@ impl Forwarder {
             .attempt_timeout
             .min(remaining)
             .max(Duration::from_millis(1));
-        let req = async_nats::Request::new()
-            .payload(payload.clone())
-            .timeout(Some(timeout));
         // A request in flight to a node that dies or leaves is never answered: give up
         // on it as soon as the member table drops the node, not at the timeout. (Not
         // only on ring changes: a draining node is off the ring before it leaves, and
@@ -186,7 +192,7 @@ impl Forwarder {
         // node answers, then leaves).
         let outcome = tokio::select! {
             biased;
-            r = self.nats.send_request(self.subjects.node_rpc(node), req) => r,
+            r = self.replies.request(self.subjects.node_rpc(node), payload.clone(), timeout) => r,
             _ = node_gone => {
                 metrics::counter!("gs_router_forward_abandoned_total").increment(1);
                 tracing::debug!(%session, op, %node, "node left the cluster; retrying elsewhere");
@@ -198,9 +204,7 @@ impl Forwarder {
                 Ok(reply) => Attempt::Answered(reply),
                 Err(e) => Attempt::BadReply(e.to_string()),
             },
-            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
-                Attempt::NoResponders
-            }
+            Err(RequestFailed::NoResponders) => Attempt::NoResponders,
             Err(e) => Attempt::Lost(e.to_string()),
         }
     }

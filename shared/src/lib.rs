@@ -26,6 +26,7 @@ pub mod keys;
 pub mod membership;
 pub mod primary;
 pub mod protocol;
+pub mod replies;
 pub mod ring;
 pub mod rpc;
 pub mod telemetry;

@@ -263,6 +263,26 @@ impl Fixture {
     pub async fn node_counter(&self, name: &str) -> Result<f64> {
         node_counter(&self.cluster, name).await
     }
+
+    /// Sum of a metric over the routers' `/metrics` (an operator's token).
+    pub async fn router_metric(&self, name: &str) -> Result<f64> {
+        let token = self.cluster.token(Uuid::new_v4(), Role::Admin);
+        let mut total = 0.0;
+        for url in self.cluster.router_urls() {
+            let text = self
+                .http
+                .get(format!("{url}/metrics"))
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            anyhow::ensure!(text.contains(name), "{url}/metrics has no {name}");
+            total += metric_sum(&text, name);
+        }
+        Ok(total)
+    }
 }
 
 /// A session and its DM, as a fixture creates them.
@@ -329,13 +349,17 @@ pub async fn node_counter(cluster: &LocalCluster, name: &str) -> Result<f64> {
             .await?
             .text()
             .await?;
-        total += text
-            .lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-            .sum::<f64>();
+        total += metric_sum(&text, name);
     }
     Ok(total)
+}
+
+/// Sum of `name`'s samples in a Prometheus text page.
+fn metric_sum(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Ends a test: dumps the members' logs when it failed, stops the cluster and drops

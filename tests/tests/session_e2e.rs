@@ -129,6 +129,11 @@ async fn run(f: &Fixture) -> Result<()> {
         stored, acked,
         "stored state_update events = acknowledged changes"
     );
+
+    // Each router forgot every request once it was answered: commands acknowledged by
+    // their events get no reply, and their waiters must not pile up.
+    let waiting = f.router_metric("gs_router_requests_waiting").await?;
+    assert_eq!(waiting, 0.0, "requests still waiting on the routers");
     Ok(())
 }
 

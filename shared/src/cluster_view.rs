@@ -180,15 +180,26 @@ impl ClusterView {
 
     fn observe(&self, hb: Heartbeat) {
         let id = hb.id.clone();
-        let changed = self
-            .inner
-            .table
-            .write()
-            .unwrap()
-            .observe(hb, Instant::now());
+        let incarnation = hb.incarnation;
+        let (changed, restarted) = {
+            let mut table = self.inner.table.write().unwrap();
+            let before = table.get(&id).map(|known| known.incarnation);
+            let changed = table.observe(hb, Instant::now());
+            let now = table.get(&id).map(|known| known.incarnation);
+            (
+                changed,
+                before.is_some_and(|b| b < incarnation) && now == Some(incarnation),
+            )
+        };
         if changed {
             tracing::info!(member = %id, "ring changed");
             self.notify();
+        }
+        if restarted {
+            // The process that was `id` is gone (a new one took its id without a
+            // leave): what was in flight to it will not be answered.
+            tracing::info!(member = %id, incarnation, "member restarted");
+            self.departed();
         }
     }
 
@@ -312,6 +323,17 @@ impl ClusterView {
         self.inner.table.read().unwrap().is_alive(id)
     }
 
+    /// The incarnation (process start) of live member `id`: a member restarted under
+    /// the same id has a new one.
+    pub fn incarnation(&self, id: &str) -> Option<u64> {
+        self.inner
+            .table
+            .read()
+            .unwrap()
+            .get(id)
+            .map(|hb| hb.incarnation)
+    }
+
     /// Whether `id` is known to be dead: not a live member, by a view that is past its
     /// warm-up (it has listened to every live member's heartbeats), so a member that
     /// is merely not heard of yet, just after this process started, is not "dead".
@@ -338,9 +360,10 @@ impl ClusterView {
         self.inner.ring_tx.subscribe()
     }
 
-    /// Fires whenever a member leaves or is declared dead, whether or not the ring
-    /// changed: a draining node is off the ring already when it leaves, so a request
-    /// in flight to it learns of its exit only here.
+    /// Fires whenever a member leaves, is declared dead or restarts (a heartbeat of a
+    /// higher incarnation), whether or not the ring changed: a draining node is off
+    /// the ring already when it leaves, and a restart keeps the ring, so a request in
+    /// flight to the old process learns of its end only here.
     pub fn departures(&self) -> watch::Receiver<u64> {
         self.inner.departed_tx.subscribe()
     }

@@ -169,21 +169,22 @@ impl Forwarder {
             .attempt_timeout
             .min(remaining)
             .max(Duration::from_millis(1));
-        // A request in flight to a node that dies or leaves is never answered: give up
-        // on it as soon as the member table drops the node, not at the timeout. (Not
-        // only on ring changes: a draining node is off the ring before it leaves, and
-        // a stale `not_owner` may still name it.) The node may have left between
-        // choosing it and listening here: then nothing is sent.
+        // A request in flight to a node that dies, leaves or restarts is never
+        // answered: give up on it as soon as the member table drops the node (or a
+        // new process takes its id), not at the timeout. (Not only on ring changes: a
+        // draining node is off the ring before it leaves, and a stale `not_owner` may
+        // still name it.) The node may have left between choosing it and listening
+        // here: then nothing is sent.
         let mut departures = self.cluster.departures();
-        if !self.cluster.is_alive(node) {
+        let Some(sent_to) = self.cluster.incarnation(node) else {
             return Attempt::NotSent;
-        }
+        };
         let node_gone = async {
             loop {
                 if departures.changed().await.is_err() {
                     std::future::pending::<()>().await;
                 }
-                if !self.cluster.is_alive(node) {
+                if self.cluster.incarnation(node) != Some(sent_to) {
                     return;
                 }
             }

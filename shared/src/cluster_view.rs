@@ -38,9 +38,12 @@ struct Inner {
     state: RwLock<MemberState>,
     load: AtomicU64,
     ring_tx: watch::Sender<u64>,
-    /// Bumped whenever a member leaves or is declared dead ([`ClusterView::departures`]).
+    /// Bumped whenever a member leaves, is declared dead or restarts
+    /// ([`ClusterView::departures`]).
     departed_tx: watch::Sender<u64>,
     nats: async_nats::Client,
+    /// Probes' requests (a probe that times out leaves no waiter behind).
+    replies: crate::replies::Replies,
     subjects: Subjects,
     heartbeat_every: Duration,
     /// When this member last raised or probed each suspect (rate limit).
@@ -91,6 +94,7 @@ impl ClusterView {
                 ring_tx,
                 departed_tx,
                 nats: nats.clone(),
+                replies: crate::replies::Replies::new(nats.clone()),
                 subjects: subjects.clone(),
                 heartbeat_every: Duration::from_millis(cfg.heartbeat_ms),
                 suspected: Default::default(),
@@ -271,16 +275,15 @@ impl ClusterView {
         let payload = serde_json::to_vec(&req).expect("requests serialise");
         let r = self
             .inner
-            .nats
-            .send_request(
+            .replies
+            .request(
                 self.inner.subjects.node_rpc(id),
-                async_nats::Request::new()
-                    .payload(payload.into())
-                    .timeout(Some(PROBE_TIMEOUT)),
+                payload.into(),
+                PROBE_TIMEOUT,
             )
             .await;
         if let Err(e) = r {
-            if e.kind() == async_nats::client::RequestErrorKind::NoResponders {
+            if matches!(e, crate::replies::RequestFailed::NoResponders) {
                 let changed = self.inner.table.write().unwrap().mark_dead(id);
                 tracing::warn!(member = %id, "member confirmed gone (no responders)");
                 if changed {

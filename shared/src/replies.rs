@@ -121,6 +121,9 @@ impl Replies {
                             let _ = tx.send(msg);
                         }
                     }
+                    // The connection is closed: nothing will answer the requests
+                    // waiting now; they end at once ("the inbox closed").
+                    waiters.lock().unwrap().clear();
                 }))
             })
             .await

@@ -75,7 +75,6 @@ impl NodeCtx {
     /// included: hub events, services' answers, adoption), each within `deadline`.
     pub fn forwarder(&self, deadline: std::time::Duration) -> gs_shared::forward::Forwarder {
         gs_shared::forward::Forwarder::new(
-            self.nats.clone(),
             self.subjects.clone(),
             self.cluster.clone(),
             self.cfg.nats.request_timeout_ms,

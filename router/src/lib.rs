@@ -197,7 +197,6 @@ async fn connect(
     )
     .await?;
     let forwarder = gs_shared::forward::Forwarder::new(
-        nats.clone(),
         subjects.clone(),
         cluster.clone(),
         cfg.nats.request_timeout_ms,

@@ -42,8 +42,9 @@ struct Inner {
     /// ([`ClusterView::departures`]).
     departed_tx: watch::Sender<u64>,
     nats: async_nats::Client,
-    /// Probes' requests (a probe that times out leaves no waiter behind).
-    replies: crate::replies::Replies,
+    /// The process's requests (probes', and every forwarder's on this view): one
+    /// reply subscription, whose waiters end with their requests.
+    replies: Arc<crate::replies::Replies>,
     subjects: Subjects,
     heartbeat_every: Duration,
     /// When this member last raised or probed each suspect (rate limit).
@@ -94,7 +95,7 @@ impl ClusterView {
                 ring_tx,
                 departed_tx,
                 nats: nats.clone(),
-                replies: crate::replies::Replies::new(nats.clone()),
+                replies: Arc::new(crate::replies::Replies::new(nats.clone())),
                 subjects: subjects.clone(),
                 heartbeat_every: Duration::from_millis(cfg.heartbeat_ms),
                 suspected: Default::default(),
@@ -187,13 +188,11 @@ impl ClusterView {
         let incarnation = hb.incarnation;
         let (changed, restarted) = {
             let mut table = self.inner.table.write().unwrap();
-            let before = table.get(&id).map(|known| known.incarnation);
-            let changed = table.observe(hb, Instant::now());
-            let now = table.get(&id).map(|known| known.incarnation);
-            (
-                changed,
-                before.is_some_and(|b| b < incarnation) && now == Some(incarnation),
-            )
+            // A live member's higher incarnation is always taken.
+            let restarted = table
+                .get(&id)
+                .is_some_and(|known| known.incarnation < incarnation);
+            (table.observe(hb, Instant::now()), restarted)
         };
         if changed {
             tracing::info!(member = %id, "ring changed");
@@ -324,6 +323,11 @@ impl ClusterView {
 
     pub fn is_alive(&self, id: &str) -> bool {
         self.inner.table.read().unwrap().is_alive(id)
+    }
+
+    /// The reply subscription this process's requests share.
+    pub fn replies(&self) -> Arc<crate::replies::Replies> {
+        self.inner.replies.clone()
     }
 
     /// The incarnation (process start) of live member `id`: a member restarted under

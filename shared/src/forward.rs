@@ -33,8 +33,9 @@ const MAX_IMMEDIATE_REDIRECTS: u32 = 3;
 
 #[derive(Clone)]
 pub struct Forwarder {
-    /// Requests and their answers (not `send_request`: a command acknowledged by its
-    /// event gets no answer, and the client's multiplexer would keep its waiter).
+    /// Requests and their answers, shared with the cluster view (not `send_request`: a
+    /// command acknowledged by its event gets no answer, and the client's multiplexer
+    /// would keep its waiter).
     replies: std::sync::Arc<Replies>,
     subjects: Subjects,
     cluster: ClusterView,
@@ -44,14 +45,13 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(
-        nats: async_nats::Client,
         subjects: Subjects,
         cluster: ClusterView,
         attempt_timeout_ms: u64,
         deadline_ms: u64,
     ) -> Self {
         Self {
-            replies: std::sync::Arc::new(Replies::new(nats)),
+            replies: cluster.replies(),
             subjects,
             cluster,
             attempt_timeout: ms(attempt_timeout_ms),
@@ -59,8 +59,8 @@ impl Forwarder {
         }
     }
 
-    /// Requests sent and not yet answered, timed out or given up (a gauge: it must
-    /// not grow with the number of requests ever sent).
+    /// The process's requests sent and not yet answered, timed out or given up (a
+    /// gauge: it must not grow with the number of requests ever sent).
     pub fn requests_waiting(&self) -> usize {
         self.replies.waiting()
     }

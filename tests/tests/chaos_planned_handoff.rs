@@ -164,7 +164,7 @@ async fn a_request_in_flight_to_a_draining_node_that_leaves_is_retried_at_once()
     );
 
     // The attempt at node-x would time out only after 10 s.
-    let answered = ping_within_5s(&nats, &subjects, &view, "a draining node that left").await;
+    let answered = ping_within_5s(&subjects, &view, "a draining node that left").await;
     for t in tasks {
         t.abort();
     }
@@ -216,7 +216,7 @@ async fn a_request_in_flight_to_a_node_that_restarts_under_its_id_is_retried_at_
     let (view, tasks) = fake_view(&nats, &subjects, &[heartbeat(1)], "node-z").await?;
 
     // The attempt at the first life would time out only after 10 s.
-    let answered = ping_within_5s(&nats, &subjects, &view, "a node that restarted").await;
+    let answered = ping_within_5s(&subjects, &view, "a node that restarted").await;
     for t in tasks {
         t.abort();
     }
@@ -262,13 +262,8 @@ async fn fake_view(
 }
 
 /// Forwards one `Ping` (attempt timeout 10 s) and requires its `Done` within 5 s.
-async fn ping_within_5s(
-    nats: &async_nats::Client,
-    subjects: &Subjects,
-    view: &ClusterView,
-    case: &str,
-) -> Result<()> {
-    let forwarder = Forwarder::new(nats.clone(), subjects.clone(), view.clone(), 10_000, 20_000);
+async fn ping_within_5s(subjects: &Subjects, view: &ClusterView, case: &str) -> Result<()> {
+    let forwarder = Forwarder::new(subjects.clone(), view.clone(), 10_000, 20_000);
     let caller = Caller {
         user_id: Uuid::new_v4(),
         role: Role::Player,

@@ -4,8 +4,12 @@
 //! [`Committer::commit`] and wait. A few committer tasks (`node.committers`) each take
 //! everything queued (up to `node.commit_batch_max` events) and write it in one
 //! transaction ([`Store::write_batch`]: one multi-row insert per table, one fencing
-//! check per session). Nothing is acknowledged to a client before its item's
-//! transaction has committed (invariant 2), and an actor never has two items in
+//! check per session). A committer that takes items while another group commit is
+//! in flight lingers (`node.commit_linger_us`) for more before it starts its own:
+//! PostgreSQL's cost is largely per transaction (its round trips, the fence, the WAL
+//! flush), so under load fewer and larger transactions cost less, while a lone
+//! commit (light load) never waits. Nothing is acknowledged to a client before its
+//! item's transaction has committed (invariant 2), and an actor never has two items in
 //! flight, so per-session order is kept even with several committers.
 //!
 //! A fenced session is left out of its group and answered `Fenced`; its neighbours'
@@ -14,8 +18,9 @@
 //! session's bad write never fails its neighbours' writes.
 
 use crate::store::{CommitError, CommitItem, Store};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 
@@ -39,6 +44,8 @@ pub struct CommitterConfig {
     pub max_events: usize,
     /// Snapshots at multiples of this survive pruning.
     pub anchor_every: u64,
+    /// How long a committer waits for more items while another commit is in flight.
+    pub linger: Duration,
 }
 
 impl Committer {
@@ -46,11 +53,12 @@ impl Committer {
     pub fn start(store: Store, cfg: CommitterConfig) -> (Committer, Vec<JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel::<Job>(8192);
         let rx = Arc::new(Mutex::new(rx));
+        let writing = Arc::new(AtomicUsize::new(0));
         let tasks = (0..cfg.workers.max(1))
             .map(|_| {
-                let rx = rx.clone();
+                let (rx, writing) = (rx.clone(), writing.clone());
                 let store = store.clone();
-                tokio::spawn(async move { worker(store, rx, cfg).await })
+                tokio::spawn(async move { worker(store, rx, writing, cfg).await })
             })
             .collect();
         (Committer { tx }, tasks)
@@ -72,26 +80,64 @@ impl Committer {
 }
 
 /// Takes the first queued job (waiting for one) and then whatever else is queued, up
-/// to `max_events` events.
-async fn take_batch(rx: &Mutex<mpsc::Receiver<Job>>, max_events: usize) -> Option<Vec<Job>> {
+/// to `max_events` events; while another committer is writing (`writing > 0`), waits
+/// up to `linger` for more.
+async fn take_batch(
+    rx: &Mutex<mpsc::Receiver<Job>>,
+    max_events: usize,
+    linger: Duration,
+    writing: &AtomicUsize,
+) -> Option<Vec<Job>> {
     let mut rx = rx.lock().await;
     let first = rx.recv().await?;
     let mut events = first.0.events.len();
     let mut jobs = vec![first];
+    let until = tokio::time::Instant::now() + linger;
     while events < max_events {
-        match rx.try_recv() {
-            Ok(job) => {
-                events += job.0.events.len();
-                jobs.push(job);
+        let job = match rx.try_recv() {
+            Ok(job) => job,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if linger.is_zero() || writing.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(job)) => job,
+                    _ => break,
+                }
             }
-            Err(_) => break,
-        }
+        };
+        events += job.0.events.len();
+        jobs.push(job);
     }
     Some(jobs)
 }
 
-async fn worker(store: Store, rx: Arc<Mutex<mpsc::Receiver<Job>>>, cfg: CommitterConfig) {
-    while let Some(jobs) = take_batch(&rx, cfg.max_events.max(1)).await {
+/// Counts its committer as writing (see [`take_batch`]) until dropped.
+struct Writing<'a>(&'a AtomicUsize);
+
+impl<'a> Writing<'a> {
+    fn start(n: &'a AtomicUsize) -> Writing<'a> {
+        n.fetch_add(1, Ordering::AcqRel);
+        Writing(n)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn worker(
+    store: Store,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    writing: Arc<AtomicUsize>,
+    cfg: CommitterConfig,
+) {
+    let max_events = cfg.max_events.max(1);
+    while let Some(jobs) = take_batch(&rx, max_events, cfg.linger, &writing).await {
+        let _writing = Writing::start(&writing);
         let started = Instant::now();
         let items: Vec<&CommitItem> = jobs.iter().map(|(i, _)| i).collect();
         let result = store.write_batch(&items, cfg.anchor_every).await;
@@ -125,5 +171,89 @@ async fn write_one(store: &Store, item: &CommitItem, anchor_every: u64) -> Resul
     match store.write_batch(&[item], anchor_every).await {
         Ok(mut r) => r.pop().unwrap_or(Ok(())),
         Err(e) => Err(e.into_commit_error()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job of one event; its outcome channel is dropped (nobody waits here).
+    fn job() -> Job {
+        let item = CommitItem {
+            events: vec![crate::store::EventRow {
+                id: uuid::Uuid::new_v4(),
+                seq: 1,
+                kind: "state_update".into(),
+                data_json: "{}".into(),
+                command_id: None,
+                user_id: None,
+                created_at: chrono::Utc::now().naive_utc(),
+                correlation: None,
+                combat_id: None,
+            }],
+            ..CommitItem::default()
+        };
+        (item, oneshot::channel().0)
+    }
+
+    const FOREVER: Duration = Duration::from_secs(3600);
+    const BOUND: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn a_lone_committer_never_lingers() {
+        let (tx, rx) = mpsc::channel(8);
+        let rx = Mutex::new(rx);
+        tx.send(job()).await.unwrap();
+        let writing = AtomicUsize::new(0);
+        let jobs = tokio::time::timeout(BOUND, take_batch(&rx, 100, FOREVER, &writing))
+            .await
+            .expect("no other commit in flight: taken at once, not after the linger")
+            .unwrap();
+        assert_eq!(jobs.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn beside_a_commit_in_flight_later_items_join_the_batch() {
+        let (tx, rx) = mpsc::channel(8);
+        let rx = Mutex::new(rx);
+        tx.send(job()).await.unwrap();
+        let writing = AtomicUsize::new(1);
+        let take = take_batch(&rx, 2, FOREVER, &writing);
+        tokio::pin!(take);
+        // It took the first job, found nothing else, and waits for more.
+        assert!(futures::poll!(take.as_mut()).is_pending());
+        tx.send(job()).await.unwrap();
+        let jobs = tokio::time::timeout(BOUND, take)
+            .await
+            .expect("full at max_events: taken without waiting out the linger")
+            .unwrap();
+        assert_eq!(
+            jobs.len(),
+            2,
+            "the job sent while it lingered joined the batch"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_linger_is_bounded() {
+        let (tx, rx) = mpsc::channel(8);
+        let rx = Mutex::new(rx);
+        tx.send(job()).await.unwrap();
+        let writing = AtomicUsize::new(1);
+        let linger = Duration::from_millis(1);
+        let jobs = tokio::time::timeout(BOUND, take_batch(&rx, 100, linger, &writing))
+            .await
+            .expect("taken once the linger is over")
+            .unwrap();
+        assert_eq!(jobs.len(), 1);
+        // A closed queue ends the linger too.
+        tx.send(job()).await.unwrap();
+        let take = take_batch(&rx, 100, FOREVER, &writing);
+        tokio::pin!(take);
+        assert!(futures::poll!(take.as_mut()).is_pending());
+        drop(tx);
+        let jobs = tokio::time::timeout(BOUND, take).await.unwrap().unwrap();
+        assert_eq!(jobs.len(), 1);
     }
 }

@@ -154,6 +154,7 @@ async fn start(
         committer::CommitterConfig {
             workers: cfg.node.committers,
             max_events: cfg.node.commit_batch_max,
+            linger: std::time::Duration::from_micros(cfg.node.commit_linger_us),
             anchor_every: cfg.node.snapshot_every.max(1) * SNAPSHOT_ANCHOR_EVERY,
         },
     );

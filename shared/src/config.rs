@@ -391,6 +391,11 @@ pub struct NodeConfig {
     pub commit_batch_max: usize,
     /// Group commits in flight at once (each on its own connection, disjoint sessions).
     pub committers: usize,
+    /// A committer that finds another group commit in flight waits up to this long
+    /// (µs) for more items before it starts its own, so that under load transactions
+    /// are fewer and larger (PostgreSQL's cost is largely per transaction). A
+    /// committer with none in flight beside it never waits. 0 = never wait.
+    pub commit_linger_us: u64,
     /// A snapshot is written every this many events, so recovery reads a bounded tail.
     pub snapshot_every: u64,
     /// Events of each session kept in memory for gap fills.
@@ -432,6 +437,7 @@ impl Default for NodeConfig {
             actor_batch_max: 256,
             commit_batch_max: 2048,
             committers: 2,
+            commit_linger_us: 5000,
             snapshot_every: 1000,
             recent_events: 1024,
             dedupe_window: 10_000,

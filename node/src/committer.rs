@@ -137,10 +137,14 @@ async fn worker(
 ) {
     let max_events = cfg.max_events.max(1);
     while let Some(jobs) = take_batch(&rx, max_events, cfg.linger, &writing).await {
-        let _writing = Writing::start(&writing);
         let started = Instant::now();
         let items: Vec<&CommitItem> = jobs.iter().map(|(i, _)| i).collect();
+        // Counted as writing until the transaction ends, before anyone is answered: an
+        // actor answered here sends its next item at once, and that item must not wait
+        // for a commit that is already over.
+        let writing_now = Writing::start(&writing);
         let result = store.write_batch(&items, cfg.anchor_every).await;
+        drop(writing_now);
         metrics::histogram!("gs_node_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("gs_node_commit_items").record(items.len() as f64);
         match result {

@@ -25,6 +25,9 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The longest `node.commit_linger_us` accepted.
+pub const MAX_COMMIT_LINGER_US: u64 = 1_000_000;
+
 /// The whole configuration. See `config/example.toml` for documentation of each field.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -686,6 +689,12 @@ impl Config {
                 "node.lock_renew_ms must be at most half of node.lock_ttl_ms".into(),
             ));
         }
+        if self.node.commit_linger_us > MAX_COMMIT_LINGER_US {
+            return Err(ConfigError::Invalid(format!(
+                "node.commit_linger_us must be at most {MAX_COMMIT_LINGER_US} (1 s): it delays \
+                 commits under load"
+            )));
+        }
         if self.membership.heartbeat_ms * 2 > self.membership.failure_timeout_ms {
             return Err(ConfigError::Invalid(
                 "membership.heartbeat_ms must be at most half of membership.failure_timeout_ms"
@@ -843,6 +852,16 @@ mod tests {
         assert_eq!(cfg.nats.url, "nats://a:4222,nats://b:4222");
         assert_eq!(cfg.postgres.password, "a,b");
         assert_eq!(cfg.postgres.port, 6543);
+    }
+
+    #[test]
+    fn a_commit_linger_over_a_second_is_refused() {
+        let mut cfg = Config::default();
+        cfg.auth.jwt_secret = "0123456789abcdef".into();
+        cfg.validate().unwrap();
+        cfg.node.commit_linger_us = MAX_COMMIT_LINGER_US + 1;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("commit_linger_us"), "{err}");
     }
 
     #[test]

@@ -201,14 +201,19 @@ mod tests {
         (item, oneshot::channel().0)
     }
 
+    /// A committers' queue holding one job.
+    async fn queue_of_one() -> (mpsc::Sender<Job>, Mutex<mpsc::Receiver<Job>>) {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(job()).await.unwrap();
+        (tx, Mutex::new(rx))
+    }
+
     const FOREVER: Duration = Duration::from_secs(3600);
     const BOUND: Duration = Duration::from_secs(10);
 
     #[tokio::test]
     async fn a_lone_committer_never_lingers() {
-        let (tx, rx) = mpsc::channel(8);
-        let rx = Mutex::new(rx);
-        tx.send(job()).await.unwrap();
+        let (_tx, rx) = queue_of_one().await;
         let writing = AtomicUsize::new(0);
         let jobs = tokio::time::timeout(BOUND, take_batch(&rx, 100, FOREVER, &writing))
             .await
@@ -219,9 +224,7 @@ mod tests {
 
     #[tokio::test]
     async fn beside_a_commit_in_flight_later_items_join_the_batch() {
-        let (tx, rx) = mpsc::channel(8);
-        let rx = Mutex::new(rx);
-        tx.send(job()).await.unwrap();
+        let (tx, rx) = queue_of_one().await;
         let writing = AtomicUsize::new(1);
         let take = take_batch(&rx, 2, FOREVER, &writing);
         tokio::pin!(take);
@@ -241,9 +244,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_linger_is_bounded() {
-        let (tx, rx) = mpsc::channel(8);
-        let rx = Mutex::new(rx);
-        tx.send(job()).await.unwrap();
+        let (tx, rx) = queue_of_one().await;
         let writing = AtomicUsize::new(1);
         let linger = Duration::from_millis(1);
         let jobs = tokio::time::timeout(BOUND, take_batch(&rx, 100, linger, &writing))

@@ -1,7 +1,16 @@
-//! One group commit, in two round trips to PostgreSQL.
+//! One group commit: one round trip to PostgreSQL, two when a session was fenced.
 //!
-//! 1. `BEGIN`, the sessions' advisory locks (shared, in key order so that no two
-//!    writers wait for each other in a circle) and their epochs, pipelined. The epochs
+//! **One round trip** (every item writes at least one event: the usual case). `BEGIN`,
+//! the sessions' advisory locks (shared, in key order so that no two writers wait for
+//! each other in a circle), every write and `COMMIT` are sent together. The fencing
+//! trigger on `session_events` checks every item's session at the item's epoch, under
+//! those locks, before any later statement runs; a stale or missing session makes it
+//! refuse the insert (or a uniqueness check refuses a fenced owner's row first: the
+//! new owner wrote that version or that command), PostgreSQL turns the rest and the
+//! `COMMIT` into a rollback, and the batch is written again the checked way.
+//!
+//! **Checked, two round trips** (an item without events, or after a refusal):
+//! 1. `BEGIN`, the sessions' advisory locks and their epochs, pipelined. The epochs
 //!    are read by a statement after the locks': it sees every epoch bump committed
 //!    before the locks were granted, and no bump can commit until this transaction
 //!    ends. Items whose epoch is stale (or whose session is gone) are left out.
@@ -26,6 +35,50 @@ pub(super) async fn write(
     items: &[&CommitItem],
     anchor_every: u64,
 ) -> Result<Outcomes, BatchError> {
+    if items.iter().all(|i| !i.events.is_empty()) {
+        match write_in_one_trip(client, items, anchor_every).await {
+            Ok(()) => return Ok(items.iter().map(|_| Ok(())).collect()),
+            // A refused row: the fence, or a row a fenced owner should not have
+            // written (a newer owner's version or command is in the log already, a
+            // uniqueness check that runs before the fence's). The checked way tells
+            // them apart.
+            Err(e) if e.is_per_item() => {
+                metrics::counter!("gs_node_commit_rechecked_total").increment(1);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    write_checked(client, items, anchor_every).await
+}
+
+/// Every item has events: the transaction, the locks, the writes and the commit in one
+/// round trip; the fencing trigger refuses the whole batch if any session is fenced.
+async fn write_in_one_trip(
+    client: &Client,
+    items: &[&CommitItem],
+    anchor_every: u64,
+) -> Result<(), BatchError> {
+    let st = Statements::prepare(client).await?;
+    let lock = client.prepare_cached(LOCK_SESSIONS).await?;
+    let keys = lock_keys(items);
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&keys];
+    // Polled in order: BEGIN and the locks are sent before the writes.
+    let (begin, locked, written) = tokio::join!(
+        client.batch_execute("BEGIN"),
+        client.execute(&lock, &lock_params),
+        write_and_commit(client, &st, items, anchor_every),
+    );
+    begin?;
+    locked?;
+    written
+}
+
+/// Leaves out the items whose session is fenced and writes the others.
+async fn write_checked(
+    client: &Client,
+    items: &[&CommitItem],
+    anchor_every: u64,
+) -> Result<Outcomes, BatchError> {
     let fenced = begin_and_fence(client, items).await?;
     let live: Vec<&CommitItem> = items
         .iter()
@@ -33,9 +86,25 @@ pub(super) async fn write(
         .filter(|(_, f)| !**f)
         .map(|(i, _)| *i)
         .collect();
-    let events = EventArrays::of(&live);
-    let snapshots = SnapshotArrays::of(&live, anchor_every);
-    let statuses: Vec<(Uuid, &String, &NaiveDateTime, i64)> = live
+    let st = Statements::prepare(client).await?;
+    write_and_commit(client, &st, &live, anchor_every).await?;
+    Ok(fenced
+        .into_iter()
+        .map(|f| if f { Err(CommitError::Fenced) } else { Ok(()) })
+        .collect())
+}
+
+/// Sends every write of `items` and `COMMIT` (in an open transaction), pipelined; the
+/// first error, if any (then the `COMMIT` was a rollback).
+async fn write_and_commit(
+    client: &Client,
+    st: &Statements,
+    items: &[&CommitItem],
+    anchor_every: u64,
+) -> Result<(), BatchError> {
+    let events = EventArrays::of(items);
+    let snapshots = SnapshotArrays::of(items, anchor_every);
+    let statuses: Vec<(Uuid, &String, &NaiveDateTime, i64)> = items
         .iter()
         .filter_map(|i| {
             i.status
@@ -43,12 +112,11 @@ pub(super) async fn write(
                 .map(|(s, at)| (i.session, s, at, i.epoch as i64))
         })
         .collect();
-    let st = Statements::prepare(client).await?;
     // The parameters outlive the pipelined requests.
     let event_params = events.as_ref().map(EventArrays::params);
     let snapshot_params = snapshots.as_ref().map(SnapshotArrays::insert_params);
     let prune_params = snapshots.as_ref().and_then(SnapshotArrays::prune_params);
-    let character_params: Vec<[&(dyn ToSql + Sync); 2]> = live
+    let character_params: Vec<[&(dyn ToSql + Sync); 2]> = items
         .iter()
         .filter(|i| !i.characters.is_empty())
         .map(|i| [&i.characters as &(dyn ToSql + Sync), &i.session])
@@ -57,6 +125,7 @@ pub(super) async fn write(
         .iter()
         .map(|(session, status, at, epoch)| [session as &(dyn ToSql + Sync), *status, *at, epoch])
         .collect();
+    // The events first: their fencing trigger runs before anything else is written.
     let mut writes: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
     if let Some(p) = &event_params {
         writes.push(client.execute(&st.events, p).boxed());
@@ -79,10 +148,15 @@ pub(super) async fn write(
         r?;
     }
     commit?;
-    Ok(fenced
-        .into_iter()
-        .map(|f| if f { Err(CommitError::Fenced) } else { Ok(()) })
-        .collect())
+    Ok(())
+}
+
+/// The items' sessions' advisory-lock keys, sorted, once each.
+fn lock_keys(items: &[&CommitItem]) -> Vec<i64> {
+    let mut keys: Vec<i64> = items.iter().map(|i| super::lock_key(&i.session)).collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// Round trip 1: opens the transaction, locks the sessions and returns, per item,
@@ -91,9 +165,7 @@ async fn begin_and_fence(client: &Client, items: &[&CommitItem]) -> Result<Vec<b
     let mut sessions: Vec<Uuid> = items.iter().map(|i| i.session).collect();
     sessions.sort();
     sessions.dedup();
-    let mut keys: Vec<i64> = sessions.iter().map(super::lock_key).collect();
-    keys.sort();
-    keys.dedup();
+    let keys = lock_keys(items);
     let lock = client.prepare_cached(LOCK_SESSIONS).await?;
     let epochs = client.prepare_cached(SESSION_EPOCHS).await?;
     let (lock_params, epoch_params): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =

@@ -58,9 +58,7 @@ use crate::limits::{LocalWindow, SocketSlot};
 use crate::server::ConnPermit;
 use crate::ws::Socket;
 use crate::RouterCtx;
-use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{SinkExt, StreamExt};
 use gs_shared::auth::Claims;
 use gs_shared::protocol::{self, close_codes, codes, ClientMessage, SessionStatus, WireError};
 use gs_shared::rpc::{Caller, ReplyBody, RequestBody, Resume};
@@ -71,7 +69,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -526,7 +524,7 @@ impl Conn {
     async fn close_expired(&mut self, io: &mut ConnIo) {
         metrics::counter!("gs_router_ws_revoked_total", "code" => codes::TOKEN_EXPIRED)
             .increment(1);
-        while let Some(out) = io.ready_answer() {
+        while let Ok(out) = io.acks.try_recv() {
             let _ = self.feed_answer(out).await;
         }
         self.close_with(
@@ -541,8 +539,8 @@ impl Conn {
     /// [`FINAL_ANSWERS_WAIT`].
     async fn answer_in_flight(&mut self, io: &mut ConnIo) {
         let until = tokio::time::Instant::now() + FINAL_ANSWERS_WAIT;
-        while !io.inflight.is_empty() {
-            match tokio::time::timeout_at(until, io.inflight.next()).await {
+        while io.inflight.available_permits() < io.max_inflight {
+            match tokio::time::timeout_at(until, io.acks.recv()).await {
                 Ok(Some(out)) => {
                     if self.feed_answer(out).await.is_err() {
                         return;
@@ -551,16 +549,17 @@ impl Conn {
                 _ => break,
             }
         }
+        while let Ok(out) = io.acks.try_recv() {
+            let _ = self.feed_answer(out).await;
+        }
     }
 }
 
-/// A forwarded command, until its answer.
-type InFlight = BoxFuture<'static, Outbound>;
-
-/// The connection's commands in flight (driven by the connection's own task: no task
-/// and no channel per command), their bound, and its message rate window.
+/// The connection's queues: answers of forwarded commands, and their bound.
 struct ConnIo {
-    inflight: FuturesUnordered<InFlight>,
+    acks: mpsc::Receiver<Outbound>,
+    ack_tx: mpsc::Sender<Outbound>,
+    inflight: Arc<Semaphore>,
     max_inflight: usize,
     window: LocalWindow,
 }
@@ -822,7 +821,7 @@ async fn serve(
             biased;
             _ = shutdown.changed() => Step::Shutdown,
             _ = &mut clocks.expiry => Step::Expired,
-            Some(out) = io.inflight.next(), if !io.inflight.is_empty() => Step::Answer(out),
+            Some(out) = io.acks.recv() => Step::Answer(out),
             frame = conn.ws.next() => Step::Frame(frame),
             ev = events.recv() => Step::Event(ev),
             _ = clocks.heartbeat.tick() => Step::Heartbeat,
@@ -872,34 +871,18 @@ async fn serve(
 
 impl ConnIo {
     fn new(ctx: &RouterCtx) -> ConnIo {
+        let max_inflight = ctx.cfg.router.max_inflight_per_connection.max(1);
+        let (ack_tx, acks) = mpsc::channel::<Outbound>(max_inflight * 2);
         ConnIo {
-            inflight: FuturesUnordered::new(),
-            max_inflight: ctx.cfg.router.max_inflight_per_connection.max(1),
+            acks,
+            ack_tx,
+            inflight: Arc::new(Semaphore::new(max_inflight)),
+            max_inflight,
             window: LocalWindow::new(
                 ctx.cfg.limits.ws_messages_per_min_per_conn,
                 Duration::from_secs(60),
                 Instant::now(),
             ),
-        }
-    }
-
-    /// The answer of a command that is done, if one is (polling the others on).
-    fn ready_answer(&mut self) -> Option<Outbound> {
-        self.inflight.next().now_or_never().flatten()
-    }
-}
-
-impl Drop for ConnIo {
-    /// Commands still in flight when the connection ends go on to their end (as if the
-    /// client were still there: it may have gone just after sending); their answers
-    /// have nowhere to go.
-    fn drop(&mut self) {
-        if self.inflight.is_empty() {
-            return;
-        }
-        let rest = std::mem::take(&mut self.inflight);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(rest.for_each(|_| async {}));
         }
     }
 }
@@ -1026,7 +1009,7 @@ async fn drain_ready(
     events: &mut broadcast::Receiver<Ev>,
     io: &mut ConnIo,
 ) -> Result<(), Closed> {
-    while let Some(out) = io.ready_answer() {
+    while let Ok(out) = io.acks.try_recv() {
         conn.feed_answer(out).await?;
     }
     loop {
@@ -1101,7 +1084,7 @@ async fn on_frame(
 }
 
 /// Handles one parsed client message.
-async fn handle_message(conn: &mut Conn, m: ClientMessage, io: &mut ConnIo) -> Result<(), Closed> {
+async fn handle_message(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), Closed> {
     match m.kind.as_str() {
         // A client heartbeat refreshes the connection's presence (Redis
         // `session:{id}:connections` and its TTL); an ICD one (no id) needs no answer.
@@ -1167,9 +1150,9 @@ async fn sync(conn: &mut Conn, m: ClientMessage) -> Result<(), Closed> {
     }
 }
 
-/// A command for the owner: forwarded beside the connection's other work (it goes on
-/// reading); its answer comes out of `io.inflight`.
-async fn forward(conn: &mut Conn, m: ClientMessage, io: &mut ConnIo) -> Result<(), Closed> {
+/// A command for the owner: forwarded in its own task (the connection goes on
+/// reading), its answer comes back through `io.acks`.
+async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), Closed> {
     // The ICD's "combat actions per minute per player", counted across routers.
     if protocol::is_combat_type(&m.kind) {
         let who = format!("{}:{}", conn.sid, conn.caller.user_id);
@@ -1188,18 +1171,19 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &mut ConnIo) -> Result<(
             return conn.feed_text(protocol::error(Some(m.id), &e)).await;
         }
     }
-    if io.inflight.len() >= io.max_inflight {
+    let Ok(permit) = io.inflight.clone().try_acquire_owned() else {
         let e = WireError::new(
             codes::TOO_MANY_IN_FLIGHT,
             "too many commands waiting for their ack on this connection",
         );
         return conn.feed_text(protocol::error(Some(m.id), &e)).await;
-    }
+    };
     let forwarder = conn.ctx.forwarder.clone();
-    let (sid, caller) = (conn.sid, conn.caller);
+    let (sid, caller, acks) = (conn.sid, conn.caller, io.ack_tx.clone());
     // This connection's hub follows the session: the ack comes with the event.
     let (waiting, by_event) = conn.ctx.hubs.acks.wait(m.id);
-    let command = async move {
+    tokio::spawn(async move {
+        let _permit = permit;
         let request = forwarder.request(
             sid,
             caller,
@@ -1215,7 +1199,7 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &mut ConnIo) -> Result<(
             Ok(version) = by_event => Ok(ReplyBody::Ack { version, duplicate: false }),
         };
         drop(waiting);
-        match r {
+        let out = match r {
             // A sender without ids (the ICD's) sees its change as the event instead.
             Ok(ReplyBody::Ack { .. }) if m.anonymous => Outbound::new(),
             Ok(ReplyBody::Ack { version, .. }) => protocol::ack(m.id, version),
@@ -1224,9 +1208,9 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &mut ConnIo) -> Result<(
                 &WireError::new(codes::INTERNAL, "unexpected reply"),
             ),
             Err(e) => protocol::error(Some(m.id), &e),
-        }
-    };
-    io.inflight.push(command.boxed());
+        };
+        let _ = acks.send(out).await;
+    });
     Ok(())
 }
 

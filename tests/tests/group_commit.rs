@@ -40,6 +40,24 @@ impl Db {
         Ok(s.id)
     }
 
+    /// Writes `items` as one group commit: each item's outcome.
+    async fn write(&self, items: &[CommitItem]) -> Result<Vec<Result<(), CommitError>>> {
+        let items: Vec<&CommitItem> = items.iter().collect();
+        self.store
+            .write_batch(&items, 100)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    }
+
+    /// The one value `sql` selects about `session` (its only parameter).
+    async fn value<T>(&self, sql: &str, session: Uuid) -> Result<T>
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        let client = self.store.pool().get().await?;
+        Ok(client.query_one(sql, &[&session]).await?.get(0))
+    }
+
     /// The versions of the session's stored events, in order.
     async fn versions(&self, session: Uuid) -> Result<Vec<i64>> {
         let client = self.store.pool().get().await?;
@@ -105,35 +123,27 @@ async fn a_batch_of_live_sessions_is_written_whole() -> Result<()> {
         with_more.status = Some(("active".into(), chrono::Utc::now().naive_utc()));
         with_more.characters = vec![Uuid::new_v4()];
         let items = [second(a, 1), with_more];
-        let out = db
-            .store
-            .write_batch(&items.iter().collect::<Vec<_>>(), 100)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let out = db.write(&items).await?;
         assert_eq!(out, vec![Ok(()), Ok(())]);
         assert_eq!(db.versions(a).await?, vec![1, 2]);
         assert_eq!(db.versions(b).await?, vec![1, 2]);
-        let client = db.store.pool().get().await?;
-        let status: String = client
-            .query_one("SELECT status FROM sessions WHERE id = $1", &[&b])
-            .await?
-            .get(0);
+        let status: String = db
+            .value("SELECT status FROM sessions WHERE id = $1", b)
+            .await?;
         assert_eq!(status, "active");
-        let snapshots: i64 = client
-            .query_one(
+        let snapshots: i64 = db
+            .value(
                 "SELECT count(*) FROM session_states WHERE session_id = $1 AND seq = 2",
-                &[&b],
+                b,
             )
-            .await?
-            .get(0);
+            .await?;
         assert_eq!(snapshots, 1);
-        let characters: i64 = client
-            .query_one(
+        let characters: i64 = db
+            .value(
                 "SELECT count(*) FROM session_characters WHERE session_id = $1",
-                &[&b],
+                b,
             )
-            .await?
-            .get(0);
+            .await?;
         assert_eq!(characters, 1);
         Ok(())
     })
@@ -158,11 +168,7 @@ async fn a_fenced_or_missing_session_is_left_out_and_the_rest_written() -> Resul
             assert_eq!(epoch, 2);
         }
         // The new owner of `d` writes its version 2 first.
-        let out = db
-            .store
-            .write_batch(&[&second(d, 2)], 100)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let out = db.write(&[second(d, 2)]).await?;
         assert_eq!(out, vec![Ok(())]);
         let missing = Uuid::new_v4();
         let stale = [
@@ -172,11 +178,7 @@ async fn a_fenced_or_missing_session_is_left_out_and_the_rest_written() -> Resul
             second(d, 1),
             second(c, 1),
         ];
-        let out = db
-            .store
-            .write_batch(&stale.iter().collect::<Vec<_>>(), 100)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let out = db.write(&stale).await?;
         let fenced = Err(CommitError::Fenced);
         assert_eq!(
             out,
@@ -186,21 +188,15 @@ async fn a_fenced_or_missing_session_is_left_out_and_the_rest_written() -> Resul
         assert_eq!(db.versions(b).await?, vec![1]);
         assert_eq!(db.versions(missing).await?, Vec::<i64>::new());
         assert_eq!(db.versions(c).await?, vec![1, 2]);
-        let client = db.store.pool().get().await?;
-        let epoch: i64 = client
-            .query_one(
+        let epoch: i64 = db
+            .value(
                 "SELECT epoch FROM session_events WHERE session_id = $1 AND seq = 2",
-                &[&d],
+                d,
             )
-            .await?
-            .get(0);
+            .await?;
         assert_eq!(epoch, 2, "the new owner's version 2 stays");
         // The new owner of `b` writes at its epoch.
-        let out = db
-            .store
-            .write_batch(&[&second(b, 2)], 100)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let out = db.write(&[second(b, 2)]).await?;
         assert_eq!(out, vec![Ok(())]);
         assert_eq!(db.versions(b).await?, vec![1, 2]);
         Ok(())
@@ -222,17 +218,11 @@ async fn a_fenced_item_without_events_changes_nothing() -> Result<()> {
             ..CommitItem::default()
         };
         let items = [second(a, 1), status_only];
-        let out = db
-            .store
-            .write_batch(&items.iter().collect::<Vec<_>>(), 100)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let out = db.write(&items).await?;
         assert_eq!(out, vec![Ok(()), Err(CommitError::Fenced)]);
-        let client = db.store.pool().get().await?;
-        let status: String = client
-            .query_one("SELECT status FROM sessions WHERE id = $1", &[&b])
-            .await?
-            .get(0);
+        let status: String = db
+            .value("SELECT status FROM sessions WHERE id = $1", b)
+            .await?;
         assert_eq!(status, "created");
         assert_eq!(db.versions(a).await?, vec![1, 2]);
         Ok(())

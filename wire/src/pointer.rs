@@ -8,6 +8,7 @@
 //! empty document) but never missing arrays or array slots: those are `invalid_path`.
 
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 /// Why a pointer could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +26,9 @@ impl PathError {
     }
 }
 
-/// Splits a pointer into unescaped tokens.
-pub fn parse(path: &str) -> Result<Vec<String>, PathError> {
+/// Splits a pointer into unescaped tokens (borrowed from `path` unless a token has an
+/// escape to undo: the usual token costs no allocation).
+pub fn parse(path: &str) -> Result<Vec<Cow<'_, str>>, PathError> {
     if path.is_empty() {
         return Ok(vec![]);
     }
@@ -39,6 +41,9 @@ pub fn parse(path: &str) -> Result<Vec<String>, PathError> {
     path[1..]
         .split('/')
         .map(|raw| {
+            if !raw.contains('~') {
+                return Ok(Cow::Borrowed(raw));
+            }
             let mut out = String::with_capacity(raw.len());
             let mut chars = raw.chars();
             while let Some(c) = chars.next() {
@@ -57,7 +62,7 @@ pub fn parse(path: &str) -> Result<Vec<String>, PathError> {
                     out.push(c);
                 }
             }
-            Ok(out)
+            Ok(Cow::Owned(out))
         })
         .collect()
 }
@@ -88,7 +93,7 @@ pub fn get<'a>(doc: &'a Value, path: &str) -> Result<Option<&'a Value>, PathErro
     let mut cur = doc;
     for token in parse(path)? {
         cur = match cur {
-            Value::Object(m) => match m.get(&token) {
+            Value::Object(m) => match m.get(token.as_ref()) {
                 Some(v) => v,
                 None => return Ok(None),
             },
@@ -117,9 +122,13 @@ pub fn set(doc: &mut Value, path: &str, value: Value) -> Result<Option<Value>, P
     let mut cur = doc;
     for token in parents {
         cur = match cur {
-            Value::Object(m) => m
-                .entry(token.clone())
-                .or_insert_with(|| Value::Object(Map::new())),
+            Value::Object(m) => {
+                // Looked up first: the key is copied only when the member is created.
+                if !m.contains_key(token.as_ref()) {
+                    m.insert(token.to_string(), Value::Object(Map::new()));
+                }
+                m.get_mut(token.as_ref()).expect("present or just inserted")
+            }
             Value::Array(a) => match array_index(path, token)? {
                 Some(i) if i < a.len() => &mut a[i],
                 _ => return Err(PathError::new(path, format!("no array element {token:?}"))),
@@ -133,7 +142,10 @@ pub fn set(doc: &mut Value, path: &str, value: Value) -> Result<Option<Value>, P
         };
     }
     match cur {
-        Value::Object(m) => Ok(m.insert(last.clone(), value)),
+        Value::Object(m) => match m.get_mut(last.as_ref()) {
+            Some(slot) => Ok(Some(std::mem::replace(slot, value))),
+            None => Ok(m.insert(last.to_string(), value)),
+        },
         Value::Array(a) => match array_index(path, last)? {
             Some(i) if i < a.len() => Ok(Some(std::mem::replace(&mut a[i], value))),
             Some(i) if i == a.len() => {
@@ -168,7 +180,7 @@ pub fn check_set(doc: &Value, path: &str, value: &Value) -> Result<(), PathError
     let mut cur = doc;
     for token in parents {
         cur = match cur {
-            Value::Object(m) => match m.get(token) {
+            Value::Object(m) => match m.get(token.as_ref()) {
                 Some(v) => v,
                 // The rest of the path would be created as objects.
                 None => return Ok(()),
@@ -208,7 +220,7 @@ pub fn remove(doc: &mut Value, path: &str) -> Result<Value, PathError> {
     for token in parents {
         cur = match cur {
             Value::Object(m) => m
-                .get_mut(token)
+                .get_mut(token.as_ref())
                 .ok_or_else(|| PathError::new(path, format!("no member {token:?}")))?,
             Value::Array(a) => match array_index(path, token)? {
                 Some(i) if i < a.len() => &mut a[i],
@@ -219,7 +231,7 @@ pub fn remove(doc: &mut Value, path: &str) -> Result<Value, PathError> {
     }
     match cur {
         Value::Object(m) => m
-            .remove(last)
+            .remove(last.as_ref())
             .ok_or_else(|| PathError::new(path, format!("no member {last:?}"))),
         Value::Array(a) => match array_index(path, last)? {
             Some(i) if i < a.len() => Ok(a.remove(i)),
@@ -263,6 +275,24 @@ mod tests {
         for (p, want) in cases {
             assert_eq!(get(&doc, p).unwrap(), Some(&want), "{p}");
         }
+    }
+
+    #[test]
+    fn tokens_are_borrowed_unless_unescaped() {
+        let tokens = parse("/c1/k7/m~0n/a~1b").unwrap();
+        assert_eq!(tokens, ["c1", "k7", "m~n", "a/b"]);
+        assert!(matches!(tokens[0], Cow::Borrowed("c1")));
+        assert!(matches!(tokens[1], Cow::Borrowed("k7")));
+        assert!(matches!(tokens[2], Cow::Owned(_)));
+        assert!(matches!(tokens[3], Cow::Owned(_)));
+    }
+
+    #[test]
+    fn set_replaces_in_place_and_reports_the_old_value() {
+        let mut doc = json!({"a": {"b": 1, "c": 2}});
+        assert_eq!(set(&mut doc, "/a/b", json!(3)).unwrap(), Some(json!(1)));
+        assert_eq!(set(&mut doc, "/a/d", json!(4)).unwrap(), None);
+        assert_eq!(doc, json!({"a": {"b": 3, "c": 2, "d": 4}}));
     }
 
     #[test]

@@ -237,7 +237,7 @@ pub fn size_delta_of(
     let mut cur = doc;
     for (i, token) in parents.iter().enumerate() {
         cur = match cur {
-            Value::Object(m) => match m.get(token) {
+            Value::Object(m) => match m.get(token.as_ref()) {
                 Some(v) => v,
                 None => {
                     let Some(v) = value else {
@@ -260,7 +260,7 @@ pub fn size_delta_of(
         };
     }
     match (cur, value) {
-        (Value::Object(m), Some(v)) => match m.get(last) {
+        (Value::Object(m), Some(v)) => match m.get(last.as_ref()) {
             Some(old) => Ok((json_len(v) as isize - json_len(old) as isize, 0)),
             None => {
                 let comma = usize::from(!m.is_empty());
@@ -268,7 +268,7 @@ pub fn size_delta_of(
                 Ok((added as isize, m.len() + 1))
             }
         },
-        (Value::Object(m), None) => match m.get(last) {
+        (Value::Object(m), None) => match m.get(last.as_ref()) {
             Some(old) => {
                 let comma = usize::from(m.len() > 1);
                 Ok((-((comma + key_len(last) + 1 + json_len(old)) as isize), 0))

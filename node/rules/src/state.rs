@@ -17,6 +17,7 @@ use crate::types::ChangeOp;
 pub use crate::types::{SessionRole, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -301,6 +302,56 @@ impl SessionState {
         })])
     }
 
+    /// [`apply`](Self::apply), taking the event: a state update's values move into
+    /// the document instead of being copied (the owner's path for every command).
+    pub fn apply_owned(&mut self, mut event: Event) {
+        let Event::StateUpdate {
+            changes, metadata, ..
+        } = &mut event
+        else {
+            return self.apply(&event);
+        };
+        let mut size = self.doc_size.known();
+        for c in changes.iter_mut() {
+            let value = c.value.take().map(Cow::Owned);
+            self.apply_change(c.op, &c.path, value, &mut size);
+        }
+        self.doc_size.set(size);
+        if let Some(m) = metadata.take() {
+            self.metadata = m;
+        }
+        self.applied(&event);
+    }
+
+    /// One change of a decided state update; `size` is the document's size while it is
+    /// known (kept up to date, or forgotten).
+    fn apply_change(
+        &mut self,
+        op: ChangeOp,
+        path: &str,
+        value: Option<Cow<'_, Value>>,
+        size: &mut Option<usize>,
+    ) {
+        let delta_of = match (op, &value) {
+            (ChangeOp::Remove, _) => Some(None),
+            (ChangeOp::Set, Some(v)) => Some(Some(v.as_ref())),
+            (ChangeOp::Set, None) => None,
+        };
+        if let (Some(n), Some(new)) = (*size, delta_of) {
+            *size = limits::size_delta(&self.doc, path, new)
+                .ok()
+                .and_then(|(d, _)| n.checked_add_signed(d));
+        }
+        let r = match (op, value) {
+            (ChangeOp::Remove, _) => pointer::remove(&mut self.doc, path).map(|_| ()),
+            (ChangeOp::Set, Some(v)) => {
+                pointer::set(&mut self.doc, path, v.into_owned()).map(|_| ())
+            }
+            (ChangeOp::Set, None) => Ok(()),
+        };
+        debug_assert!(r.is_ok(), "a decided change failed to apply: {r:?}");
+    }
+
     /// Applies one event. Never fails: events were validated when decided.
     pub fn apply(&mut self, event: &Event) {
         match event {
@@ -333,26 +384,8 @@ impl SessionState {
             } => {
                 let mut size = self.doc_size.known();
                 for c in changes {
-                    let value = match (c.op, &c.value) {
-                        (ChangeOp::Remove, _) => Some(None),
-                        (ChangeOp::Set, Some(v)) => Some(Some(v)),
-                        (ChangeOp::Set, None) => None,
-                    };
-                    if let (Some(n), Some(value)) = (size, value) {
-                        size = limits::size_delta(&self.doc, &c.path, value)
-                            .ok()
-                            .and_then(|(d, _)| n.checked_add_signed(d));
-                    }
-                    let r = match (c.op, &c.value) {
-                        (ChangeOp::Remove, _) => {
-                            pointer::remove(&mut self.doc, &c.path).map(|_| ())
-                        }
-                        (ChangeOp::Set, Some(v)) => {
-                            pointer::set(&mut self.doc, &c.path, v.clone()).map(|_| ())
-                        }
-                        (ChangeOp::Set, None) => Ok(()),
-                    };
-                    debug_assert!(r.is_ok(), "a decided change failed to apply: {r:?}");
+                    let value = c.value.as_ref().map(Cow::Borrowed);
+                    self.apply_change(c.op, &c.path, value, &mut size);
                 }
                 self.doc_size.set(size);
                 if let Some(m) = metadata {
@@ -408,6 +441,12 @@ impl SessionState {
             // Play events change only the play state (below).
             _ => {}
         }
+        self.applied(event);
+    }
+
+    /// What every applied event does last: the play state follows it, the version
+    /// moves on.
+    fn applied(&mut self, event: &Event) {
         self.game.apply(event);
         self.version += 1;
         self.updated_at = event.timestamp().to_string();
@@ -1002,5 +1041,38 @@ mod tests {
         let snap = serde_json::to_value(&s).unwrap();
         assert_eq!(serde_json::from_value::<SessionState>(snap).unwrap(), s);
         assert_eq!(s.doc, json!({"a": {"b": [2]}}));
+    }
+
+    /// The owner applies its events by value; the result is the same as applying them
+    /// by reference (replay), size cache included.
+    #[test]
+    fn applying_an_event_by_value_is_applying_it_by_reference() {
+        let (mut by_ref, dm, p) = session();
+        let mut by_value = by_ref.clone();
+        let cmds = [
+            (dm, Command::SessionStart {}),
+            (
+                p,
+                update(json!([{"path": "/a", "value": {"b": [1], "c": "x"}}])),
+            ),
+            (
+                p,
+                update(json!([{"path": "/a/b/-", "value": 2}, {"path": "/d", "value": null}])),
+            ),
+            (p, update(json!([{"path": "/a/c", "op": "remove"}]))),
+            (dm, Command::SessionPause {}),
+        ];
+        for (u, c) in &cmds {
+            for e in by_ref.decide(&ctx(*u), c).unwrap() {
+                by_ref.apply(&e);
+                by_value.apply_owned(e);
+            }
+        }
+        assert_eq!(by_value, by_ref);
+        assert_eq!(by_value.doc, json!({"a": {"b": [1, 2]}, "d": null}));
+        assert_eq!(
+            by_value.doc_size_for_tests(),
+            limits::json_len(&by_value.doc)
+        );
     }
 }

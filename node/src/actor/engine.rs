@@ -757,7 +757,7 @@ impl<R> SessionCore<R> {
         };
         let created_at = now.wall.naive_utc();
         let n = events.len();
-        for (i, ev) in events.iter().enumerate() {
+        for (i, ev) in events.into_iter().enumerate() {
             self.stage_event(&o, ev, i + 1 == n, created_at);
         }
         let b = &mut self.batch;
@@ -774,20 +774,26 @@ impl<R> SessionCore<R> {
     }
 
     /// Applies one event and stages its row and rendering.
-    fn stage_event(&mut self, o: &Origin<R>, ev: &Event, last: bool, now: chrono::NaiveDateTime) {
+    fn stage_event(&mut self, o: &Origin<R>, ev: Event, last: bool, now: chrono::NaiveDateTime) {
         // The combat an event belongs to is the one running when it happened.
         let combat = crate::outbox::current_combat(&self.state);
-        self.state.apply(ev);
-        let version = self.state.version;
         let kind = ev.kind().to_string();
         let data_json = ev.data_json();
+        let status = match &ev {
+            Event::SessionStatusChanged { status, .. } => Some(status.as_str().to_string()),
+            _ => None,
+        };
+        let is_final = ev.is_final();
+        // Rendered first: the state takes the event's values without copying them.
+        self.state.apply_owned(ev);
+        let version = self.state.version;
         let json = render(&kind, version, &data_json);
         let combat_id = crate::outbox::combat_of(&kind, &data_json, combat);
         let b = &mut self.batch;
-        if let Event::SessionStatusChanged { status, .. } = ev {
-            b.status = Some((status.as_str().to_string(), now));
+        if let Some(status) = status {
+            b.status = Some((status, now));
         }
-        b.final_event |= ev.is_final();
+        b.final_event |= is_final;
         b.rows.push(EventRow {
             // Time-ordered ids: the primary key index grows at its end.
             id: Uuid::now_v7(),

@@ -211,14 +211,26 @@ mod tests {
     const FOREVER: Duration = Duration::from_secs(3600);
     const BOUND: Duration = Duration::from_secs(10);
 
+    /// The batch `take` returns, which it must within [`BOUND`] (`why` it must).
+    async fn taken(
+        take: impl std::future::Future<Output = Option<Vec<Job>>>,
+        why: &str,
+    ) -> Vec<Job> {
+        tokio::time::timeout(BOUND, take)
+            .await
+            .expect(why)
+            .expect("the queue holds a job")
+    }
+
     #[tokio::test]
     async fn a_lone_committer_never_lingers() {
         let (_tx, rx) = queue_of_one().await;
         let writing = AtomicUsize::new(0);
-        let jobs = tokio::time::timeout(BOUND, take_batch(&rx, 100, FOREVER, &writing))
-            .await
-            .expect("no other commit in flight: taken at once, not after the linger")
-            .unwrap();
+        let jobs = taken(
+            take_batch(&rx, 100, FOREVER, &writing),
+            "no other commit in flight: taken at once, not after the linger",
+        )
+        .await;
         assert_eq!(jobs.len(), 1);
     }
 
@@ -231,10 +243,11 @@ mod tests {
         // It took the first job, found nothing else, and waits for more.
         assert!(futures::poll!(take.as_mut()).is_pending());
         tx.send(job()).await.unwrap();
-        let jobs = tokio::time::timeout(BOUND, take)
-            .await
-            .expect("full at max_events: taken without waiting out the linger")
-            .unwrap();
+        let jobs = taken(
+            take,
+            "full at max_events: taken without waiting out the linger",
+        )
+        .await;
         assert_eq!(
             jobs.len(),
             2,
@@ -247,10 +260,11 @@ mod tests {
         let (tx, rx) = queue_of_one().await;
         let writing = AtomicUsize::new(1);
         let linger = Duration::from_millis(1);
-        let jobs = tokio::time::timeout(BOUND, take_batch(&rx, 100, linger, &writing))
-            .await
-            .expect("taken once the linger is over")
-            .unwrap();
+        let jobs = taken(
+            take_batch(&rx, 100, linger, &writing),
+            "taken once the linger is over",
+        )
+        .await;
         assert_eq!(jobs.len(), 1);
         // A closed queue ends the linger too.
         tx.send(job()).await.unwrap();
@@ -258,7 +272,7 @@ mod tests {
         tokio::pin!(take);
         assert!(futures::poll!(take.as_mut()).is_pending());
         drop(tx);
-        let jobs = tokio::time::timeout(BOUND, take).await.unwrap().unwrap();
+        let jobs = taken(take, "a closed queue ends the linger").await;
         assert_eq!(jobs.len(), 1);
     }
 }

@@ -39,7 +39,8 @@ use crate::store::{CommitError, CommitItem, EventRow};
 use crate::NodeCtx;
 use engine::{Committed, CoreConfig, Input, Now, Output, Recovered, SessionCore, Stop};
 use faults::Faults;
-use gs_shared::protocol::{self, codes, WireError};
+use gs_shared::event_batch;
+use gs_shared::protocol::{codes, WireError};
 use gs_shared::rpc::{NodeReply, NodeRequest, RawEvent};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -317,18 +318,14 @@ impl Session {
         let (id, epoch) = (self.core.id(), self.core.epoch());
         match o {
             Output::Publish { events, acks } => {
-                let mut acks = acks.iter().peekable();
-                for (i, ev) in events.iter().enumerate() {
-                    let ack = acks.next_if(|(at, _)| *at == i).map(|(_, id)| *id);
-                    self.publish(ev, ack).await;
-                }
+                self.publish(&events, &acks).await;
                 // Requests to other services start once what asked for them is durable.
                 crate::services::after_commit(&self.ctx, id, &self.committed);
                 self.ctx
                     .hub
                     .committed(id, std::mem::take(&mut self.committed));
             }
-            Output::Republish(ev) => self.publish(&ev, None).await,
+            Output::Republish(ev) => self.publish(&[ev], &[]).await,
             Output::RefreshCaches { status_changed } => self.refresh_after_commit(status_changed),
             Output::Detach(conn) => {
                 if let Some((user, _)) = self.connections.remove(&conn) {
@@ -394,21 +391,19 @@ impl Session {
         })
     }
 
-    /// Publishes an event for the routers; `ack`: the command whose ack it carries.
-    async fn publish(&self, ev: &RawEvent, ack: Option<Uuid>) {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(protocol::VERSION_HEADER, ev.version.to_string().as_str());
-        if let Some(id) = ack {
-            headers.insert(protocol::ACK_HEADER, id.to_string().as_str());
-        }
-        if let Err(e) = self
-            .ctx
-            .nats
-            .publish_with_headers(self.events_subject.clone(), headers, ev.json.bytes())
-            .await
-        {
-            // Routers fill the gap from the log when the next event arrives.
-            tracing::debug!(error = %e, "event not published");
+    /// Publishes committed events for the routers, one message per run of them (see
+    /// [`event_batch`]); `acks`: index in `events`, the command whose ack it carries.
+    async fn publish(&self, events: &[RawEvent], acks: &[(usize, Uuid)]) {
+        for m in event_batch::messages(events, acks) {
+            if let Err(e) = self
+                .ctx
+                .nats
+                .publish_with_headers(self.events_subject.clone(), m.headers(), m.payload)
+                .await
+            {
+                // Routers fill the gap from the log when the next event arrives.
+                tracing::debug!(error = %e, "events not published");
+            }
         }
     }
 

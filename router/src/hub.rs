@@ -13,8 +13,9 @@
 use crate::sequencer::Sequencer;
 use futures::StreamExt;
 use gs_shared::auth::Role;
+use gs_shared::event_batch;
 use gs_shared::forward::Forwarder;
-use gs_shared::protocol::{SessionStatus, ACK_HEADER, VERSION_HEADER};
+use gs_shared::protocol::SessionStatus;
 use gs_shared::rpc::{Caller, RawEvent, ReplyBody, RequestBody, Subjects};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -176,6 +177,28 @@ impl Hub {
         self.deliver(&mut st, ready);
     }
 
+    /// Offers the events of one message from the owner (one commit), then answers the
+    /// commands they carry acks for.
+    fn offer_all(&self, events: Vec<event_batch::Received>, acks: &AckWaiters) {
+        let mut carried = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap();
+            for r in events {
+                let Ok(json) = Utf8Bytes::try_from(r.json) else {
+                    continue;
+                };
+                if let Some(command) = r.ack {
+                    carried.push((command, r.version));
+                }
+                let ready = st.seq.push(r.version, Ev::new(r.version, json));
+                self.deliver(&mut st, ready);
+            }
+        }
+        for (command, version) in carried {
+            acks.acked(command, version);
+        }
+    }
+
     /// Buffers and broadcasts in one critical section, so the buffer and every
     /// receiver see events in the same (version) order.
     fn deliver(&self, st: &mut HubState, ready: Vec<(u64, Ev)>) {
@@ -324,23 +347,10 @@ async fn run_hub(
             msg = sub.next() => {
                 let Some(msg) = msg else { return };
                 let Some(hub) = hub.upgrade() else { return };
-                let Ok(json) = Utf8Bytes::try_from(msg.payload) else { continue };
-                let version = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(VERSION_HEADER))
-                    .and_then(|v| v.as_str().parse::<u64>().ok())
-                    .or_else(|| serde_json::from_str::<serde_json::Value>(json.as_str()).ok()?["version"].as_u64());
-                let Some(version) = version else { continue };
-                let ack = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(ACK_HEADER))
-                    .and_then(|v| Uuid::parse_str(v.as_str()).ok());
-                hub.offer(version, Ev::new(version, json));
-                if let Some(command) = ack {
-                    acks.acked(command, version);
-                }
+                let Some(events) = event_batch::decode(msg.headers.as_ref(), msg.payload) else {
+                    continue;
+                };
+                hub.offer_all(events, &acks);
                 if hub.gap().is_some() {
                     fill(&hub, &forwarder).await;
                 }

@@ -6,6 +6,7 @@
 //! * [`auth`]: access tokens and session (connection) tokens.
 //! * [`protocol`]: the client wire protocol: envelopes, error codes, rendering.
 //! * [`rpc`]: the router ↔ node contract over NATS, and subject names.
+//! * [`event_batch`]: a commit's events on NATS, owner → routers (one message each).
 //! * [`ring`]: placement of sessions on nodes (consistent hashing, sans-IO).
 //! * [`membership`]: the live-member table fed by heartbeats (sans-IO).
 //! * [`cluster_view`]: the membership runtime (heartbeats over NATS, ring changes, departures).
@@ -21,6 +22,7 @@ pub mod cluster_view;
 pub mod config;
 pub mod connect;
 pub mod db;
+pub mod event_batch;
 pub mod forward;
 pub mod keys;
 pub mod membership;

@@ -307,6 +307,11 @@ impl SharedJson {
         std::str::from_utf8(&self.0).expect("SharedJson holds UTF-8")
     }
 
+    /// The text's bytes, borrowed.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// The bytes (shared, not copied).
     pub fn bytes(&self) -> bytes::Bytes {
         self.0.clone()

@@ -80,7 +80,7 @@ pub(super) async fn activate(
             // Routers fill gaps when they see a newer version; republishing the newest
             // event makes them notice one whose broadcast died with the old owner.
             if let Some(last) = session.core.recent().back().cloned() {
-                session.publish(&last, None).await;
+                session.publish(&[last], &[]).await;
             }
             // A new owner rewrites every ICD key (the combat key too, deleted when
             // there is no combat): what a previous owner left may be stale.

@@ -179,6 +179,11 @@ enum Cmd {
         /// Serve wss in the cluster the bench starts.
         #[arg(long)]
         tls: bool,
+        /// Runtime threads of each node the bench starts (`node.worker_threads`; 0 =
+        /// one per core). Where the nodes outnumber the cores, 1 carries more load at
+        /// saturation and adds latency at light load (BENCHMARKS.md, stop 27).
+        #[arg(long)]
+        node_workers: Option<usize>,
         /// Load the cluster `cluster up` runs (in --dir) instead of starting one; its
         /// rate limits apply.
         #[arg(long)]
@@ -262,6 +267,7 @@ async fn main() -> Result<()> {
             nodes,
             routers,
             tls,
+            node_workers,
             attach,
             json,
         } => {
@@ -282,6 +288,7 @@ async fn main() -> Result<()> {
                 nodes,
                 routers,
                 tls,
+                node_workers,
                 attach,
                 json,
             )
@@ -826,6 +833,7 @@ async fn bench_cluster(
     nodes: usize,
     routers: usize,
     tls: bool,
+    node_workers: Option<usize>,
     idle: Option<usize>,
 ) -> Result<LocalCluster> {
     let mut cspec = ClusterSpec::test(nodes, routers);
@@ -841,6 +849,9 @@ async fn bench_cluster(
     // Warnings only; lapin warns on every returned (unroutable) hub message, and
     // nobody consumes the hub's events in a bench.
     cspec.base.log.filter = "warn,lapin::returned_messages=error".into();
+    if let Some(n) = node_workers {
+        cspec.base.node.worker_threads = n;
+    }
     if let Some(n) = idle {
         cspec.base.router.max_connections = cspec.base.router.max_connections.max(n + 1000);
     }
@@ -857,6 +868,7 @@ async fn bench(
     nodes: usize,
     routers: usize,
     tls: bool,
+    node_workers: Option<usize>,
     attach: bool,
     json: Option<PathBuf>,
 ) -> Result<()> {
@@ -865,7 +877,7 @@ async fn bench(
         let (target, members) = attached(dir)?;
         (target, None, members)
     } else {
-        let c = bench_cluster(file, nodes, routers, tls, idle).await?;
+        let c = bench_cluster(file, nodes, routers, tls, node_workers, idle).await?;
         let members: Vec<(u32, MemberKind)> = c
             .members
             .values()

@@ -17,19 +17,26 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // Errors may quote a URL holding a password: it is redacted before printing.
     let redacted = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(gs_shared::config::redact_secrets(&format!("{e:#}")))
     };
     let cfg = gs_shared::Config::load(args.config.as_deref()).map_err(|e| redacted(&e))?;
-    gs_shared::telemetry::init(&cfg.log);
-    if let Err(e) = gs_node::run(cfg, gs_shared::telemetry::shutdown_signal()).await {
-        let e = redacted(&format!("{e:#}"));
-        tracing::error!(error = %e, "node failed");
-        return Err(e);
+    // The runtime is sized by the config (0: tokio's default, one thread per CPU).
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if cfg.node.worker_threads > 0 {
+        runtime.worker_threads(cfg.node.worker_threads);
     }
-    Ok(())
+    runtime.build()?.block_on(async move {
+        gs_shared::telemetry::init(&cfg.log);
+        if let Err(e) = gs_node::run(cfg, gs_shared::telemetry::shutdown_signal()).await {
+            let e = redacted(&format!("{e:#}"));
+            tracing::error!(error = %e, "node failed");
+            return Err(e);
+        }
+        Ok(())
+    })
 }

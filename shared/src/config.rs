@@ -392,6 +392,13 @@ pub struct NodeConfig {
     pub actor_batch_max: usize,
     /// Events one group commit writes at most (across sessions).
     pub commit_batch_max: usize,
+    /// Threads of the node's async runtime; 0 = one per CPU the process may use (a
+    /// container's CPU limit counts). Where several nodes share a machine's cores (a
+    /// local cluster, `cluster bench --node-workers 1`), one thread each carries more
+    /// load at saturation (fewer wake-ups of parked threads) but adds latency at light
+    /// load (BENCHMARKS.md, stop 27). `TOKIO_WORKER_THREADS` in the environment applies
+    /// when this is 0.
+    pub worker_threads: usize,
     /// Group commits in flight at once (each on its own connection, disjoint sessions).
     pub committers: usize,
     /// A committer that finds another group commit in flight waits up to this long
@@ -439,6 +446,7 @@ impl Default for NodeConfig {
             inbox_capacity: 1024,
             actor_batch_max: 256,
             commit_batch_max: 2048,
+            worker_threads: 0,
             committers: 2,
             commit_linger_us: 5000,
             snapshot_every: 1000,

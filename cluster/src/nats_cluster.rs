@@ -10,6 +10,28 @@ use uuid::Uuid;
 /// How long the servers may take to start and connect their routes.
 pub const ROUTES_WAIT: Duration = Duration::from_secs(30);
 
+/// How many times [`NatsCluster::start_logging`] tries fresh ports.
+pub const START_ATTEMPTS: usize = 3;
+
+/// A server of the cluster exited while the cluster was waiting for its routes.
+#[derive(Debug)]
+pub struct Exited {
+    pub server: usize,
+    pub status: std::process::ExitStatus,
+}
+
+impl std::fmt::Display for Exited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "nats-server {} exited at start ({})",
+            self.server, self.status
+        )
+    }
+}
+
+impl std::error::Error for Exited {}
+
 /// A private cluster of `nats-server`s on free local ports, joined by routes (every
 /// server is given the cluster ports of all the others): `cluster up --nats-cluster N`,
 /// and tests that kill a NATS server under load. Each server also serves its
@@ -37,7 +59,28 @@ impl NatsCluster {
     }
 
     /// Like [`NatsCluster::start`], with each server's log in `log_dir/nats-{i}.log`.
+    /// A server that exits at start (one of its free ports was taken meanwhile, e.g.
+    /// as another connection's local port) fails the attempt; the cluster is started
+    /// again on fresh ports, [`START_ATTEMPTS`] times at most.
     pub async fn start_logging(n: usize, log_dir: Option<&Path>) -> Result<NatsCluster> {
+        let mut attempt = 1;
+        loop {
+            let mut c = NatsCluster::on_free_ports(n, log_dir)?;
+            for i in 0..n {
+                c.spawn(i)?;
+            }
+            match c.wait_routes().await {
+                Ok(()) => return Ok(c),
+                Err(e) if attempt < START_ATTEMPTS && e.is::<Exited>() => {
+                    tracing::warn!(error = %e, attempt, "NATS cluster did not start; again on fresh ports");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn on_free_ports(n: usize, log_dir: Option<&Path>) -> Result<NatsCluster> {
         let mut servers = Vec::new();
         for _ in 0..n {
             servers.push(NatsMember {
@@ -47,16 +90,11 @@ impl NatsCluster {
                 child: None,
             });
         }
-        let mut c = NatsCluster {
+        Ok(NatsCluster {
             name: format!("gs_{}", Uuid::new_v4().simple()),
             servers,
             log_dir: log_dir.map(Path::to_path_buf),
-        };
-        for i in 0..n {
-            c.spawn(i)?;
-        }
-        c.wait_routes().await?;
-        Ok(c)
+        })
     }
 
     /// The seed URLs, comma-separated: the form `nats.url` takes.
@@ -103,14 +141,19 @@ impl NatsCluster {
 
     /// Waits until every running server reports a route to every
     /// other running server on its monitoring endpoint (bounded by [`ROUTES_WAIT`]).
-    pub async fn wait_routes(&self) -> Result<()> {
+    /// Fails at once with [`Exited`] when a server it waits for has exited.
+    pub async fn wait_routes(&mut self) -> Result<()> {
         let http = crate::client::http_client(None);
-        let running: Vec<&NatsMember> = self.servers.iter().filter(|s| s.child.is_some()).collect();
-        let want = running.len() as u64 - 1;
+        let want = self.servers.iter().filter(|s| s.child.is_some()).count() as u64 - 1;
         let deadline = Instant::now() + ROUTES_WAIT;
         loop {
+            for (i, s) in self.servers.iter_mut().enumerate() {
+                if let Some(status) = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    return Err(Exited { server: i, status }.into());
+                }
+            }
             let mut routes = Vec::new();
-            for s in &running {
+            for s in self.servers.iter().filter(|s| s.child.is_some()) {
                 let url = format!("http://127.0.0.1:{}/routez", s.monitor_port);
                 let n = match http.get(&url).send().await {
                     Ok(r) => r
@@ -163,5 +206,26 @@ impl NatsCluster {
             out.push(n);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_cannot_start_is_reported_at_once() {
+        // Another process holds the first server's client port.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = NatsCluster::on_free_ports(2, None).unwrap();
+        c.servers[0].port = taken.local_addr().unwrap().port();
+        for i in 0..2 {
+            c.spawn(i).unwrap();
+        }
+        let e = c.wait_routes().await.unwrap_err();
+        let exited = e
+            .downcast_ref::<Exited>()
+            .unwrap_or_else(|| panic!("{e:#}"));
+        assert_eq!(exited.server, 0);
     }
 }

@@ -153,6 +153,11 @@ pub fn decode(headers: Option<&async_nats::HeaderMap>, payload: Bytes) -> Option
     }
     let first = version?;
     first.checked_add(count as u64 - 1)?;
+    // `count` events need at least one byte each and a separator between them: a
+    // count the payload cannot hold is refused before anything is sized by it.
+    if count > payload.len().div_ceil(2) {
+        return None;
+    }
     let mut acks: Vec<(usize, Uuid)> = Vec::new();
     if let Some(list) = header(ACKS_HEADER) {
         for item in list.split(',') {
@@ -290,5 +295,10 @@ mod tests {
         assert!(decode(Some(&h), Bytes::from_static(b"{}\n{}")).is_none());
         h.insert(COUNT_HEADER, "0");
         assert!(decode(Some(&h), Bytes::from_static(b"{}")).is_none());
+        // A count far beyond what the payload holds (nothing is allocated for it).
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(VERSION_HEADER, "1");
+        h.insert(COUNT_HEADER, (usize::MAX / 2).to_string().as_str());
+        assert!(decode(Some(&h), Bytes::from_static(b"{}\n{}")).is_none());
     }
 }

@@ -196,6 +196,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    gs_shared::alloc::keep_freed_memory();
     let cli = Cli::parse();
     gs_shared::telemetry::init(&gs_shared::config::LogConfig {
         filter: "warn".into(),

@@ -18,6 +18,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    gs_shared::alloc::keep_freed_memory();
     let args = Args::parse();
     // Errors may quote a URL holding a password: it is redacted before printing.
     let redacted = |e: &dyn std::fmt::Display| {

@@ -22,6 +22,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    gs_shared::alloc::keep_freed_memory();
     let args = Args::parse();
     // Errors may quote a URL holding a password: it is redacted before printing.
     let redacted = |e: &dyn std::fmt::Display| {

@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! * [`config`]: layered configuration (defaults < file < `GS_*` environment).
+//! * [`alloc`]: the settings of the binaries' allocator (mimalloc).
 //! * [`auth`]: access tokens and session (connection) tokens.
 //! * [`protocol`]: the client wire protocol: envelopes, error codes, rendering.
 //! * [`rpc`]: the router ↔ node contract over NATS, and subject names.
@@ -17,6 +18,7 @@
 //! * [`forward`]: requests to a session's owner, retried across failovers.
 //! * [`telemetry`]: logging, metrics recorder, shutdown signal.
 
+pub mod alloc;
 pub mod auth;
 pub mod cluster_view;
 pub mod config;

@@ -196,6 +196,11 @@ pub struct RabbitConfig {
     /// meanwhile go out together (one message per session and routing key), at the
     /// price of at most this much extra delay on the hub.
     pub publish_interval_ms: u64,
+    /// Messages a second a node's relay aims to stay under (0: no cap): a pass that
+    /// published `m` messages waits at least `m / this` seconds (at most 1 s) before
+    /// the next, so under load each session's events go out in fewer, larger
+    /// batches; under light load `publish_interval_ms` alone applies.
+    pub publish_max_messages_per_sec: u64,
     /// Whether the node runs the hub relay at all.
     pub enabled: bool,
 }
@@ -227,6 +232,7 @@ impl Default for RabbitConfig {
             reconnect_max_ms: 5000,
             outbox_batch: 256,
             publish_interval_ms: 50,
+            publish_max_messages_per_sec: 200,
             enabled: true,
         }
     }

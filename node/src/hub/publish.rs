@@ -21,6 +21,22 @@ use std::collections::{HashMap, VecDeque};
 const MAX_QUEUED: usize = 4096;
 /// Events at most in one hub message.
 const MAX_EVENTS_PER_MESSAGE: usize = 64;
+/// The longest a pass is paced to by `rabbitmq.publish_max_messages_per_sec`: beyond
+/// it, the broker gets more messages rather than the hub's consumers later events.
+const MAX_PACE: Duration = Duration::from_secs(1);
+
+/// How long a pass that published `messages` messages takes up before the next one:
+/// `interval`, or as long as `max_rate` messages a second need for them (0: no cap),
+/// at most [`MAX_PACE`]. A broker's (and the relay's) cost is per message: under load
+/// a session's events then go out in fewer, larger batches; under light load nothing
+/// waits longer than `interval`.
+fn pace(interval: Duration, messages: usize, max_rate: u64) -> Duration {
+    if max_rate == 0 {
+        return interval;
+    }
+    let needed = Duration::from_secs_f64(messages as f64 / max_rate as f64);
+    needed.min(MAX_PACE).max(interval)
+}
 
 /// What the relay knows per session.
 #[derive(Default)]
@@ -146,6 +162,7 @@ impl Hub {
     /// Publishes until the connection fails; returns why.
     pub(super) async fn publish_loop(&self, ctx: &NodeCtx, ch: &Channel) -> String {
         let interval = Duration::from_millis(self.cfg.publish_interval_ms);
+        let max_rate = self.cfg.publish_max_messages_per_sec;
         loop {
             let started = Instant::now();
             let ready = std::mem::take(&mut self.outbound.lock().unwrap().ready);
@@ -156,19 +173,20 @@ impl Hub {
                 let _ = tokio::time::timeout(SWEEP_EVERY, self.wake.notified()).await;
                 continue;
             }
-            if let Err(e) = self.pass(ctx, ch, ready).await {
-                return e;
-            }
+            let messages = match self.pass(ctx, ch, ready).await {
+                Ok(m) => m,
+                Err(e) => return e,
+            };
             // What is committed meanwhile goes out together with the next pass.
-            let rest = interval.saturating_sub(started.elapsed());
+            let rest = pace(interval, messages, max_rate).saturating_sub(started.elapsed());
             if !rest.is_zero() {
                 tokio::time::sleep(rest).await;
             }
         }
     }
 
-    /// One pass over the sessions with news.
-    async fn pass(&self, ctx: &NodeCtx, ch: &Channel, ready: Vec<Uuid>) -> Result<(), String> {
+    /// One pass over the sessions with news; the messages it published.
+    async fn pass(&self, ctx: &NodeCtx, ch: &Channel, ready: Vec<Uuid>) -> Result<usize, String> {
         let started = Instant::now();
         let mut plans = Vec::with_capacity(ready.len());
         for s in ready {
@@ -183,7 +201,7 @@ impl Hub {
             }
         }
         if plans.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         if let Err(e) = self.publish(ch, &plans).await {
             self.forget(&plans.iter().map(|p| p.session).collect::<Vec<_>>());
@@ -197,7 +215,7 @@ impl Hub {
             // Published but not recorded: the next pass publishes them again.
             tracing::debug!(error = %e, "hub: moving cursors failed");
             self.forget(&plans.iter().map(|p| p.session).collect::<Vec<_>>());
-            return Ok(());
+            return Ok(0);
         }
         let events: usize = plans.iter().map(|p| p.events).sum();
         let messages: usize = plans.iter().map(|p| p.messages.len()).sum();
@@ -208,7 +226,7 @@ impl Hub {
             self.confirmed(s, last, p.more);
             self.finish_session(ctx, s).await;
         }
-        Ok(())
+        Ok(messages)
     }
 
     /// What a session publishes in this pass: its events after the cursor, from
@@ -387,5 +405,23 @@ impl Hub {
         {
             out.sessions.remove(&session);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_are_paced_by_the_message_cap_between_the_interval_and_a_second() {
+        let ms = Duration::from_millis;
+        // Light load: the interval alone.
+        assert_eq!(pace(ms(50), 3, 200), ms(50));
+        assert_eq!(pace(ms(50), 0, 200), ms(50));
+        // Under load: as long as the cap needs for what the pass published.
+        assert_eq!(pace(ms(50), 40, 200), ms(200));
+        // Never longer than a second, and no cap at all with 0.
+        assert_eq!(pace(ms(50), 10_000, 200), MAX_PACE);
+        assert_eq!(pace(ms(50), 10_000, 0), ms(50));
     }
 }

@@ -5,7 +5,7 @@
 //! to the operating system (`madvise`), and the next allocation there faults it in
 //! again, zero-filled by the kernel, often a 2 MiB transparent huge page at a time.
 //! Under the SRD load that was ~580 page faults and ~50 `madvise` calls a second in
-//! the routers, nodes and load generator, and 3–9 % of the acknowledged updates a
+//! the routers, nodes and load generator, and 2–9 % of the acknowledged updates a
 //! second (BENCHMARKS.md, stop 28). A service that runs for days at a steady load
 //! reuses that memory anyway: it is kept instead, and the process holds its
 //! high-water mark.

@@ -98,7 +98,10 @@ nats() {
   say "starting NATS"
   $SUDO mkdir -p /var/lib/nats-server
   if command -v start-stop-daemon >/dev/null 2>&1; then
-    $SUDO start-stop-daemon --start --oknodo --background --exec "$bin" -- \
+    # The pidfile names *this* server: without it start-stop-daemon takes any running
+    # nats-server (a test's private instance on another port) for it and starts none.
+    $SUDO start-stop-daemon --start --oknodo --background \
+      --pidfile /run/gs-nats-server.pid --make-pidfile --exec "$bin" -- \
       -a 127.0.0.1 -p "$NATS_PORT" -js -sd /var/lib/nats-server -l /var/log/nats-server.log
   else
     nohup "$bin" -a 127.0.0.1 -p "$NATS_PORT" -js -sd /var/lib/nats-server >/tmp/nats-server.log 2>&1 &

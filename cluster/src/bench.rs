@@ -75,6 +75,12 @@ pub struct GroupCpu {
 pub struct BenchReport {
     pub spec: BenchSpec,
     pub cores: usize,
+    /// The kernel's `sched_autogroup_enabled` during the run (`None`: not Linux, or
+    /// not readable). With it on, every process started in its own session (the
+    /// system's PostgreSQL, NATS, Redis and RabbitMQ daemons) is a scheduling group of
+    /// its own, as large as the whole bench: it runs at once on every wake-up and
+    /// batches less, which moves CPU between the groups (BENCHMARKS.md, stop 29).
+    pub sched_autogroup: Option<bool>,
     /// Length of the measured window.
     pub window_secs: f64,
     /// Commands scheduled in the window (what was offered).
@@ -417,6 +423,9 @@ pub async fn run(target: &Target, spec: &BenchSpec, pids: &[u32]) -> Result<Benc
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
+        sched_autogroup: std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled")
+            .ok()
+            .and_then(|s| autogroup_of(&s)),
         window_secs: elapsed,
         offered,
         offered_per_sec: offered as f64 / elapsed,
@@ -785,6 +794,15 @@ fn cpu_delta(a: &CpuSnapshot, b: &CpuSnapshot, own: &[u32], secs: f64) -> Vec<Gr
     out
 }
 
+/// `/proc/sys/kernel/sched_autogroup_enabled` read as a flag.
+fn autogroup_of(text: &str) -> Option<bool> {
+    match text.trim() {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
+    }
+}
+
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -973,6 +991,12 @@ impl BenchReport {
             "\nCPU per acknowledged update: {:.0} µs for the service (gs-node, gs-router, PostgreSQL, Redis, NATS, RabbitMQ); {:.0} µs with the load generator\n",
             self.cpu_us_per_update, self.cpu_us_per_update_with_generator
         );
+        if let Some(on) = self.sched_autogroup {
+            out += &format!(
+                "scheduler: kernel.sched_autogroup_enabled = {} (BENCHMARKS.md, stop 29)\n",
+                u8::from(on)
+            );
+        }
         out
     }
 }
@@ -1001,6 +1025,13 @@ mod tests {
         let (n, p50, p99) = Hist::window(&[0; FINE_BUCKETS + COARSE_MAX_MS + 1], &before);
         assert_eq!((n, p50, p99), (90, 1.3, 1.3));
         assert_eq!(Hist::window(&after, &after), (0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn reads_the_autogroup_flag() {
+        assert_eq!(autogroup_of("1\n"), Some(true));
+        assert_eq!(autogroup_of("0\n"), Some(false));
+        assert_eq!(autogroup_of(""), None);
     }
 
     #[test]

@@ -44,6 +44,7 @@ use gs_shared::config::{ms, Config};
 use gs_shared::keys::Keys;
 use gs_shared::membership::MemberKind;
 use gs_shared::protocol::{codes, WireError};
+use gs_shared::request_batch;
 use gs_shared::rpc::{NodeReply, NodeRequest, ReplyBody, RequestBody, Subjects};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -264,13 +265,33 @@ async fn requests(ctx: Arc<NodeCtx>, mut rpc: async_nats::Subscriber, stop: watc
     }
 }
 
-/// One request: a ping is answered here, the rest goes to the session's actor.
+/// One message: a request, or several in a batch (`gs_shared::request_batch`), each
+/// served as if it had come alone.
 async fn request(ctx: &Arc<NodeCtx>, msg: async_nats::Message) {
-    let Some(reply) = msg.reply.clone() else {
-        return;
-    };
+    match request_batch::decode(msg.headers.as_ref(), &msg.payload) {
+        None => {
+            if let Some(reply) = msg.reply {
+                request_one(ctx, reply, &msg.payload).await
+            }
+        }
+        Some(Ok(batch)) => {
+            for r in batch {
+                request_one(ctx, r.reply.into(), &r.payload).await
+            }
+        }
+        Some(Err(e)) => {
+            // Its requests cannot be answered (their reply subjects are unknown): the
+            // sender's waiters time out and it tries again.
+            metrics::counter!("gs_node_bad_request_batches_total").increment(1);
+            tracing::warn!(error = %e, "malformed request batch dropped");
+        }
+    }
+}
+
+/// One request: a ping is answered here, the rest goes to the session's actor.
+async fn request_one(ctx: &Arc<NodeCtx>, reply: async_nats::Subject, payload: &[u8]) {
     let reply = Reply::Nats(reply);
-    match serde_json::from_slice::<NodeRequest>(&msg.payload) {
+    match serde_json::from_slice::<NodeRequest>(payload) {
         Ok(NodeRequest {
             body: RequestBody::Ping,
             ..

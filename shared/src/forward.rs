@@ -193,7 +193,7 @@ impl Forwarder {
         // node answers, then leaves).
         let outcome = tokio::select! {
             biased;
-            r = self.replies.request(self.subjects.node_rpc(node), payload.clone(), timeout) => r,
+            r = self.replies.request_batched(self.subjects.node_rpc(node), payload.clone(), timeout) => r,
             _ = node_gone => {
                 metrics::counter!("gs_router_forward_abandoned_total").increment(1);
                 tracing::debug!(%session, op, %node, "node left the cluster; retrying elsewhere");

@@ -31,6 +31,7 @@ pub mod membership;
 pub mod primary;
 pub mod protocol;
 pub mod replies;
+pub mod request_batch;
 pub mod ring;
 pub mod rpc;
 pub mod telemetry;

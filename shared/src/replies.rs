@@ -11,15 +11,21 @@
 //! [`Replies`] subscribes once to `<inbox>.*` and keeps its own table of waiters; each
 //! is removed when its answer arrives or when its request is dropped (answered another
 //! way, timed out, cancelled).
+//!
+//! [`Replies::request_batched`] hands the request to the process's one batcher task
+//! instead of publishing it: the requests to one subject that are queued when the task
+//! runs go in one message ([`crate::request_batch`]), so under load NATS and the node
+//! handle a few messages per wake-up instead of one per request.
 
+use crate::request_batch::{self, Outgoing, Pending};
 use async_nats::{Client, Message, StatusCode, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use tokio::sync::{oneshot, OnceCell};
+use tokio::sync::{mpsc, oneshot, OnceCell};
 
 type Waiters = Mutex<HashMap<u64, oneshot::Sender<Message>>>;
 
@@ -42,11 +48,22 @@ pub struct Replies {
     waiters: Arc<Waiters>,
     next: AtomicU64,
     listener: OnceCell<tokio::task::JoinHandle<()>>,
+    /// The batcher task's queue: (subject, request), started on the first batched
+    /// request.
+    batcher: OnceLock<(Queue, tokio::task::JoinHandle<()>)>,
 }
+
+type Queue = mpsc::UnboundedSender<(Subject, Pending)>;
+
+/// How many queued requests the batcher takes per wake-up at most.
+const BATCHER_TAKE: usize = 1024;
 
 impl Drop for Replies {
     fn drop(&mut self) {
         if let Some(task) = self.listener.get() {
+            task.abort();
+        }
+        if let Some((_, task)) = self.batcher.get() {
             task.abort();
         }
     }
@@ -62,6 +79,7 @@ impl Replies {
             waiters: Arc::default(),
             next: AtomicU64::new(0),
             listener: OnceCell::new(),
+            batcher: OnceLock::new(),
         }
     }
 
@@ -78,6 +96,31 @@ impl Replies {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Message, RequestFailed> {
+        self.request_via(subject.into(), payload, timeout, false)
+            .await
+    }
+
+    /// [`Replies::request`], but published by the batcher task, in one message with
+    /// the other requests to `subject` queued at the time (the receiver must read
+    /// [`crate::request_batch`]). A request the task cannot publish (the connection is
+    /// closed) ends at its timeout.
+    pub async fn request_batched(
+        &self,
+        subject: impl Into<Subject>,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, RequestFailed> {
+        self.request_via(subject.into(), payload, timeout, true)
+            .await
+    }
+
+    async fn request_via(
+        &self,
+        subject: Subject,
+        payload: Bytes,
+        timeout: Duration,
+        batched: bool,
+    ) -> Result<Message, RequestFailed> {
         self.listen().await?;
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -87,10 +130,16 @@ impl Replies {
             token,
         };
         let reply = format!("{}.{token}", self.prefix);
-        self.nats
-            .publish_with_reply(subject.into(), reply, payload)
-            .await
-            .map_err(|e| RequestFailed::Other(e.to_string()))?;
+        if batched {
+            self.batcher()
+                .send((subject, Pending { reply, payload }))
+                .map_err(|_| RequestFailed::Other("the batcher stopped".into()))?;
+        } else {
+            self.nats
+                .publish_with_reply(subject, reply, payload)
+                .await
+                .map_err(|e| RequestFailed::Other(e.to_string()))?;
+        }
         match tokio::time::timeout(timeout, rx).await {
             Err(_) => Err(RequestFailed::TimedOut),
             Ok(Err(_)) => Err(RequestFailed::Other("the inbox closed".into())),
@@ -128,6 +177,74 @@ impl Replies {
             })
             .await
             .map(|_| ())
+    }
+}
+
+impl Replies {
+    /// The batcher task's queue, the task started on first use.
+    fn batcher(&self) -> &Queue {
+        &self
+            .batcher
+            .get_or_init(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (tx, tokio::spawn(batcher(self.nats.clone(), rx)))
+            })
+            .0
+    }
+}
+
+/// Publishes queued requests: whatever is queued when it runs, grouped by subject (in
+/// the order queued), as few messages as [`request_batch::encode`] makes of them.
+async fn batcher(nats: Client, mut queue: mpsc::UnboundedReceiver<(Subject, Pending)>) {
+    let mut taken = Vec::with_capacity(BATCHER_TAKE);
+    while queue.recv_many(&mut taken, BATCHER_TAKE).await > 0 {
+        // Woken by the first request, the task would run right after the task that
+        // queued it (tokio's LIFO slot) and publish it alone. Yielding once lets the
+        // tasks that are ready now (the connections the same poll of the sockets
+        // woke) queue theirs first.
+        tokio::task::yield_now().await;
+        while taken.len() < BATCHER_TAKE {
+            match queue.try_recv() {
+                Ok(request) => taken.push(request),
+                Err(_) => break,
+            }
+        }
+        let mut by_subject: Vec<(Subject, Vec<Pending>)> = Vec::new();
+        for (subject, request) in taken.drain(..) {
+            match by_subject.iter_mut().find(|(s, _)| *s == subject) {
+                Some((_, group)) => group.push(request),
+                None => by_subject.push((subject, vec![request])),
+            }
+        }
+        for (subject, group) in by_subject {
+            for message in request_batch::encode(group) {
+                let published = match message {
+                    Outgoing::Single(p) => {
+                        nats.publish_with_reply(subject.clone(), p.reply, p.payload)
+                            .await
+                    }
+                    Outgoing::Batch {
+                        reply,
+                        count,
+                        payload,
+                    } => {
+                        metrics::histogram!("gs_request_batch_size").record(count as f64);
+                        nats.publish_with_reply_and_headers(
+                            subject.clone(),
+                            reply,
+                            Outgoing::headers(count),
+                            payload,
+                        )
+                        .await
+                    }
+                };
+                if let Err(e) = published {
+                    // Only a closed connection refuses a publish: the waiters end at
+                    // their timeouts, as for a request lost on the way.
+                    tracing::debug!(error = %e, %subject, "requests not published");
+                }
+            }
+        }
     }
 }
 

@@ -574,13 +574,7 @@ enum Step {
     Expired,
     SilenceCheck,
     IdleCheck,
-    /// The ring changed (its watch, to wait for the next change), or the watch closed.
-    Ring(Option<watch::Receiver<u64>>),
-}
-
-/// Waits for the next change of `rx`, handing it back; `None` when it closed.
-async fn next_change<T>(mut rx: watch::Receiver<T>) -> Option<watch::Receiver<T>> {
-    rx.changed().await.ok().map(|()| rx)
+    Ring,
 }
 
 /// When a token expiring at `exp` (unix seconds) stops being accepted, as a timer
@@ -819,21 +813,13 @@ async fn serve(
     expires: tokio::time::Instant,
 ) {
     let mut io = ConnIo::new(&conn.ctx);
-    // The shutdown and ring watches are waited on by futures that live across the
-    // loop's turns: a `changed()` made anew on every turn registers with (and, when
-    // another branch wins, leaves) the watch's waiter list, a lock shared by every
-    // connection, twice per turn and watch (BENCHMARKS.md, stop 30).
     let mut shutdown = conn.ctx.shutdown.clone();
-    let mut shutdown = std::pin::pin!(async move {
-        let _ = shutdown.changed().await;
-    });
     let mut clocks = Clocks::start(conn, expires).await;
-    let mut ring = Box::pin(next_change(conn.ctx.cluster.ring_changes()));
-    let mut ring_open = true;
+    let mut ring = conn.ctx.cluster.ring_changes();
     loop {
         let step = tokio::select! {
             biased;
-            _ = &mut shutdown => Step::Shutdown,
+            _ = shutdown.changed() => Step::Shutdown,
             _ = &mut clocks.expiry => Step::Expired,
             Some(out) = io.acks.recv() => Step::Answer(out),
             frame = conn.ws.next() => Step::Frame(frame),
@@ -841,7 +827,7 @@ async fn serve(
             _ = clocks.heartbeat.tick() => Step::Heartbeat,
             _ = &mut clocks.silence_check => Step::SilenceCheck,
             _ = &mut clocks.idle_check, if clocks.idle.is_some() => Step::IdleCheck,
-            r = &mut ring, if ring_open => Step::Ring(r),
+            Ok(()) = ring.changed() => Step::Ring,
         };
         let r = match step {
             Step::Shutdown => {
@@ -857,13 +843,8 @@ async fn serve(
                 return;
             }
             Step::Heartbeat => conn.heartbeat().await,
-            Step::Ring(Some(rx)) => {
-                ring = Box::pin(next_change(rx));
+            Step::Ring => {
                 conn.follow_owner();
-                Ok(())
-            }
-            Step::Ring(None) => {
-                ring_open = false;
                 Ok(())
             }
             Step::SilenceCheck => {

@@ -83,6 +83,17 @@ impl Replies {
         }
     }
 
+    /// The batcher task's queue, the task started on first use.
+    fn batcher(&self) -> &Queue {
+        &self
+            .batcher
+            .get_or_init(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (tx, tokio::spawn(batcher(self.nats.clone(), rx)))
+            })
+            .0
+    }
+
     /// Requests waiting for an answer now.
     pub fn waiting(&self) -> usize {
         self.waiters.lock().unwrap().len()
@@ -180,21 +191,9 @@ impl Replies {
     }
 }
 
-impl Replies {
-    /// The batcher task's queue, the task started on first use.
-    fn batcher(&self) -> &Queue {
-        &self
-            .batcher
-            .get_or_init(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                (tx, tokio::spawn(batcher(self.nats.clone(), rx)))
-            })
-            .0
-    }
-}
-
-/// Publishes queued requests: whatever is queued when it runs, grouped by subject (in
-/// the order queued), as few messages as [`request_batch::encode`] makes of them.
+/// Publishes queued requests: whatever is queued when it runs, grouped by subject
+/// ([`request_batch::by_destination`]), as few messages as [`request_batch::encode`]
+/// makes of them.
 async fn batcher(nats: Client, mut queue: mpsc::UnboundedReceiver<(Subject, Pending)>) {
     let mut taken = Vec::with_capacity(BATCHER_TAKE);
     while queue.recv_many(&mut taken, BATCHER_TAKE).await > 0 {
@@ -209,14 +208,7 @@ async fn batcher(nats: Client, mut queue: mpsc::UnboundedReceiver<(Subject, Pend
                 Err(_) => break,
             }
         }
-        let mut by_subject: Vec<(Subject, Vec<Pending>)> = Vec::new();
-        for (subject, request) in taken.drain(..) {
-            match by_subject.iter_mut().find(|(s, _)| *s == subject) {
-                Some((_, group)) => group.push(request),
-                None => by_subject.push((subject, vec![request])),
-            }
-        }
-        for (subject, group) in by_subject {
+        for (subject, group) in request_batch::by_destination(taken.drain(..)) {
             for message in request_batch::encode(group) {
                 let published = match message {
                     Outgoing::Single(p) => {

@@ -71,6 +71,22 @@ impl Outgoing {
     }
 }
 
+/// `requests` grouped by destination: the destinations in the order of their first
+/// request, each group in the order queued.
+pub fn by_destination<D: PartialEq>(
+    requests: impl IntoIterator<Item = (D, Pending)>,
+) -> Vec<(D, Vec<Pending>)> {
+    let mut groups: Vec<(D, Vec<Pending>)> = Vec::new();
+    for (to, request) in requests {
+        // A linear search: a process sends to a handful of nodes.
+        match groups.iter_mut().find(|(d, _)| *d == to) {
+            Some((_, group)) => group.push(request),
+            None => groups.push((to, vec![request])),
+        }
+    }
+    groups
+}
+
 /// The messages for `requests` (in the order given, which they keep), as few as the
 /// limits allow.
 pub fn encode(requests: Vec<Pending>) -> Vec<Outgoing> {
@@ -204,6 +220,37 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn requests_are_grouped_by_destination_in_order() {
+        let tagged = |s: &str| {
+            s.split(' ')
+                .enumerate()
+                .map(|(i, d)| (d.to_string(), req(i, 1)))
+                .collect::<Vec<_>>()
+        };
+        let cases = [
+            ("a", vec![("a", vec![0])]),
+            ("a a a", vec![("a", vec![0, 1, 2])]),
+            (
+                "a b a c b",
+                vec![("a", vec![0, 2]), ("b", vec![1, 4]), ("c", vec![3])],
+            ),
+            (
+                "c b a",
+                vec![("c", vec![0]), ("b", vec![1]), ("a", vec![2])],
+            ),
+        ];
+        for (queued, want) in cases {
+            let got = by_destination(tagged(queued));
+            let want: Vec<(String, Vec<Pending>)> = want
+                .into_iter()
+                .map(|(d, ids)| (d.to_string(), ids.into_iter().map(|i| req(i, 1)).collect()))
+                .collect();
+            assert_eq!(got, want, "{queued}");
+        }
+        assert!(by_destination(Vec::<(String, Pending)>::new()).is_empty());
     }
 
     #[test]

@@ -522,22 +522,32 @@ async fn client_loop(
     let mut n: u64 = 0;
     let mut stopping: Option<tokio::time::Instant> = None;
     let mut oldest_deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+    // The stop signal and the timer live across turns: made anew on each frame, they
+    // would register with the watch and the timer wheel (and leave them) every time.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
+    let timer = tokio::time::sleep_until(oldest_deadline);
+    tokio::pin!(timer);
     loop {
         if stopping.is_some() && pending.is_empty() {
             break;
         }
         let may_send = stopping.is_none() && (cfg.open_loop || pending.is_empty());
+        // Nothing to time out while nothing is awaited (and the client is not stopping).
         let deadline = match stopping {
-            Some(d) => d,
-            None if pending.is_empty() => tokio::time::Instant::now() + ANSWER_TIMEOUT,
-            None => oldest_deadline,
+            Some(d) => Some(d),
+            None if pending.is_empty() => None,
+            None => Some(oldest_deadline),
         };
+        if let Some(d) = deadline.filter(|d| *d != timer.deadline()) {
+            timer.as_mut().reset(d);
+        }
         let step = tokio::select! {
             biased;
-            _ = stop.changed(), if stopping.is_none() => Step::Stop,
+            _ = &mut stopped, if stopping.is_none() => Step::Stop,
             f = c.ws.next() => Step::Frame(f),
             at = tick.tick(), if may_send => Step::Send(at),
-            _ = tokio::time::sleep_until(deadline) => Step::Timeout,
+            _ = &mut timer, if deadline.is_some() => Step::Timeout,
         };
         match step {
             Step::Stop => stopping = Some(tokio::time::Instant::now() + DRAIN),

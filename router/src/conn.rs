@@ -52,6 +52,7 @@
 //!   when it still fits). The hub's broadcast never waits for anyone, so the other
 //!   clients of the session are not slowed.
 
+use crate::answers::{EventAck, Owed};
 use crate::api::caller;
 use crate::hub::{Ev, Hub};
 use crate::limits::{LocalWindow, SocketSlot};
@@ -140,6 +141,12 @@ impl Drop for ConnGuard {
 /// What a forwarded command's task sends back to the connection.
 type Outbound = String;
 
+/// A forwarded message's answer from its task: `serial` from [`Owed::forwarded`].
+struct Answer {
+    serial: u64,
+    text: Outbound,
+}
+
 #[derive(Debug)]
 pub struct Closed;
 
@@ -217,6 +224,8 @@ pub struct Conn {
     /// The session's DM (or an admin acting as one): its combat actions, mostly its
     /// monsters', have their own budget.
     dm: bool,
+    /// The forwarded messages not yet answered.
+    owed: Owed,
 }
 
 /// Runs `op` (a write to the socket); a write that blocks is bounded by `bound`.
@@ -366,13 +375,13 @@ impl Conn {
         .await;
     }
 
-    /// Buffers a forwarded command's answer (an empty one is an `ack` an ICD client,
-    /// which sends no ids, does not get).
-    async fn feed_answer(&mut self, out: Outbound) -> Result<(), Closed> {
-        if out.is_empty() {
+    /// Buffers a forwarded command's answer, unless its event already carried it (an
+    /// empty one is an `ack` an ICD client, which sends no ids, does not get).
+    async fn feed_answer(&mut self, out: Answer) -> Result<(), Closed> {
+        if !self.owed.take_answer(out.serial) || out.text.is_empty() {
             return Ok(());
         }
-        self.feed_text(out).await
+        self.feed_text(out.text).await
     }
 
     async fn feed_text(&mut self, text: String) -> Result<(), Closed> {
@@ -406,6 +415,11 @@ impl Conn {
             return Ok(());
         }
         self.feed(Message::Text(ev.json.clone())).await?;
+        if let Some(command) = ev.ack {
+            if self.owed.event_acks(command) == EventAck::Write {
+                self.feed_text(protocol::ack(command, ev.version)).await?;
+            }
+        }
         self.cv = ev.version;
         self.ended |= ev.is_final;
         self.removed |= self.live && ev.left == Some(self.caller.user_id);
@@ -557,8 +571,8 @@ impl Conn {
 
 /// The connection's queues: answers of forwarded commands, and their bound.
 struct ConnIo {
-    acks: mpsc::Receiver<Outbound>,
-    ack_tx: mpsc::Sender<Outbound>,
+    acks: mpsc::Receiver<Answer>,
+    ack_tx: mpsc::Sender<Answer>,
     inflight: Arc<Semaphore>,
     max_inflight: usize,
     window: LocalWindow,
@@ -567,7 +581,7 @@ struct ConnIo {
 /// What woke the connection.
 enum Step {
     Shutdown,
-    Answer(Outbound),
+    Answer(Answer),
     Event(Result<Ev, broadcast::error::RecvError>),
     Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
     Heartbeat,
@@ -777,6 +791,7 @@ impl Conn {
             reattach: None,
             stop: None,
             dm: role == "dm",
+            owed: Owed::default(),
         }
     }
 }
@@ -821,9 +836,10 @@ async fn serve(
             biased;
             _ = shutdown.changed() => Step::Shutdown,
             _ = &mut clocks.expiry => Step::Expired,
-            Some(out) = io.acks.recv() => Step::Answer(out),
             frame = conn.ws.next() => Step::Frame(frame),
+            // Events before answers: an applied command's event carries its ack.
             ev = events.recv() => Step::Event(ev),
+            Some(out) = io.acks.recv() => Step::Answer(out),
             _ = clocks.heartbeat.tick() => Step::Heartbeat,
             _ = &mut clocks.silence_check => Step::SilenceCheck,
             _ = &mut clocks.idle_check, if clocks.idle.is_some() => Step::IdleCheck,
@@ -872,7 +888,7 @@ async fn serve(
 impl ConnIo {
     fn new(ctx: &RouterCtx) -> ConnIo {
         let max_inflight = ctx.cfg.router.max_inflight_per_connection.max(1);
-        let (ack_tx, acks) = mpsc::channel::<Outbound>(max_inflight * 2);
+        let (ack_tx, acks) = mpsc::channel::<Answer>(max_inflight * 2);
         ConnIo {
             acks,
             ack_tx,
@@ -1002,20 +1018,19 @@ async fn after_step(
     conn.flush().await.is_ok()
 }
 
-/// Buffers every answer and hub event that is already waiting, so one flush writes
+/// Buffers every hub event and then every answer already waiting, so one flush writes
 /// them all.
 async fn drain_ready(
     conn: &mut Conn,
     events: &mut broadcast::Receiver<Ev>,
     io: &mut ConnIo,
 ) -> Result<(), Closed> {
-    while let Ok(out) = io.acks.try_recv() {
-        conn.feed_answer(out).await?;
-    }
+    // Events first: an applied command's event carries its ack (the task's copy,
+    // already here or not, is then dropped).
     loop {
         match events.try_recv() {
             Ok(ev) => conn.deliver(ev).await?,
-            Err(broadcast::error::TryRecvError::Empty) => return Ok(()),
+            Err(broadcast::error::TryRecvError::Empty) => break,
             Err(broadcast::error::TryRecvError::Lagged(n)) => {
                 conn.on_event(Err(broadcast::error::RecvError::Lagged(n)))
                     .await?
@@ -1023,9 +1038,13 @@ async fn drain_ready(
             Err(broadcast::error::TryRecvError::Closed) => return Err(Closed),
         }
         if conn.ended || conn.removed {
-            return Ok(());
+            break;
         }
     }
+    while let Ok(out) = io.acks.try_recv() {
+        conn.feed_answer(out).await?;
+    }
+    Ok(())
 }
 
 /// Handles one frame from the client.
@@ -1182,6 +1201,7 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
     let (sid, caller, acks) = (conn.sid, conn.caller, io.ack_tx.clone());
     // This connection's hub follows the session: the ack comes with the event.
     let (waiting, by_event) = conn.ctx.hubs.acks.wait(m.id);
+    let serial = conn.owed.forwarded(m.id, m.anonymous);
     tokio::spawn(async move {
         let _permit = permit;
         let request = forwarder.request(
@@ -1209,7 +1229,7 @@ async fn forward(conn: &mut Conn, m: ClientMessage, io: &ConnIo) -> Result<(), C
             ),
             Err(e) => protocol::error(Some(m.id), &e),
         };
-        let _ = acks.send(out).await;
+        let _ = acks.send(Answer { serial, text: out }).await;
     });
     Ok(())
 }

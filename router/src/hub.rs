@@ -86,6 +86,9 @@ pub struct Ev {
     /// A `player_left` event: the user who is no longer a member. Their connections
     /// close after sending it.
     pub left: Option<Uuid>,
+    /// The command this event answers (`Gs-Acks`): its sender's connection writes
+    /// the ack right behind it (`answers`). Events from a gap fill carry none.
+    pub ack: Option<Uuid>,
 }
 
 impl Ev {
@@ -97,6 +100,7 @@ impl Ev {
             json,
             is_final,
             left,
+            ack: None,
         }
     }
 
@@ -190,7 +194,11 @@ impl Hub {
                 if let Some(command) = r.ack {
                     carried.push((command, r.version));
                 }
-                let ready = st.seq.push(r.version, Ev::new(r.version, json));
+                let ev = Ev {
+                    ack: r.ack,
+                    ..Ev::new(r.version, json)
+                };
+                let ready = st.seq.push(r.version, ev);
                 self.deliver(&mut st, ready);
             }
         }

@@ -18,6 +18,7 @@
 //! * [`limits`]: the ICD's rate limits; caps on open sockets per user and per IP.
 //! * [`web`]: the embedded static files: the browser client module and the play page.
 
+pub mod answers;
 pub mod api;
 pub mod conn;
 pub mod hub;

@@ -5,9 +5,13 @@
 //! in the same flush, instead of waiting for the command's forwarding task to pass it
 //! on (a second wake-up and, most of the time, a second `write` to the client). The
 //! task still sends its answer; [`Owed::take_answer`] drops it when the event already
-//! answered that message. A connection that lagged behind the hub gets its events
-//! without acks (from the hub's buffer or the owner) and so its answers from the
-//! tasks, as before.
+//! answered that message. Events a connection gets from the owner instead of the
+//! hub (a gap filled, a resume, a connection that lagged past the hub's buffer) carry
+//! no acks: those messages are answered by their tasks, as before. Either way each
+//! message is answered once; the ack normally follows its event in the same write,
+//! but an answer can still come first (the hub answers commands even while it holds
+//! their event back for a gap, and a connection whose token expires writes the
+//! answers it has before closing).
 //!
 //! Each message is tracked by a serial of its own, not by its command id: a client
 //! may send the same id again while the first copy is in flight (both are answered).

@@ -3,14 +3,15 @@
 //! It joins the session's hub (subscribing before asking the owner for the state, so
 //! nothing published in between is missed), attaches to the owner (which answers with
 //! the events after the client's `?last_version=` or with the full state), then loops
-//! over: client frames, answers of forwarded commands, hub events, heartbeats and
+//! over: client frames, hub events, answers of forwarded commands, heartbeats and
 //! shutdown. The client's version `cv` only ever moves forward by one per event: older
 //! events are skipped, and a jump is filled first (from the hub's buffer or the owner).
 //!
 //! **Writes are batched per wake-up.** Whatever is ready when the task wakes (the
-//! frame that woke it, then every answer and hub event already queued) is encoded
-//! into the socket's write buffer, and the buffer is flushed once: one `write` for a
-//! burst instead of one per frame. Events are shared bytes ([`crate::hub::Ev`]):
+//! frame that woke it, then every hub event and every answer already queued) is
+//! encoded into the socket's write buffer, and the buffer is flushed once: one `write`
+//! for a burst instead of one per frame. An applied command's ack is written right
+//! behind the event that carries it (`crate::answers`). Events are shared bytes ([`crate::hub::Ev`]):
 //! sending one to many clients copies nothing.
 //!
 //! **Live authorisation.** The socket is authorised by two tokens and a membership,

@@ -580,6 +580,20 @@ async fn check_refusals(t: &mut Table) -> Result<()> {
         .await?;
     ensure!(e["code"] == "forbidden_for_role", "{e}");
 
+    // A change that changes nothing has no event to carry its ack: it is answered by
+    // reply, at the current version.
+    let v = t
+        .ok(
+            DM,
+            "character_update",
+            json!({"character_id": c.boss, "changes": {}}),
+        )
+        .await?;
+    ensure!(
+        v == before,
+        "an empty change acknowledged at v{v}, not v{before}"
+    );
+
     // Nothing happened: the next accepted command gets the next version.
     let v = t
         .ok(

@@ -742,7 +742,7 @@ impl<R> SessionCore<R> {
     }
 
     /// Applies decided events in memory and stages their rows for the next commit.
-    fn stage_events(&mut self, o: Origin<R>, events: Result<Vec<Event>, WireError>, now: Now) {
+    fn stage_events(&mut self, mut o: Origin<R>, events: Result<Vec<Event>, WireError>, now: Now) {
         let events = match events {
             Ok(ev) => ev,
             Err(e) => {
@@ -768,6 +768,8 @@ impl<R> SessionCore<R> {
             }
         } else {
             b.needs_barrier |= o.join;
+            // No event carries its ack: it is answered by reply.
+            o.ack_by_event = false;
         }
         let version = self.state.version;
         b.waiting.push(Waiting::applied(o, version, false));

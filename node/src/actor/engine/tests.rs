@@ -44,6 +44,11 @@ enum Rq {
     /// A retried create by the creator.
     Create(u32),
     Get(u32),
+    /// The DM spawns character `cmd(1000)` (7 hit points).
+    Spawn(u32, u32),
+    /// The DM sets that character's hit points to 7 (changes nothing), acknowledged
+    /// by the event if there were one.
+    NoopEv(u32, u32),
     Detach(u32),
     Touch(u32),
 }
@@ -224,6 +229,18 @@ impl Harness {
                 (r, DM, body, false)
             }
             Rq::Get(r) => (r, DM, RequestBody::GetState, false),
+            Rq::Spawn(r, n) => {
+                let data = json!({"character_id": cmd(1000), "sheet": {"max_hp": 7, "ac": 15}});
+                (r, DM, command(n, "spawn_character", data), false)
+            }
+            Rq::NoopEv(r, n) => {
+                let data = json!({"character_id": cmd(1000), "changes": {"hp": 7}});
+                let mut body = command(n, "character_update", data);
+                if let RequestBody::Command { ack_by_event, .. } = &mut body {
+                    *ack_by_event = true;
+                }
+                (r, DM, body, false)
+            }
             Rq::Detach(r) => (r, DM, RequestBody::Detach { conn_id: cmd(0) }, false),
             Rq::Touch(r) => (r, DM, RequestBody::Touch { conn_id: cmd(0) }, false),
         };
@@ -461,6 +478,14 @@ fn cases() -> Vec<Case> {
             vec![
                 (Batch(vec![UpdEv(1, 1), Upd(2, 2)]), vec!["commit [2, 3]"]),
                 (Ok, vec!["publish [2, 3] acks [2]", "caches", "2:ack v3"]),
+            ],
+            3,
+        ),
+        case(
+            "a command that changes nothing is answered by reply, even if its event was to carry the ack",
+            vec![
+                (Batch(vec![Spawn(1, 1), NoopEv(2, 2), UpdEv(3, 3)]), vec!["commit [2, 3]"]),
+                (Ok, vec!["publish [2, 3] acks [3]", "caches", "1:ack v2", "2:ack v2"]),
             ],
             3,
         ),

@@ -35,21 +35,34 @@ const FILL_TIMEOUT: Duration = Duration::from_millis(1500);
 const FILL_RETRY: Duration = Duration::from_millis(100);
 
 /// Commands waiting for their ack from an event (`Gs-Ack`, see
-/// `RequestBody::Command::ack_by_event`): command id → the waiting forward.
+/// `RequestBody::Command::ack_by_event`): command id → the waiting forwards. The same
+/// id may be in flight more than once (a client resending it on a new connection while
+/// the old one's forward still runs): the event answers every one of them, and each
+/// forward, when it ends, takes away only its own waiter.
 #[derive(Default)]
 pub struct AckWaiters {
-    waiting: Mutex<HashMap<Uuid, tokio::sync::oneshot::Sender<u64>>>,
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    by_command: HashMap<Uuid, Vec<(u64, tokio::sync::oneshot::Sender<u64>)>>,
+    next_token: u64,
 }
 
 impl AckWaiters {
     /// Waits for `command`'s ack; the guard stops waiting when dropped.
     pub fn wait(self: &Arc<Self>, command: Uuid) -> (AckWait, tokio::sync::oneshot::Receiver<u64>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.waiting.lock().unwrap().insert(command, tx);
+        let mut w = self.waiting.lock().unwrap();
+        w.next_token += 1;
+        let token = w.next_token;
+        w.by_command.entry(command).or_default().push((token, tx));
         (
             AckWait {
                 waiters: self.clone(),
                 command,
+                token,
             },
             rx,
         )
@@ -57,9 +70,21 @@ impl AckWaiters {
 
     /// An event carried `command`'s ack at `version`.
     fn acked(&self, command: Uuid, version: u64) {
-        if let Some(tx) = self.waiting.lock().unwrap().remove(&command) {
+        let waiting = self.waiting.lock().unwrap().by_command.remove(&command);
+        for (_, tx) in waiting.into_iter().flatten() {
             let _ = tx.send(version);
         }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.waiting
+            .lock()
+            .unwrap()
+            .by_command
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 }
 
@@ -67,11 +92,18 @@ impl AckWaiters {
 pub struct AckWait {
     waiters: Arc<AckWaiters>,
     command: Uuid,
+    token: u64,
 }
 
 impl Drop for AckWait {
     fn drop(&mut self) {
-        self.waiters.waiting.lock().unwrap().remove(&self.command);
+        let mut w = self.waiters.waiting.lock().unwrap();
+        if let Some(list) = w.by_command.get_mut(&self.command) {
+            list.retain(|(t, _)| *t != self.token);
+            if list.is_empty() {
+                w.by_command.remove(&self.command);
+            }
+        }
     }
 }
 
@@ -438,6 +470,27 @@ mod tests {
             recent_cap: 16,
             task: Mutex::new(None),
         }
+    }
+
+    #[test]
+    fn an_ack_reaches_every_waiter_of_its_command_and_each_leaves_alone() {
+        let acks = Arc::new(AckWaiters::default());
+        let x = Uuid::from_u128(1);
+        let (first, mut rx1) = acks.wait(x);
+        let (second, mut rx2) = acks.wait(x);
+        // The first forward ends (answered by reply): the second still waits.
+        drop(first);
+        assert_eq!(acks.len(), 1);
+        acks.acked(x, 7);
+        assert_eq!(rx2.try_recv().ok(), Some(7));
+        assert!(rx1.try_recv().is_err(), "its waiter was gone");
+        drop(second);
+        assert_eq!(acks.len(), 0);
+        // Both waiting: both answered.
+        let (_a, mut ra) = acks.wait(x);
+        let (_b, mut rb) = acks.wait(x);
+        acks.acked(x, 8);
+        assert_eq!((ra.try_recv().ok(), rb.try_recv().ok()), (Some(8), Some(8)));
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! Reported over the measured window (after `--warmup`): acknowledged and failed
 //! commands, ack latency (send → ack at the sender), fan-out latency (send → event at
 //! each client of the session, the sender included), events delivered per second,
-//! per-client gaps, duplicates and out-of-order events (all must be zero), and the
+//! per-client gaps, duplicates and out-of-order events and answers to commands not
+//! awaited (a second answer, or one after its timeout; all must be zero), and the
 //! CPU time of every process group (read from `/proc`) with the CPU per
 //! acknowledged update.
 //!
@@ -59,6 +60,9 @@ pub struct ClientAnomalies {
     pub gaps: u64,
     pub duplicates: u64,
     pub out_of_order: u64,
+    /// Answers (`ack` or `error`) to a command not awaited: a second answer to one
+    /// message, or one after its timeout (every message is answered exactly once).
+    pub stray_answers: u64,
     pub clients_with_anomalies: usize,
 }
 
@@ -217,6 +221,7 @@ struct ClientResult {
     gaps: u64,
     duplicates: u64,
     out_of_order: u64,
+    stray_answers: u64,
 }
 
 /// The measurement clock: microseconds since the run's start.
@@ -390,7 +395,8 @@ pub async fn run(target: &Target, spec: &BenchSpec, pids: &[u32]) -> Result<Benc
         anomalies.gaps += r.gaps;
         anomalies.duplicates += r.duplicates;
         anomalies.out_of_order += r.out_of_order;
-        if r.gaps + r.duplicates + r.out_of_order > 0 {
+        anomalies.stray_answers += r.stray_answers;
+        if r.gaps + r.duplicates + r.out_of_order + r.stray_answers > 0 {
             anomalies.clients_with_anomalies += 1;
         }
         total.commands += r.commands;
@@ -633,6 +639,7 @@ fn handle_frame(
                 return;
             };
             let Some((start, measured)) = pending.remove(&id) else {
+                r.stray_answers += 1;
                 return;
             };
             if !measured {
@@ -976,11 +983,12 @@ impl BenchReport {
             self.events_delivered, self.events_per_sec
         );
         out += &format!(
-            "per-client anomalies over {} clients: gaps {}, duplicates {}, out-of-order {} ({} clients affected)\n",
+            "per-client anomalies over {} clients: gaps {}, duplicates {}, out-of-order {}, answers not awaited {} ({} clients affected)\n",
             self.anomalies.clients,
             self.anomalies.gaps,
             self.anomalies.duplicates,
             self.anomalies.out_of_order,
+            self.anomalies.stray_answers,
             self.anomalies.clients_with_anomalies
         );
         if self.minutes.len() > 1 {
@@ -1014,6 +1022,29 @@ impl BenchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_answer_to_one_message_is_an_anomaly() {
+        let cfg = ClientCfg {
+            clock: Clock(Instant::now()),
+            warmup_end_us: 0,
+            window_end_us: u64::MAX,
+            interval: Duration::from_millis(100),
+            first: tokio::time::Instant::now(),
+            open_loop: false,
+            keys: 1,
+        };
+        let (mut r, progress) = (ClientResult::default(), Progress::default());
+        let (mut pending, mut cv) = (HashMap::new(), None);
+        let id = Uuid::from_u128(7);
+        pending.insert(id, (10, true));
+        let ack = format!(r#"{{"type":"ack","id":"{id}","data":{{"version":3}}}}"#);
+        let m: Incoming = serde_json::from_str(&ack).unwrap();
+        handle_frame(&m, 20, &cfg, &mut r, &mut pending, &mut cv, &progress);
+        assert_eq!((r.acked.len(), r.stray_answers), (1, 0));
+        handle_frame(&m, 30, &cfg, &mut r, &mut pending, &mut cv, &progress);
+        assert_eq!((r.acked.len(), r.stray_answers), (1, 1), "answered twice");
+    }
 
     #[test]
     fn histogram_windows_give_percentiles_of_their_interval_only() {

@@ -11,8 +11,8 @@
 //! frame that woke it, then every hub event and every answer already queued) is
 //! encoded into the socket's write buffer, and the buffer is flushed once: one `write`
 //! for a burst instead of one per frame. An applied command's ack is written right
-//! behind the event that carries it (`crate::answers`). Events are shared bytes ([`crate::hub::Ev`]):
-//! sending one to many clients copies nothing.
+//! behind the event that carries it (`crate::answers`). Events are shared bytes
+//! ([`crate::hub::Ev`]): sending one to many clients copies nothing.
 //!
 //! **Live authorisation.** The socket is authorised by two tokens and a membership,
 //! and stays so only while all three hold: when the earlier `exp` of the access and

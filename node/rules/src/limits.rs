@@ -56,13 +56,8 @@ pub fn exceeded(limit: &str, max: usize, actual: usize, what: impl Into<String>)
         .with_details(json!({ "limit": limit, "max": max, "actual": actual }))
 }
 
-/// Bytes of `v`'s compact serialisation.
-pub fn json_len(v: &Value) -> usize {
-    serialised_len(v)
-}
-
-/// Bytes of `v`'s JSON serialisation, counted without building it.
-fn serialised_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+/// Bytes of `v`'s compact serialisation, counted without building it.
+pub fn json_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -80,7 +75,7 @@ fn serialised_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
 
 /// Bytes of a member name's serialisation (quotes and escapes included).
 fn key_len(k: &str) -> usize {
-    serialised_len(k)
+    json_len(k)
 }
 
 /// Nesting of `v`: 0 for a scalar, 1 for an object or array of scalars, and so on.
